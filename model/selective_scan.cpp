@@ -1,0 +1,152 @@
+#include "model/selective_scan.h"
+
+#include <ATen/Parallel.h>
+#include <fmt/ranges.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include "model/scan_cpu.h"
+#include "util/error.h"
+
+namespace coil {
+
+using torch::Tensor;
+
+namespace {
+
+// Applies the parts of the scan that are plain elementwise ATen ops (vectorized, and differentiated
+// by autograd): the delta bias and softplus before the core, the SiLU gate after it.
+Tensor prepare_delta(const Tensor& delta, const Tensor& delta_bias, bool softplus) {
+  Tensor d = delta_bias.defined() ? delta + delta_bias : delta;
+  return softplus ? torch::softplus(d) : d;
+}
+Tensor apply_gate(const Tensor& y, const Tensor& z) { return z.defined() ? y * torch::silu(z) : y; }
+
+void check_shapes(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
+                  const Tensor& Cm, const Tensor& D, const Tensor& z, const Tensor& delta_bias) {
+  COIL_CHECK(u.dim() == 3, "selective_scan: u must be [B, L, I], got {} dims", u.dim());
+  const int64_t B = u.size(0), L = u.size(1), I = u.size(2);
+  COIL_CHECK(B > 0 && L > 0 && I > 0, "selective_scan: empty input (B={}, L={}, I={})", B, L, I);
+  COIL_CHECK(A.dim() == 2 && A.size(0) == I, "selective_scan: A must be [I={}, N]", I);
+  const int64_t N = A.size(1);
+  auto same = [](const Tensor& t, std::initializer_list<int64_t> shape, const char* name) {
+    COIL_CHECK(t.sizes().equals(shape), "selective_scan: {} has shape {}, expected {}", name,
+               fmt::to_string(fmt::join(t.sizes(), "x")), fmt::to_string(fmt::join(shape, "x")));
+  };
+  same(delta, {B, L, I}, "delta");
+  same(Bm, {B, L, N}, "B");
+  same(Cm, {B, L, N}, "C");
+  if (D.defined()) same(D, {I}, "D");
+  if (z.defined()) same(z, {B, L, I}, "z");
+  if (delta_bias.defined()) same(delta_bias, {I}, "delta_bias");
+  COIL_CHECK(N <= scan_cpu::kMaxState, "selective_scan: state size {} exceeds {}", N,
+             scan_cpu::kMaxState);
+}
+
+// Channels contiguous (stride 1 on the last dim) as the kernel needs; other strides are kept.
+Tensor channels_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+template <typename T>
+scan_cpu::Args<T> make_args(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
+                            const Tensor& Cm, const Tensor& D) {
+  scan_cpu::Args<T> a{};
+  a.B = u.size(0), a.L = u.size(1), a.I = u.size(2), a.N = A.size(1);
+  a.u = u.data_ptr<T>(), a.u_sb = u.stride(0), a.u_st = u.stride(1);
+  a.delta = delta.data_ptr<T>(), a.delta_sb = delta.stride(0), a.delta_st = delta.stride(1);
+  a.A = A.data_ptr<T>(), a.Bm = Bm.data_ptr<T>(), a.Cm = Cm.data_ptr<T>();
+  a.D = D.defined() ? D.data_ptr<T>() : nullptr;
+  return a;
+}
+
+// The fused core: y = scan(u, dt, A, B, C) + D * u, with dt already final. Inputs are float32 or
+// float64, channels contiguous, A/B/C/D contiguous. Returns {y, final state h_{L-1} [B, I, N]}
+// (the state is not differentiable).
+struct ScanCore : public torch::autograd::Function<ScanCore> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& u, const Tensor& dt,
+                        const Tensor& A, const Tensor& Bm, const Tensor& Cm, const Tensor& D) {
+    const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
+    Tensor y = torch::empty({B, L, I}, u.options());
+    Tensor states = torch::empty({B, I, scan_cpu::num_chunks(L), N}, u.options());
+    const auto& k = scan_cpu::best_kernels();
+    const int64_t tasks = B * scan_cpu::num_channel_blocks(I);
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
+      auto a = make_args<scalar_t>(u, dt, A, Bm, Cm, D);
+      a.y = y.data_ptr<scalar_t>(), a.states = states.data_ptr<scalar_t>();
+      at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { scan_cpu::forward(k, a, b, e); });
+    });
+    ctx->save_for_backward({u, dt, A, Bm, Cm, D, states});
+    Tensor last = states.select(2, states.size(2) - 1).clone();
+    ctx->mark_non_differentiable({last});
+    return {y, last};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const Tensor &u = s[0], &dt = s[1], &A = s[2], &Bm = s[3], &Cm = s[4], &states = s[6];
+    const Tensor& D = s[5];
+    const Tensor dy = channels_contiguous(grads[0]);
+    const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
+    const int64_t blocks = scan_cpu::num_channel_blocks(I);
+    Tensor du = torch::empty_like(u, at::MemoryFormat::Contiguous);
+    Tensor ddt = torch::empty({B, L, I}, u.options());
+    Tensor dA = torch::empty({I, N}, u.options());
+    Tensor dD = torch::empty({I}, u.options());
+    Tensor dB_part = torch::empty({blocks, B, L, N}, u.options());
+    Tensor dC_part = torch::empty({blocks, B, L, N}, u.options());
+    const auto& k = scan_cpu::best_kernels();
+    AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_bwd", [&] {
+      auto a = make_args<scalar_t>(u, dt, A, Bm, Cm, D);
+      a.states = states.data_ptr<scalar_t>();
+      a.dy = dy.data_ptr<scalar_t>(), a.dy_sb = dy.stride(0), a.dy_st = dy.stride(1);
+      a.du = du.data_ptr<scalar_t>(), a.ddelta = ddt.data_ptr<scalar_t>();
+      a.dA = dA.data_ptr<scalar_t>(), a.dD = dD.data_ptr<scalar_t>();
+      a.dB_part = dB_part.data_ptr<scalar_t>(), a.dC_part = dC_part.data_ptr<scalar_t>();
+      at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) { scan_cpu::backward(k, a, b, e); });
+    });
+    // Channel blocks were summed separately; adding them in block order keeps the result
+    // independent of the number of threads.
+    return {du, ddt, dA, dB_part.sum(0), dC_part.sum(0), dD};
+  }
+};
+
+}  // namespace
+
+Tensor selective_scan_ref(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
+                          const Tensor& Cm, const Tensor& D, const Tensor& z,
+                          const Tensor& delta_bias, bool delta_softplus) {
+  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias);
+  const int64_t L = u.size(1);
+  const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus);   // [B, L, I]
+  const Tensor decay = torch::exp(dt.unsqueeze(-1) * A);                // [B, L, I, N]
+  const Tensor drive = (dt * u).unsqueeze(-1) * Bm.unsqueeze(2);        // [B, L, I, N]
+  Tensor h = torch::zeros({u.size(0), u.size(2), A.size(1)}, u.options());
+  std::vector<Tensor> ys;
+  ys.reserve(L);
+  for (int64_t t = 0; t < L; ++t) {
+    h = decay.select(1, t) * h + drive.select(1, t);
+    ys.push_back((h * Cm.select(1, t).unsqueeze(1)).sum(-1));         // [B, I]
+  }
+  Tensor y = torch::stack(ys, 1);
+  if (D.defined()) y = y + u * D;
+  return apply_gate(y, z);
+}
+
+Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
+                      const Tensor& Cm, const Tensor& D, const Tensor& z, const Tensor& delta_bias,
+                      bool delta_softplus, Tensor* final_state) {
+  check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias);
+  const auto dtype = u.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  auto prep = [&](const Tensor& t) { return t.defined() ? t.to(dtype) : t; };
+  const Tensor dt = channels_contiguous(prep(prepare_delta(delta, delta_bias, delta_softplus)));
+  // Autograd functions take defined tensors only: no skip is a D of zeros (its gradient unused).
+  const Tensor D_or_zero = D.defined() ? prep(D).contiguous() : torch::zeros({A.size(0)}, dt.options());
+  auto out = ScanCore::apply(channels_contiguous(prep(u)), dt, prep(A).contiguous(),
+                             prep(Bm).contiguous(), prep(Cm).contiguous(), D_or_zero);
+  if (final_state) *final_state = out[1];
+  return apply_gate(out[0], z).to(u.scalar_type());
+}
+
+const char* selective_scan_cpu_isa() { return scan_cpu::best_kernels().isa; }
+
+}  // namespace coil
