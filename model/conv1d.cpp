@@ -1,0 +1,123 @@
+#include "model/conv1d.h"
+
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
+
+#include "util/error.h"
+
+namespace coil {
+
+using torch::Tensor;
+
+namespace {
+
+constexpr int64_t kChannelBlock = 64;  // one task: a block of channels over all (b, t)
+
+// All loops run innermost over channels, which are contiguous: the compiler vectorizes them.
+template <typename T>
+void conv_forward(const T* x, int64_t xsb, int64_t xst, const T* wT, const T* bias, T* y, int64_t B,
+                  int64_t L, int64_t I, int64_t K, int64_t i0, int64_t i1) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      T* yt = y + (b * L + t) * I;
+      for (int64_t i = i0; i < i1; ++i) yt[i] = bias ? bias[i] : T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t s = t - (K - 1) + k;
+        if (s < 0) continue;
+        const T* xs = x + b * xsb + s * xst;
+        const T* wk = wT + k * I;
+        for (int64_t i = i0; i < i1; ++i) yt[i] += wk[i] * xs[i];
+      }
+    }
+}
+
+// dx[b,s,i] = sum_k w[i,k] dy[b, s + K-1-k, i];  dw[i,k] = sum_{b,t} dy[b,t,i] x[b, t-(K-1)+k, i]
+template <typename T>
+void conv_backward(const T* x, int64_t xsb, int64_t xst, const T* wT, const T* dy, int64_t dsb,
+                   int64_t dst, T* dx, T* dwT, T* dbias, int64_t B, int64_t L, int64_t I, int64_t K,
+                   int64_t i0, int64_t i1) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = i0; i < i1; ++i) dwT[k * I + i] = 0;
+  for (int64_t i = i0; i < i1; ++i) dbias[i] = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      const T* dyt = dy + b * dsb + t * dst;
+      T* dxt = dx + (b * L + t) * I;
+      for (int64_t i = i0; i < i1; ++i) dxt[i] = 0, dbias[i] += dyt[i];
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t s = t - (K - 1) + k;  // dy at t reads x at s
+        if (s >= 0) {
+          const T* xs = x + b * xsb + s * xst;
+          for (int64_t i = i0; i < i1; ++i) dwT[k * I + i] += dyt[i] * xs[i];
+        }
+        const int64_t r = t + (K - 1) - k;  // x at t feeds dy at r
+        if (r < L) {
+          const T* dyr = dy + b * dsb + r * dst;
+          const T* wk = wT + k * I;
+          for (int64_t i = i0; i < i1; ++i) dxt[i] += wk[i] * dyr[i];
+        }
+      }
+    }
+}
+
+Tensor channels_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+struct CausalConv : public torch::autograd::Function<CausalConv> {
+  // x [B, L, I] channels contiguous; wT [K, I] contiguous; bias [I] contiguous.
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& wT,
+                        const Tensor& bias) {
+    const int64_t B = x.size(0), L = x.size(1), I = x.size(2), K = wT.size(0);
+    Tensor y = torch::empty({B, L, I}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_fwd", [&] {
+      at::parallel_for(0, I, kChannelBlock, [&](int64_t i0, int64_t i1) {
+        conv_forward<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), wT.data_ptr<scalar_t>(),
+                               bias.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), B, L, I, K, i0, i1);
+      });
+    });
+    ctx->save_for_backward({x, wT});
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &wT = s[1];
+    const Tensor dy = channels_contiguous(grads[0]);
+    const int64_t B = x.size(0), L = x.size(1), I = x.size(2), K = wT.size(0);
+    Tensor dx = torch::empty({B, L, I}, x.options()), dwT = torch::empty_like(wT),
+           dbias = torch::empty({I}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_bwd", [&] {
+      at::parallel_for(0, I, kChannelBlock, [&](int64_t i0, int64_t i1) {
+        conv_backward<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), wT.data_ptr<scalar_t>(),
+                                dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), dx.data_ptr<scalar_t>(),
+                                dwT.data_ptr<scalar_t>(), dbias.data_ptr<scalar_t>(), B, L, I, K, i0, i1);
+      });
+    });
+    return {dx, dwT, dbias};
+  }
+};
+
+Tensor weight_2d(const Tensor& w, int64_t I) {
+  COIL_CHECK((w.dim() == 3 && w.size(1) == 1 || w.dim() == 2) && w.size(0) == I,
+             "causal_conv1d: weight must be [I={}, 1, K] or [I, K]", I);
+  return w.reshape({I, w.size(-1)});
+}
+
+}  // namespace
+
+Tensor causal_conv1d_ref(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  const int64_t L = x.size(1), I = x.size(2);
+  const Tensor w3 = weight_2d(w, I).unsqueeze(1);
+  const int64_t K = w3.size(-1);
+  return torch::conv1d(x.transpose(1, 2), w3, bias, 1, K - 1, 1, I).narrow(2, 0, L).transpose(1, 2);
+}
+
+Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor& bias) {
+  COIL_CHECK(x.dim() == 3, "causal_conv1d: x must be [B, L, I], got {} dims", x.dim());
+  const int64_t I = x.size(2);
+  COIL_CHECK(bias.defined() && bias.numel() == I, "causal_conv1d: bias must be [I={}]", I);
+  const Tensor wT = weight_2d(w, I).t().contiguous().to(x.scalar_type());
+  return CausalConv::apply(channels_contiguous(x), wT, bias.to(x.scalar_type()).contiguous());
+}
+
+}  // namespace coil

@@ -1,0 +1,192 @@
+#include "model/mamba.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/types.h>
+
+#include <cmath>
+
+#include "model/conv1d.h"
+#include "model/selective_scan.h"
+#include "util/error.h"
+
+namespace coil {
+
+using torch::Tensor;
+
+namespace {
+
+// Hugging Face names of a block's weights, in the order named_parameters() lists them.
+const char* const kBlockNames[] = {"norm.weight",         "mixer.in_proj.weight",  "mixer.conv1d.weight",
+                                   "mixer.conv1d.bias",   "mixer.x_proj.weight",   "mixer.dt_proj.weight",
+                                   "mixer.dt_proj.bias",  "mixer.A_log",           "mixer.D",
+                                   "mixer.out_proj.weight"};
+
+std::vector<Tensor*> block_tensors(MambaBlockWeights& w) {
+  return {&w.norm, &w.in_proj, &w.conv_w, &w.conv_b, &w.x_proj, &w.dt_w, &w.dt_b, &w.A_log, &w.D, &w.out_proj};
+}
+
+}  // namespace
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  const Tensor xf = x.to(torch::kFloat);
+  return weight * (xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps));
+}
+
+Tensor lm_loss(const Tensor& logits, const Tensor& targets) {
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), targets.reshape({-1}),
+                                {}, at::Reduction::Mean, -100);
+}
+
+MambaLM::MambaLM(const MambaConfig& config, uint64_t seed) : config_(config) {
+  config_.validate();
+  const int64_t H = config_.d_model, I = config_.d_inner(), N = config_.d_state, R = config_.rank(),
+                K = config_.d_conv, V = config_.vocab_size;
+  auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  embedding = torch::empty({V, H}, f32);
+  norm_f = torch::empty({H}, f32);
+  layers.resize(config_.n_layer);
+  for (auto& w : layers) {
+    w.norm = torch::empty({H}, f32);
+    w.in_proj = torch::empty({2 * I, H}, f32);
+    w.conv_w = torch::empty({I, 1, K}, f32);
+    w.conv_b = torch::empty({I}, f32);
+    w.x_proj = torch::empty({R + 2 * N, I}, f32);
+    w.dt_w = torch::empty({I, R}, f32);
+    w.dt_b = torch::empty({I}, f32);
+    w.A_log = torch::empty({I, N}, f32);
+    w.D = torch::empty({I}, f32);
+    w.out_proj = torch::empty({H, I}, f32);
+  }
+  init(seed);
+}
+
+void MambaLM::init(uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  const MambaConfig& c = config_;
+  const int64_t I = c.d_inner(), N = c.d_state, R = c.rank();
+  // nn.Linear's and nn.Conv1d's default: kaiming_uniform(a = sqrt 5) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+  auto kaiming = [&](Tensor& t, int64_t fan_in) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    t.uniform_(-bound, bound, gen);
+  };
+  embedding.normal_(0.0, 0.02, gen);
+  norm_f.fill_(1.0);
+  for (auto& w : layers) {
+    w.norm.fill_(1.0);
+    kaiming(w.in_proj, c.d_model);
+    kaiming(w.conv_w, c.d_conv);
+    kaiming(w.conv_b, c.d_conv);
+    kaiming(w.x_proj, I);
+    // dt_proj: weight ~ U(-R^-1/2, R^-1/2); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max].
+    const double std_dt = 1.0 / std::sqrt(static_cast<double>(R));
+    w.dt_w.uniform_(-std_dt, std_dt, gen);
+    Tensor dt = torch::exp(torch::rand({I}, gen, torch::kFloat) * (std::log(c.dt_max) - std::log(c.dt_min)) +
+                           std::log(c.dt_min))
+                    .clamp_min(c.dt_init_floor);
+    w.dt_b.copy_(dt + torch::log(-torch::expm1(-dt)));
+    // S4D-real: A = -(1..N) for every channel, stored as its log; D = 1.
+    w.A_log.copy_(torch::log(torch::arange(1, N + 1, torch::kFloat)).repeat({I, 1}));
+    w.D.fill_(1.0);
+    // out_proj: the Linear default, divided by sqrt(n_layer) (one residual branch per block).
+    kaiming(w.out_proj, I);
+    w.out_proj.div_(std::sqrt(static_cast<double>(c.n_layer)));
+  }
+}
+
+std::vector<NamedTensor> MambaLM::named_parameters() const {
+  std::vector<NamedTensor> out{{"backbone.embeddings.weight", embedding}};
+  for (size_t i = 0; i < layers.size(); ++i) {
+    auto ts = block_tensors(const_cast<MambaBlockWeights&>(layers[i]));
+    for (size_t k = 0; k < ts.size(); ++k)
+      out.push_back({"backbone.layers." + std::to_string(i) + "." + kBlockNames[k], *ts[k]});
+  }
+  out.push_back({"backbone.norm_f.weight", norm_f});
+  return out;
+}
+
+Tensor MambaLM::parameter(const std::string& name) const {
+  for (auto& p : named_parameters())
+    if (p.name == name) return p.tensor;
+  fail("model has no parameter named '{}'", name);
+}
+
+Tensor MambaLM::embed(const Tensor& tokens) const {
+  COIL_CHECK(tokens.dim() == 2, "model input must be token ids [B, L], got {} dims", tokens.dim());
+  return torch::embedding(embedding, tokens).to(torch::kFloat);
+}
+
+Tensor MambaLM::head(const Tensor& hidden) const {
+  return torch::linear(rms_norm(hidden, norm_f, config_.rms_eps), embedding).to(torch::kFloat);
+}
+
+Tensor MambaLM::block(const MambaBlockWeights& w, const MambaConfig& c, const Tensor& hidden,
+                      Tensor* conv_state, Tensor* ssm_state) {
+  const int64_t I = c.d_inner(), N = c.d_state, R = c.rank(), K = c.d_conv;
+  const Tensor x = rms_norm(hidden, w.norm, c.rms_eps);
+  const Tensor xz = torch::linear(x, w.in_proj);  // [B, L, 2I]: the SSM input and the gate
+  const Tensor xs = xz.narrow(2, 0, I), z = xz.narrow(2, I, I);
+  const Tensor u = torch::silu(causal_conv1d(xs, w.conv_w, w.conv_b));  // [B, L, I]
+  const Tensor x_dbl = torch::linear(u, w.x_proj);                      // [B, L, R + 2N]
+  const Tensor dt = torch::linear(x_dbl.narrow(2, 0, R), w.dt_w);       // bias and softplus: in the scan
+  const Tensor Bm = x_dbl.narrow(2, R, N), Cm = x_dbl.narrow(2, R + N, N);
+  const Tensor y = selective_scan(u, dt, -torch::exp(w.A_log), Bm, Cm, w.D, z, w.dt_b, true, ssm_state);
+  if (conv_state) {  // the last K-1 conv inputs, zero-padded in front for short prompts
+    const int64_t L = xs.size(1), keep = std::min(L, K - 1);
+    Tensor s = torch::zeros({xs.size(0), K - 1, I}, xs.options());
+    s.narrow(1, K - 1 - keep, keep).copy_(xs.narrow(1, L - keep, keep));
+    *conv_state = s;
+  }
+  return hidden + torch::linear(y, w.out_proj);
+}
+
+Tensor MambaLM::forward(const Tensor& tokens) const {
+  Tensor h = embed(tokens);
+  for (const auto& w : layers) h = block(w, config_, h);
+  return head(h);
+}
+
+MambaCache MambaLM::new_cache(int64_t batch) const {
+  MambaCache cache;
+  for (int64_t l = 0; l < config_.n_layer; ++l) {
+    cache.conv.push_back(torch::zeros({batch, config_.d_conv - 1, config_.d_inner()}));
+    cache.ssm.push_back(torch::zeros({batch, config_.d_inner(), config_.d_state}));
+  }
+  return cache;
+}
+
+Tensor MambaLM::prefill(const Tensor& tokens, MambaCache& cache) const {
+  torch::NoGradGuard no_grad;
+  cache = new_cache(tokens.size(0));
+  Tensor h = embed(tokens);
+  for (size_t l = 0; l < layers.size(); ++l) h = block(layers[l], config_, h, &cache.conv[l], &cache.ssm[l]);
+  return head(h);
+}
+
+// One token through every block, with the recurrence written out (as Hugging Face's cached path):
+//   window = [conv state, x_t];  u = silu(<w, window> + b);  h = exp(dt A) h + dt u B;  y = <h, C> + D u
+Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
+  torch::NoGradGuard no_grad;
+  COIL_CHECK(token.dim() == 1, "step takes one token per sequence [B], got {} dims", token.dim());
+  const MambaConfig& c = config_;
+  const int64_t I = c.d_inner(), N = c.d_state, R = c.rank(), K = c.d_conv;
+  Tensor h = torch::embedding(embedding, token);  // [B, H]
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const MambaBlockWeights& w = layers[l];
+    const Tensor xz = torch::linear(rms_norm(h, w.norm, c.rms_eps), w.in_proj);
+    const Tensor xs = xz.narrow(1, 0, I), z = xz.narrow(1, I, I);
+    const Tensor window = torch::cat({cache.conv[l], xs.unsqueeze(1)}, 1);  // [B, K, I]
+    cache.conv[l] = window.narrow(1, 1, K - 1).contiguous();
+    const Tensor u = torch::silu((window * w.conv_w.reshape({I, K}).t()).sum(1) + w.conv_b);  // [B, I]
+    const Tensor x_dbl = torch::linear(u, w.x_proj);
+    const Tensor dt = torch::softplus(torch::linear(x_dbl.narrow(1, 0, R), w.dt_w, w.dt_b));  // [B, I]
+    const Tensor Bm = x_dbl.narrow(1, R, N), Cm = x_dbl.narrow(1, R + N, N);
+    Tensor& s = cache.ssm[l];
+    s = torch::exp(dt.unsqueeze(-1) * -torch::exp(w.A_log)) * s + (dt * u).unsqueeze(-1) * Bm.unsqueeze(1);
+    const Tensor y = ((s * Cm.unsqueeze(1)).sum(-1) + w.D * u) * torch::silu(z);
+    h = h + torch::linear(y, w.out_proj);
+  }
+  return head(h.unsqueeze(1)).squeeze(1);
+}
+
+}  // namespace coil

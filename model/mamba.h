@@ -1,0 +1,92 @@
+// The Mamba-1 language model, numerically the model of mamba_ssm and Hugging Face transformers'
+// MambaForCausalLM: the same parameter names and shapes (so weights move both ways with no renaming
+// table), RMSNorm, a residual stream in float32, the LM head tied to the embedding, and mamba_ssm's
+// initialization.
+//
+// The model is plain data plus functions: the forward runs unit by unit (embed, block 0..n-1, head),
+// each unit a function of its weights, so a parallelism wrapper (FSDP-style sharding, later) can
+// gather a unit's weights and call the same function from outside, without the model knowing.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+
+namespace coil {
+
+// One block's weights; Hugging Face names below `backbone.layers.{i}.`.
+struct MambaBlockWeights {
+  at::Tensor norm;      // norm.weight              [H]
+  at::Tensor in_proj;   // mixer.in_proj.weight     [2I, H]
+  at::Tensor conv_w;    // mixer.conv1d.weight      [I, 1, K]
+  at::Tensor conv_b;    // mixer.conv1d.bias        [I]
+  at::Tensor x_proj;    // mixer.x_proj.weight      [R + 2N, I]
+  at::Tensor dt_w;      // mixer.dt_proj.weight     [I, R]
+  at::Tensor dt_b;      // mixer.dt_proj.bias       [I]
+  at::Tensor A_log;     // mixer.A_log              [I, N]
+  at::Tensor D;         // mixer.D                  [I]
+  at::Tensor out_proj;  // mixer.out_proj.weight    [H, I]
+};
+
+struct NamedTensor {
+  std::string name;
+  at::Tensor tensor;
+};
+
+// Per-layer recurrent state for decoding: Mamba's fixed-size replacement of a KV cache.
+struct MambaCache {
+  std::vector<at::Tensor> conv;  // [B, K-1, I]: the last K-1 conv inputs (channels last)
+  std::vector<at::Tensor> ssm;   // [B, I, N]:   the SSM state after the last token
+};
+
+class MambaLM {
+ public:
+  // Allocates every parameter (float32, CPU) and initializes it as mamba_ssm does, from `seed`.
+  explicit MambaLM(const MambaConfig& config, uint64_t seed = 0);
+
+  const MambaConfig& config() const { return config_; }
+
+  // mamba_ssm's initialization; the same seed gives the same weights.
+  void init(uint64_t seed);
+
+  // Every parameter under its Hugging Face name, in a fixed order; the tensors alias the model's.
+  // The tied head is listed once, as backbone.embeddings.weight.
+  std::vector<NamedTensor> named_parameters() const;
+  at::Tensor parameter(const std::string& name) const;  // throws coil::Error for an unknown name
+
+  // tokens [B, L] (int64) -> logits [B, L, V] in float32.
+  at::Tensor forward(const at::Tensor& tokens) const;
+
+  // The units of the forward pass.
+  at::Tensor embed(const at::Tensor& tokens) const;  // -> residual stream [B, L, H], float32
+  at::Tensor head(const at::Tensor& hidden) const;   // norm_f, then the tied LM head -> logits
+  static at::Tensor block(const MambaBlockWeights& w, const MambaConfig& config, const at::Tensor& hidden,
+                          at::Tensor* conv_state = nullptr, at::Tensor* ssm_state = nullptr);
+
+  // Decoding. prefill runs the prompt through the full forward and fills the cache; step feeds one
+  // token per sequence ([B]) and returns its logits [B, V]. Stepping gives the same logits as
+  // the full forward over the same tokens.
+  MambaCache new_cache(int64_t batch) const;
+  at::Tensor prefill(const at::Tensor& tokens, MambaCache& cache) const;
+  at::Tensor step(const at::Tensor& token, MambaCache& cache) const;
+
+  at::Tensor embedding;  // backbone.embeddings.weight [V, H] (also the LM head)
+  at::Tensor norm_f;     // backbone.norm_f.weight [H]
+  std::vector<MambaBlockWeights> layers;
+
+ private:
+  MambaConfig config_;
+};
+
+// RMSNorm as Hugging Face's MambaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float32.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Mean cross-entropy of logits [B, L, V] against targets [B, L]; targets equal to -100 are ignored
+// (the SFT loss mask writes -100 there, as Hugging Face does).
+at::Tensor lm_loss(const at::Tensor& logits, const at::Tensor& targets);
+
+}  // namespace coil
