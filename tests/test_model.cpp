@@ -1,0 +1,220 @@
+// The Mamba model: the conv kernel against torch's conv1d, initialization, recurrent decoding against
+// the full forward, presets, and Hugging Face files (round trip and every kind of bad input).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "model/config.h"
+#include "model/conv1d.h"
+#include "model/hf.h"
+#include "model/mamba.h"
+#include "model/safetensors.h"
+#include "util/error.h"
+
+namespace coil {
+namespace {
+
+namespace fs = std::filesystem;
+using torch::Tensor;
+
+// Expects fn() to throw coil::Error whose message contains `needle`.
+template <typename Fn>
+void expect_error(Fn fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error; expected one containing: " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message: " << e.what();
+  }
+}
+
+fs::path temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("coil_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
+}
+
+MambaConfig tiny() { return MambaConfig::preset("tiny"); }
+
+TEST(CausalConv1d, MatchesTorchConv1dForwardAndGradients) {
+  torch::manual_seed(0);
+  struct S { int64_t B, L, I, K; };
+  for (S s : {S{1, 1, 1, 4}, S{2, 3, 5, 4}, S{2, 37, 67, 4}, S{3, 130, 129, 2}, S{1, 9, 200, 7}}) {
+    Tensor xz = torch::randn({s.B, s.L, 2 * s.I});
+    Tensor x = xz.narrow(2, 0, s.I).detach().requires_grad_(true);  // strided, as in the model
+    Tensor w = torch::randn({s.I, 1, s.K}, torch::requires_grad());
+    Tensor b = torch::randn({s.I}, torch::requires_grad());
+    Tensor dy = torch::randn({s.B, s.L, s.I});
+    Tensor y_ref = causal_conv1d_ref(x, w, b);
+    auto g_ref = torch::autograd::grad({y_ref}, {x, w, b}, {dy});
+    Tensor y = causal_conv1d(x, w, b);
+    auto g = torch::autograd::grad({y}, {x, w, b}, {dy});
+    const std::string where = "B=" + std::to_string(s.B) + " L=" + std::to_string(s.L) + " I=" + std::to_string(s.I);
+    EXPECT_TRUE(torch::allclose(y, y_ref, 1e-5, 1e-5)) << where;
+    for (int k = 0; k < 3; ++k) EXPECT_TRUE(torch::allclose(g[k], g_ref[k], 1e-5, 1e-4)) << where << " grad " << k;
+  }
+}
+
+TEST(MambaConfig, PresetsAndErrors) {
+  EXPECT_EQ(MambaConfig::preset("130m").d_model, 768);
+  EXPECT_EQ(MambaConfig::preset("130m").n_layer, 24);
+  EXPECT_EQ(MambaConfig::preset("2.8b").n_layer, 64);
+  // mamba-130m: 129.1M parameters with the head tied.
+  EXPECT_NEAR(MambaConfig::preset("130m").num_parameters() / 1e6, 129.1, 0.1);
+  MambaConfig c = tiny();
+  c.vocab_size = 1001;
+  EXPECT_EQ(c.padded().vocab_size, 1008);
+  EXPECT_EQ(c.rank(), 4);  // ceil(64 / 16)
+  expect_error([] { MambaConfig::preset("7b"); }, "unknown model preset '7b' (known: tiny, 130m");
+  c.d_state = 0;
+  expect_error([&] { c.validate(); }, "d_state must be positive");
+}
+
+TEST(MambaLM, InitializationFollowsMambaSsm) {
+  MambaConfig c = tiny();
+  MambaLM m(c, 7), same(c, 7), other(c, 8);
+  const auto& w = m.layers[0];
+  const int64_t N = c.d_state;
+  EXPECT_TRUE(torch::allclose(w.A_log[3], torch::log(torch::arange(1, N + 1, torch::kFloat))));
+  EXPECT_TRUE(torch::equal(w.D, torch::ones_like(w.D)));
+  Tensor dt = torch::softplus(w.dt_b);
+  EXPECT_GE(dt.min().item<float>(), 0.001f * 0.999f);
+  EXPECT_LE(dt.max().item<float>(), 0.1f * 1.001f);
+  const double out_bound = 1.0 / std::sqrt(double(c.d_inner())) / std::sqrt(double(c.n_layer));
+  EXPECT_LE(w.out_proj.abs().max().item<double>(), out_bound);
+  EXPECT_GT(w.out_proj.abs().max().item<double>(), 0.9 * out_bound);
+  EXPECT_NEAR(m.embedding.std().item<double>(), 0.02, 0.001);
+  for (size_t i = 0; i < m.named_parameters().size(); ++i) {
+    EXPECT_TRUE(torch::equal(m.named_parameters()[i].tensor, same.named_parameters()[i].tensor));
+  }
+  EXPECT_FALSE(torch::equal(m.embedding, other.embedding));
+}
+
+TEST(MambaLM, ParameterNamesAreHuggingFaces) {
+  MambaLM m(tiny());
+  auto p = m.named_parameters();
+  ASSERT_EQ(p.size(), 2 + 10 * 2u);
+  EXPECT_EQ(p[0].name, "backbone.embeddings.weight");
+  EXPECT_EQ(p[2].name, "backbone.layers.0.mixer.in_proj.weight");
+  EXPECT_EQ(p[2].tensor.sizes(), (std::vector<int64_t>{256, 64}));
+  EXPECT_EQ(m.parameter("backbone.layers.1.mixer.x_proj.weight").sizes(), (std::vector<int64_t>{4 + 32, 128}));
+  EXPECT_EQ(p.back().name, "backbone.norm_f.weight");
+  int64_t total = 0;
+  for (auto& t : p) total += t.tensor.numel();
+  EXPECT_EQ(total, tiny().num_parameters());
+  expect_error([&] { m.parameter("lm_head.weight"); }, "no parameter named 'lm_head.weight'");
+}
+
+TEST(MambaLM, RecurrentStepsEqualTheFullForward) {
+  torch::manual_seed(1);
+  MambaConfig c = tiny();
+  c.n_layer = 3;
+  MambaLM m(c, 3);
+  for (auto& p : m.named_parameters())  // move away from the init's symmetric values
+    p.tensor.data().add_(torch::randn_like(p.tensor) * 0.05);
+  const int64_t B = 2, L = 12;
+  Tensor tokens = torch::randint(c.vocab_size, {B, L});
+  Tensor full;
+  {
+    torch::NoGradGuard ng;
+    full = m.forward(tokens);
+  }
+  for (int64_t prompt : {1, 2, 5}) {  // shorter and longer than the conv window
+    MambaCache cache;
+    Tensor logits = m.prefill(tokens.narrow(1, 0, prompt), cache);
+    EXPECT_TRUE(torch::allclose(logits, full.narrow(1, 0, prompt), 1e-5, 1e-5));
+    for (int64_t t = prompt; t < L; ++t) {
+      Tensor step = m.step(tokens.select(1, t), cache);
+      EXPECT_TRUE(torch::allclose(step, full.select(1, t), 1e-4, 1e-4))
+          << "prompt " << prompt << " step " << t << " max diff " << (step - full.select(1, t)).abs().max().item<float>();
+    }
+  }
+}
+
+TEST(MambaLM, LossIgnoresMaskedTargets) {
+  torch::manual_seed(2);
+  Tensor logits = torch::randn({2, 3, 11});
+  Tensor targets = torch::tensor({{1, -100, 3}, {-100, 5, 6}});
+  Tensor keep = torch::tensor({0, 2, 4, 5});
+  Tensor want = torch::nn::functional::cross_entropy(logits.reshape({6, 11}).index_select(0, keep),
+                                                     targets.reshape({6}).index_select(0, keep));
+  EXPECT_TRUE(torch::allclose(lm_loss(logits, targets), want));
+}
+
+TEST(HuggingFace, SaveAndLoadRoundTrip) {
+  fs::path dir = temp_dir("hf_roundtrip");
+  MambaLM m(tiny(), 5);
+  save_hf(m, dir.string());
+  MambaLM back = load_hf(dir.string());
+  EXPECT_EQ(back.config().d_model, 64);
+  EXPECT_EQ(back.config().vocab_size, tiny().vocab_size);
+  auto a = m.named_parameters(), b = back.named_parameters();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].tensor, b[i].tensor)) << a[i].name;
+  fs::remove_all(dir);
+}
+
+// Writes a tiny model's files, lets `edit` change them, and expects load_hf to fail with `needle`.
+void expect_bad_checkpoint(const std::string& name, const std::function<void(const fs::path&)>& edit,
+                           const std::string& needle) {
+  fs::path dir = temp_dir(name);
+  save_hf(MambaLM(tiny()), dir.string());
+  edit(dir);
+  expect_error([&] { load_hf(dir.string()); }, needle);
+  fs::remove_all(dir);
+}
+
+std::vector<std::pair<std::string, Tensor>> tensors_of(const fs::path& dir) {
+  auto m = read_safetensors((dir / "model.safetensors").string());
+  return {m.begin(), m.end()};
+}
+
+TEST(HuggingFace, BadCheckpointsAreOneLineErrors) {
+  auto st = [](const fs::path& d) { return (d / "model.safetensors").string(); };
+  expect_bad_checkpoint("truncated", [&](const fs::path& d) { fs::resize_file(st(d), fs::file_size(st(d)) - 100); },
+                        "truncated file");
+  expect_bad_checkpoint("tiny_file", [&](const fs::path& d) { fs::resize_file(st(d), 5); }, "no header");
+  expect_bad_checkpoint("missing", [&](const fs::path& d) {
+    auto t = tensors_of(d);
+    t.erase(std::remove_if(t.begin(), t.end(), [](auto& p) { return p.first == "backbone.layers.1.mixer.D"; }), t.end());
+    write_safetensors(st(d), t);
+  }, "model.safetensors: missing tensor 'backbone.layers.1.mixer.D'");
+  expect_bad_checkpoint("shape", [&](const fs::path& d) {
+    auto t = tensors_of(d);
+    for (auto& p : t)
+      if (p.first == "backbone.layers.0.mixer.x_proj.weight") p.second = torch::zeros({3, 3});
+    write_safetensors(st(d), t);
+  }, "tensor 'backbone.layers.0.mixer.x_proj.weight' has shape [3, 3], expected [36, 128]");
+  expect_bad_checkpoint("dtype", [&](const fs::path& d) {
+    auto t = tensors_of(d);
+    for (auto& p : t)
+      if (p.first == "backbone.norm_f.weight") p.second = torch::zeros({64}, torch::kLong);
+    write_safetensors(st(d), t);
+  }, "tensor 'backbone.norm_f.weight' has dtype Long, expected a floating-point type");
+  expect_bad_checkpoint("extra", [&](const fs::path& d) {
+    auto t = tensors_of(d);
+    t.emplace_back("backbone.layers.9.mixer.D", torch::zeros({2}));
+    write_safetensors(st(d), t);
+  }, "unexpected tensor 'backbone.layers.9.mixer.D'");
+  expect_bad_checkpoint("unknown_dtype", [&](const fs::path& d) {
+    // Rewrite the header's first dtype as one safetensors does not define.
+    std::fstream f(st(d), std::ios::in | std::ios::out | std::ios::binary);
+    std::string head(4096, '\0');
+    f.read(head.data(), head.size());
+    const size_t at = head.find("\"F32\"");
+    f.seekp(at);
+    f.write("\"F99\"", 5);
+  }, "unsupported dtype \"F99\"");
+  expect_bad_checkpoint("no_config", [&](const fs::path& d) { fs::remove(d / "config.json"); }, "config.json: cannot open");
+  expect_bad_checkpoint("bad_config", [&](const fs::path& d) {
+    std::ofstream(d / "config.json") << R"({"model_type": "mamba", "hidden_size": "wide", "num_hidden_layers": 2})";
+  }, "key 'hidden_size' must be an integer");
+  expect_bad_checkpoint("bias", [&](const fs::path& d) {
+    std::ofstream(d / "config.json") << R"({"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512, "use_bias": true})";
+  }, "use_bias = true");
+}
+
+}  // namespace
+}  // namespace coil
