@@ -15,6 +15,9 @@ using torch::Tensor;
 
 namespace {
 
+// The residual stream, norms, logits and loss are computed in float32, or wider (float64 checks).
+at::ScalarType wide(at::ScalarType t) { return at::promote_types(t, torch::kFloat); }
+
 // Hugging Face names of a block's weights, in the order named_parameters() lists them.
 const char* const kBlockNames[] = {"norm.weight",         "mixer.in_proj.weight",  "mixer.conv1d.weight",
                                    "mixer.conv1d.bias",   "mixer.x_proj.weight",   "mixer.dt_proj.weight",
@@ -28,12 +31,12 @@ std::vector<Tensor*> block_tensors(MambaBlockWeights& w) {
 }  // namespace
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
-  const Tensor xf = x.to(torch::kFloat);
+  const Tensor xf = x.to(wide(x.scalar_type()));
   return weight * (xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps));
 }
 
 Tensor lm_loss(const Tensor& logits, const Tensor& targets) {
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(torch::kFloat), targets.reshape({-1}),
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(wide(logits.scalar_type())), targets.reshape({-1}),
                                 {}, at::Reduction::Mean, -100);
 }
 
@@ -113,11 +116,12 @@ Tensor MambaLM::parameter(const std::string& name) const {
 
 Tensor MambaLM::embed(const Tensor& tokens) const {
   COIL_CHECK(tokens.dim() == 2, "model input must be token ids [B, L], got {} dims", tokens.dim());
-  return torch::embedding(embedding, tokens).to(torch::kFloat);
+  return torch::embedding(embedding, tokens).to(wide(embedding.scalar_type()));
 }
 
 Tensor MambaLM::head(const Tensor& hidden) const {
-  return torch::linear(rms_norm(hidden, norm_f, config_.rms_eps), embedding).to(torch::kFloat);
+  const Tensor logits = torch::linear(rms_norm(hidden, norm_f, config_.rms_eps), embedding);
+  return logits.to(wide(logits.scalar_type()));
 }
 
 Tensor MambaLM::block(const MambaBlockWeights& w, const MambaConfig& c, const Tensor& hidden,
@@ -149,8 +153,9 @@ Tensor MambaLM::forward(const Tensor& tokens) const {
 MambaCache MambaLM::new_cache(int64_t batch) const {
   MambaCache cache;
   for (int64_t l = 0; l < config_.n_layer; ++l) {
-    cache.conv.push_back(torch::zeros({batch, config_.d_conv - 1, config_.d_inner()}));
-    cache.ssm.push_back(torch::zeros({batch, config_.d_inner(), config_.d_state}));
+    const auto dtype = wide(embedding.scalar_type());
+    cache.conv.push_back(torch::zeros({batch, config_.d_conv - 1, config_.d_inner()}, dtype));
+    cache.ssm.push_back(torch::zeros({batch, config_.d_inner(), config_.d_state}, dtype));
   }
   return cache;
 }

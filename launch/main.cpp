@@ -1,0 +1,41 @@
+// `coil`: one executable, one subcommand per task. Errors are one line on stderr and a non-zero exit.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <spdlog/spdlog.h>
+
+#include <exception>
+#include <string>
+
+#include "launch/commands.h"
+#include "util/error.h"
+
+#ifndef COIL_VERSION
+#define COIL_VERSION "unknown"
+#endif
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "Coil trains Mamba language models on CPUs and GPUs, from one workstation to a Slurm cluster.\n"
+      "Run `coil <command> --help` for a command's options.",
+      "coil"};
+  app.set_version_flag("--version", std::string("coil ") + COIL_VERSION);
+  app.require_subcommand(1);
+  coil::add_model_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    coil::run_selected_command(app);
+  } catch (const coil::Error& e) {
+    fmt::print(stderr, "coil: error: {}\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    // LibTorch's errors carry a backtrace after the first line; the first line says what happened.
+    std::string what = e.what();
+    fmt::print(stderr, "coil: error: {}\n", what.substr(0, what.find('\n')));
+    return 1;
+  }
+  return 0;
+}
