@@ -120,12 +120,14 @@ Tensor selective_scan_ref(const Tensor& u, const Tensor& delta, const Tensor& A,
   const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus);   // [B, L, I]
   const Tensor decay = torch::exp(dt.unsqueeze(-1) * A);                // [B, L, I, N]
   const Tensor drive = (dt * u).unsqueeze(-1) * Bm.unsqueeze(2);        // [B, L, I, N]
+  // unbind, not select(1, t): the backward of a select would build a zero [B, L, I, N] per step.
+  const auto decays = decay.unbind(1), drives = drive.unbind(1), Cs = Cm.unsqueeze(2).unbind(1);
   Tensor h = torch::zeros({u.size(0), u.size(2), A.size(1)}, u.options());
   std::vector<Tensor> ys;
   ys.reserve(L);
   for (int64_t t = 0; t < L; ++t) {
-    h = decay.select(1, t) * h + drive.select(1, t);
-    ys.push_back((h * Cm.select(1, t).unsqueeze(1)).sum(-1));         // [B, I]
+    h = decays[t] * h + drives[t];
+    ys.push_back((h * Cs[t]).sum(-1));  // [B, I]
   }
   Tensor y = torch::stack(ys, 1);
   if (D.defined()) y = y + u * D;
@@ -136,6 +138,7 @@ Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, con
                       const Tensor& Cm, const Tensor& D, const Tensor& z, const Tensor& delta_bias,
                       bool delta_softplus, Tensor* final_state) {
   check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias);
+  COIL_CHECK(u.is_cpu(), "selective_scan: the fused kernel runs on CPU tensors, got {}", u.device().str());
   const auto dtype = u.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   auto prep = [&](const Tensor& t) { return t.defined() ? t.to(dtype) : t; };
   const Tensor dt = channels_contiguous(prep(prepare_delta(delta, delta_bias, delta_softplus)));

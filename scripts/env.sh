@@ -1,0 +1,4 @@
+# Sourced by scripts/setup and scripts/build: where the shared, per-machine state lives.
+COIL_CACHE=${COIL_CACHE:-$HOME/.cache/coil}
+TORCH_VERSION=2.11.0
+VENV=$COIL_CACHE/venv-torch$TORCH_VERSION
