@@ -21,10 +21,22 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("coil ") + COIL_VERSION);
   app.require_subcommand(1);
   coil::add_model_command(app);
+  std::string known;
+  bool found = false;
+  for (const CLI::App* sub : app.get_subcommands({})) {
+    known += (known.empty() ? "" : ", ") + sub->get_name();
+    found = found || (argc > 1 && sub->check_name(argv[1]));
+  }
+  if (argc > 1 && argv[1][0] != '-' && !found) {
+    fmt::print(stderr, "coil: error: unknown command '{}' (commands: {}; see coil --help)\n", argv[1], known);
+    return 2;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    fmt::print(stderr, "coil: error: {} (see coil --help)\n", e.what());
+    return 2;  // a usage error
   }
   try {
     coil::run_selected_command(app);

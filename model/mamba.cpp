@@ -24,8 +24,9 @@ const char* const kBlockNames[] = {"norm.weight",         "mixer.in_proj.weight"
                                    "mixer.dt_proj.bias",  "mixer.A_log",           "mixer.D",
                                    "mixer.out_proj.weight"};
 
-std::vector<Tensor*> block_tensors(MambaBlockWeights& w) {
-  return {&w.norm, &w.in_proj, &w.conv_w, &w.conv_b, &w.x_proj, &w.dt_w, &w.dt_b, &w.A_log, &w.D, &w.out_proj};
+// Handles to a block's weights (sharing their storage), in kBlockNames' order.
+std::vector<Tensor> block_tensors(const MambaBlockWeights& w) {
+  return {w.norm, w.in_proj, w.conv_w, w.conv_b, w.x_proj, w.dt_w, w.dt_b, w.A_log, w.D, w.out_proj};
 }
 
 }  // namespace
@@ -100,9 +101,9 @@ void MambaLM::init(uint64_t seed) {
 std::vector<NamedTensor> MambaLM::named_parameters() const {
   std::vector<NamedTensor> out{{"backbone.embeddings.weight", embedding}};
   for (size_t i = 0; i < layers.size(); ++i) {
-    auto ts = block_tensors(const_cast<MambaBlockWeights&>(layers[i]));
+    const auto ts = block_tensors(layers[i]);
     for (size_t k = 0; k < ts.size(); ++k)
-      out.push_back({"backbone.layers." + std::to_string(i) + "." + kBlockNames[k], *ts[k]});
+      out.push_back({"backbone.layers." + std::to_string(i) + "." + kBlockNames[k], ts[k]});
   }
   out.push_back({"backbone.norm_f.weight", norm_f});
   return out;
