@@ -98,7 +98,7 @@ struct CausalConv : public torch::autograd::Function<CausalConv> {
 };
 
 Tensor weight_2d(const Tensor& w, int64_t I) {
-  COIL_CHECK((w.dim() == 3 && w.size(1) == 1 || w.dim() == 2) && w.size(0) == I,
+  COIL_CHECK(((w.dim() == 3 && w.size(1) == 1) || w.dim() == 2) && w.size(0) == I,
              "causal_conv1d: weight must be [I={}, 1, K] or [I, K]", I);
   return w.reshape({I, w.size(-1)});
 }
