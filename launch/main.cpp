@@ -1,7 +1,6 @@
 // `coil`: one executable, one subcommand per task. Errors are one line on stderr and a non-zero exit.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
-#include <spdlog/spdlog.h>
 
 #include <exception>
 #include <string>

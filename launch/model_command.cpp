@@ -3,7 +3,6 @@
 // memorizes (the loss must fall), with tokens/s.
 #include <fmt/core.h>
 #include <fmt/ranges.h>
-#include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
 #include <chrono>
