@@ -3,11 +3,19 @@
 
 #include <CLI/CLI.hpp>
 
+#include <functional>
+
 namespace coil {
 
 // `coil model`: a model's shape and parameter table, and a forward/backward smoke run.
 void add_model_command(CLI::App& app);
+// `coil tokenizer train|encode`: sentencepiece tokenizers.
+void add_tokenizer_command(CLI::App& app);
+// `coil data prepare|inspect`: tokenized shards for pretraining.
+void add_data_command(CLI::App& app);
 
+// Registers what runs when `command` is the one selected on the command line.
+void on_run(CLI::App* command, std::function<void()> run);
 // Runs whichever subcommand the command line selected.
 void run_selected_command(CLI::App& app);
 

@@ -20,6 +20,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("coil ") + COIL_VERSION);
   app.require_subcommand(1);
   coil::add_model_command(app);
+  coil::add_tokenizer_command(app);
+  coil::add_data_command(app);
   std::string known;
   bool found = false;
   for (const CLI::App* sub : app.get_subcommands({})) {

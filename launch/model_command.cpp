@@ -6,8 +6,6 @@
 #include <torch/torch.h>
 
 #include <chrono>
-#include <functional>
-#include <map>
 
 #include "launch/commands.h"
 #include "model/hf.h"
@@ -28,11 +26,6 @@ struct ModelOptions {
   uint64_t seed = 0;
   bool table = false;
 };
-
-std::map<CLI::App*, std::function<void()>>& registry() {
-  static std::map<CLI::App*, std::function<void()>> r;
-  return r;
-}
 
 void run_model(const ModelOptions& o) {
   MambaConfig config;
@@ -96,13 +89,7 @@ void add_model_command(CLI::App& app) {
   cmd->add_option("--seq-len", o->seq_len, "tokens per sequence")->capture_default_str();
   cmd->add_option("--lr", o->lr, "SGD learning rate of the smoke run")->capture_default_str();
   cmd->add_option("--seed", o->seed, "initialization and data seed")->capture_default_str();
-  registry()[cmd] = [o] { run_model(*o); };
-}
-
-void run_selected_command(CLI::App& app) {
-  for (auto& [cmd, run] : registry())
-    if (cmd->parsed()) return run();
-  fail("no command given (see coil --help)");
+  on_run(cmd, [o] { run_model(*o); });
 }
 
 }  // namespace coil

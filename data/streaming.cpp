@@ -1,0 +1,352 @@
+#include "data/streaming.h"
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "data/tokenizer.h"
+#include "util/error.h"
+
+namespace coil::data {
+
+namespace {
+
+enum class Status : uint8_t { kOk, kEmpty, kMalformed, kTooLong };
+
+// A run of this rank's records, read by the reading thread and tokenized by a worker.
+struct Chunk {
+  int64_t epoch = 0;
+  bool epoch_end = false;    // the last chunk of an epoch (may hold no record)
+  bool whole_epoch = false;  // the epoch was read from its start (not resumed half-way)
+  std::vector<std::string> bytes;
+  std::vector<int64_t> record, line;
+  std::vector<int> file;
+  std::vector<uint8_t> json;
+  // Filled by the worker.
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<Status> status;
+  std::vector<std::string> why;
+};
+
+// A document of this rank being packed into rows.
+struct Doc {
+  int64_t epoch, record;
+  std::vector<int32_t> tokens;  // with its EOS
+  int64_t used = 0;             // tokens before the next row's start
+};
+
+uint64_t epoch_key(uint64_t seed, int64_t epoch) { return mix64(seed ^ 0x5bd1e995u) ^ mix64(static_cast<uint64_t>(epoch) + 1); }
+
+class StreamingLoader : public Loader {
+ public:
+  explicit StreamingLoader(const StreamingOptions& o) : o_(o), tokenizer_(o.tokenizer) {
+    o_.geometry.validate();
+    COIL_CHECK(!o_.files.empty(), "streaming: no input file");
+    COIL_CHECK(o_.threads >= 1, "streaming: threads must be >= 1");
+    fingerprint_ = fmt::format("streaming:{}:{}:{}", o_.files.size(), o_.geometry.seq_len, tokenizer_.sha256().substr(0, 16));
+    start();
+  }
+  ~StreamingLoader() override { stop(); }
+
+  Batch next() override {
+    const int64_t cols = o_.geometry.seq_len + 1;
+    Batch b;
+    b.rows = o_.geometry.micro_batch;
+    b.cols = cols;
+    b.tokens.resize(static_cast<size_t>(b.rows * cols));
+    for (int64_t r = 0; r < b.rows; ++r) {
+      // Copy seq_len + 1 tokens from the front of the pending documents, then move on by seq_len.
+      int32_t* out = b.tokens.data() + r * cols;
+      int64_t have = 0;
+      size_t d = 0;
+      while (pending_.empty()) pull();
+      int64_t at = pending_.front().used;
+      while (have < cols) {
+        while (d >= pending_.size()) pull();
+        const Doc& doc = pending_[d];
+        const int64_t n = std::min<int64_t>(cols - have, static_cast<int64_t>(doc.tokens.size()) - at);
+        std::copy(doc.tokens.begin() + at, doc.tokens.begin() + at + n, out + have);
+        have += n;
+        at += n;
+        if (at == static_cast<int64_t>(doc.tokens.size())) ++d, at = 0;
+      }
+      advance(o_.geometry.seq_len);
+    }
+    return b;
+  }
+
+  LoaderState state() const override {
+    LoaderState s;
+    s.kind = "streaming";
+    s.fingerprint = fingerprint_;
+    s.seed = o_.seed;
+    s.rank = o_.geometry.rank;
+    s.world = o_.geometry.world;
+    if (!pending_.empty()) {
+      s.epoch = pending_.front().epoch;
+      s.record = pending_.front().record;
+      s.offset = pending_.front().used;
+    } else {
+      s.epoch = resume_.epoch;
+      s.record = resume_.record;
+      s.offset = resume_.offset;
+    }
+    return s;
+  }
+
+  void restore(const LoaderState& s) override {
+    COIL_CHECK(s.kind == "streaming", "the saved loader state is for {} data, this run streams", s.kind);
+    COIL_CHECK(s.fingerprint == fingerprint_, "the saved loader state belongs to other data ({}), not to this run's ({})",
+               s.fingerprint, fingerprint_);
+    COIL_CHECK(s.world == o_.geometry.world && s.rank == o_.geometry.rank,
+               "the saved streaming state is rank {} of {}, this is rank {} of {} (merge_streaming_states() "
+               "converts states across numbers of ranks)",
+               s.rank, s.world, o_.geometry.rank, o_.geometry.world);
+    COIL_CHECK(s.epoch >= 0 && s.record >= 0 && s.offset >= 0, "bad streaming state {}", s.to_json());
+    stop();
+    o_.seed = s.seed;
+    resume_ = s;
+    start();
+  }
+
+  int64_t samples_per_epoch() const override { return 0; }
+  int64_t tokens_per_epoch() const override { return 0; }
+
+ private:
+  // Moves the start of the next row forward by n tokens, dropping documents used up.
+  void advance(int64_t n) {
+    while (n > 0) {
+      while (pending_.empty()) pull();
+      Doc& doc = pending_.front();
+      const int64_t step = std::min<int64_t>(n, static_cast<int64_t>(doc.tokens.size()) - doc.used);
+      doc.used += step;
+      n -= step;
+      if (doc.used == static_cast<int64_t>(doc.tokens.size())) {
+        resume_.epoch = doc.epoch;
+        resume_.record = doc.record + 1;
+        resume_.offset = 0;
+        pending_.pop_front();
+      }
+    }
+  }
+
+  // Appends the documents of the next chunk (in order) to pending_.
+  void pull() {
+    Chunk c;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return done_.count(next_out_) || error_; });
+      if (!done_.count(next_out_)) std::rethrow_exception(error_);
+      c = std::move(done_[next_out_]);
+      done_.erase(next_out_++);
+      cv_.notify_all();
+    }
+    if (c.epoch != epoch_) {
+      epoch_ = c.epoch;
+      epoch_tokens_ = 0;
+    }
+    for (size_t i = 0; i < c.bytes.size(); ++i) {
+      const std::string& file = o_.files[static_cast<size_t>(c.file[i])];
+      ++stats_.records;
+      switch (c.status[i]) {
+        case Status::kOk: {
+          ++stats_.documents;
+          Doc doc{c.epoch, c.record[i], std::move(c.tokens[i]), 0};
+          if (first_doc_) {  // a restored state may start inside this document
+            first_doc_ = false;
+            if (doc.epoch == resume_.epoch && doc.record == resume_.record) doc.used = resume_.offset;
+            COIL_CHECK(doc.used < static_cast<int64_t>(doc.tokens.size()),
+                       "the saved streaming state points past the end of {}:{} (was the file changed?)", file, c.line[i]);
+          }
+          epoch_tokens_ += static_cast<int64_t>(doc.tokens.size());
+          pending_.push_back(std::move(doc));
+          break;
+        }
+        case Status::kEmpty: ++stats_.empty; break;
+        case Status::kMalformed: skip_record(file, c.line[i], c.why[i], o_.read, stats_); break;
+        case Status::kTooLong:
+          skip_record(file, c.line[i], fmt::format("record longer than {} bytes", o_.read.max_record_bytes), o_.read,
+                      stats_, true);
+          break;
+      }
+    }
+    if (c.epoch_end && c.whole_epoch && epoch_tokens_ == 0)
+      fail("streaming: rank {} of {} got no document in a whole pass over {} file(s) ({})", o_.geometry.rank,
+           o_.geometry.world, o_.files.size(), stats_.summary());
+  }
+
+  // ---- Background threads: one reads records, `threads` tokenize them ----
+
+  void start() {
+    stop_ = false;
+    error_ = nullptr;
+    done_.clear();
+    work_.clear();
+    next_in_ = next_out_ = 0;
+    pending_.clear();
+    first_doc_ = true;
+    epoch_ = -1;
+    const int64_t epoch = resume_.epoch, record = resume_.record;  // the reader's own copy
+    reader_ = std::thread([this, epoch, record] { guarded([&] { read_loop(epoch, record); }); });
+    for (int t = 0; t < o_.threads; ++t) workers_.emplace_back([this] { guarded([this] { work_loop(); }); });
+  }
+
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    if (reader_.joinable()) reader_.join();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
+  template <typename F>
+  void guarded(F f) {
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_) error_ = std::current_exception();
+      cv_.notify_all();
+    }
+  }
+
+  // Hands a chunk to the workers; false when stopping. Waits while enough chunks are in flight.
+  bool submit(Chunk&& c) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return stop_ || next_in_ - next_out_ < 8 * o_.threads; });
+    if (stop_) return false;
+    work_.emplace_back(next_in_++, std::move(c));
+    cv_.notify_all();
+    return true;
+  }
+
+  // Reads epoch after epoch from (first_epoch, first_record) on, handing this rank's records to
+  // the workers in chunks.
+  void read_loop(int64_t first_epoch, int64_t first_record) {
+    const int64_t rank = o_.geometry.rank, world = o_.geometry.world;
+    for (int64_t epoch = first_epoch;; ++epoch) {
+      const int64_t skip_below = epoch == first_epoch ? first_record : 0;
+      const Permutation order(o_.files.size(), epoch_key(o_.seed, epoch));
+      int64_t record = 0;
+      Chunk c;
+      c.epoch = epoch;
+      c.whole_epoch = skip_below == 0;
+      size_t chunk_bytes = 0;
+      for (size_t f = 0; f < o_.files.size(); ++f) {
+        const int file = static_cast<int>(order(f));
+        RecordReader reader(o_.files[static_cast<size_t>(file)], o_.read);
+        Record r;
+        while (reader.next(r)) {
+          const int64_t k = record++;
+          if (k < skip_below || k % world != rank) continue;
+          c.bytes.emplace_back(r.bytes);
+          c.record.push_back(r.too_long ? -k - 1 : k);  // negative: too long (bytes dropped)
+          c.line.push_back(r.line);
+          c.file.push_back(file);
+          c.json.push_back(reader.is_json());
+          chunk_bytes += r.bytes.size();
+          if (c.bytes.size() >= 256 || chunk_bytes >= (size_t{1} << 20)) {
+            Chunk next;
+            next.epoch = epoch;
+            next.whole_epoch = c.whole_epoch;
+            if (!submit(std::move(c))) return;
+            c = std::move(next);
+            chunk_bytes = 0;
+          }
+        }
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stop_) return;
+      }
+      c.epoch_end = true;
+      if (!submit(std::move(c))) return;
+    }
+  }
+
+  void work_loop() {
+    std::string text;
+    while (true) {
+      std::pair<int64_t, Chunk> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !work_.empty(); });
+        if (stop_) return;
+        job = std::move(work_.front());
+        work_.pop_front();
+      }
+      Chunk& c = job.second;
+      const size_t n = c.bytes.size();
+      c.tokens.resize(n);
+      c.status.assign(n, Status::kOk);
+      c.why.resize(n);
+      for (size_t i = 0; i < n; ++i) {
+        if (c.record[i] < 0) {
+          c.record[i] = -c.record[i] - 1;
+          c.status[i] = Status::kTooLong;
+        } else {
+          Record r{c.bytes[i], c.line[i], false};
+          if (!document_text(r, c.json[i], o_.read, text, c.why[i])) {
+            c.status[i] = Status::kMalformed;
+          } else if (text.empty()) {
+            c.status[i] = Status::kEmpty;
+          } else {
+            tokenizer_.encode(text, c.tokens[i]);
+            c.tokens[i].push_back(tokenizer_.eos());
+          }
+        }
+        std::string().swap(c.bytes[i]);
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      done_.emplace(job.first, std::move(c));
+      cv_.notify_all();
+    }
+  }
+
+  StreamingOptions o_;
+  Tokenizer tokenizer_;
+  std::string fingerprint_;
+  LoaderState resume_;  // where reading started, then: where the next row starts when pending_ is empty
+  std::deque<Doc> pending_;
+  bool first_doc_ = true;
+  int64_t epoch_ = -1, epoch_tokens_ = 0;
+  ReadStats stats_;
+
+  std::thread reader_;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<int64_t, Chunk>> work_;
+  std::map<int64_t, Chunk> done_;
+  int64_t next_in_ = 0, next_out_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
+}  // namespace
+
+std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options) {
+  return std::make_unique<StreamingLoader>(options);
+}
+
+LoaderState merge_streaming_states(const std::vector<LoaderState>& old, int rank, int world) {
+  COIL_CHECK(!old.empty(), "no streaming state to merge");
+  COIL_CHECK(world >= 1 && rank >= 0 && rank < world, "rank {} is outside a world of {}", rank, world);
+  LoaderState s = old[0];
+  for (const LoaderState& o : old) {
+    COIL_CHECK(o.kind == "streaming" && o.fingerprint == s.fingerprint, "the streaming states do not belong together");
+    if (o.epoch < s.epoch || (o.epoch == s.epoch && o.record < s.record)) s = o;
+  }
+  // Every record before the smallest position was used by its owner; start there, at a
+  // document's beginning.
+  s.offset = 0;
+  s.rank = rank;
+  s.world = world;
+  return s;
+}
+
+}  // namespace coil::data

@@ -1,0 +1,45 @@
+// Streaming pretraining data: JSONL shards read and tokenized on the fly, with no prepare step (as
+// `load_dataset(..., streaming=True)` in Python).
+//
+// Order. In epoch e the files are taken in a seeded order (a permutation of the sorted list, new
+// every epoch) and their records numbered 0, 1, 2, ... across files. Rank r of N owns the records
+// whose number is r mod N: every rank reads (decompresses) the files, but parses and tokenizes only
+// its own records, in background threads. A rank packs its documents (each followed by EOS) back
+// to back into rows of seq_len + 1 tokens that overlap by one, like the prepared shards.
+//
+// Resume. The state of a rank is where its next row starts: (epoch, record, offset), offset being
+// the tokens of that record's document already used. Restoring it on the same rank of the same
+// number of ranks gives exactly the same rows again. When the number of ranks changes, every rank
+// of the new run starts at the smallest (epoch, record) of the old ranks' states (see
+// merge_streaming_states): no document is skipped; documents that a rank ahead of the others had
+// already used may be seen a second time (at most about N rows' worth).
+//
+// For large runs on many nodes, prepared shards (data/shards.h) read less: each rank reads only the
+// sequences it trains on, and their order does not depend on the number of ranks.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/loader.h"
+#include "data/reader.h"
+
+namespace coil::data {
+
+struct StreamingOptions {
+  std::vector<std::string> files;
+  ReadOptions read;
+  std::string tokenizer;   // a sentencepiece .model
+  BatchGeometry geometry;  // rows per next() = micro_batch
+  uint64_t seed = 0;
+  int threads = 2;  // tokenizer threads (a reading thread comes on top)
+};
+
+std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options);
+
+// The state every rank of a new run of `world` ranks restores, from the states of all the ranks of
+// the old run (see the resume notes above).
+LoaderState merge_streaming_states(const std::vector<LoaderState>& old_states, int rank, int world);
+
+}  // namespace coil::data

@@ -1,0 +1,833 @@
+// Data: readers, tokenizer, prepared shards, packing, the global order across ranks, resume,
+// streaming and SFT formatting. Tiny hand-made inputs, exact expected values.
+#include <gtest/gtest.h>
+#include <zlib.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <set>
+
+#include "data/loader.h"
+#include "data/reader.h"
+#include "data/sft.h"
+#include "data/shards.h"
+#include "data/streaming.h"
+#include "data/tokenizer.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+using namespace coil::data;
+
+namespace {
+
+// A fresh directory per test.
+class TempDir {
+ public:
+  TempDir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = fs::temp_directory_path() / fmt::format("coil-test-{}-{}-{}", info->test_suite_name(), info->name(), getpid());
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
+  std::string str() const { return path_.string(); }
+
+ private:
+  fs::path path_;
+};
+
+void write_file(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+std::string gzip(const std::string& data) {
+  z_stream z{};
+  deflateInit2(&z, 6, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY);
+  std::string out(deflateBound(&z, data.size()) + 64, '\0');
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+  z.avail_in = static_cast<uInt>(data.size());
+  z.next_out = reinterpret_cast<Bytef*>(out.data());
+  z.avail_out = static_cast<uInt>(out.size());
+  EXPECT_EQ(deflate(&z, Z_FINISH), Z_STREAM_END);
+  out.resize(z.total_out);
+  deflateEnd(&z);
+  return out;
+}
+
+std::string zstd(const std::string& data) {
+  std::string out(ZSTD_compressBound(data.size()), '\0');
+  out.resize(ZSTD_compress(out.data(), out.size(), data.data(), data.size(), 3));
+  return out;
+}
+
+std::vector<std::string> documents(const std::vector<std::string>& files, const ReadOptions& o = {},
+                                   ReadStats* stats = nullptr) {
+  std::vector<std::string> docs;
+  for_each_document(files, o, [&](std::string&& t) { docs.push_back(t); }, stats);
+  return docs;
+}
+
+// Deterministic English-like text: words from a small list, sentences, paragraphs.
+std::string make_text(std::mt19937& rng, int words) {
+  static const char* kWords[] = {"the", "model", "reads", "a", "long", "sequence", "of", "tokens", "and",
+                                 "state", "space", "selective", "scan", "learns", "to", "remember", "what",
+                                 "matters", "in", "text", "data", "from", "web", "pages", "snake", "coil"};
+  static const char* kSyllables[] = {"ka", "lo", "mi", "tren", "sta", "vo", "qui", "zel", "dor", "pha", "un", "ex"};
+  std::string s;
+  for (int i = 0; i < words; ++i) {
+    if (i % 4 == 3) {  // a made-up word, so that there is more to learn than the list
+      for (int k = 0; k < 2 + static_cast<int>(rng() % 3); ++k) s += kSyllables[rng() % 12];
+    } else {
+      s += kWords[rng() % (sizeof kWords / sizeof *kWords)];
+    }
+    s += (i % 13 == 12) ? ".\n" : " ";
+  }
+  return s;
+}
+
+// A tokenizer trained once for all the tests of this file.
+class Corpus : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(fs::temp_directory_path() / fmt::format("coil-test-corpus-{}", getpid()));
+    fs::create_directories(*dir_);
+    std::mt19937 rng(7);
+    std::string jsonl;
+    for (int i = 0; i < 400; ++i) {
+      std::string text = make_text(rng, 20 + static_cast<int>(rng() % 200));
+      if (i % 50 == 0) text += " héllo wörld ✓ 日本語\ttab";
+      jsonl += nlohmann_escape(text);
+    }
+    write_file(*dir_ + "/corpus.jsonl", jsonl);
+    TokenizerTrainOptions o;
+    o.inputs = {*dir_ + "/corpus.jsonl"};
+    o.output_prefix = *dir_ + "/tok";
+    o.vocab_size = 400;
+    o.threads = 2;
+    train_tokenizer(o);
+    tokenizer_ = new Tokenizer(*dir_ + "/tok.model");
+  }
+  static void TearDownTestSuite() {
+    delete tokenizer_;
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+  static std::string nlohmann_escape(const std::string& text) {
+    std::string out = "{\"text\": \"";
+    for (char c : text) {
+      if (c == '"' || c == '\\') out += '\\', out += c;
+      else if (c == '\n') out += "\\n";
+      else if (c == '\t') out += "\\t";
+      else out += c;
+    }
+    return out + "\", \"id\": 1}\n";
+  }
+  static std::string* dir_;
+  static Tokenizer* tokenizer_;
+};
+std::string* Corpus::dir_ = nullptr;
+Tokenizer* Corpus::tokenizer_ = nullptr;
+
+// Writes a prepared data set in the documented format (data/shards.h) from token ids.
+void write_shards(const std::string& dir, const std::vector<std::vector<int32_t>>& docs, int32_t eos,
+                  int64_t docs_per_shard) {
+  fs::create_directories(dir);
+  std::string shards;
+  int64_t total = 0;
+  int n = 0;
+  for (size_t first = 0; first < docs.size(); first += static_cast<size_t>(docs_per_shard), ++n) {
+    std::vector<uint16_t> tokens;
+    std::vector<uint64_t> offsets{0};
+    for (size_t d = first; d < std::min(docs.size(), first + static_cast<size_t>(docs_per_shard)); ++d) {
+      tokens.insert(tokens.end(), docs[d].begin(), docs[d].end());
+      tokens.push_back(static_cast<uint16_t>(eos));
+      offsets.push_back(tokens.size());
+    }
+    write_file(fmt::format("{}/t{}.bin", dir, n), std::string(reinterpret_cast<char*>(tokens.data()), tokens.size() * 2));
+    write_file(fmt::format("{}/t{}.idx", dir, n), std::string(reinterpret_cast<char*>(offsets.data()), offsets.size() * 8));
+    shards += fmt::format("{}{{\"tokens_file\": \"t{}.bin\", \"index_file\": \"t{}.idx\", \"tokens\": {}, \"documents\": {}}}",
+                          n ? ", " : "", n, n, tokens.size(), offsets.size() - 1);
+    total += static_cast<int64_t>(tokens.size());
+  }
+  write_file(dir + "/manifest.json",
+             fmt::format("{{\"format\": \"coil.tokens\", \"version\": 1, \"dtype\": \"uint16\", \"eos_id\": {}, "
+                         "\"vocab_size\": 1000, \"tokenizer\": {{\"file\": \"x\", \"sha256\": \"abc\"}}, \"tokens\": {}, "
+                         "\"documents\": {}, \"shards\": [{}], \"inputs\": []}}",
+                         eos, total, docs.size(), shards));
+}
+
+std::vector<int32_t> row(const Batch& b, int64_t r) {
+  return {b.tokens.begin() + r * b.cols, b.tokens.begin() + (r + 1) * b.cols};
+}
+
+}  // namespace
+
+// ---- Readers --------------------------------------------------------------------------------------
+
+TEST(Reader, JsonlPlainGzipAndZstdGiveTheSameDocuments) {
+  TempDir dir;
+  const std::string jsonl =
+      "{\"text\": \"first doc\", \"id\": 1}\n"
+      "{\"text\": \"second\\nwith a newline\", \"url\": \"x\"}\r\n"
+      "\n"
+      "{\"text\": \"\"}\n"
+      "{\"text\": \"last line, no newline\"}";
+  write_file(dir / "a.jsonl", jsonl);
+  write_file(dir / "a.jsonl.gz", gzip(jsonl.substr(0, 40)) + gzip(jsonl.substr(40)));  // two gzip members
+  write_file(dir / "a.jsonl.zst", zstd(jsonl));
+  const std::vector<std::string> expected = {"first doc", "second\nwith a newline", "last line, no newline"};
+  for (const char* name : {"a.jsonl", "a.jsonl.gz", "a.jsonl.zst"}) {
+    ReadStats stats;
+    ::testing::internal::CaptureStderr();
+    EXPECT_EQ(documents({dir / name}, {}, &stats), expected) << name;
+    const std::string err = ::testing::internal::GetCapturedStderr();
+    EXPECT_EQ(stats.records, 5);
+    EXPECT_EQ(stats.documents, 3);
+    EXPECT_EQ(stats.empty, 1);
+    EXPECT_EQ(stats.malformed, 1);  // the blank line is not JSON
+    EXPECT_NE(err.find(std::string(name) + ":3: skipped"), std::string::npos) << err;
+  }
+}
+
+TEST(Reader, TextFieldIsConfigurable) {
+  TempDir dir;
+  write_file(dir / "a.jsonl", "{\"content\": \"abc\", \"text\": 5}\n");
+  ReadOptions o;
+  o.text_field = "content";
+  EXPECT_EQ(documents({dir / "a.jsonl"}, o), std::vector<std::string>{"abc"});
+}
+
+TEST(Reader, MalformedRecordsAreCountedThenFatalPastTheLimit) {
+  TempDir dir;
+  write_file(dir / "bad.jsonl",
+             "{\"text\": \"ok\"}\n"
+             "{\"text\": \"unterminated}\n"
+             "[1, 2]\n"
+             "{\"body\": \"no text field\"}\n"
+             "{\"text\": 42}\n"
+             "{\"text\": \"bad \xff utf8\"}\n"
+             "{\"text\": \"ok again\"}\n");
+  ReadStats stats;
+  ReadOptions o;
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(documents({dir / "bad.jsonl"}, o, &stats), (std::vector<std::string>{"ok", "ok again"}));
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(stats.malformed, 5);
+  for (int line : {2, 3, 4, 5, 6}) EXPECT_NE(err.find(fmt::format("bad.jsonl:{}: skipped", line)), std::string::npos) << err;
+  EXPECT_NE(err.find("no \"text\" field"), std::string::npos);
+  EXPECT_NE(err.find("UTF-8"), std::string::npos) << err;
+
+  o.max_bad_records = 2;
+  ::testing::internal::CaptureStderr();
+  try {
+    documents({dir / "bad.jsonl"}, o);
+    FAIL() << "expected an error";
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bad.jsonl:4:"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("more than 2 malformed"), std::string::npos) << e.what();
+  }
+  ::testing::internal::GetCapturedStderr();
+  o.max_bad_records = 0;
+  EXPECT_THROW(documents({dir / "bad.jsonl"}, o), coil::Error);
+}
+
+TEST(Reader, OverlongLinesAreSkippedWithoutBufferingThem) {
+  TempDir dir;
+  // A 100 MB line between two good ones, read with the default limit (64 MiB).
+  {
+    std::ofstream f(dir / "big.jsonl", std::ios::binary);
+    f << "{\"text\": \"before\"}\n{\"text\": \"";
+    std::string mb(1 << 20, 'x');
+    for (int i = 0; i < 100; ++i) f << mb;
+    f << "\"}\n{\"text\": \"after\"}\n";
+  }
+  ReadStats stats;
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(documents({dir / "big.jsonl"}, {}, &stats), (std::vector<std::string>{"before", "after"}));
+  EXPECT_NE(::testing::internal::GetCapturedStderr().find("big.jsonl:2: skipped: record longer than"), std::string::npos);
+  EXPECT_EQ(stats.too_long, 1);
+  fs::remove(dir / "big.jsonl");
+  // A small limit, and a text file (one record) past it.
+  ReadOptions o;
+  o.max_record_bytes = 10;
+  write_file(dir / "a.txt", "more than ten bytes");
+  stats = {};
+  ::testing::internal::CaptureStderr();
+  EXPECT_TRUE(documents({dir / "a.txt"}, o, &stats).empty());
+  ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(stats.too_long, 1);
+}
+
+TEST(Reader, TruncatedOrCorruptCompressedFilesAreErrors) {
+  TempDir dir;
+  std::string jsonl;
+  for (int i = 0; i < 2000; ++i) jsonl += fmt::format("{{\"text\": \"document number {}\"}}\n", i);
+  const std::string gz = gzip(jsonl), zs = zstd(jsonl);
+  write_file(dir / "t.jsonl.gz", gz.substr(0, gz.size() / 2));
+  write_file(dir / "t.jsonl.zst", zs.substr(0, zs.size() / 2));
+  std::string bad = zs;
+  bad[0] ^= 0x5a;  // not a zstd frame
+  write_file(dir / "c.jsonl.zst", bad);
+  write_file(dir / "n.jsonl.gz", "this is not gzip at all");
+  auto message = [&](const std::string& name) {
+    try {
+      documents({dir / name});
+    } catch (const coil::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  ::testing::internal::CaptureStderr();
+  EXPECT_NE(message("t.jsonl.gz").find("t.jsonl.gz: truncated gzip"), std::string::npos) << message("t.jsonl.gz");
+  EXPECT_NE(message("t.jsonl.zst").find("t.jsonl.zst: truncated zstd"), std::string::npos) << message("t.jsonl.zst");
+  EXPECT_NE(message("c.jsonl.zst").find("c.jsonl.zst: corrupt zstd"), std::string::npos) << message("c.jsonl.zst");
+  EXPECT_NE(message("n.jsonl.gz").find("n.jsonl.gz: corrupt gzip"), std::string::npos) << message("n.jsonl.gz");
+  ::testing::internal::GetCapturedStderr();
+}
+
+TEST(Reader, PlainTextIsOneDocumentAndMustBeUtf8) {
+  TempDir dir;
+  write_file(dir / "a.txt", "line one\n\nline two\n");
+  write_file(dir / "b.md", "bad \xc3\x28 byte");
+  write_file(dir / "c.txt", "");
+  ReadStats stats;
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(documents({dir / "a.txt", dir / "b.md", dir / "c.txt"}, {}, &stats),
+            std::vector<std::string>{"line one\n\nline two\n"});
+  EXPECT_NE(::testing::internal::GetCapturedStderr().find("b.md:1: skipped: invalid UTF-8 at byte 4"), std::string::npos);
+  EXPECT_EQ(stats.malformed, 1);
+  EXPECT_EQ(stats.empty, 1);
+}
+
+TEST(Reader, Utf8Validation) {
+  size_t at = 0;
+  EXPECT_TRUE(valid_utf8("plain ascii"));
+  EXPECT_TRUE(valid_utf8("h\xc3\xa9 \xe2\x9c\x93 \xf0\x9f\x90\x8d"));
+  EXPECT_FALSE(valid_utf8("ab\xc0\xaf", &at));  // overlong '/'
+  EXPECT_EQ(at, 2u);
+  EXPECT_FALSE(valid_utf8("\xed\xa0\x80"));     // a surrogate
+  EXPECT_FALSE(valid_utf8("\xf4\x90\x80\x80"));  // past U+10FFFF
+  EXPECT_FALSE(valid_utf8("abc\xe2\x9c", &at));   // cut short
+  EXPECT_EQ(at, 3u);
+}
+
+TEST(Reader, AlpacaJsonArrayAndJsonlAgree) {
+  TempDir dir;
+  write_file(dir / "a.json",
+             "[\n {\"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"Hi!\"},\n"
+             " {\"instruction\": \"Add.\", \"input\": \"2 and 3\", \"output\": \"5\"},\n"
+             " {\"instruction\": \"No input field.\", \"output\": \"Fine.\"}\n]\n");
+  write_file(dir / "a.jsonl",
+             "{\"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"Hi!\"}\n"
+             "{\"instruction\": \"Add.\", \"input\": \"2 and 3\", \"output\": \"5\"}\n"
+             "{\"instruction\": \"No input field.\", \"output\": \"Fine.\"}\n"
+             "{\"instruction\": \"No output.\"}\n");
+  ReadStats s1, s2;
+  auto a = read_alpaca({dir / "a.json"}, {}, &s1);
+  ::testing::internal::CaptureStderr();
+  auto b = read_alpaca({dir / "a.jsonl"}, {}, &s2);
+  EXPECT_NE(::testing::internal::GetCapturedStderr().find("a.jsonl:4: skipped: no \"output\" field"), std::string::npos);
+  ASSERT_EQ(a.size(), 3u);
+  ASSERT_EQ(b.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(a[i].instruction, b[i].instruction);
+    EXPECT_EQ(a[i].input, b[i].input);
+    EXPECT_EQ(a[i].output, b[i].output);
+  }
+  EXPECT_EQ(a[1].input, "2 and 3");
+  EXPECT_EQ(a[2].input, "");
+  EXPECT_EQ(s2.malformed, 1);
+  write_file(dir / "broken.json", "[\n{\"instruction\": \"x\", \"output\": \"y\"},\n{oops}\n]");
+  try {
+    read_alpaca({dir / "broken.json"}, {});
+    FAIL();
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("broken.json:3: not a valid JSON array"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Reader, ExpandInputs) {
+  TempDir dir;
+  fs::create_directories(dir / "sub");
+  for (const char* n : {"b.jsonl", "a.jsonl", "c.txt", "sub/z.jsonl"}) write_file(dir / n, "{}");
+  EXPECT_EQ(expand_inputs(dir / "*.jsonl"), (std::vector<std::string>{dir / "a.jsonl", dir / "b.jsonl"}));
+  EXPECT_EQ(expand_inputs(dir / "c.txt," + dir / "sub"), (std::vector<std::string>{dir / "c.txt", dir / "sub/z.jsonl"}));
+  try {
+    expand_inputs(dir / "*.parquet");
+    FAIL();
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no file matches"), std::string::npos);
+  }
+  try {
+    expand_inputs(dir / "missing.jsonl");
+    FAIL();
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no such file: " + dir / "missing.jsonl"), std::string::npos);
+  }
+  EXPECT_THROW(expand_inputs(""), coil::Error);
+}
+
+// ---- Tokenizer ------------------------------------------------------------------------------------
+
+TEST_F(Corpus, TokenizerIsLosslessWithFixedSpecialTokens) {
+  const Tokenizer& t = *tokenizer_;
+  EXPECT_EQ(t.vocab_size(), 400);
+  EXPECT_EQ(t.piece(0), "<unk>");
+  EXPECT_EQ(t.piece(1), "<s>");
+  EXPECT_EQ(t.piece(2), "</s>");
+  EXPECT_EQ(t.piece(3), "<pad>");
+  EXPECT_EQ(t.eos(), 2);
+  EXPECT_EQ(t.pad(), 3);
+  for (const std::string& text : {std::string("the model reads  a long\n\nsequence"), std::string("  leading spaces"),
+                                  std::string("Ünïcödé → 🐍 and \t tabs\r\n"), std::string("never seen: ЖЖЖ qqq 12345")}) {
+    std::vector<int32_t> ids = t.encode(text);
+    EXPECT_EQ(t.decode(ids), text);
+    for (int32_t id : ids) EXPECT_NE(id, 0) << "byte fallback means no <unk>";
+  }
+  // The markers of the SFT template are single tokens.
+  for (const std::string& m : sft_markers()) EXPECT_EQ(t.encode(m).size(), 1u) << m;
+  EXPECT_EQ(t.sha256(), sha256_file(*dir_ + "/tok.model"));
+  EXPECT_EQ(t.sha256().size(), 64u);
+}
+
+TEST_F(Corpus, BpeTrainsTooAndBadSettingsAreErrors) {
+  TempDir dir;
+  TokenizerTrainOptions o;
+  o.inputs = {*dir_ + "/corpus.jsonl"};
+  o.output_prefix = dir / "bpe";
+  o.vocab_size = 350;
+  o.model_type = "bpe";
+  o.threads = 2;
+  train_tokenizer(o);
+  Tokenizer bpe(dir / "bpe.model");
+  EXPECT_EQ(bpe.vocab_size(), 350);
+  EXPECT_EQ(bpe.decode(bpe.encode("the selective scan ✓")), "the selective scan ✓");
+  o.model_type = "wordpiece";
+  EXPECT_THROW(train_tokenizer(o), coil::Error);
+  o.model_type = "unigram";
+  o.vocab_size = 100;
+  EXPECT_THROW(train_tokenizer(o), coil::Error);
+  write_file(dir / "empty.jsonl", "{\"text\": \"\"}\n");
+  o.vocab_size = 400;
+  o.inputs = {dir / "empty.jsonl"};
+  EXPECT_THROW(train_tokenizer(o), coil::Error);
+  EXPECT_FALSE(fs::exists(dir / "bpe.tmp.model"));
+  EXPECT_THROW(Tokenizer(dir / "nope.model"), coil::Error);
+  write_file(dir / "junk.model", "not a model");
+  EXPECT_THROW(Tokenizer(dir / "junk.model"), coil::Error);
+}
+
+TEST(Tokenizer, VocabularyMustFitTheModel) {
+  EXPECT_NO_THROW(check_vocab_fits(32000, 32000, "t.model"));
+  try {
+    check_vocab_fits(50280, 32000, "t.model");
+    FAIL();
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t.model has 50280 ids but the model's vocabulary has 32000"), std::string::npos);
+  }
+}
+
+// ---- Prepared shards and packing ------------------------------------------------------------------
+
+TEST(Shards, PackingIsExactAcrossShardBoundaries) {
+  TempDir dir;
+  // Documents 10 11 12 | 20 21 | 30 31 32 33, EOS = 2: the stream is
+  // 10 11 12 2 20 21 2 30 31 32 33 2, cut into rows of 5 that overlap by one.
+  for (int64_t per_shard : {1, 2, 3}) {
+    const std::string d = dir / fmt::format("s{}", per_shard);
+    write_shards(d, {{10, 11, 12}, {20, 21}, {30, 31, 32, 33}}, 2, per_shard);
+    auto shards = std::make_shared<TokenShards>(d);
+    EXPECT_EQ(shards->tokens(), 12);
+    EXPECT_EQ(shards->documents(), 3);
+    EXPECT_EQ(shards->document(1), (std::vector<int32_t>{20, 21}));
+    EXPECT_EQ(shards->document(2), (std::vector<int32_t>{30, 31, 32, 33}));
+    PackedSamples samples(shards, 4);
+    ASSERT_EQ(samples.size(), 2);  // (12 - 1) / 4
+    std::vector<int32_t> s(5);
+    samples.fill(0, s.data(), nullptr);
+    EXPECT_EQ(s, (std::vector<int32_t>{10, 11, 12, 2, 20}));
+    samples.fill(1, s.data(), nullptr);
+    EXPECT_EQ(s, (std::vector<int32_t>{20, 21, 2, 30, 31}));
+    PackedSamples long_rows(shards, 11);
+    ASSERT_EQ(long_rows.size(), 1);
+    std::vector<int32_t> all(12);
+    long_rows.fill(0, all.data(), nullptr);
+    EXPECT_EQ(all, (std::vector<int32_t>{10, 11, 12, 2, 20, 21, 2, 30, 31, 32, 33, 2}));
+    EXPECT_THROW(PackedSamples(shards, 12), coil::Error);  // not one whole row
+  }
+}
+
+TEST(Shards, DamagedDataSetsAreErrors) {
+  TempDir dir;
+  write_shards(dir / "ok", {{5, 6, 7}, {8}}, 2, 1);
+  write_file(dir / "ok/t1.bin", "x");  // the second shard cut short
+  try {
+    TokenShards s(dir / "ok");
+    FAIL();
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t1.bin holds 1 bytes, its manifest says 4"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(TokenShards(dir / "missing"), coil::Error);
+  fs::create_directories(dir / "bad");
+  write_file(dir / "bad/manifest.json", "{\"format\": \"something else\"}");
+  EXPECT_THROW(TokenShards(dir / "bad"), coil::Error);
+}
+
+TEST_F(Corpus, PrepareIsDeterministicAndMatchesTheTokenizer) {
+  TempDir dir;
+  write_file(dir / "b.jsonl.zst", zstd("{\"text\": \"the scan\"}\n{\"text\": \"\"}\n{\"text\": \"a coil\"}\n"));
+  PrepareOptions o;
+  o.inputs = {*dir_ + "/corpus.jsonl", dir / "b.jsonl.zst"};
+  o.tokenizer = *dir_ + "/tok.model";
+  o.shard_tokens = 5000;
+  o.threads = 1;
+  o.output = dir / "one";
+  PrepareResult r1 = prepare_shards(o);
+  o.threads = 3;
+  o.output = dir / "three";
+  PrepareResult r3 = prepare_shards(o);
+  EXPECT_GT(r1.shards, 2);
+  EXPECT_EQ(r1.shards, r3.shards);
+  EXPECT_EQ(r1.stats.empty, 1);
+  for (const auto& e : fs::directory_iterator(dir / "one"))
+    EXPECT_EQ(read_bytes(e.path().string()), read_bytes(dir / "three/" + e.path().filename().string())) << e.path();
+  // The documents are the inputs' documents, tokenized, in order; every one followed by EOS.
+  std::vector<std::string> docs = documents(o.inputs);
+  TokenShards shards(dir / "one");
+  ASSERT_EQ(shards.documents(), static_cast<int64_t>(docs.size()));
+  int64_t tokens = 0;
+  for (size_t i = 0; i < docs.size(); ++i) {
+    std::vector<int32_t> expected = tokenizer_->encode(docs[i]);
+    EXPECT_EQ(shards.document(static_cast<int64_t>(i)), expected) << i;
+    tokens += static_cast<int64_t>(expected.size()) + 1;
+  }
+  EXPECT_EQ(shards.tokens(), tokens);
+  EXPECT_EQ(shards.tokenizer_sha256(), tokenizer_->sha256());
+  std::vector<int32_t> last(2);
+  shards.read(shards.tokens() - 2, 2, last.data());
+  EXPECT_EQ(last, (std::vector<int32_t>{tokenizer_->encode("a coil").back(), 2}));
+  // A second prepare into the same place needs --force, and then gives the same files.
+  EXPECT_THROW(prepare_shards(o), coil::Error);
+  o.force = true;
+  prepare_shards(o);
+  EXPECT_EQ(read_bytes(dir / "one/manifest.json"), read_bytes(dir / "three/manifest.json"));
+  // No document at all is an error.
+  write_file(dir / "empty.jsonl", "{\"text\": \"\"}\n");
+  o.inputs = {dir / "empty.jsonl"};
+  o.output = dir / "none";
+  EXPECT_THROW(prepare_shards(o), coil::Error);
+}
+
+// ---- The global order -----------------------------------------------------------------------------
+
+TEST(Order, PermutationIsABijection) {
+  for (uint64_t n : {1ull, 2ull, 3ull, 5ull, 16ull, 17ull, 100ull, 1000ull, 4097ull, 65537ull}) {
+    for (uint64_t key : {0ull, 1ull, 12345ull}) {
+      Permutation p(n, key);
+      std::vector<uint8_t> seen(n, 0);
+      for (uint64_t i = 0; i < n; ++i) {
+        uint64_t v = p(i);
+        ASSERT_LT(v, n);
+        ASSERT_FALSE(seen[v]) << "n=" << n;
+        seen[v] = 1;
+      }
+    }
+  }
+  // Different keys give different orders, and the order is not the identity.
+  Permutation a(1000, 1), b(1000, 2);
+  int same = 0, fixed = 0;
+  for (uint64_t i = 0; i < 1000; ++i) same += a(i) == b(i), fixed += a(i) == i;
+  EXPECT_LT(same, 20);
+  EXPECT_LT(fixed, 20);
+  EXPECT_THROW(Permutation(0, 1), coil::Error);
+}
+
+namespace {
+
+// 40 documents of distinct tokens: 100 + 10 * d + j.
+std::shared_ptr<const PackedSamples> small_samples(const std::string& dir, int64_t seq_len) {
+  std::vector<std::vector<int32_t>> docs;
+  for (int d = 0; d < 40; ++d) {
+    std::vector<int32_t> doc;
+    for (int j = 0; j < 1 + d % 7; ++j) doc.push_back(100 + 10 * d + j);
+    docs.push_back(doc);
+  }
+  write_shards(dir, docs, 2, 9);
+  return std::make_shared<PackedSamples>(std::make_shared<TokenShards>(dir), seq_len);
+}
+
+// What all ranks of a world read at `steps` steps, put back together in rank order.
+std::vector<Batch> run_world(std::shared_ptr<const SampleSource> source, int world, int64_t global, int64_t micro,
+                             int64_t steps, uint64_t seed, const LoaderState* from = nullptr) {
+  std::vector<std::unique_ptr<Loader>> loaders;
+  for (int r = 0; r < world; ++r) {
+    BatchGeometry g{source->cols() - 1, global, micro, r, world};
+    loaders.push_back(make_indexed_loader(source, g, seed, r % 2 ? 0 : 3));
+    if (from) loaders.back()->restore(*from);
+  }
+  std::vector<Batch> out;
+  for (int64_t s = 0; s < steps; ++s) {
+    Batch all;
+    all.cols = source->cols();
+    for (auto& l : loaders)
+      for (int64_t m = 0; m < global / world / micro; ++m) {
+        Batch b = l->next();
+        all.rows += b.rows;
+        all.tokens.insert(all.tokens.end(), b.tokens.begin(), b.tokens.end());
+        all.mask.insert(all.mask.end(), b.mask.begin(), b.mask.end());
+      }
+    out.push_back(std::move(all));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(Order, GlobalBatchIsTheSameForAnyNumberOfRanks) {
+  TempDir dir;
+  auto source = small_samples(dir / "d", 6);
+  ASSERT_GT(source->size(), 20);
+  const int64_t global = 12, steps = 2 * source->size() / global + 2;  // past two epochs
+  const std::pair<int, int64_t> worlds[] = {{1, 4}, {2, 3}, {3, 2}, {4, 3}};
+  std::vector<Batch> reference;
+  for (int64_t s = 0; s < steps; ++s) reference.push_back(global_batch(*source, global, 42, s));
+  for (auto [world, micro] : worlds) {
+    std::vector<Batch> got = run_world(source, world, global, micro, steps, 42);
+    for (int64_t s = 0; s < steps; ++s) EXPECT_EQ(got[s].tokens, reference[s].tokens) << "world " << world << " step " << s;
+  }
+  // Each epoch visits every sample exactly once, in an order that changes with the epoch and seed.
+  const int64_t S = source->size();
+  std::vector<int32_t> tokens(static_cast<size_t>(source->cols()));
+  std::map<std::vector<int32_t>, int64_t> index_of;  // the samples are distinct here
+  for (int64_t i = 0; i < S; ++i) {
+    source->fill(i, tokens.data(), nullptr);
+    index_of[tokens] = i;
+  }
+  ASSERT_EQ(static_cast<int64_t>(index_of.size()), S);
+  std::vector<int64_t> epoch0, epoch1;
+  for (int64_t g = 0; g < 2 * S; ++g) {
+    Batch b = global_batch(*source, 1, 42, g);
+    (g < S ? epoch0 : epoch1).push_back(index_of.at(b.tokens));
+  }
+  std::vector<int64_t> sorted0 = epoch0, sorted1 = epoch1, all(static_cast<size_t>(S));
+  std::sort(sorted0.begin(), sorted0.end());
+  std::sort(sorted1.begin(), sorted1.end());
+  std::iota(all.begin(), all.end(), 0);
+  EXPECT_EQ(sorted0, all);
+  EXPECT_EQ(sorted1, all);
+  EXPECT_NE(epoch0, epoch1);
+  EXPECT_NE(global_batch(*source, global, 42, 0).tokens, global_batch(*source, global, 43, 0).tokens);
+}
+
+TEST(Order, ResumeGivesTheSameBatchesOnAnyNumberOfRanks) {
+  TempDir dir;
+  auto source = small_samples(dir / "d", 5);
+  const int64_t global = 6;
+  std::vector<Batch> straight = run_world(source, 2, global, 1, 10, 7);
+  // Stop after 4 steps, save, restore (as JSON) on 1, 2 and 3 ranks.
+  BatchGeometry g{5, global, 1, 0, 2};
+  auto loader = make_indexed_loader(source, g, 7);
+  for (int i = 0; i < 4 * 3; ++i) loader->next();
+  LoaderState saved = LoaderState::from_json(loader->state().to_json());
+  EXPECT_EQ(saved, loader->state());
+  EXPECT_EQ(saved.next_sample, 4 * global);
+  for (auto [world, micro] : {std::pair<int, int64_t>{1, 2}, {2, 1}, {3, 2}}) {
+    std::vector<Batch> resumed = run_world(source, world, global, micro, 6, 0 /* the state's seed wins */, &saved);
+    for (int s = 0; s < 6; ++s) EXPECT_EQ(resumed[s].tokens, straight[4 + s].tokens) << "world " << world;
+  }
+  // The state exists at step boundaries only, and belongs to its data.
+  loader->next();
+  EXPECT_THROW(loader->state(), coil::Error);
+  auto other = small_samples(dir / "e", 4);
+  auto wrong = make_indexed_loader(other, BatchGeometry{4, global, 1, 0, 1}, 7);
+  EXPECT_THROW(wrong->restore(saved), coil::Error);
+  EXPECT_THROW(LoaderState::from_json("{\"kind\": 1}"), coil::Error);
+  EXPECT_THROW(make_indexed_loader(source, BatchGeometry{5, 7, 2, 0, 2}, 7), coil::Error);  // 7 % 4
+}
+
+// ---- SFT ------------------------------------------------------------------------------------------
+
+TEST_F(Corpus, SftTemplateAndMaskAreExact) {
+  AlpacaExample with{"Add the numbers.", "2 and 3", "The sum is 5."};
+  AlpacaExample without{"Name a snake.", "", "A coil."};
+  EXPECT_EQ(alpaca_prompt(with),
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
+            "### Input:\n2 and 3\n\n### Response:\n");
+  EXPECT_EQ(alpaca_prompt(without),
+            "Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\nName a snake.\n\n### Response:\n");
+  const Tokenizer& t = *tokenizer_;
+  for (const AlpacaExample& ex : {with, without}) {
+    const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
+    const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
+    // Room for everything and padding.
+    SftSample s;
+    ASSERT_TRUE(make_sft_sample(t, ex, p + n + 4, s));
+    ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 5);
+    for (int64_t i = 0; i < p + n + 5; ++i) {
+      const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : i == p + n ? t.eos() : t.pad();
+      EXPECT_EQ(s.tokens[i], expected) << i;
+      EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;  // the response and its EOS
+    }
+    // Cut inside the response: the prompt and the start of the response stay.
+    ASSERT_TRUE(make_sft_sample(t, ex, p, s));  // p + 1 tokens: one response token
+    EXPECT_EQ(std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + p), prompt);
+    EXPECT_EQ(s.tokens[p], response[0]);
+    EXPECT_EQ(std::count(s.mask.begin(), s.mask.end(), 1), 1);
+    EXPECT_EQ(s.mask[p], 1);
+    // No room for a response token: dropped.
+    EXPECT_FALSE(make_sft_sample(t, ex, p - 1, s));
+  }
+}
+
+TEST_F(Corpus, SftDatasetDropsAndCountsAndOrdersIndependentlyOfRanks) {
+  TempDir dir;
+  std::string jsonl;
+  for (int i = 0; i < 30; ++i)
+    jsonl += fmt::format("{{\"instruction\": \"Say {}.\", \"input\": \"{}\", \"output\": \"the model {}\"}}\n", i,
+                         i % 3 == 0 ? std::string(i * 40, 'x') : "", i);
+  write_file(dir / "sft.jsonl", jsonl);
+  const int64_t seq_len = 120;
+  auto ds = std::make_shared<SftDataset>(std::vector<std::string>{dir / "sft.jsonl"}, *tokenizer_, seq_len, ReadOptions{}, 2);
+  int expected_dropped = 0;
+  for (int i = 0; i < 30; ++i) {
+    SftSample s;
+    AlpacaExample ex{fmt::format("Say {}.", i), i % 3 == 0 ? std::string(i * 40, 'x') : "", fmt::format("the model {}", i)};
+    expected_dropped += !make_sft_sample(*tokenizer_, ex, seq_len, s);
+  }
+  EXPECT_GT(expected_dropped, 0);
+  EXPECT_EQ(ds->dropped(), expected_dropped);
+  EXPECT_EQ(ds->size(), 30 - expected_dropped);
+  std::vector<Batch> one = run_world(ds, 1, 4, 2, 12, 3), three = run_world(ds, 2, 4, 1, 12, 3);
+  for (int s = 0; s < 12; ++s) {
+    EXPECT_EQ(one[s].tokens, three[s].tokens);
+    EXPECT_EQ(one[s].mask, three[s].mask);
+    EXPECT_EQ(one[s].mask.size(), one[s].tokens.size());
+  }
+}
+
+// ---- Streaming ------------------------------------------------------------------------------------
+
+namespace {
+
+std::vector<std::vector<int32_t>> drain(Loader& l, int batches) {
+  std::vector<std::vector<int32_t>> rows;
+  for (int i = 0; i < batches; ++i) {
+    Batch b = l.next();
+    for (int64_t r = 0; r < b.rows; ++r) rows.push_back(row(b, r));
+  }
+  return rows;
+}
+
+}  // namespace
+
+TEST_F(Corpus, StreamingPacksThisRanksRecordsAndResumesExactly) {
+  TempDir dir;
+  // One file: the order of files plays no part, and rank r's records are r, r + N, ...
+  std::vector<std::string> texts;
+  std::mt19937 rng(3);
+  std::string jsonl;
+  for (int i = 0; i < 60; ++i) {
+    texts.push_back(make_text(rng, 3 + static_cast<int>(rng() % 30)));
+    jsonl += Corpus::nlohmann_escape(texts.back());
+  }
+  write_file(dir / "s.jsonl.zst", zstd(jsonl));
+  const int64_t L = 16;
+  for (int world : {1, 3}) {
+    for (int rank = 0; rank < world; ++rank) {
+      StreamingOptions o;
+      o.files = {dir / "s.jsonl.zst"};
+      o.tokenizer = *dir_ + "/tok.model";
+      o.geometry = BatchGeometry{L, 2 * world, 2, rank, world};
+      o.threads = 1 + rank % 2;
+      auto loader = make_streaming_loader(o);
+      std::vector<std::vector<int32_t>> rows = drain(*loader, 5);
+      // The expected stream: this rank's documents with their EOS, rows overlapping by one.
+      std::vector<int32_t> stream;
+      for (size_t i = static_cast<size_t>(rank); stream.size() < 10 * L + 1; i += static_cast<size_t>(world)) {
+        std::vector<int32_t> ids = tokenizer_->encode(texts[i % texts.size()]);
+        stream.insert(stream.end(), ids.begin(), ids.end());
+        stream.push_back(2);
+      }
+      for (size_t r = 0; r < rows.size(); ++r)
+        EXPECT_EQ(rows[r], std::vector<int32_t>(stream.begin() + r * L, stream.begin() + r * L + L + 1))
+            << "world " << world << " rank " << rank << " row " << r;
+      // Resume from the state after 5 batches: the next batches are those of an unbroken run.
+      LoaderState saved = LoaderState::from_json(loader->state().to_json());
+      std::vector<std::vector<int32_t>> more = drain(*loader, 40);  // wraps into the next epochs
+      o.threads = 2;
+      auto resumed = make_streaming_loader(o);
+      resumed->restore(saved);
+      EXPECT_EQ(drain(*resumed, 40), more) << "world " << world << " rank " << rank;
+    }
+  }
+}
+
+TEST_F(Corpus, StreamingAcrossWorldSizesSkipsNoDocument) {
+  TempDir dir;
+  std::string a, b;
+  for (int i = 0; i < 50; ++i) (i < 25 ? a : b) += fmt::format("{{\"text\": \"the model {}\"}}\n", i);
+  write_file(dir / "a.jsonl", a);
+  write_file(dir / "b.jsonl", b);
+  std::vector<LoaderState> states;
+  for (int rank = 0; rank < 2; ++rank) {
+    StreamingOptions o;
+    o.files = {dir / "a.jsonl", dir / "b.jsonl"};
+    o.tokenizer = *dir_ + "/tok.model";
+    o.geometry = BatchGeometry{8, 2, 1, rank, 2};
+    auto l = make_streaming_loader(o);
+    drain(*l, 3 + rank * 2);  // rank 1 is further on
+    states.push_back(l->state());
+  }
+  LoaderState merged = merge_streaming_states(states, 2, 3);
+  EXPECT_EQ(merged.world, 3);
+  EXPECT_EQ(merged.rank, 2);
+  EXPECT_EQ(merged.offset, 0);
+  EXPECT_EQ(merged.record, std::min(states[0].record, states[1].record));
+  EXPECT_LE(merged.record, std::max(states[0].record, states[1].record));
+  // The merged state restores on the new world; the old one does not.
+  StreamingOptions o;
+  o.files = {dir / "a.jsonl", dir / "b.jsonl"};
+  o.tokenizer = *dir_ + "/tok.model";
+  o.geometry = BatchGeometry{8, 3, 1, 2, 3};
+  auto l = make_streaming_loader(o);
+  EXPECT_THROW(l->restore(states[0]), coil::Error);
+  l->restore(merged);
+  EXPECT_EQ(l->next().rows, 1);
+}
+
+TEST_F(Corpus, StreamingReportsBadFilesInsteadOfHanging) {
+  TempDir dir;
+  std::string jsonl;
+  for (int i = 0; i < 3000; ++i) jsonl += fmt::format("{{\"text\": \"document {}\"}}\n", i);
+  const std::string zs = zstd(jsonl);
+  write_file(dir / "t.jsonl.zst", zs.substr(0, zs.size() - 10));
+  StreamingOptions o;
+  o.files = {dir / "t.jsonl.zst"};
+  o.tokenizer = *dir_ + "/tok.model";
+  o.geometry = BatchGeometry{64, 4, 4, 0, 1};
+  auto l = make_streaming_loader(o);
+  try {
+    for (int i = 0; i < 1000; ++i) l->next();
+    FAIL() << "expected an error";
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("truncated zstd"), std::string::npos) << e.what();
+  }
+  // Nothing usable at all: an error after one pass, not an endless loop.
+  write_file(dir / "empty.jsonl", "{\"text\": \"\"}\n{\"text\": \"\"}\n");
+  o.files = {dir / "empty.jsonl"};
+  auto e = make_streaming_loader(o);
+  EXPECT_THROW(e->next(), coil::Error);
+}
