@@ -39,8 +39,45 @@ echo '{"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_
 expect bad_config 1 "config.json: model config: vocab_size must be positive, got 0" -- model --hf "$tmp/hf"
 expect bad_option 2 "coil: error: Could not convert: --batch = x" -- model --smoke-steps 1 --batch x
 expect no_command 2 "coil: error: A subcommand is required" --
-expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: model" -- bogus
+expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: model, tokenizer, data" -- bogus
 expect smoke 0 "smoke run ok" -- model --preset tiny --smoke-steps 3 --seq-len 32
+
+# Data: a tokenizer and shards from a small corpus (Debian's license texts), and bad input.
+expect tokenizer_help 0 "--vocab-size" -- tokenizer train --help
+expect no_subcommand 2 "A subcommand is required" -- data
+i=0
+for f in /usr/share/common-licenses/GPL-3 /usr/share/common-licenses/Apache-2.0 /usr/share/common-licenses/MPL-2.0; do
+  python3 -c 'import json,sys; [print(json.dumps({"text": p})) for p in open(sys.argv[1]).read().split("\n\n") if p.strip()]' \
+    "$f" >"$tmp/c$i.jsonl"
+  i=$((i + 1))
+done
+gzip -k "$tmp/c1.jsonl" && mv "$tmp/c1.jsonl.gz" "$tmp/c1.json.gz"
+expect tokenizer_train 0 "tokenizer: $tmp/tok.model (bpe" -- tokenizer train --input "$tmp/c*.jsonl" --vocab-size 500 \
+  --model-type bpe --output "$tmp/tok" --threads 2
+expect encode 0 "2 tokens" -- tokenizer encode --model "$tmp/tok.model" "### Response: the"
+expect prepare 0 "documents from" -- data prepare --input "$tmp/c*" --tokenizer "$tmp/tok.model" --output "$tmp/s1" --threads 1
+expect prepare_again 0 "documents from" -- data prepare --input "$tmp/c*" --tokenizer "$tmp/tok.model" --output "$tmp/s2" --threads 2
+if cmp -s "$tmp/s1/tokens-00000.bin" "$tmp/s2/tokens-00000.bin" && cmp -s "$tmp/s1/manifest.json" "$tmp/s2/manifest.json"; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1)); echo "FAIL prepare is not deterministic"
+fi
+expect inspect 0 "GNU GENERAL PUBLIC LICENSE" -- data inspect "$tmp/s1" --tokenizer "$tmp/tok.model"
+expect prepare_exists 1 "already holds a prepared data set; pass --force" -- data prepare --input "$tmp/c0.jsonl" \
+  --tokenizer "$tmp/tok.model" --output "$tmp/s1"
+expect empty_glob 1 "no file matches $tmp/nothing*.jsonl" -- data prepare --input "$tmp/nothing*.jsonl" \
+  --tokenizer "$tmp/tok.model" --output "$tmp/s3"
+expect missing_tokenizer 1 "no tokenizer at $tmp/none.model" -- data prepare --input "$tmp/c0.jsonl" \
+  --tokenizer "$tmp/none.model" --output "$tmp/s3"
+expect small_vocab 1 "--vocab-size 100 is too small" -- tokenizer train --input "$tmp/c0.jsonl" --vocab-size 100 --output "$tmp/t2"
+expect bad_model_type 2 "--model-type" -- tokenizer train --input "$tmp/c0.jsonl" --model-type wordpiece --output "$tmp/t2"
+head -c 3000 "$tmp/c1.json.gz" >"$tmp/cut.jsonl.gz"
+expect truncated_gz 1 "cut.jsonl.gz: truncated gzip stream" -- data prepare --input "$tmp/cut.jsonl.gz" \
+  --tokenizer "$tmp/tok.model" --output "$tmp/s4"
+printf '{"text": "fine"}\nnot json\n{"text": "fine too"}\n' >"$tmp/bad.jsonl"
+expect strict 1 "bad.jsonl:2: " -- data prepare --input "$tmp/bad.jsonl" --tokenizer "$tmp/tok.model" --output "$tmp/s5" \
+  --max-bad-records 0
+expect not_prepared 1 "is not a prepared data set" -- data inspect "$tmp"
 
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
