@@ -14,6 +14,9 @@ void add_tokenizer_command(CLI::App& app);
 // `coil data prepare|inspect`: tokenized shards for pretraining.
 void add_data_command(CLI::App& app);
 
+// `coil pretrain`, `coil sft`: the training runs.
+void add_train_commands(CLI::App& app);
+
 // Registers what runs when `command` is the one selected on the command line.
 void on_run(CLI::App* command, std::function<void()> run);
 // Runs whichever subcommand the command line selected.

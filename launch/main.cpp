@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
       "coil"};
   app.set_version_flag("--version", std::string("coil ") + COIL_VERSION);
   app.require_subcommand(1);
+  coil::add_train_commands(app);
   coil::add_model_command(app);
   coil::add_tokenizer_command(app);
   coil::add_data_command(app);

@@ -1,0 +1,59 @@
+// Run configuration: TOML files with sections [model], [data], [optim], [train], overridden by
+// `--set section.key=value`. Key names follow the seed project's (train.max_steps,
+// optim.learning_rate_muon, ...). An unknown key or a wrong type is an error naming the key and
+// file:line; the resolved configuration is written into the run directory.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace coil {
+
+struct RunConfig {
+  // [model]
+  std::string model_preset = "tiny";
+  int64_t model_vocab_size = 0;  // 0: the tokenizer's, padded to a multiple of 8
+
+  // [data]
+  std::string data_train, data_val, data_tokenizer;  // prepared dirs (or JSONL globs when streaming / SFT)
+  bool data_streaming = false;
+  std::string data_text_field = "text";
+  int64_t data_max_bad_records = 1000;
+
+  // [optim]
+  double learning_rate_muon = 0.02, learning_rate_adamw = 3e-3;
+  bool use_muon = true;
+  std::string muon_scale = "keller";
+  double muon_momentum = 0.95;
+  bool muon_nesterov = true;
+  int64_t muon_ns_steps = 5;
+  double weight_decay = 0.1;
+  double adam_beta1 = 0.9, adam_beta2 = 0.95, adam_eps = 1e-8;
+  std::string schedule = "cosine";
+  int64_t warmup_steps = 0;
+  double min_lr_ratio = 0.1, decay_fraction = 0.2;
+  double grad_clip = 1.0;
+
+  // [train]
+  std::string run_dir = "runs/default";
+  int64_t max_steps = 0;
+  bool train_by_epochs = false;
+  int64_t num_epochs = 1;
+  int64_t total_train_tokens = 0;
+  int64_t seq_len = 256, global_batch_size = 8, micro_batch_size = 8;
+  int64_t seed = 0;
+  int64_t eval_interval = 100, eval_batches = 8;
+  int64_t checkpoint_interval = 0;  // 0: at the end only
+  int64_t log_interval = 1;
+  std::string pretrained_checkpoint_path;  // SFT: the pretrained model
+  std::string nan_policy = "stop";         // or "skip"
+  int64_t threads = 0;                     // 0: all cores
+
+  // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
+  static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);
+  // Every key as TOML, with the values in force (written to <run_dir>/config.toml).
+  std::string to_toml() const;
+};
+
+}  // namespace coil

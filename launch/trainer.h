@@ -1,0 +1,21 @@
+// The training loop of `coil pretrain` and `coil sft`: one loop, read top to bottom in trainer.cpp.
+#pragma once
+
+#include <cstdint>
+
+#include "launch/config.h"
+
+namespace coil {
+
+enum class Phase { kPretrain, kSft };
+
+struct TrainResult {
+  int64_t steps = 0;          // steps done by the end of the run (all runs of it together)
+  double last_loss = 0;       // the training loss of the last step
+  double last_val_loss = 0;   // the last evaluation's (0 when none)
+};
+
+// Runs (or resumes, when run_dir holds a checkpoint) a training run.
+TrainResult train(const RunConfig& config, Phase phase);
+
+}  // namespace coil

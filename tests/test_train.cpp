@@ -1,0 +1,224 @@
+// The training loop end to end on a tiny model and tiny data: config errors, bit-exact resume,
+// checkpoints (shapes checked by name), SFT from a pretrained checkpoint, NaN handling.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "data/shards.h"
+#include "data/tokenizer.h"
+#include "dist/checkpoint.h"
+#include "launch/config.h"
+#include "launch/trainer.h"
+#include "model/mamba.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+using namespace coil;
+
+namespace {
+
+void write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const coil::Error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+// A tokenizer, prepared shards and an Alpaca set, made once for the suite.
+class Train : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(fs::temp_directory_path() / fmt::format("coil-test-train-{}", getpid()));
+    fs::create_directories(*dir_);
+    std::mt19937 rng(5);
+    const char* words[] = {"the", "snake", "coils", "around", "a", "warm", "stone", "and", "sleeps", "while",
+                           "rain", "falls", "on", "green", "hills", "far", "away", "from", "town", "."};
+    std::string jsonl, alpaca;
+    for (int d = 0; d < 300; ++d) {
+      std::string text;
+      for (int w = 0; w < 20 + static_cast<int>(rng() % 60); ++w) text += std::string(words[rng() % 20]) + " ";
+      jsonl += nlohmann::json{{"text", text}}.dump() + "\n";
+      if (d < 60)
+        alpaca += nlohmann::json{{"instruction", "Say something about " + std::string(words[d % 20]) + "."},
+                                 {"input", ""},
+                                 {"output", text.substr(0, 40)}}
+                      .dump() +
+                  "\n";
+    }
+    write(*dir_ + "/corpus.jsonl", jsonl);
+    write(*dir_ + "/alpaca.jsonl", alpaca);
+    data::TokenizerTrainOptions t;
+    t.inputs = {*dir_ + "/corpus.jsonl"};
+    t.output_prefix = *dir_ + "/tok";
+    t.vocab_size = 300;
+    t.threads = 2;
+    data::train_tokenizer(t);
+    data::PrepareOptions p;
+    p.inputs = t.inputs;
+    p.tokenizer = *dir_ + "/tok.model";
+    p.output = *dir_ + "/shards";
+    p.threads = 2;
+    data::prepare_shards(p);
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+  // A tiny pretraining config over the suite's data.
+  static RunConfig config(const std::string& run_dir, std::vector<std::string> extra = {}) {
+    std::vector<std::string> sets = {"data.train=" + *dir_ + "/shards", "data.val=" + *dir_ + "/shards",
+                                     "data.tokenizer=" + *dir_ + "/tok.model", "train.run_dir=" + run_dir,
+                                     "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
+                                     "train.max_steps=6", "train.eval_interval=3", "train.eval_batches=2",
+                                     "train.checkpoint_interval=3", "train.threads=2", "optim.warmup_steps=2"};
+    sets.insert(sets.end(), extra.begin(), extra.end());
+    return RunConfig::load("", sets);
+  }
+  static std::vector<nlohmann::json> metrics(const std::string& run_dir) {
+    std::vector<nlohmann::json> out;
+    std::ifstream in(run_dir + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+    return out;
+  }
+  static std::string* dir_;
+};
+std::string* Train::dir_ = nullptr;
+
+}  // namespace
+
+TEST(Config, ErrorsNameTheKeyAndTheLine) {
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-{}.toml", getpid());
+  write(path, "[train]\nmax_steps = 10\nseq_len = \"long\"\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find(path + ":3: train.seq_len must be an integer"),
+            std::string::npos);
+  write(path, "[train]\nmax_steps = 10\n\n[optim]\nlearning_rate = 0.1\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find(path + ":5: unknown key optim.learning_rate"),
+            std::string::npos);
+  write(path, "[trian]\nmax_steps = 10\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find("unknown section [trian]"), std::string::npos);
+  write(path, "[train]\nmax_steps = = 10\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find(path + ":2:"), std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load(path + ".missing", {}); }).find("cannot read config"), std::string::npos);
+  write(path, "[train]\nmax_steps = 10\n[optim]\nlearning_rate_adamw = 1\n");
+  RunConfig c = RunConfig::load(path, {"train.max_steps=20", "optim.muon_scale=moonlight", "train.run_dir=/x/y",
+                                       "optim.use_muon=false", "optim.learning_rate_muon=5e-3"});
+  EXPECT_EQ(c.max_steps, 20);
+  EXPECT_EQ(c.muon_scale, "moonlight");
+  EXPECT_EQ(c.run_dir, "/x/y");
+  EXPECT_FALSE(c.use_muon);
+  EXPECT_DOUBLE_EQ(c.learning_rate_muon, 5e-3);
+  EXPECT_DOUBLE_EQ(c.learning_rate_adamw, 1.0);  // an integer is a fine number
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {"train.max_steps=ten"}); }).find("--set train.max_steps=ten: train.max_steps must be an integer"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {"train.bogus=1"}); }).find("unknown key train.bogus"), std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {"max_steps"}); }).find("expected section.key=value"), std::string::npos);
+  // The resolved config reads back to the same values.
+  write(path, c.to_toml());
+  RunConfig again = RunConfig::load(path, {});
+  EXPECT_EQ(again.to_toml(), c.to_toml());
+  fs::remove(path);
+}
+
+TEST_F(Train, ResumeIsBitExact) {
+  const std::string straight = *dir_ + "/straight", resumed = *dir_ + "/resumed";
+  TrainResult a = train(config(straight), Phase::kPretrain);
+  EXPECT_EQ(a.steps, 6);
+  // The same run, stopped after step 3: its checkpoints as they were then, then started again.
+  train(config(resumed), Phase::kPretrain);
+  fs::remove_all(resumed + "/checkpoints/step-00000006");
+  fs::remove(resumed + "/checkpoints/latest");
+  point_link(resumed + "/checkpoints", "latest", "step-00000003");
+  std::vector<nlohmann::json> before = metrics(resumed);
+  TrainResult b = train(config(resumed), Phase::kPretrain);
+  std::vector<nlohmann::json> m1 = metrics(straight), m2 = metrics(resumed);
+  ASSERT_EQ(m1.size(), m2.size());
+  for (size_t i = 0; i < m1.size(); ++i) {
+    EXPECT_EQ(m1[i]["step"], m2[i]["step"]);
+    for (const char* k : {"loss", "grad_norm", "val_loss", "lr_muon", "lr_adamw"})
+      if (m1[i].contains(k)) {
+        EXPECT_EQ(m1[i][k].dump(), m2[i][k].dump()) << "line " << i << " " << k;
+      }
+  }
+  EXPECT_EQ(a.last_loss, b.last_loss);
+  EXPECT_GT(before.size(), 0u);
+  // The final weights are identical too.
+  MambaConfig mc = MambaConfig::preset("tiny");
+  mc.vocab_size = 300;
+  MambaLM p(mc.padded(), 1), q(mc.padded(), 2);
+  load_checkpoint(straight + "/checkpoints/final", p.named_parameters(), nullptr, false);
+  load_checkpoint(resumed + "/checkpoints/final", q.named_parameters(), nullptr, false);
+  for (size_t i = 0; i < p.named_parameters().size(); ++i)
+    EXPECT_TRUE(torch::equal(p.named_parameters()[i].tensor, q.named_parameters()[i].tensor));
+  // latest, best and final exist; config.toml is the resolved config.
+  for (const char* name : {"latest", "best", "final", "step-00000003", "step-00000006"})
+    EXPECT_TRUE(fs::exists(straight + "/checkpoints/" + name + "/checkpoint.h5")) << name;
+  EXPECT_EQ(RunConfig::load(straight + "/config.toml", {}).to_toml(), config(straight).to_toml());
+}
+
+TEST_F(Train, CheckpointOfAnotherShapeIsRefusedByName) {
+  const std::string run = *dir_ + "/shape";
+  train(config(run, {"train.max_steps=1", "train.eval_interval=0"}), Phase::kPretrain);
+  MambaConfig mc = MambaConfig::preset("tiny");
+  mc.d_model = 32;
+  mc.vocab_size = 300;
+  MambaLM small(mc.padded(), 0);
+  EXPECT_NE(error_of([&] { load_checkpoint(run + "/checkpoints/final", small.named_parameters(), nullptr); })
+                .find("backbone.embeddings.weight has shape [304, 64] in the checkpoint, the model has [304, 32]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_checkpoint(run + "/nowhere", small.named_parameters(), nullptr); }).find("no checkpoint at"),
+            std::string::npos);
+}
+
+TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
+  const std::string pre = *dir_ + "/pre", sft = *dir_ + "/sft";
+  train(config(pre, {"train.max_steps=4", "train.eval_interval=0"}), Phase::kPretrain);
+  RunConfig c = config(sft, {"data.train=" + *dir_ + "/alpaca.jsonl", "data.val=" + *dir_ + "/alpaca.jsonl",
+                             "train.pretrained_checkpoint_path=" + pre + "/checkpoints/final", "train.max_steps=12",
+                             "train.eval_interval=4", "train.seq_len=400", "optim.learning_rate_adamw=0.003",
+                             "optim.learning_rate_muon=0.01"});
+  train(c, Phase::kSft);
+  std::vector<double> val;
+  for (auto& m : metrics(sft))
+    if (m.contains("val_loss")) val.push_back(m["val_loss"].get<double>());
+  ASSERT_EQ(val.size(), 3u);
+  EXPECT_LT(val.back(), val.front());
+  EXPECT_TRUE(fs::exists(sft + "/checkpoints/final/checkpoint.h5"));
+  c.pretrained_checkpoint_path = "";
+  c.run_dir = *dir_ + "/sft2";
+  EXPECT_NE(error_of([&] { train(c, Phase::kSft); }).find("train.pretrained_checkpoint_path is not set"), std::string::npos);
+}
+
+TEST_F(Train, BadSettingsAreErrors) {
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b1", {"train.global_batch_size=5"}), Phase::kPretrain); })
+                .find("must be a multiple of ranks x train.micro_batch_size"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b2", {"model.vocab_size=100"}), Phase::kPretrain); })
+                .find("has 300 ids but the model's vocabulary has 104 rows"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b3", {"train.max_steps=0"}), Phase::kPretrain); }).find("train.max_steps must be > 0"),
+            std::string::npos);
+  // train_by_epochs: one epoch of the shards, in steps.
+  RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
+  EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
+}
+
+TEST_F(Train, NanLossStopsWithoutACheckpoint) {
+  const std::string run = *dir_ + "/nan";
+  // A learning rate this large drives the weights to inf within a few steps.
+  RunConfig c = config(run, {"optim.learning_rate_adamw=1e30", "optim.learning_rate_muon=1e30", "optim.grad_clip=0",
+                             "optim.warmup_steps=0", "train.max_steps=20", "train.checkpoint_interval=0",
+                             "train.eval_interval=0"});
+  EXPECT_NE(error_of([&] { train(c, Phase::kPretrain); }).find("stopping without writing a checkpoint"), std::string::npos);
+  EXPECT_FALSE(fs::exists(run + "/checkpoints/latest"));
+  c.nan_policy = "skip";
+  c.run_dir = *dir_ + "/nan-skip";
+  EXPECT_EQ(train(c, Phase::kPretrain).steps, 20);
+}
