@@ -104,6 +104,41 @@ std::string location(const std::string& path, const toml::node& node) {
 
 }  // namespace
 
+namespace {
+
+// Sets the fields named in a parsed TOML document; `origin` names it in errors (a path).
+void apply(std::vector<Field>& all, const toml::table& doc, const std::string& path) {
+  auto find = [&](const std::string& section, const std::string& key) -> const Field* {
+    for (const Field& f : all)
+      if (f.section == section && f.key == key) return &f;
+    return nullptr;
+  };
+  for (auto&& [section, node] : doc) {
+    const std::string s(section.str());
+    if (!node.is_table()) fail("{}: {} is not a section ([model], [data], [optim], [train])", location(path, node), s);
+    if (s != "model" && s != "data" && s != "optim" && s != "train")
+      fail("{}: unknown section [{}] (sections: model, data, optim, train)", location(path, node), s);
+    for (auto&& [key, value] : *node.as_table()) {
+      const Field* f = find(s, std::string(key.str()));
+      if (!f) fail("{}: unknown key {}.{}", location(path, value), s, key.str());
+      assign(*f, value, location(path, value));
+    }
+  }
+}
+
+}  // namespace
+
+RunConfig RunConfig::parse(const std::string& text, const std::string& origin) {
+  RunConfig c;
+  std::vector<Field> all = fields(c);
+  try {
+    apply(all, toml::parse(text, origin), origin);
+  } catch (const toml::parse_error& e) {
+    fail("{}:{}: {}", origin, e.source().begin.line, e.description());
+  }
+  return c;
+}
+
 RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
   RunConfig c;
   std::vector<Field> all = fields(c);
@@ -120,17 +155,7 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
       if (e.source().begin.line == 0) fail("cannot read config {}: {}", path, e.description());
       fail("{}:{}: {}", path, e.source().begin.line, e.description());
     }
-    for (auto&& [section, node] : doc) {
-      const std::string s(section.str());
-      if (!node.is_table()) fail("{}: {} is not a section ([model], [data], [optim], [train])", location(path, node), s);
-      if (s != "model" && s != "data" && s != "optim" && s != "train")
-        fail("{}: unknown section [{}] (sections: model, data, optim, train)", location(path, node), s);
-      for (auto&& [key, value] : *node.as_table()) {
-        const Field* f = find(s, std::string(key.str()));
-        if (!f) fail("{}: unknown key {}.{}", location(path, value), s, key.str());
-        assign(*f, value, location(path, value));
-      }
-    }
+    apply(all, doc, path);
   }
   for (const std::string& o : overrides) {
     const size_t eq = o.find('='), dot = o.find('.');

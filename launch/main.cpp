@@ -2,6 +2,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
+#include <cstdio>
 #include <exception>
 #include <string>
 
@@ -13,6 +14,8 @@
 #endif
 
 int main(int argc, char** argv) {
+  // Progress lines reach a log file (a Slurm job's output) as they are printed.
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   CLI::App app{
       "Coil trains Mamba language models on CPUs and GPUs, from one workstation to a Slurm cluster.\n"
       "Run `coil <command> --help` for a command's options.",
@@ -21,6 +24,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   coil::add_train_commands(app);
   coil::add_model_command(app);
+  coil::add_generate_command(app);
   coil::add_tokenizer_command(app);
   coil::add_data_command(app);
   std::string known;

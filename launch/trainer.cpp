@@ -1,5 +1,7 @@
 #include "launch/trainer.h"
 
+#include "launch/tensorboard.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
@@ -222,6 +224,7 @@ TrainResult train(const RunConfig& c, Phase phase) {
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
   if (step > 0) trim_metrics(metrics_path, step);
   std::ofstream metrics(metrics_path, step > 0 ? std::ios::app : std::ios::trunc);
+  TensorBoardWriter tb((run_dir / "tb").string());  // a new event file per (re)start, as TensorBoard expects
 
   fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));
   fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {}), {} threads\n", what,
@@ -247,6 +250,12 @@ TrainResult train(const RunConfig& c, Phase phase) {
 
   // ---- The loop ----
   TrainResult result;
+  if (step == 0 && data.val && c.eval_interval > 0) {  // where the run starts from, for comparison
+    const double val = evaluate(model, data, c.eval_batches);
+    metrics << nlohmann::json{{"step", 0}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n" << std::flush;
+    tb.scalar("val/loss", val, 0);
+    fmt::print("{} step 0/{} | val loss {:.4f} | val ppl {:.2f}\n", what, steps, val, std::exp(val));
+  }
   const auto t_loop = std::chrono::steady_clock::now();
   const int64_t first = step;
   int64_t skipped = 0;
@@ -291,14 +300,23 @@ TrainResult train(const RunConfig& c, Phase phase) {
                    .dump()
             << "\n"
             << std::flush;
-    if (done % c.log_interval == 0 || done == steps)
+    tb.scalar("train/loss", loss, done);
+    tb.scalar("train/lr_muon", lr_muon, done);
+    tb.scalar("train/lr_adamw", lr_adamw, done);
+    tb.scalar("train/grad_norm", grad_norm, done);
+    tb.scalar("train/tokens_per_sec", tok_s, done);
+    if (done % c.log_interval == 0 || done == steps) {
+      tb.flush();
       fmt::print("{} step {}/{} | loss {:.4f} | lr {:.2e}/{:.2e} | grad {:.3f} | {:.0f} tok/s | ETA {}\n", what, done,
                  steps, loss, lr_muon, lr_adamw, grad_norm, tok_s, human_time(step_time * static_cast<double>(steps - done)));
+    }
     result.last_loss = loss;
 
     if (data.val && c.eval_interval > 0 && (done % c.eval_interval == 0 || done == steps)) {
       const double val = evaluate(model, data, c.eval_batches);
       metrics << nlohmann::json{{"step", done}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n" << std::flush;
+      tb.scalar("val/loss", val, done);
+      tb.flush();
       fmt::print("{} step {}/{} | val loss {:.4f} | val ppl {:.2f}{}\n", what, done, steps, val, std::exp(val),
                  val < best_val ? " (best)" : "");
       result.last_val_loss = val;

@@ -127,6 +127,16 @@ TEST(Config, ErrorsNameTheKeyAndTheLine) {
   fs::remove(path);
 }
 
+TEST(Config, TheShippedConfigsParse) {
+  for (const char* name : {"pretrain", "sft", "demo-pretrain", "demo-sft"}) {
+    RunConfig c = RunConfig::load(fmt::format("{}/configs/{}.toml", COIL_SOURCE_DIR, name), {});
+    EXPECT_FALSE(c.data_train.empty()) << name;
+    EXPECT_FALSE(c.data_tokenizer.empty()) << name;
+  }
+  EXPECT_EQ(RunConfig::load(std::string(COIL_SOURCE_DIR) + "/configs/sft.toml", {}).pretrained_checkpoint_path,
+            "runs/pretrain-130m/checkpoints/final");
+}
+
 TEST_F(Train, ResumeIsBitExact) {
   const std::string straight = *dir_ + "/straight", resumed = *dir_ + "/resumed";
   TrainResult a = train(config(straight), Phase::kPretrain);
@@ -188,8 +198,9 @@ TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
   std::vector<double> val;
   for (auto& m : metrics(sft))
     if (m.contains("val_loss")) val.push_back(m["val_loss"].get<double>());
-  ASSERT_EQ(val.size(), 3u);
+  ASSERT_EQ(val.size(), 4u);  // before the first step, and every 4 steps
   EXPECT_LT(val.back(), val.front());
+  EXPECT_LT(val[2], val[0]);
   EXPECT_TRUE(fs::exists(sft + "/checkpoints/final/checkpoint.h5"));
   c.pretrained_checkpoint_path = "";
   c.run_dir = *dir_ + "/sft2";
