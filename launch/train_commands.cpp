@@ -11,6 +11,7 @@ namespace {
 struct TrainOptions {
   std::string config;
   std::vector<std::string> overrides;
+  bool resume = false;
 };
 
 void add_phase(CLI::App& app, const char* name, const char* help, Phase phase) {
@@ -18,10 +19,13 @@ void add_phase(CLI::App& app, const char* name, const char* help, Phase phase) {
   CLI::App* cmd = app.add_subcommand(name, help);
   cmd->add_option("--config", o->config, "a TOML file with [model], [data], [optim], [train]")->required();
   cmd->add_option("--set", o->overrides, "override a key: --set train.max_steps=100 (repeatable)");
+  cmd->add_flag("--resume", o->resume,
+                "resume from <run_dir>/checkpoints/latest, and fail if there is none (without it a run resumes "
+                "when a checkpoint is there, and starts fresh otherwise)");
   cmd->footer(
       "A run resumes by itself from <train.run_dir>/checkpoints/latest when it exists, bit-exactly.\n"
       "Writes <run_dir>/config.toml (the resolved config), metrics.jsonl and checkpoints/ (step-N, latest, best, final).");
-  on_run(cmd, [o, phase] { train(RunConfig::load(o->config, o->overrides), phase); });
+  on_run(cmd, [o, phase] { train(RunConfig::load(o->config, o->overrides), phase, o->resume); });
 }
 
 }  // namespace

@@ -166,7 +166,7 @@ void trim_metrics(const std::string& path, int64_t step) {
 
 }  // namespace
 
-TrainResult train(const RunConfig& c, Phase phase) {
+TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const auto t_start = std::chrono::steady_clock::now();
   if (c.threads > 0) at::set_num_threads(static_cast<int>(c.threads));
   COIL_CHECK(!c.data_tokenizer.empty(), "data.tokenizer is not set");
@@ -215,6 +215,8 @@ TrainResult train(const RunConfig& c, Phase phase) {
     best_val = std::stod(ck.strings.at("best_val_loss"));
     elapsed_before = std::stod(ck.strings.at("elapsed_s"));
     fmt::print("{}: resuming {} at step {} of {}\n", what, fs::canonical(ckpt_dir / "latest").string(), step, steps);
+  } else if (must_resume) {
+    fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
   } else if (phase == Phase::kSft) {
     COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
     load_checkpoint(c.pretrained_checkpoint_path, params, nullptr, false);

@@ -15,7 +15,8 @@ struct TrainResult {
   double last_val_loss = 0;   // the last evaluation's (0 when none)
 };
 
-// Runs (or resumes, when run_dir holds a checkpoint) a training run.
-TrainResult train(const RunConfig& config, Phase phase);
+// Runs (or resumes, when run_dir holds a checkpoint) a training run. With must_resume, a run_dir
+// without a checkpoint is an error instead of a fresh start.
+TrainResult train(const RunConfig& config, Phase phase, bool must_resume = false);
 
 }  // namespace coil

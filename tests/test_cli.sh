@@ -39,7 +39,7 @@ echo '{"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_
 expect bad_config 1 "config.json: model config: vocab_size must be positive, got 0" -- model --hf "$tmp/hf"
 expect bad_option 2 "coil: error: Could not convert: --batch = x" -- model --smoke-steps 1 --batch x
 expect no_command 2 "coil: error: A subcommand is required" --
-expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: model, tokenizer, data" -- bogus
+expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: pretrain, sft, model, generate, tokenizer, data" -- bogus
 expect smoke 0 "smoke run ok" -- model --preset tiny --smoke-steps 3 --seq-len 32
 
 # Data: a tokenizer and shards from a small corpus (Debian's license texts), and bad input.
@@ -78,6 +78,31 @@ printf '{"text": "fine"}\nnot json\n{"text": "fine too"}\n' >"$tmp/bad.jsonl"
 expect strict 1 "bad.jsonl:2: " -- data prepare --input "$tmp/bad.jsonl" --tokenizer "$tmp/tok.model" --output "$tmp/s5" \
   --max-bad-records 0
 expect not_prepared 1 "is not a prepared data set" -- data inspect "$tmp"
+
+# Training: config errors, and a run killed with SIGKILL that resumes to the same losses.
+printf '[train]\nmax_steps = 4\nmax_step = 5\n' >"$tmp/bad.toml"
+expect unknown_key 1 "$tmp/bad.toml:3: unknown key train.max_step" -- pretrain --config "$tmp/bad.toml"
+printf '[train]\nmax_steps = "four"\n' >"$tmp/bad.toml"
+expect wrong_type 1 "$tmp/bad.toml:2: train.max_steps must be an integer" -- pretrain --config "$tmp/bad.toml"
+expect missing_config 1 "cannot read config $tmp/none.toml" -- pretrain --config "$tmp/none.toml"
+expect bad_set 1 "--set optim.lr=1: unknown key optim.lr" -- pretrain --config /dev/null --set optim.lr=1
+train_args=(--config /dev/null --set "data.train=$tmp/s1" --set "data.val=$tmp/s2" --set "data.tokenizer=$tmp/tok.model"
+  --set train.seq_len=32 --set train.global_batch_size=2 --set train.micro_batch_size=1 --set train.max_steps=30
+  --set train.eval_interval=10 --set train.eval_batches=2 --set train.checkpoint_interval=2 --set train.threads=1)
+expect no_checkpoint 1 "--resume: no checkpoint to resume from" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r0" --resume
+expect straight 0 "pretrain: done, 30 steps" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r1"
+"$coil" pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r2" >/dev/null 2>&1 &
+pid=$!
+for _ in $(seq 600); do [ -e "$tmp/r2/checkpoints/step-00000004" ] && break; sleep 0.05; done
+kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+expect resumed 0 "resuming" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r2" --resume
+losses() { python3 -c 'import json,sys; print([(m["step"], m.get("loss"), m.get("val_loss")) for m in map(json.loads, open(sys.argv[1]))])' "$1"; }
+if [ "$(losses "$tmp/r1/metrics.jsonl")" = "$(losses "$tmp/r2/metrics.jsonl")" ]; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1)); echo "FAIL killed and resumed run logs other losses than a straight run"
+fi
+expect generate 0 "GNU" -- generate --checkpoint "$tmp/r1/checkpoints/final" --prompt "GNU" --max-new-tokens 5
 
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

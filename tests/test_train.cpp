@@ -216,6 +216,8 @@ TEST_F(Train, BadSettingsAreErrors) {
             std::string::npos);
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b3", {"train.max_steps=0"}), Phase::kPretrain); }).find("train.max_steps must be > 0"),
             std::string::npos);
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b5"), Phase::kPretrain, /*must_resume=*/true); }).find("--resume: no checkpoint"),
+            std::string::npos);
   // train_by_epochs: one epoch of the shards, in steps.
   RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
   EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
