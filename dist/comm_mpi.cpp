@@ -1,0 +1,108 @@
+#include <ATen/ATen.h>
+#include <mpi.h>
+
+#include "dist/comm.h"
+#include "dist/world.h"
+#include "util/error.h"
+
+namespace coil::dist {
+namespace {
+
+MPI_Datatype mpi_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return MPI_FLOAT;
+    case at::kDouble: return MPI_DOUBLE;
+    case at::kLong: return MPI_INT64_T;
+    case at::kInt: return MPI_INT32_T;
+    case at::kByte: return MPI_UINT8_T;
+    default: fail("MPI collectives: unsupported dtype {}", t.dtype().name());
+  }
+}
+
+class MpiComm : public Comm {
+ public:
+  MpiComm() {
+    world();  // MPI initialized
+    MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
+    MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(comm_, &rank_);
+    MPI_Comm_size(comm_, &size_);
+  }
+  ~MpiComm() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Comm_free(&comm_);
+  }
+
+  void all_gather(const at::Tensor& in, at::Tensor& out) override {
+    check_cpu(in, "all_gather"), check_cpu(out, "all_gather");
+    COIL_CHECK(out.numel() == in.numel() * size_, "all_gather: output holds {} elements, needs {}", out.numel(),
+               in.numel() * size_);
+    call(MPI_Allgather(in.data_ptr(), count(in), mpi_type(in), out.data_ptr(), count(in), mpi_type(out), comm_),
+         "all_gather");
+  }
+  void reduce_scatter(const at::Tensor& in, at::Tensor& out) override {
+    check_cpu(in, "reduce_scatter"), check_cpu(out, "reduce_scatter");
+    COIL_CHECK(in.numel() == out.numel() * size_, "reduce_scatter: input holds {} elements, needs {}", in.numel(),
+               out.numel() * size_);
+    call(MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(), count(out), mpi_type(in), MPI_SUM, comm_),
+         "reduce_scatter");
+  }
+  void all_reduce(at::Tensor& t) override {
+    check_cpu(t, "all_reduce");
+    call(MPI_Allreduce(MPI_IN_PLACE, t.data_ptr(), count(t), mpi_type(t), MPI_SUM, comm_), "all_reduce");
+  }
+  void broadcast(at::Tensor& t, int root) override {
+    check_cpu(t, "broadcast");
+    call(MPI_Bcast(t.data_ptr(), count(t), mpi_type(t), root, comm_), "broadcast");
+  }
+  void gather(const at::Tensor& in, at::Tensor& out, int root) override {
+    check_cpu(in, "gather");
+    if (rank_ == root) {
+      check_cpu(out, "gather");
+      COIL_CHECK(out.numel() == in.numel() * size_, "gather: output holds {} elements, needs {}", out.numel(),
+                 in.numel() * size_);
+    }
+    call(MPI_Gather(in.data_ptr(), count(in), mpi_type(in), rank_ == root ? out.data_ptr() : nullptr, count(in),
+                    mpi_type(in), root, comm_),
+         "gather");
+  }
+  void scatter(const at::Tensor& in, at::Tensor& out, int root) override {
+    check_cpu(out, "scatter");
+    if (rank_ == root) {
+      check_cpu(in, "scatter");
+      COIL_CHECK(in.numel() == out.numel() * size_, "scatter: input holds {} elements, needs {}", in.numel(),
+                 out.numel() * size_);
+    }
+    call(MPI_Scatter(rank_ == root ? in.data_ptr() : nullptr, count(out), mpi_type(out), out.data_ptr(), count(out),
+                     mpi_type(out), root, comm_),
+         "scatter");
+  }
+  void barrier() override { call(MPI_Barrier(comm_), "barrier"); }
+
+ private:
+  static int count(const at::Tensor& t) {
+    COIL_CHECK(t.numel() <= INT32_MAX, "MPI collectives: {} elements is more than one call takes", t.numel());
+    return static_cast<int>(t.numel());
+  }
+  void check_cpu(const at::Tensor& t, const char* op) const {
+    COIL_CHECK(t.device().is_cpu() && t.is_contiguous(), "rank {}: {}: the MPI backend takes contiguous CPU tensors",
+               rank_, op);
+  }
+  void call(int rc, const char* op) const {
+    if (rc == MPI_SUCCESS) return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    fail("rank {}: MPI {} failed: {}", rank_, op, std::string(msg, static_cast<size_t>(len)));
+  }
+  MPI_Comm comm_;
+};
+
+}  // namespace
+
+std::unique_ptr<Comm> make_mpi_comm() { return std::make_unique<MpiComm>(); }
+
+std::unique_ptr<Comm> make_comm(bool cuda) { return cuda ? make_nccl_comm() : make_mpi_comm(); }
+
+}  // namespace coil::dist
