@@ -115,14 +115,23 @@ Tensor MambaLM::parameter(const std::string& name) const {
   fail("model has no parameter named '{}'", name);
 }
 
-Tensor MambaLM::embed(const Tensor& tokens) const {
+Tensor MambaLM::embed(const Tensor& tokens) const { return embed(embedding, tokens); }
+
+Tensor MambaLM::head(const Tensor& hidden) const { return head(embedding, norm_f, config_, hidden); }
+
+Tensor MambaLM::embed(const Tensor& embedding, const Tensor& tokens) {
   COIL_CHECK(tokens.dim() == 2, "model input must be token ids [B, L], got {} dims", tokens.dim());
   return torch::embedding(embedding, tokens).to(wide(embedding.scalar_type()));
 }
 
-Tensor MambaLM::head(const Tensor& hidden) const {
-  const Tensor logits = torch::linear(rms_norm(hidden, norm_f, config_.rms_eps), embedding);
+Tensor MambaLM::head(const Tensor& embedding, const Tensor& norm_f, const MambaConfig& config, const Tensor& hidden) {
+  const Tensor logits = torch::linear(rms_norm(hidden, norm_f, config.rms_eps), embedding);
   return logits.to(wide(logits.scalar_type()));
+}
+
+MambaBlockWeights MambaLM::block_weights(const std::vector<Tensor>& t) {
+  COIL_CHECK(t.size() == 10, "a Mamba block has 10 tensors, got {}", t.size());
+  return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9]};
 }
 
 Tensor MambaLM::block(const MambaBlockWeights& w, const MambaConfig& c, const Tensor& hidden,

@@ -61,9 +61,15 @@ class MambaLM {
   // tokens [B, L] (int64) -> logits [B, L, V] in float32.
   at::Tensor forward(const at::Tensor& tokens) const;
 
-  // The units of the forward pass.
+  // The units of the forward pass, as members and as functions of their weights (for wrappers
+  // that hold the weights themselves, such as FSDP-style sharding).
   at::Tensor embed(const at::Tensor& tokens) const;  // -> residual stream [B, L, H], float32
   at::Tensor head(const at::Tensor& hidden) const;   // norm_f, then the tied LM head -> logits
+  static at::Tensor embed(const at::Tensor& embedding, const at::Tensor& tokens);
+  static at::Tensor head(const at::Tensor& embedding, const at::Tensor& norm_f, const MambaConfig& config,
+                         const at::Tensor& hidden);
+  // A block's weights from its 10 tensors in named_parameters() order.
+  static MambaBlockWeights block_weights(const std::vector<at::Tensor>& tensors);
   static at::Tensor block(const MambaBlockWeights& w, const MambaConfig& config, const at::Tensor& hidden,
                           at::Tensor* conv_state = nullptr, at::Tensor* ssm_state = nullptr);
 

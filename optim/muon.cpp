@@ -6,13 +6,24 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "util/error.h"
 
 namespace coil::optim {
 
+namespace {
+std::function<void(const at::Tensor&)>& observer() {
+  static std::function<void(const at::Tensor&)> fn;
+  return fn;
+}
+}  // namespace
+
+void observe_newton_schulz(std::function<void(const at::Tensor&)> fn) { observer() = std::move(fn); }
+
 at::Tensor newton_schulz(const at::Tensor& update, int steps) {
   COIL_CHECK(update.dim() == 2, "Newton-Schulz needs a matrix, got {} dimensions", update.dim());
+  if (observer()) observer()(update);
   c10::NoGradGuard no_grad;
   constexpr double a = 3.4445, b = -4.7750, c = 2.0315;
   const auto dtype = update.is_cuda() ? at::kBFloat16 : at::kFloat;
@@ -50,15 +61,30 @@ void Muon::step(double lr) {
   c10::NoGradGuard no_grad;
   ++step_;
   const double beta = config_.momentum;
+  // Momentum and the Nesterov update on every local tensor first, then all orthogonalizations
+  // together (so that a sharded orthogonalization can spread the matrices over the ranks).
+  std::vector<size_t> slots;
+  std::vector<at::Tensor> updates;
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = slots_[i];
     const at::Tensor& g = s.param.grad();
     if (!g.defined()) continue;
     s.momentum.mul_(beta).add_(g, 1 - beta);
-    at::Tensor u = config_.nesterov ? g * (1 - beta) + s.momentum * beta : s.momentum.clone();
-    at::Tensor o = orthogonalize_ ? orthogonalize_(i, u) : newton_schulz(u, config_.ns_steps);
+    slots.push_back(i);
+    updates.push_back(config_.nesterov ? g * (1 - beta) + s.momentum * beta : s.momentum.clone());
+  }
+  std::vector<at::Tensor> ortho;
+  if (orthogonalize_) {
+    ortho = orthogonalize_(slots, updates);
+    COIL_CHECK(ortho.size() == updates.size(), "the orthogonalization returned {} tensors for {}", ortho.size(),
+               updates.size());
+  } else {
+    for (const auto& u : updates) ortho.push_back(newton_schulz(u, config_.ns_steps));
+  }
+  for (size_t k = 0; k < slots.size(); ++k) {
+    Slot& s = slots_[slots[k]];
     if (s.decay && config_.weight_decay != 0) s.param.mul_(1 - lr * config_.weight_decay);
-    s.param.add_(o, -lr * muon_scale(config_.scale, s.rows, s.cols));
+    s.param.add_(ortho[k], -lr * muon_scale(config_.scale, s.rows, s.cols));
   }
 }
 

@@ -40,6 +40,10 @@ struct MuonConfig {
 // The approximate orthogonalization of a 2-D matrix (any orientation).
 at::Tensor newton_schulz(const at::Tensor& update, int steps = 5);
 
+// Calls fn(matrix) at every newton_schulz() call from now on (tests check who orthogonalizes
+// what); an empty fn stops it.
+void observe_newton_schulz(std::function<void(const at::Tensor&)> fn);
+
 // The scale of an update of a rows x cols matrix under the rule ("keller" or "moonlight").
 double muon_scale(const std::string& rule, int64_t rows, int64_t cols);
 
@@ -48,10 +52,11 @@ class Muon {
   explicit Muon(const MuonConfig& config);
   // Registers a 2-D parameter (or a shard of rows of one) of the given whole-matrix shape.
   void add(const std::string& name, const at::Tensor& param, bool decay, int64_t rows = -1, int64_t cols = -1);
-  // Replaces newton_schulz() on the local tensor; called once per parameter per step, in the
-  // order of add(), with the local momentum update; returns the local part of the orthogonalized
-  // whole matrix.
-  using Orthogonalize = std::function<at::Tensor(size_t index, const at::Tensor& local_update)>;
+  // Replaces newton_schulz() on the local tensors; called once per step with the slots (indices in
+  // add() order) that have a gradient and their local momentum updates; returns the local parts of
+  // the orthogonalized whole matrices, in the same order.
+  using Orthogonalize =
+      std::function<std::vector<at::Tensor>(const std::vector<size_t>& slots, const std::vector<at::Tensor>& updates)>;
   void set_orthogonalize(Orthogonalize fn) { orthogonalize_ = std::move(fn); }
   // One step; lr is Muon's own (keller) or AdamW's (moonlight), as the caller's schedule says.
   void step(double lr);
