@@ -39,6 +39,12 @@ World init() {
 
 }  // namespace
 
+bool launched_by_mpi() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE"})
+    if (const char* v = std::getenv(var); v && *v) return true;
+  return false;
+}
+
 const World& world() {
   static const World w = init();
   return w;

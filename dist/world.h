@@ -14,6 +14,10 @@ struct World {
   bool root() const { return rank == 0; }
 };
 
+// True when a launcher started this process as a rank of several (mpirun, srun --mpi=pmix): the
+// environment says so before MPI is initialized. Single-process commands never touch MPI.
+bool launched_by_mpi();
+
 // Initializes MPI once (thread-multiple) and returns the world; MPI is finalized at exit.
 const World& world();
 

@@ -13,6 +13,8 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <functional>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -22,6 +24,9 @@
 #include "data/streaming.h"
 #include "data/tokenizer.h"
 #include "dist/checkpoint.h"
+#include "dist/comm.h"
+#include "dist/fsdp.h"
+#include "dist/world.h"
 #include "model/mamba.h"
 #include "optim/hybrid.h"
 #include "optim/schedule.h"
@@ -54,13 +59,6 @@ int64_t to_tensors(const data::Batch& b, at::Tensor& inputs, at::Tensor& targets
   at::Tensor mask = at::from_blob(const_cast<uint8_t*>(b.mask.data()), {b.rows, b.cols}, at::kByte).narrow(1, 1, b.cols - 1);
   targets.masked_fill_(mask.eq(0), -100);
   return mask.sum().item<int64_t>();
-}
-
-// Sum of the cross-entropy over the targets that count.
-at::Tensor loss_sum(const MambaLM& model, const at::Tensor& inputs, const at::Tensor& targets) {
-  at::Tensor logits = model.forward(inputs);
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}), {},
-                                at::Reduction::Sum, -100);
 }
 
 // The data of a run: the training loader, and how to make the held-out batches.
@@ -124,8 +122,18 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   return d;
 }
 
-// Mean loss over the first eval_batches micro batches of the held-out data.
-double evaluate(const MambaLM& model, RunData& d, int64_t batches) {
+using Forward = std::function<at::Tensor(const at::Tensor&)>;
+
+// Sum of the cross-entropy over the targets that count.
+at::Tensor loss_sum(const Forward& forward, const at::Tensor& inputs, const at::Tensor& targets) {
+  at::Tensor logits = forward(inputs);
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}), {},
+                                at::Reduction::Sum, -100);
+}
+
+// Mean loss over the first eval_batches micro batches of the held-out data (every rank computes
+// the same; the sharded forward needs every rank).
+double evaluate(const Forward& model, RunData& d, int64_t batches) {
   c10::NoGradGuard no_grad;
   auto loader = d.val();
   double sum = 0;
@@ -133,7 +141,7 @@ double evaluate(const MambaLM& model, RunData& d, int64_t batches) {
   for (int64_t i = 0; i < batches; ++i) {
     at::Tensor inputs, targets;
     count += to_tensors(loader->next(), inputs, targets);
-    sum += loss_sum(model, inputs, targets).item<double>();
+    sum += loss_sum(model, inputs, targets).item<double>();  // model: the (possibly sharded) forward
   }
   return sum / std::max<int64_t>(count, 1);
 }
@@ -164,11 +172,89 @@ void trim_metrics(const std::string& path, int64_t step) {
   std::ofstream(path, std::ios::trunc) << kept;
 }
 
+// How the model runs: whole on one process, or sharded FSDP-style across the ranks of an MPI run.
+// The loop below is the same either way.
+struct Parallel {
+  int rank = 0, world = 1;
+  std::shared_ptr<dist::Comm> comm;  // null on one process
+  std::unique_ptr<dist::FsdpMamba> fsdp;
+  MambaLM* model = nullptr;
+  std::vector<NamedTensor> params;  // what the optimizer updates: whole tensors or this rank's shards
+  std::map<std::string, size_t> index;  // parameter name -> position
+
+  bool root() const { return rank == 0; }
+  at::Tensor forward(const at::Tensor& tokens) { return fsdp ? fsdp->forward(tokens) : model->forward(tokens); }
+  void finish_step() {
+    if (fsdp) fsdp->finish_step();
+  }
+  std::vector<double> sum(std::vector<double> v) {
+    if (!comm) return v;
+    at::Tensor t = at::tensor(v, at::kDouble);
+    comm->all_reduce(t);
+    return {t.data_ptr<double>(), t.data_ptr<double>() + t.numel()};
+  }
+  std::vector<std::vector<int64_t>> shapes() const {
+    if (fsdp) return fsdp->whole_shapes();
+    std::vector<std::vector<int64_t>> out;
+    for (const auto& p : params) out.push_back(p.tensor.sizes().vec());
+    return out;
+  }
+  // The layout of an optimizer state tensor ("muon.<param>.momentum", "adamw.<param>.exp_avg").
+  const dist::ShardLayout& state_layout(const std::string& state) const {
+    const size_t a = state.find('.'), b = state.rfind('.');
+    return fsdp->layout(index.at(state.substr(a + 1, b - a - 1)));
+  }
+  // Whole tensors of the model and of the optimizer state, gathered (collective).
+  std::vector<NamedTensor> whole_params() { return fsdp ? fsdp->gather_whole() : params; }
+  std::vector<NamedTensor> whole_state(const std::vector<NamedTensor>& local) {
+    if (!fsdp) return local;
+    std::vector<NamedTensor> out;
+    for (const auto& t : local) {
+      at::Tensor all = at::empty({world * t.tensor.numel()}, t.tensor.options());
+      comm->all_gather(t.tensor.contiguous().view({-1}), all);
+      out.push_back({t.name, state_layout(t.name).assemble(all.view({world, t.tensor.numel()}))});
+    }
+    return out;
+  }
+  // Tensors of the whole shapes to read the optimizer state into, and this rank's slices of them.
+  std::vector<NamedTensor> whole_state_buffers(const std::vector<NamedTensor>& local) const {
+    if (!fsdp) return local;
+    std::vector<NamedTensor> out;
+    for (const auto& t : local) out.push_back({t.name, at::empty(state_layout(t.name).shape, t.tensor.options())});
+    return out;
+  }
+  std::vector<NamedTensor> local_state(const std::vector<NamedTensor>& whole) const {
+    if (!fsdp) return whole;
+    std::vector<NamedTensor> out;
+    for (const auto& t : whole) out.push_back({t.name, state_layout(t.name).slice(t.tensor, rank)});
+    return out;
+  }
+};
+
+// Under mpirun or srun every rank must run the same configuration.
+void check_same_config(Parallel& par, const std::string& config_text) {
+  if (!par.comm) return;
+  at::Tensor mine = at::tensor({static_cast<int64_t>(std::hash<std::string>{}(config_text) >> 1)}, at::kLong);
+  at::Tensor all = at::empty({par.world}, at::kLong);
+  par.comm->all_gather(mine, all);
+  for (int r = 0; r < par.world; ++r)
+    COIL_CHECK(all[r].item<int64_t>() == mine.item<int64_t>(),
+               "rank {} runs another configuration than rank {} (the resolved configs differ: same --config and "
+               "--set on every rank?)",
+               par.rank, r);
+}
+
 }  // namespace
 
 TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const auto t_start = std::chrono::steady_clock::now();
+  Parallel par;
+  if (dist::launched_by_mpi()) {
+    par.rank = dist::world().rank;
+    par.world = dist::world().size;
+  }
   if (c.threads > 0) at::set_num_threads(static_cast<int>(c.threads));
+  else if (par.world > 1) at::set_num_threads(dist::cores_per_rank());
   COIL_CHECK(!c.data_tokenizer.empty(), "data.tokenizer is not set");
   COIL_CHECK(!c.data_train.empty(), "data.train is not set");
   COIL_CHECK(c.nan_policy == "stop" || c.nan_policy == "skip", "train.nan_policy must be stop or skip, not '{}'",
@@ -183,11 +269,41 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   mc = mc.padded();
   data::check_vocab_fits(tok.vocab_size(), mc.vocab_size, tok.path());
   MambaLM model(mc, static_cast<uint64_t>(c.seed));
-  std::vector<NamedTensor> params = model.named_parameters();
-  for (auto& p : params) p.tensor.requires_grad_(true);
+  const std::string config_text = c.to_toml();
+  if (par.world > 1) {
+    par.comm = dist::make_mpi_comm();
+    check_same_config(par, config_text);
+  }
+
+  // ---- The run directory: the weights to start from (every rank reads them whole) ----
+  const fs::path run_dir(c.run_dir), ckpt_dir = run_dir / "checkpoints";
+  if (par.root()) fs::create_directories(ckpt_dir);
+  const bool resuming = fs::exists(ckpt_dir / "latest" / "checkpoint.h5");
+  CheckpointData resume_from;
+  if (resuming) {
+    resume_from = load_checkpoint((ckpt_dir / "latest").string(), model.named_parameters(), nullptr);
+  } else if (must_resume) {
+    fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
+  } else if (phase == Phase::kSft) {
+    COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
+    load_checkpoint(c.pretrained_checkpoint_path, model.named_parameters(), nullptr, false);
+    if (par.root()) fmt::print("sft: starting from the pretrained weights of {}\n", c.pretrained_checkpoint_path);
+  }
+
+  // ---- The model across the ranks ----
+  par.model = &model;
+  if (par.world > 1) {
+    par.fsdp = std::make_unique<dist::FsdpMamba>(model, par.comm, /*reshard_after_forward=*/true);
+    par.params = par.fsdp->local_parameters();
+  } else {
+    par.params = model.named_parameters();
+    for (auto& p : par.params) p.tensor.requires_grad_(true);
+  }
+  for (size_t i = 0; i < par.params.size(); ++i) par.index[par.params[i].name] = i;
+  const std::vector<NamedTensor>& params = par.params;
 
   // ---- Data, steps, optimizer, schedule ----
-  const data::BatchGeometry geo{c.seq_len, c.global_batch_size, c.micro_batch_size, 0, 1};
+  const data::BatchGeometry geo{c.seq_len, c.global_batch_size, c.micro_batch_size, par.rank, par.world};
   geo.validate();
   RunData data = open_data(c, phase, tok, geo);
   const int64_t steps = derive_steps(c, *data.train);
@@ -195,50 +311,59 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   hc.use_muon = c.use_muon;
   hc.adamw = {c.adam_beta1, c.adam_beta2, c.adam_eps, c.weight_decay};
   hc.muon = {c.muon_momentum, c.muon_nesterov, static_cast<int>(c.muon_ns_steps), c.weight_decay, c.muon_scale};
-  optim::HybridOptimizer opt(params, hc);
+  optim::HybridOptimizer opt(params, hc, par.shapes());
+  if (par.fsdp) {  // Muon's matrices are orthogonalized whole, each on one owner rank
+    std::vector<dist::ShardLayout> muon_layouts;
+    for (size_t i = 0; i < params.size(); ++i)
+      if (hc.use_muon && optim::group_of(params[i].name, static_cast<int64_t>(par.fsdp->layout(i).shape.size())).muon)
+        muon_layouts.push_back(par.fsdp->layout(i));
+    opt.muon().set_orthogonalize(dist::sharded_orthogonalize(par.comm, muon_layouts, hc.muon.ns_steps));
+  }
   optim::Schedule schedule{c.schedule, c.warmup_steps, steps, c.min_lr_ratio, c.decay_fraction};
   schedule.validate();
 
-  // ---- The run directory: resume from its latest checkpoint, or start ----
-  const fs::path run_dir(c.run_dir), ckpt_dir = run_dir / "checkpoints";
-  fs::create_directories(ckpt_dir);
-  const std::string config_text = c.to_toml();
   int64_t step = 0, tokens_seen = 0;
   double best_val = std::numeric_limits<double>::infinity(), elapsed_before = 0;
-  if (fs::exists(ckpt_dir / "latest" / "checkpoint.h5")) {
-    std::vector<NamedTensor> opt_state = opt.state();
-    CheckpointData ck = load_checkpoint((ckpt_dir / "latest").string(), params, &opt_state);
+  if (resuming) {
+    std::vector<NamedTensor> whole_state = par.whole_state_buffers(opt.state());
+    CheckpointData ck = load_checkpoint((ckpt_dir / "latest").string(), {}, &whole_state);
     step = ck.step;
-    opt.load_state(opt_state, step);
+    opt.load_state(par.local_state(whole_state), step);
     data.train->restore(data::LoaderState::from_json(ck.strings.at("loader_state")));
     tokens_seen = std::stoll(ck.strings.at("tokens_seen"));
     best_val = std::stod(ck.strings.at("best_val_loss"));
     elapsed_before = std::stod(ck.strings.at("elapsed_s"));
-    fmt::print("{}: resuming {} at step {} of {}\n", what, fs::canonical(ckpt_dir / "latest").string(), step, steps);
-  } else if (must_resume) {
-    fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
-  } else if (phase == Phase::kSft) {
-    COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
-    load_checkpoint(c.pretrained_checkpoint_path, params, nullptr, false);
-    fmt::print("sft: starting from the pretrained weights of {}\n", c.pretrained_checkpoint_path);
+    if (par.root())
+      fmt::print("{}: resuming {} at step {} of {}\n", what, fs::canonical(ckpt_dir / "latest").string(), step, steps);
   }
-  std::ofstream(run_dir / "config.toml") << config_text;
+  // Only rank 0 writes files.
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
-  if (step > 0) trim_metrics(metrics_path, step);
-  std::ofstream metrics(metrics_path, step > 0 ? std::ios::app : std::ios::trunc);
-  TensorBoardWriter tb((run_dir / "tb").string());  // a new event file per (re)start, as TensorBoard expects
+  std::ofstream metrics;
+  std::unique_ptr<TensorBoardWriter> tb;
+  if (par.root()) {
+    std::ofstream(run_dir / "config.toml") << config_text;
+    if (step > 0) trim_metrics(metrics_path, step);
+    metrics.open(metrics_path, step > 0 ? std::ios::app : std::ios::trunc);
+    tb = std::make_unique<TensorBoardWriter>((run_dir / "tb").string());  // a new event file per (re)start
+  }
+  auto log_scalar = [&](const char* tag, double v, int64_t at_step) {
+    if (tb) tb->scalar(tag, v, at_step);
+  };
+  const Forward forward = [&](const at::Tensor& tokens) { return par.forward(tokens); };
 
-  fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));
-  fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {}), {} threads\n", what,
-             data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
-             at::get_num_threads());
+  if (par.root()) fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));
+  if (par.root())
+    fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {} on each of {} rank(s)), {} threads{}\n",
+               what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
+               par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
 
   // Saves the whole state after `done` steps into checkpoints/<name>.
+  // Collective: every rank gathers, rank 0 writes.
   auto save = [&](const std::string& name, int64_t done, double elapsed) {
     CheckpointData ck;
     ck.step = done;
-    ck.model = params;
-    ck.optimizer = opt.state();
+    ck.model = par.whole_params();
+    ck.optimizer = par.whole_state(opt.state());
     ck.strings = {{"config", config_text},
                   {"phase", what},
                   {"loader_state", data.train->state().to_json()},
@@ -247,16 +372,22 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                   {"elapsed_s", fmt::format("{}", elapsed)},
                   {"schedule", fmt::format("{} warmup {} total {} min_lr_ratio {}", schedule.kind,
                                            schedule.warmup_steps, schedule.total_steps, schedule.min_lr_ratio)}};
-    save_checkpoint((ckpt_dir / name).string(), ck);
+    if (par.root()) save_checkpoint((ckpt_dir / name).string(), ck);
+    if (par.comm) par.comm->barrier();
+  };
+  auto link = [&](const std::string& l, const std::string& target) {
+    if (par.root()) point_link(ckpt_dir.string(), l, target);
   };
 
   // ---- The loop ----
   TrainResult result;
   if (step == 0 && data.val && c.eval_interval > 0) {  // where the run starts from, for comparison
-    const double val = evaluate(model, data, c.eval_batches);
-    metrics << nlohmann::json{{"step", 0}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n" << std::flush;
-    tb.scalar("val/loss", val, 0);
-    fmt::print("{} step 0/{} | val loss {:.4f} | val ppl {:.2f}\n", what, steps, val, std::exp(val));
+    const double val = evaluate(forward, data, c.eval_batches);
+    if (par.root()) {
+      metrics << nlohmann::json{{"step", 0}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n" << std::flush;
+      log_scalar("val/loss", val, 0);
+      fmt::print("{} step 0/{} | val loss {:.4f} | val ppl {:.2f}\n", what, steps, val, std::exp(val));
+    }
   }
   const auto t_loop = std::chrono::steady_clock::now();
   const int64_t first = step;
@@ -264,26 +395,31 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   double step_time = 0;  // moving average, for the ETA
   for (; step < steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    // The global batch: every micro batch first, to know how many targets the mean is over.
+    // This rank's part of the global batch: every micro batch first, to know how many targets
+    // (over all ranks) the mean is over.
     std::vector<at::Tensor> inputs(static_cast<size_t>(geo.accumulation())), targets(inputs.size());
-    int64_t count = 0;
-    for (size_t m = 0; m < inputs.size(); ++m) count += to_tensors(data.train->next(), inputs[m], targets[m]);
+    int64_t local_count = 0;
+    for (size_t m = 0; m < inputs.size(); ++m) local_count += to_tensors(data.train->next(), inputs[m], targets[m]);
+    const double count = std::max(1.0, par.sum({static_cast<double>(local_count)})[0]);
     for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
-    double loss = 0;
+    double local_loss = 0;
     for (size_t m = 0; m < inputs.size(); ++m) {
-      at::Tensor l = loss_sum(model, inputs[m], targets[m]) / static_cast<double>(std::max<int64_t>(count, 1));
+      at::Tensor l = loss_sum(forward, inputs[m], targets[m]) / count;
       l.backward();
-      loss += l.item<double>();
+      local_loss += l.item<double>();
     }
-    const double grad_norm = std::sqrt(optim::grad_sq_norm(params));
+    par.finish_step();
+    const std::vector<double> sums = par.sum({local_loss, optim::grad_sq_norm(params)});
+    const double loss = sums[0], grad_norm = std::sqrt(sums[1]);
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       if (c.nan_policy == "stop")
         fail("{} step {}: the loss is {} (gradient norm {}); stopping without writing a checkpoint "
              "(train.nan_policy = \"skip\" skips such steps)",
              what, step + 1, loss, grad_norm);
       ++skipped;
-      fmt::print(stderr, "coil: warning: step {}: loss {}, gradient norm {}: step skipped ({} so far)\n", step + 1,
-                 loss, grad_norm, skipped);
+      if (par.root())
+        fmt::print(stderr, "coil: warning: step {}: loss {}, gradient norm {}: step skipped ({} so far)\n", step + 1,
+                   loss, grad_norm, skipped);
       continue;
     }
     optim::clip_grads(params, grad_norm, c.grad_clip);
@@ -296,31 +432,37 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     tokens_seen += c.global_batch_size * c.seq_len;
     const double elapsed = elapsed_before + seconds_since(t_loop);
     const double tok_s = static_cast<double>(c.global_batch_size * c.seq_len) / dt;
-    metrics << nlohmann::json{{"step", done},           {"loss", loss},         {"lr_muon", lr_muon},
-                              {"lr_adamw", lr_adamw},   {"grad_norm", grad_norm}, {"tokens", tokens_seen},
-                              {"tokens_per_sec", tok_s}, {"elapsed_s", elapsed}}
-                   .dump()
-            << "\n"
-            << std::flush;
-    tb.scalar("train/loss", loss, done);
-    tb.scalar("train/lr_muon", lr_muon, done);
-    tb.scalar("train/lr_adamw", lr_adamw, done);
-    tb.scalar("train/grad_norm", grad_norm, done);
-    tb.scalar("train/tokens_per_sec", tok_s, done);
-    if (done % c.log_interval == 0 || done == steps) {
-      tb.flush();
-      fmt::print("{} step {}/{} | loss {:.4f} | lr {:.2e}/{:.2e} | grad {:.3f} | {:.0f} tok/s | ETA {}\n", what, done,
-                 steps, loss, lr_muon, lr_adamw, grad_norm, tok_s, human_time(step_time * static_cast<double>(steps - done)));
+    if (par.root()) {
+      metrics << nlohmann::json{{"step", done},           {"loss", loss},         {"lr_muon", lr_muon},
+                                {"lr_adamw", lr_adamw},   {"grad_norm", grad_norm}, {"tokens", tokens_seen},
+                                {"tokens_per_sec", tok_s}, {"elapsed_s", elapsed}}
+                     .dump()
+              << "\n"
+              << std::flush;
+      log_scalar("train/loss", loss, done);
+      log_scalar("train/lr_muon", lr_muon, done);
+      log_scalar("train/lr_adamw", lr_adamw, done);
+      log_scalar("train/grad_norm", grad_norm, done);
+      log_scalar("train/tokens_per_sec", tok_s, done);
+      if (done % c.log_interval == 0 || done == steps) {
+        tb->flush();
+        fmt::print("{} step {}/{} | loss {:.4f} | lr {:.2e}/{:.2e} | grad {:.3f} | {:.0f} tok/s | ETA {}\n", what,
+                   done, steps, loss, lr_muon, lr_adamw, grad_norm, tok_s,
+                   human_time(step_time * static_cast<double>(steps - done)));
+      }
     }
     result.last_loss = loss;
 
     if (data.val && c.eval_interval > 0 && (done % c.eval_interval == 0 || done == steps)) {
-      const double val = evaluate(model, data, c.eval_batches);
-      metrics << nlohmann::json{{"step", done}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n" << std::flush;
-      tb.scalar("val/loss", val, done);
-      tb.flush();
-      fmt::print("{} step {}/{} | val loss {:.4f} | val ppl {:.2f}{}\n", what, done, steps, val, std::exp(val),
-                 val < best_val ? " (best)" : "");
+      const double val = evaluate(forward, data, c.eval_batches);
+      if (par.root()) {
+        metrics << nlohmann::json{{"step", done}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n"
+                << std::flush;
+        log_scalar("val/loss", val, done);
+        tb->flush();
+        fmt::print("{} step {}/{} | val loss {:.4f} | val ppl {:.2f}{}\n", what, done, steps, val, std::exp(val),
+                   val < best_val ? " (best)" : "");
+      }
       result.last_val_loss = val;
       if (val < best_val) {
         best_val = val;
@@ -330,13 +472,14 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     if ((c.checkpoint_interval > 0 && done % c.checkpoint_interval == 0) || done == steps) {
       const std::string name = fmt::format("step-{:08d}", done);
       save(name, done, elapsed);
-      point_link(ckpt_dir.string(), "latest", name);
-      if (done == steps) point_link(ckpt_dir.string(), "final", name);
+      link("latest", name);
+      if (done == steps) link("final", name);
     }
   }
   result.steps = steps;
-  fmt::print("{}: done, {} steps in {} ({} skipped); checkpoints in {}\n", what, steps,
-             human_time(seconds_since(t_start)), skipped, ckpt_dir.string());
+  if (par.root())
+    fmt::print("{}: done, {} steps in {} ({} skipped); checkpoints in {}\n", what, steps,
+               human_time(seconds_since(t_start)), skipped, ckpt_dir.string());
   return result;
 }
 

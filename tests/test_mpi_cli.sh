@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `coil pretrain` under mpirun: 3 ranks log the same losses as 1 process (within 1e-5 relative),
+# a 3-rank checkpoint resumes on 2 ranks to the same losses, and ranks started with different
+# configurations stop at once with a non-zero exit.
+#   tests/test_mpi_cli.sh path/to/coil
+set -u
+coil=$(realpath "$1")
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
+mpirun=(mpirun --oversubscribe --bind-to none)
+failed=0
+fail() { echo "FAIL $*"; failed=1; }
+
+python3 -c '
+import json
+w = "the snake coils around a warm stone and sleeps while rain falls on green hills far away from town".split()
+with open("c.jsonl", "w") as f:
+    for d in range(300): f.write(json.dumps({"text": " ".join(w[(d * 7 + i * 3) % len(w)] for i in range(60))}) + "\n")'
+"$coil" tokenizer train --input c.jsonl --vocab-size 300 --output tok >/dev/null || fail tokenizer
+"$coil" data prepare --input c.jsonl --tokenizer tok.model --output shards >/dev/null || fail prepare
+args=(--config /dev/null --set data.train=shards --set data.val=shards --set data.tokenizer=tok.model
+  --set train.seq_len=32 --set train.global_batch_size=6 --set train.micro_batch_size=1 --set train.max_steps=8
+  --set train.eval_interval=4 --set train.eval_batches=2 --set train.checkpoint_interval=4 --set train.threads=1)
+compare() {  # the losses and val losses of two runs, within 1e-5 relative
+  python3 -c '
+import json, sys
+a, b = ([json.loads(l) for l in open(f + "/metrics.jsonl")] for f in sys.argv[1:3])
+assert len(a) == len(b), (len(a), len(b))
+for x, y in zip(a, b):
+    k = "loss" if "loss" in x else "val_loss"
+    assert x["step"] == y["step"] and abs(x[k] - y[k]) <= 1e-5 * abs(x[k]), (x, y)' "$1" "$2"
+}
+"$coil" pretrain "${args[@]}" --set train.run_dir=one >one.log 2>&1 || fail "1 process: $(tail -1 one.log)"
+"${mpirun[@]}" -np 3 "$coil" pretrain "${args[@]}" --set train.run_dir=three >three.log 2>&1 || fail "3 ranks: $(tail -3 three.log)"
+compare one three || fail "3 ranks log other losses than 1 process"
+# Back to step 4 of the 3-rank run, resumed on 2 ranks.
+rm -rf three/checkpoints/step-00000008 three/checkpoints/final
+ln -sfn step-00000004 three/checkpoints/latest
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=three --resume >resume.log 2>&1 ||
+  fail "resume on 2 ranks: $(tail -3 resume.log)"
+grep -q "resuming" resume.log || fail "the 2-rank run did not resume"
+compare one three || fail "the run resumed on 2 ranks logs other losses"
+# Different configurations on different ranks: every rank stops, non-zero, quickly.
+timeout 60 "${mpirun[@]}" -np 2 sh -c "exec \"$coil\" pretrain ${args[*]} --set train.run_dir=mixed --set train.seed=\$OMPI_COMM_WORLD_RANK" \
+  >mixed.log 2>&1
+rc=$?
+[ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] || fail "mixed configs: exit $rc"
+grep -q "runs another configuration than rank" mixed.log || fail "mixed configs: no error message"
+[ "$failed" -eq 0 ] && echo "mpi cli: ok"
+exit "$failed"
