@@ -151,6 +151,17 @@ struct UnitFunction : public torch::autograd::Function<UnitFunction> {
     at::Tensor y = u->compute(xin, whole.tensors);
     variable_list grads = torch::autograd::grad({y}, inputs, {grad_out[0]}, false, false, /*allow_unused=*/true);
     std::vector<at::Tensor> weight_grads(grads.begin(), grads.begin() + static_cast<ptrdiff_t>(u->index.size()));
+    // The whole weights go before the reduce-scatter; the whole gradients and its send buffer are
+    // what is alive then (counted as whole-unit memory).
+    const int64_t n = whole.numel;
+    y.reset();
+    inputs.clear();
+    whole.tensors.clear();
+    count_gathered(-n);
+    whole.numel = 0;
+    Gathered transient;
+    transient.numel = 2 * n;
+    count_gathered(transient.numel);
     std::vector<at::Tensor> local = u->reduce_scatter(weight_grads);
     variable_list out{dx ? grads.back() : at::Tensor(), at::Tensor()};
     out.insert(out.end(), local.begin(), local.end());

@@ -58,7 +58,8 @@ class FsdpMamba {
   // The whole parameters, gathered on every rank (for checkpoints and evaluation).
   std::vector<NamedTensor> gather_whole() const;
 
-  // Elements of whole (gathered) weights alive now: for memory tests and benchmarks.
+  // Elements of whole (gathered) weights alive now, with the whole gradients and the send buffer
+  // of a unit's backward: for memory tests and benchmarks.
   static int64_t gathered_numel();
   static int64_t gathered_peak();  // the most alive at once since reset_gathered_peak()
   static void reset_gathered_peak();

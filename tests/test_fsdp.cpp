@@ -164,7 +164,7 @@ TEST(Fsdp, EachRankHoldsItsShardsAndOneUnitAtATime) {
   at::Tensor l = loss_sum(fsdp.forward(t.narrow(1, 0, kSeq)), t.narrow(1, 1, kSeq));
   l.backward();
   EXPECT_EQ(FsdpMamba::gathered_numel(), 0);  // nothing gathered stays
-  EXPECT_LE(FsdpMamba::gathered_peak(), largest_unit);
+  EXPECT_LE(FsdpMamba::gathered_peak(), 2 * largest_unit);  // a unit's weights and gradients, or gradients and send buffer
   EXPECT_GT(FsdpMamba::gathered_peak(), 0);
 }
 
