@@ -62,6 +62,7 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "pretrained_checkpoint_path", &c.pretrained_checkpoint_path},
       {"train", "nan_policy", &c.nan_policy},
       {"train", "threads", &c.threads},
+      {"train", "reshard_after_forward", &c.reshard_after_forward},
   };
 }
 

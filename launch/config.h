@@ -48,7 +48,8 @@ struct RunConfig {
   int64_t log_interval = 1;
   std::string pretrained_checkpoint_path;  // SFT: the pretrained model
   std::string nan_policy = "stop";         // or "skip"
-  int64_t threads = 0;                     // 0: all cores
+  int64_t threads = 0;                     // 0: all cores (under MPI: the node's cores / its ranks)
+  bool reshard_after_forward = true;       // FSDP: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);

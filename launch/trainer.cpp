@@ -9,6 +9,7 @@
 #include <fmt/ranges.h>
 
 #include <chrono>
+#include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -216,6 +217,20 @@ struct Parallel {
     }
     return out;
   }
+  // Every rank's `text`, in rank order (collective).
+  std::vector<std::string> all_strings(const std::string& text) {
+    if (!comm) return {text};
+    at::Tensor len = at::tensor({static_cast<int64_t>(text.size())}, at::kLong), lens = at::empty({world}, at::kLong);
+    comm->all_gather(len, lens);
+    const int64_t longest = lens.max().item<int64_t>();
+    at::Tensor mine = at::zeros({longest}, at::kByte), all = at::empty({world * longest}, at::kByte);
+    std::memcpy(mine.data_ptr(), text.data(), text.size());
+    comm->all_gather(mine, all);
+    std::vector<std::string> out;
+    for (int r = 0; r < world; ++r)
+      out.emplace_back(static_cast<const char*>(all.data_ptr()) + r * longest, static_cast<size_t>(lens[r].item<int64_t>()));
+    return out;
+  }
   // Tensors of the whole shapes to read the optimizer state into, and this rank's slices of them.
   std::vector<NamedTensor> whole_state_buffers(const std::vector<NamedTensor>& local) const {
     if (!fsdp) return local;
@@ -293,7 +308,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   // ---- The model across the ranks ----
   par.model = &model;
   if (par.world > 1) {
-    par.fsdp = std::make_unique<dist::FsdpMamba>(model, par.comm, /*reshard_after_forward=*/true);
+    par.fsdp = std::make_unique<dist::FsdpMamba>(model, par.comm, c.reshard_after_forward);
     par.params = par.fsdp->local_parameters();
   } else {
     par.params = model.named_parameters();
@@ -329,7 +344,17 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     CheckpointData ck = load_checkpoint((ckpt_dir / "latest").string(), {}, &whole_state);
     step = ck.step;
     opt.load_state(par.local_state(whole_state), step);
-    data.train->restore(data::LoaderState::from_json(ck.strings.at("loader_state")));
+    // The loader state: one for all ranks (its order does not depend on them), or, when streaming,
+    // one per rank of the run that saved it (merged when the number of ranks changed).
+    data::LoaderState state = data::LoaderState::from_json(ck.strings.at("loader_state"));
+    if (state.kind == "streaming") {
+      std::vector<data::LoaderState> saved;
+      for (int r = 0; r < state.world; ++r)
+        saved.push_back(data::LoaderState::from_json(ck.strings.at(fmt::format("loader_state.rank{}", r))));
+      state = state.world == par.world ? saved[static_cast<size_t>(par.rank)]
+                                       : data::merge_streaming_states(saved, par.rank, par.world);
+    }
+    data.train->restore(state);
     tokens_seen = std::stoll(ck.strings.at("tokens_seen"));
     best_val = std::stod(ck.strings.at("best_val_loss"));
     elapsed_before = std::stod(ck.strings.at("elapsed_s"));
@@ -372,6 +397,8 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                   {"elapsed_s", fmt::format("{}", elapsed)},
                   {"schedule", fmt::format("{} warmup {} total {} min_lr_ratio {}", schedule.kind,
                                            schedule.warmup_steps, schedule.total_steps, schedule.min_lr_ratio)}};
+    const std::vector<std::string> loader_states = par.all_strings(data.train->state().to_json());
+    for (size_t r = 0; r < loader_states.size(); ++r) ck.strings[fmt::format("loader_state.rank{}", r)] = loader_states[r];
     if (par.root()) save_checkpoint((ckpt_dir / name).string(), ck);
     if (par.comm) par.comm->barrier();
   };

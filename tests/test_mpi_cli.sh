@@ -42,6 +42,24 @@ ln -sfn step-00000004 three/checkpoints/latest
   fail "resume on 2 ranks: $(tail -3 resume.log)"
 grep -q "resuming" resume.log || fail "the 2-rank run did not resume"
 compare one three || fail "the run resumed on 2 ranks logs other losses"
+# ZeRO-2 (gathered weights kept for the step) gives the same losses too.
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=zero2 --set train.reshard_after_forward=false \
+  >zero2.log 2>&1 || fail "ZeRO-2 on 2 ranks: $(tail -3 zero2.log)"
+compare one zero2 || fail "ZeRO-2 on 2 ranks logs other losses than 1 process"
+# Streaming on 2 ranks: stopped at step 4 and resumed, the same losses as straight; resumed on 3
+# ranks from the 2 ranks' positions, it runs on.
+sargs=("${args[@]}" --set data.streaming=true --set data.train=c.jsonl)
+"${mpirun[@]}" -np 2 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2 >s2.log 2>&1 || fail "streaming: $(tail -3 s2.log)"
+cp -r s2 s2b
+rm -rf s2b/checkpoints/step-00000008 s2b/checkpoints/final
+ln -sfn step-00000004 s2b/checkpoints/latest
+"${mpirun[@]}" -np 2 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2b --resume >s2b.log 2>&1 ||
+  fail "streaming resume: $(tail -3 s2b.log)"
+compare s2 s2b || fail "streaming on 2 ranks, resumed, logs other losses"
+rm -rf s2b/checkpoints/step-00000008 s2b/checkpoints/final
+ln -sfn step-00000004 s2b/checkpoints/latest
+"${mpirun[@]}" -np 3 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2b --resume >s3.log 2>&1 ||
+  fail "streaming resume on 3 ranks: $(tail -3 s3.log)"
 # Different configurations on different ranks: every rank stops, non-zero, quickly.
 timeout 60 "${mpirun[@]}" -np 2 sh -c "exec \"$coil\" pretrain ${args[*]} --set train.run_dir=mixed --set train.seed=\$OMPI_COMM_WORLD_RANK" \
   >mixed.log 2>&1
