@@ -291,6 +291,25 @@ bool RecordReader::next(Record& record) {
 
 // ---- Records to documents -------------------------------------------------------------------------
 
+namespace {
+
+// A record as a JSON object, or false with the reason.
+bool parse_object(const Record& record, nlohmann::json& j, std::string& why) {
+  try {
+    j = nlohmann::json::parse(record.bytes);
+  } catch (const nlohmann::json::exception& e) {
+    why = json_reason(e);
+    return false;
+  }
+  if (!j.is_object()) {
+    why = "not a JSON object";
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 bool valid_utf8(std::string_view s, size_t* bad_offset) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   const size_t n = s.size();
@@ -332,16 +351,7 @@ bool document_text(const Record& record, bool json, const ReadOptions& options, 
   }
   // JSON strings are checked for valid UTF-8 by the parser.
   nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(record.bytes);
-  } catch (const nlohmann::json::exception& e) {
-    why = json_reason(e);
-    return false;
-  }
-  if (!j.is_object()) {
-    why = "not a JSON object";
-    return false;
-  }
+  if (!parse_object(record, j, why)) return false;
   auto it = j.find(options.text_field);
   if (it == j.end() || !it->is_string()) {
     why = it == j.end() ? fmt::format("no \"{}\" field", options.text_field)
@@ -354,16 +364,7 @@ bool document_text(const Record& record, bool json, const ReadOptions& options, 
 
 bool alpaca_example(const Record& record, AlpacaExample& example, std::string& why) {
   nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(record.bytes);
-  } catch (const nlohmann::json::exception& e) {
-    why = json_reason(e);
-    return false;
-  }
-  if (!j.is_object()) {
-    why = "not a JSON object";
-    return false;
-  }
+  if (!parse_object(record, j, why)) return false;
   std::string* fields[] = {&example.instruction, &example.input, &example.output};
   const char* names[] = {"instruction", "input", "output"};
   for (int i = 0; i < 3; ++i) {

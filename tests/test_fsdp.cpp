@@ -20,7 +20,7 @@ MambaConfig tiny() {
   MambaConfig c = MambaConfig::preset("tiny");
   c.d_model = 32;
   c.n_layer = 2;
-  c.vocab_size = 61;  // rows that no number of ranks here divides evenly (padded to 64... by padded())
+  c.vocab_size = 61;  // a prime: rows that neither 2, 3 nor 4 ranks divide (no padding to 8 here)
   c.pad_vocab_multiple = 1;
   return c;
 }
