@@ -294,9 +294,8 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const fs::path run_dir(c.run_dir), ckpt_dir = run_dir / "checkpoints";
   if (par.root()) fs::create_directories(ckpt_dir);
   const bool resuming = fs::exists(ckpt_dir / "latest" / "checkpoint.h5");
-  CheckpointData resume_from;
-  if (resuming) {
-    resume_from = load_checkpoint((ckpt_dir / "latest").string(), model.named_parameters(), nullptr);
+  if (resuming) {  // the weights now; the optimizer state and the rest once the optimizer exists
+    load_checkpoint((ckpt_dir / "latest").string(), model.named_parameters(), nullptr);
   } else if (must_resume) {
     fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
   } else if (phase == Phase::kSft) {
