@@ -149,12 +149,31 @@ Tokenizer::Tokenizer(const std::string& model_path) : impl_(std::make_unique<Imp
   if (!fs::exists(model_path)) fail("no tokenizer at {}", model_path);
   auto status = impl_->sp.Load(model_path);
   if (!status.ok()) fail("{}: not a sentencepiece model ({})", model_path, status.message());
-  COIL_CHECK(impl_->sp.eos_id() >= 0, "{}: the tokenizer has no EOS token", model_path);
-  eos_ = impl_->sp.eos_id();
-  pad_ = impl_->sp.pad_id() >= 0 ? impl_->sp.pad_id() : eos_;
+  init();
   sha256_ = sha256_file(model_path);
 }
 
+Tokenizer Tokenizer::from_bytes(const std::string& model, const std::string& origin) {
+  Tokenizer t;
+  t.impl_ = std::make_unique<Impl>();
+  t.path_ = origin;
+  auto status = t.impl_->sp.LoadFromSerializedProto(model);
+  if (!status.ok()) fail("{}: not a sentencepiece model ({})", origin, status.message());
+  t.init();
+  unsigned char digest[32];
+  unsigned int len = 0;
+  EVP_Digest(model.data(), model.size(), digest, &len, EVP_sha256(), nullptr);
+  for (unsigned i = 0; i < len; ++i) t.sha256_ += fmt::format("{:02x}", digest[i]);
+  return t;
+}
+
+void Tokenizer::init() {
+  COIL_CHECK(impl_->sp.eos_id() >= 0, "{}: the tokenizer has no EOS token", path_);
+  eos_ = impl_->sp.eos_id();
+  pad_ = impl_->sp.pad_id() >= 0 ? impl_->sp.pad_id() : eos_;
+}
+
+Tokenizer::Tokenizer() = default;
 Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;

@@ -38,6 +38,8 @@ void train_tokenizer(const TokenizerTrainOptions& options);
 class Tokenizer {
  public:
   explicit Tokenizer(const std::string& model_path);
+  // A model held in memory (the copy a checkpoint keeps); `origin` names it in errors.
+  static Tokenizer from_bytes(const std::string& model, const std::string& origin);
   ~Tokenizer();
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
@@ -55,6 +57,8 @@ class Tokenizer {
   const std::string& sha256() const { return sha256_; }  // of the .model file, as sha256sum prints it
 
  private:
+  Tokenizer();
+  void init();
   struct Impl;
   std::unique_ptr<Impl> impl_;
   std::string path_, sha256_;

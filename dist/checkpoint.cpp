@@ -1,26 +1,39 @@
+// The checkpoint format (see checkpoint.h): rank files, the index of virtual datasets, reading,
+// verifying and consolidating. The saving protocol during training is in checkpoint_saver.cpp.
 #include "dist/checkpoint.h"
 
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/GradMode.h>
+#include <fcntl.h>
 #include <fmt/ranges.h>
 #include <hdf5.h>
+#include <unistd.h>
+#include <zlib.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
+#include <nlohmann/json.hpp>
 
 #include "util/error.h"
 
-namespace coil {
+namespace coil::dist {
 namespace fs = std::filesystem;
 
 namespace {
+
+constexpr int kVersion = 2;
+constexpr const char* kFormat = "coil.checkpoint";
+constexpr const char* kIndex = "index.h5";
 
 // Closes an HDF5 handle at scope exit.
 struct H5 {
   hid_t id;
   herr_t (*close)(hid_t);
   H5(hid_t i, herr_t (*c)(hid_t)) : id(i), close(c) {}
+  H5(const H5&) = delete;
   ~H5() {
     if (id >= 0) close(id);
   }
@@ -31,38 +44,60 @@ void check(herr_t rc, const std::string& what) {
   if (rc < 0) fail("HDF5: {} failed", what);
 }
 
-void write_tensor(hid_t group, const std::string& name, const at::Tensor& t, const std::string& file) {
-  at::Tensor c = t.detach().to(at::kCPU).contiguous();
-  hid_t type;
-  if (c.scalar_type() == at::kFloat) type = H5T_NATIVE_FLOAT;
-  else if (c.scalar_type() == at::kDouble) type = H5T_NATIVE_DOUBLE;
-  else if (c.scalar_type() == at::kByte) type = H5T_NATIVE_UINT8;
-  else c = c.to(at::kFloat), type = H5T_NATIVE_FLOAT;
-  std::vector<hsize_t> dims(c.sizes().begin(), c.sizes().end());
-  H5 space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
-  H5 ds(H5Dcreate2(group, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-  if (ds < 0) fail("{}: cannot create dataset {}", file, name);
-  check(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, c.data_ptr()), "writing " + name);
+// File access: no HDF5 file locking (Coil's own write-then-rename protocol makes it unnecessary,
+// and flock fails on some network file systems), and errors reported by us, not printed by HDF5.
+hid_t file_access() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    setenv("HDF5_USE_FILE_LOCKING", "FALSE", 0);  // also for the source files a virtual dataset opens
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  });
+  hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+  H5Pset_file_locking(fapl, false, true);
+  return fapl;
 }
 
-void read_tensor(hid_t group, const std::string& name, at::Tensor& dst, const std::string& file, const char* kind) {
-  if (H5Lexists(group, name.c_str(), H5P_DEFAULT) <= 0) fail("{}: no {} tensor {}", file, kind, name);
-  H5 ds(H5Dopen2(group, name.c_str(), H5P_DEFAULT), H5Dclose);
-  H5 space(H5Dget_space(ds), H5Sclose);
-  const int rank = H5Sget_simple_extent_ndims(space);
-  std::vector<hsize_t> dims(static_cast<size_t>(std::max(rank, 0)));
-  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
-  std::vector<int64_t> shape(dims.begin(), dims.end());
-  if (shape != dst.sizes().vec())
-    fail("{}: {} has shape [{}] in the checkpoint, the model has [{}]", file, name, fmt::join(shape, ", "),
-         fmt::join(dst.sizes(), ", "));
-  at::Tensor buf = at::empty(dst.sizes(), dst.options().device(at::kCPU).dtype(at::kFloat));
-  hid_t type = H5T_NATIVE_FLOAT;
-  if (dst.scalar_type() == at::kByte) buf = at::empty(dst.sizes(), at::kByte), type = H5T_NATIVE_UINT8;
-  if (dst.scalar_type() == at::kDouble) buf = at::empty(dst.sizes(), at::kDouble), type = H5T_NATIVE_DOUBLE;
-  check(H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf.data_ptr()), "reading " + name);
-  c10::NoGradGuard no_grad;
-  dst.copy_(buf);
+hid_t open_file(const std::string& path) {
+  H5 fapl(file_access(), H5Pclose);
+  return H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
+}
+
+hid_t h5_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return H5T_NATIVE_FLOAT;
+    case at::kDouble: return H5T_NATIVE_DOUBLE;
+    case at::kByte: return H5T_NATIVE_UINT8;
+    default: fail("checkpoints hold float32, float64 and uint8 tensors, not {}", c10::toString(t));
+  }
+}
+
+at::ScalarType torch_type(hid_t type) {
+  if (H5Tget_class(type) == H5T_FLOAT) return H5Tget_size(type) == 8 ? at::kDouble : at::kFloat;
+  if (H5Tget_class(type) == H5T_INTEGER && H5Tget_size(type) == 1) return at::kByte;
+  fail("a checkpoint tensor of an unsupported HDF5 type");
+}
+
+const char* dtype_name(at::ScalarType t) {
+  return t == at::kFloat ? "float32" : t == at::kDouble ? "float64" : "uint8";
+}
+
+// Link creation that makes the groups of "model/<name>" on the way.
+hid_t make_groups() {
+  hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+  H5Pset_create_intermediate_group(lcpl, 1);
+  return lcpl;
+}
+
+std::vector<hsize_t> hdims(const std::vector<int64_t>& shape) { return {shape.begin(), shape.end()}; }
+
+void write_dataset(hid_t file, const std::string& name, const at::Tensor& t, hid_t dcpl = H5P_DEFAULT) {
+  const hid_t type = h5_type(t.scalar_type());
+  const std::vector<hsize_t> dims = hdims(t.sizes().vec());
+  H5 space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+  H5 lcpl(make_groups(), H5Pclose);
+  H5 ds(H5Dcreate2(file, name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
+  if (ds < 0) fail("cannot create dataset {}", name);
+  if (t.numel() > 0) check(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.contiguous().data_ptr()), "writing " + name);
 }
 
 void write_string_attr(hid_t obj, const std::string& name, const std::string& value) {
@@ -81,84 +116,226 @@ void write_int_attr(hid_t obj, const std::string& name, int64_t value) {
   check(H5Awrite(attr, H5T_NATIVE_INT64, &value), "writing attribute " + name);
 }
 
-}  // namespace
-
-void save_checkpoint(const std::string& dir, const CheckpointData& data) {
-  const std::string tmp = dir + ".tmp";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  const std::string file = tmp + "/checkpoint.h5";
-  {
-    H5 f(H5Fcreate(file.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
-    if (f < 0) fail("cannot create {}", file);
-    write_string_attr(f, "format", "coil.checkpoint");
-    write_int_attr(f, "version", 1);
-    write_int_attr(f, "step", data.step);
-    for (const auto& [k, v] : data.strings) write_string_attr(f, k, v);
-    for (auto [group, tensors] : {std::pair<const char*, const std::vector<NamedTensor>*>{"model", &data.model},
-                                  {"optimizer", &data.optimizer}}) {
-      H5 g(H5Gcreate2(f, group, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-      for (const auto& t : *tensors) write_tensor(g, t.name, t.tensor, file);
-    }
-    if (data.save_rng) {
-      H5 g(H5Gcreate2(f, "rng", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Gclose);
-      write_tensor(g, "cpu", at::detail::getDefaultCPUGenerator().get_state(), file);
-    }
-    check(H5Fflush(f, H5F_SCOPE_GLOBAL), "flushing " + file);
-  }
-  // Replace an existing checkpoint of the same name only once the new one is whole.
-  if (fs::exists(dir)) {
-    const std::string old = dir + ".old";
-    fs::remove_all(old);
-    fs::rename(dir, old);
-    fs::rename(tmp, dir);
-    fs::remove_all(old);
-  } else {
-    fs::rename(tmp, dir);
-  }
-}
-
-CheckpointData load_checkpoint(const std::string& dir, const std::vector<NamedTensor>& model,
-                               const std::vector<NamedTensor>* optimizer, bool restore_rng) {
-  const std::string file = dir + "/checkpoint.h5";
-  if (!fs::exists(file)) fail("no checkpoint at {} (no checkpoint.h5)", dir);
-  H5 f(H5Fopen(file.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  if (f < 0) fail("{}: not an HDF5 file", file);
-  CheckpointData out;
-  // Attributes of the root group: step (an integer) and strings.
-  H5 root(H5Gopen2(f, "/", H5P_DEFAULT), H5Gclose);
-  auto read_attr = [](hid_t obj, const char* name, const H5A_info_t*, void* arg) -> herr_t {
-    auto* ck = static_cast<CheckpointData*>(arg);
-    H5 attr(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose);
+// Every attribute of an object: strings as they are, integers in decimal.
+std::map<std::string, std::string> read_attrs(hid_t obj) {
+  std::map<std::string, std::string> out;
+  auto one = [](hid_t o, const char* name, const H5A_info_t*, void* arg) -> herr_t {
+    auto* m = static_cast<std::map<std::string, std::string>*>(arg);
+    H5 attr(H5Aopen(o, name, H5P_DEFAULT), H5Aclose);
     H5 type(H5Aget_type(attr), H5Tclose);
     if (H5Tget_class(type) == H5T_STRING && !H5Tis_variable_str(type)) {
       std::string value(H5Tget_size(type), '\0');
       if (H5Aread(attr, type, value.data()) < 0) return -1;
       value.resize(std::strlen(value.c_str()));
-      ck->strings[name] = value;
-    } else if (std::string(name) == "step") {
-      if (H5Aread(attr, H5T_NATIVE_INT64, &ck->step) < 0) return -1;
+      (*m)[name] = value;
+    } else if (H5Tget_class(type) == H5T_INTEGER) {
+      int64_t v = 0;
+      if (H5Aread(attr, H5T_NATIVE_INT64, &v) < 0) return -1;
+      (*m)[name] = std::to_string(v);
     }
     return 0;
   };
-  check(H5Aiterate2(root, H5_INDEX_NAME, H5_ITER_INC, nullptr, read_attr, &out), "reading the attributes of " + file);
-  COIL_CHECK(out.strings["format"] == "coil.checkpoint", "{}: not a Coil checkpoint", file);
-  {
-    H5 g(H5Gopen2(f, "model", H5P_DEFAULT), H5Gclose);
-    for (auto t : model) read_tensor(g, t.name, t.tensor, file, "model");
+  check(H5Aiterate2(obj, H5_INDEX_NAME, H5_ITER_INC, nullptr, one, &out), "reading attributes");
+  return out;
+}
+
+uint32_t crc_of(const void* data, size_t n, uint32_t crc = 0) {
+  const auto* p = static_cast<const Bytef*>(data);
+  while (n > 0) {  // zlib's crc32 takes a uInt length
+    const auto chunk = static_cast<uInt>(std::min<size_t>(n, size_t{1} << 30));
+    crc = static_cast<uint32_t>(crc32(crc, p, chunk));
+    p += chunk, n -= chunk;
   }
-  if (optimizer) {
-    H5 g(H5Gopen2(f, "optimizer", H5P_DEFAULT), H5Gclose);
-    for (auto t : *optimizer) read_tensor(g, t.name, t.tensor, file, "optimizer");
+  return crc;
+}
+
+// CRC-32 (zlib's, as Python's zlib.crc32) and size of a file; fsyncs it first when asked.
+std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) fail("cannot open {}: {}", path, std::strerror(errno));
+  if (sync && ::fsync(fd) != 0) {
+    const int e = errno;
+    ::close(fd);
+    fail("fsync of {} failed: {}", path, std::strerror(e));
   }
-  if (restore_rng && H5Lexists(f, "rng", H5P_DEFAULT) > 0) {
-    at::Tensor state = at::detail::getDefaultCPUGenerator().get_state();
-    H5 g(H5Gopen2(f, "rng", H5P_DEFAULT), H5Gclose);
-    read_tensor(g, "cpu", state, file, "rng");
-    at::Generator gen = at::detail::getDefaultCPUGenerator();
-    gen.set_state(state);
+  std::vector<char> buf(size_t{8} << 20);
+  int64_t bytes = 0;
+  uint32_t crc = 0;
+  for (;;) {
+    const ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0) {
+      const int e = errno;
+      ::close(fd);
+      fail("reading {} failed: {}", path, std::strerror(e));
+    }
+    if (n == 0) break;
+    crc = crc_of(buf.data(), static_cast<size_t>(n), crc);
+    bytes += n;
+  }
+  ::close(fd);
+  return {bytes, crc};
+}
+
+std::vector<std::string> list_datasets(hid_t file) {
+  std::vector<std::string> out;
+  for (const char* group : {"model", "optimizer"}) {
+    if (H5Lexists(file, group, H5P_DEFAULT) <= 0) continue;
+    H5 g(H5Gopen2(file, group, H5P_DEFAULT), H5Gclose);
+    auto one = [](hid_t, const char* name, const H5L_info_t*, void* arg) -> herr_t {
+      static_cast<std::vector<std::string>*>(arg)->push_back(name);
+      return 0;
+    };
+    std::vector<std::string> names;
+    check(H5Literate(g, H5_INDEX_NAME, H5_ITER_INC, nullptr, one, &names), "listing " + std::string(group));
+    for (auto& n : names) out.push_back(std::string(group) + "/" + n);
   }
   return out;
+}
+
+std::vector<int64_t> dataset_shape(hid_t ds) {
+  H5 space(H5Dget_space(ds), H5Sclose);
+  const int rank = H5Sget_simple_extent_ndims(space);
+  std::vector<hsize_t> dims(static_cast<size_t>(std::max(rank, 0)));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  return {dims.begin(), dims.end()};
+}
+
+at::Tensor read_whole(hid_t file, const std::string& name) {
+  H5 ds(H5Dopen2(file, name.c_str(), H5P_DEFAULT), H5Dclose);
+  if (ds < 0) fail("no dataset {}", name);
+  H5 type(H5Dget_type(ds), H5Tclose);
+  at::Tensor t = at::empty(dataset_shape(ds), torch_type(type));
+  if (t.numel() > 0) check(H5Dread(ds, h5_type(t.scalar_type()), H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()), "reading " + name);
+  return t;
+}
+
+}  // namespace
+
+std::pair<int64_t, int64_t> rank_rows(int64_t rows, int rank, int world) {
+  const int64_t k = (rows + world - 1) / world;
+  const int64_t begin = std::min(rows, rank * k);
+  return {begin, std::min(rows, begin + k)};
+}
+
+std::string rank_file_name(int rank, int world) { return fmt::format("rank-{:05d}-of-{:05d}.h5", rank, world); }
+
+std::string FileRecord::to_json() const {
+  return nlohmann::json{{"name", name}, {"bytes", bytes}, {"crc32", crc32}, {"error", error}}.dump();
+}
+
+FileRecord FileRecord::from_json(const std::string& text) {
+  auto j = nlohmann::json::parse(text);
+  FileRecord r;
+  r.name = j.at("name").get<std::string>();
+  r.bytes = j.at("bytes").get<int64_t>();
+  r.crc32 = j.at("crc32").get<uint32_t>();
+  r.error = j.value("error", "");
+  return r;
+}
+
+// ---- Writing ------------------------------------------------------------------------------------
+
+FileRecord write_rank_file(const std::string& dir, const RankPart& part) noexcept {
+  FileRecord rec;
+  rec.name = rank_file_name(part.rank, part.world);
+  try {
+    const std::string path = dir + "/" + rec.name;
+    {
+      H5 fapl(file_access(), H5Pclose);
+      H5 f(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
+      if (f < 0) fail("cannot create {}", path);
+      write_string_attr(f, "format", std::string(kFormat) + ".rank");
+      write_int_attr(f, "version", kVersion);
+      write_int_attr(f, "rank", part.rank);
+      write_int_attr(f, "world_size", part.world);
+      write_int_attr(f, "step", part.step);
+      for (const auto& [k, v] : part.strings) write_string_attr(f, k, v);
+      for (const auto& t : part.tensors) {
+        COIL_CHECK(t.rows.dim() == static_cast<int64_t>(t.shape.size()), "{}: rows of another rank than the tensor", t.name);
+        write_dataset(f, t.name, t.rows);
+      }
+      if (part.rng.defined()) write_dataset(f, "rng/cpu", part.rng);
+      check(H5Fflush(f, H5F_SCOPE_GLOBAL), "flushing " + path);
+      if (H5Fclose(f.id) < 0) fail("closing {} failed", path);
+      f.id = -1;
+    }
+    std::tie(rec.bytes, rec.crc32) = checksum_file(path, /*sync=*/true);
+  } catch (const std::exception& e) {
+    rec.error = e.what();
+  }
+  return rec;
+}
+
+void write_index(const std::string& dir, const RankPart& layout, const IndexInfo& info) {
+  const std::string path = dir + "/" + kIndex;
+  {
+    H5 fapl(file_access(), H5Pclose);
+    H5 f(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
+    if (f < 0) fail("cannot create {}", path);
+    write_string_attr(f, "format", kFormat);
+    write_int_attr(f, "version", kVersion);
+    write_int_attr(f, "step", info.step);
+    write_int_attr(f, "world_size", info.world);
+    nlohmann::json files = nlohmann::json::array();
+    for (const auto& r : info.files) files.push_back(nlohmann::json::parse(r.to_json()));
+    write_string_attr(f, "files", files.dump());
+    for (const auto& [k, v] : info.strings) write_string_attr(f, k, v);
+    for (const auto& t : layout.tensors) {
+      // The global tensor: rank r's rows come from rank r's file.
+      const std::vector<hsize_t> dims = hdims(t.shape);
+      const int nd = static_cast<int>(dims.size());
+      const hid_t type = h5_type(t.rows.scalar_type());
+      H5 vspace(H5Screate_simple(nd, dims.data(), nullptr), H5Sclose);
+      H5 dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+      const double nan = std::nan("");
+      const float nanf = std::nanf("");
+      if (type != H5T_NATIVE_UINT8) check(H5Pset_fill_value(dcpl, type, type == H5T_NATIVE_FLOAT ? static_cast<const void*>(&nanf) : &nan), "fill value");
+      for (int r = 0; r < info.world; ++r) {
+        const auto [begin, end] = rank_rows(t.shape[0], r, info.world);
+        if (end <= begin) continue;
+        std::vector<hsize_t> src = dims, start(dims.size(), 0);
+        src[0] = static_cast<hsize_t>(end - begin);
+        start[0] = static_cast<hsize_t>(begin);
+        H5 sspace(H5Screate_simple(nd, src.data(), nullptr), H5Sclose);
+        check(H5Sselect_hyperslab(vspace, H5S_SELECT_SET, start.data(), nullptr, src.data(), nullptr), "selecting rows");
+        check(H5Pset_virtual(dcpl, vspace, rank_file_name(r, info.world).c_str(), t.name.c_str(), sspace),
+              "mapping " + t.name);
+      }
+      H5 space(H5Screate_simple(nd, dims.data(), nullptr), H5Sclose);
+      H5 lcpl(make_groups(), H5Pclose);
+      H5 ds(H5Dcreate2(f, t.name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
+      if (ds < 0) fail("{}: cannot create the virtual dataset {}", path, t.name);
+    }
+    if (!info.tokenizer.empty())
+      write_dataset(f, "tokenizer/model",
+                    at::from_blob(const_cast<char*>(info.tokenizer.data()), {static_cast<int64_t>(info.tokenizer.size())}, at::kByte));
+    if (H5Fclose(f.id) < 0) fail("closing {} failed", path);
+    f.id = -1;
+  }
+  checksum_file(path, /*sync=*/true);
+}
+
+namespace {
+void fsync_dir(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return;
+  ::fsync(fd);
+  ::close(fd);
+}
+}  // namespace
+
+void commit_directory(const std::string& from, const std::string& to) {
+  fsync_dir(from);
+  if (fs::exists(to)) {  // a checkpoint of that name (a damaged one, or "best" of old): replace it
+    const std::string old = to + ".old";
+    fs::remove_all(old);
+    fs::rename(to, old);
+    fs::rename(from, to);
+    fs::remove_all(old);
+  } else {
+    fs::rename(from, to);
+  }
+  fsync_dir(fs::path(to).parent_path());
 }
 
 void point_link(const std::string& parent, const std::string& link, const std::string& target) {
@@ -166,6 +343,203 @@ void point_link(const std::string& parent, const std::string& link, const std::s
   fs::remove(tmp);
   fs::create_directory_symlink(target, tmp);
   fs::rename(tmp, fs::path(parent) / link);  // rename(2) replaces the old link atomically
+  fsync_dir(parent);
 }
 
-}  // namespace coil
+// ---- Reading ------------------------------------------------------------------------------------
+
+Checkpoint::Checkpoint(const std::string& path) : path_(path) {
+  if (!fs::exists(path)) fail("no checkpoint at {}", path);
+  if (fs::is_directory(path)) {
+    index_ = (fs::path(path) / kIndex).string();
+    if (!fs::exists(index_)) {
+      if (fs::exists(fs::path(path) / "checkpoint.h5"))
+        fail("{}: a checkpoint of Coil's first format (checkpoint.h5); this version reads format 2 only", path);
+      fail("{}: no {} (an incomplete checkpoint, or not a checkpoint)", path, kIndex);
+    }
+  } else {
+    index_ = path;
+    consolidated_ = true;
+  }
+  file_id_ = open_file(index_);
+  if (file_id_ < 0) fail("{}: not an HDF5 file (truncated or damaged?)", index_);
+  H5 root(H5Gopen2(file_id_, "/", H5P_DEFAULT), H5Gclose);
+  strings_ = read_attrs(root);
+  if (strings_["format"] != kFormat) fail("{}: not a Coil checkpoint (format '{}')", index_, strings_["format"]);
+  if (strings_["version"] != std::to_string(kVersion))
+    fail("{}: checkpoint format version {}, this Coil reads version {}", index_, strings_["version"], kVersion);
+  step_ = std::stoll(strings_.at("step"));
+  world_ = std::stoi(strings_.at("world_size"));
+  consolidated_ = strings_.count("consolidated") > 0;
+  if (!consolidated_) {
+    for (const auto& f : nlohmann::json::parse(strings_.at("files"))) files_.push_back(FileRecord::from_json(f.dump()));
+    COIL_CHECK(static_cast<int>(files_.size()) == world_, "{}: {} rank files recorded for world size {}", index_,
+               files_.size(), world_);
+  }
+  for (const char* k : {"format", "version", "step", "world_size", "files", "consolidated"}) strings_.erase(k);
+}
+
+Checkpoint::~Checkpoint() {
+  if (file_id_ >= 0) H5Fclose(file_id_);
+}
+
+std::string Checkpoint::string(const std::string& key) const {
+  auto it = strings_.find(key);
+  if (it == strings_.end()) fail("{}: the checkpoint has no '{}'", path_, key);
+  return it->second;
+}
+
+std::vector<TensorInfo> Checkpoint::tensors() const {
+  std::vector<TensorInfo> out;
+  for (const auto& name : list_datasets(file_id_)) {
+    H5 ds(H5Dopen2(file_id_, name.c_str(), H5P_DEFAULT), H5Dclose);
+    H5 type(H5Dget_type(ds), H5Tclose);
+    out.push_back({name, dataset_shape(ds), dtype_name(torch_type(type))});
+  }
+  return out;
+}
+
+int64_t Checkpoint::total_bytes() const {
+  int64_t n = static_cast<int64_t>(fs::file_size(index_));
+  for (const auto& f : files_) n += f.bytes;
+  return n;
+}
+
+bool Checkpoint::has(const std::string& name) const { return H5Lexists(file_id_, name.c_str(), H5P_DEFAULT) > 0; }
+
+std::vector<std::string> Checkpoint::verify(int part, int parts) const {
+  std::vector<std::string> problems;
+  if (consolidated_) {
+    if (part != 0) return problems;
+    for (const auto& name : list_datasets(file_id_)) {
+      try {
+        H5 ds(H5Dopen2(file_id_, name.c_str(), H5P_DEFAULT), H5Dclose);
+        if (H5Aexists(ds, "crc32") <= 0) {
+          problems.push_back(fmt::format("{}: {} has no crc32 attribute", index_, name));
+          continue;
+        }
+        H5 attr(H5Aopen(ds, "crc32", H5P_DEFAULT), H5Aclose);
+        int64_t want = 0;
+        check(H5Aread(attr, H5T_NATIVE_INT64, &want), "reading crc32");
+        at::Tensor t = read_whole(file_id_, name);
+        if (crc_of(t.data_ptr(), static_cast<size_t>(t.nbytes())) != static_cast<uint32_t>(want))
+          problems.push_back(fmt::format("{}: {} does not match its CRC-32 (damaged)", index_, name));
+      } catch (const std::exception& e) {
+        problems.push_back(fmt::format("{}: {}: {}", index_, name, e.what()));
+      }
+    }
+    return problems;
+  }
+  for (size_t i = static_cast<size_t>(part); i < files_.size(); i += static_cast<size_t>(parts)) {
+    const FileRecord& rec = files_[i];
+    const std::string file = (fs::path(path_) / rec.name).string();
+    if (!fs::exists(file)) {
+      problems.push_back(fmt::format("{}: missing (rank {} of {})", file, i, world_));
+      continue;
+    }
+    const auto size = static_cast<int64_t>(fs::file_size(file));
+    if (size != rec.bytes) {
+      problems.push_back(fmt::format("{}: {} bytes, the index records {} ({})", file, size, rec.bytes,
+                                     size < rec.bytes ? "truncated" : "overwritten"));
+      continue;
+    }
+    try {
+      const auto [bytes, crc] = checksum_file(file, false);
+      if (crc != rec.crc32)
+        problems.push_back(fmt::format("{}: CRC-32 {:08x}, the index records {:08x} (damaged)", file, crc, rec.crc32));
+    } catch (const std::exception& e) {
+      problems.push_back(e.what());
+    }
+  }
+  return problems;
+}
+
+void Checkpoint::read(const std::string& name, at::Tensor dst, int64_t row_begin) const {
+  if (!has(name)) fail("{}: no tensor {}", path_, name);
+  H5 ds(H5Dopen2(file_id_, name.c_str(), H5P_DEFAULT), H5Dclose);
+  const std::vector<int64_t> shape = dataset_shape(ds);
+  std::vector<int64_t> want = dst.sizes().vec();
+  const bool whole = row_begin == 0 && want == shape;
+  if (!whole && (want.size() != shape.size() || want.empty() ||
+                 !std::equal(want.begin() + 1, want.end(), shape.begin() + 1) || row_begin < 0))
+    fail("{}: {} has shape [{}] in the checkpoint, the model has [{}]", path_, name, fmt::join(shape, ", "),
+         fmt::join(want, ", "));
+  H5 type(H5Dget_type(ds), H5Tclose);
+  const at::ScalarType st = torch_type(type);
+  const int64_t n = shape.empty() ? 0 : std::max<int64_t>(0, std::min(shape[0] - row_begin, want.empty() ? 0 : want[0]));
+  at::Tensor buf = at::zeros(want, at::TensorOptions().dtype(st));
+  if (n > 0) {
+    std::vector<hsize_t> start(shape.size(), 0), count = hdims(shape);
+    start[0] = static_cast<hsize_t>(row_begin);
+    count[0] = static_cast<hsize_t>(n);
+    H5 fspace(H5Dget_space(ds), H5Sclose);
+    check(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr), "selecting rows");
+    H5 mspace(H5Screate_simple(static_cast<int>(count.size()), count.data(), nullptr), H5Sclose);
+    check(H5Dread(ds, h5_type(st), mspace, fspace, H5P_DEFAULT, buf.data_ptr()), "reading " + name + " of " + path_);
+  }
+  c10::NoGradGuard no_grad;
+  dst.copy_(buf);
+}
+
+std::string Checkpoint::rank_string(int rank, const std::string& key) const {
+  if (consolidated_) return string(fmt::format("rank{}.{}", rank, key));
+  const std::string file = (fs::path(path_) / rank_file_name(rank, world_)).string();
+  H5 f(open_file(file), H5Fclose);
+  if (f < 0) fail("{}: cannot open", file);
+  H5 root(H5Gopen2(f, "/", H5P_DEFAULT), H5Gclose);
+  auto attrs = read_attrs(root);
+  auto it = attrs.find(key);
+  if (it == attrs.end()) fail("{}: no '{}'", file, key);
+  return it->second;
+}
+
+at::Tensor Checkpoint::rank_rng(int rank) const {
+  if (consolidated_) return has("rng/cpu") ? read_whole(file_id_, "rng/cpu") : at::Tensor();
+  const std::string file = (fs::path(path_) / rank_file_name(rank, world_)).string();
+  H5 f(open_file(file), H5Fclose);
+  if (f < 0) fail("{}: cannot open", file);
+  if (H5Lexists(f, "rng", H5P_DEFAULT) <= 0) return {};
+  return read_whole(f, "rng/cpu");
+}
+
+std::string Checkpoint::tokenizer() const {
+  if (!has("tokenizer")) return {};
+  at::Tensor t = read_whole(file_id_, "tokenizer/model");
+  return {static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.numel())};
+}
+
+// ---- Consolidating ------------------------------------------------------------------------------
+
+void consolidate(const Checkpoint& ck, const std::string& out) {
+  const std::string tmp = out + ".tmp";
+  {
+    H5 fapl(file_access(), H5Pclose);
+    H5 f(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
+    if (f < 0) fail("cannot create {}", tmp);
+    write_string_attr(f, "format", kFormat);
+    write_int_attr(f, "version", kVersion);
+    write_int_attr(f, "step", ck.step());
+    write_int_attr(f, "world_size", ck.world_size());
+    write_int_attr(f, "consolidated", 1);
+    for (const auto& [k, v] : ck.strings()) write_string_attr(f, k, v);
+    for (int r = 0; r < ck.world_size() && !ck.consolidated(); ++r)
+      write_string_attr(f, fmt::format("rank{}.loader_state", r), ck.rank_string(r, "loader_state"));
+    for (const auto& info : ck.tensors()) {
+      at::Tensor t = at::empty(info.shape, info.dtype == "float64" ? at::kDouble : info.dtype == "uint8" ? at::kByte : at::kFloat);
+      ck.read(info.name, t);
+      write_dataset(f, info.name, t);
+      H5 ds(H5Dopen2(f, info.name.c_str(), H5P_DEFAULT), H5Dclose);
+      write_int_attr(ds, "crc32", crc_of(t.data_ptr(), static_cast<size_t>(t.nbytes())));
+    }
+    if (at::Tensor rng = ck.rank_rng(0); rng.defined()) write_dataset(f, "rng/cpu", rng);
+    if (std::string tok = ck.tokenizer(); !tok.empty())
+      write_dataset(f, "tokenizer/model", at::from_blob(tok.data(), {static_cast<int64_t>(tok.size())}, at::kByte));
+    if (H5Fclose(f.id) < 0) fail("closing {} failed", tmp);
+    f.id = -1;
+  }
+  checksum_file(tmp, /*sync=*/true);
+  fs::rename(tmp, out);
+  fsync_dir(fs::absolute(out).parent_path());
+}
+
+}  // namespace coil::dist

@@ -1,40 +1,200 @@
-// Checkpoints in HDF5, readable by anyone with h5py:
-//   <dir>/checkpoint.h5
-//     /model/<Hugging Face name>      float32 datasets with the parameters' global shapes
-//     /optimizer/<state name>         Muon momenta, AdamW moments ("muon.<param>.momentum", ...)
-//     /rng/cpu                        LibTorch's CPU generator state (uint8)
-//     attributes on /                 format = "coil.checkpoint", version = 1, step, and strings:
-//                                     config (the resolved TOML), loader_state (JSON), ...
-// A checkpoint directory is written under <dir>.tmp and renamed into place once whole, so a
-// directory that exists is complete; a crash leaves at most a .tmp behind.
-// (One process writes the whole state for now; the sharding issue adds one file per rank.)
+// Distributed checkpoints in HDF5 (format version 2), readable by anyone with h5py.
+//
+// A checkpoint is a directory, e.g. checkpoints/step-00001000/:
+//   rank-00000-of-00004.h5 ... rank-00003-of-00004.h5     one file per rank, written by that rank:
+//       /model/<Hugging Face name>, /optimizer/<state name>   the rank's rows of each tensor: rows
+//                                   [r k, min((r + 1) k, rows)) of dim 0, k = ceil(rows / N), as
+//                                   FSDP shards them (a rank past the last row holds 0 rows)
+//       /rng/cpu                    the rank's CPU generator state
+//       attributes                  rank, world_size, step, loader_state (the rank's, JSON)
+//   index.h5                        written last, by rank 0:
+//       /model/..., /optimizer/...  one virtual dataset per tensor with its global shape, stitched
+//                                   from the rank files (relative names: the folder can move), so
+//                                   h5py.File("index.h5")["model/<name>"][:] is the whole tensor
+//       /tokenizer/model            the sentencepiece model the run trained with (bytes)
+//       attributes on /             format = "coil.checkpoint", version = 2, step, world_size,
+//                                   files (JSON: name, bytes and CRC-32 of every rank file), and
+//                                   the run's strings: config (TOML), tokens_seen, ...
+// A consolidated checkpoint (`coil ckpt consolidate`) is one .h5 file laid out as index.h5 but
+// with ordinary datasets, each with its CRC-32 as an attribute, and the ranks' strings as
+// attributes "rank<r>.<key>".
+//
+// Why this design (docs/CHECKPOINTS.md argues it): one file per rank needs no MPI-IO (which fails
+// on NFS) and writes at full speed on every rank; the virtual datasets give the global view that
+// h5py users and resharding need. A virtual dataset reads a missing source as fill values without
+// any error, so a checkpoint is only read after every rank file was found whole (size and CRC-32
+// as recorded in the index); the fill value is NaN, never 0, in case.
+//
+// Safety: a checkpoint is written into <name>.tmp/ (every rank file fsynced, then checksummed as
+// read back), the index last, then the folder is renamed into place and `latest` re-pointed by a
+// rename of a symlink: an interrupted save never becomes a checkpoint.
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "model/mamba.h"
 
-namespace coil {
+namespace coil::dist {
 
-struct CheckpointData {
-  int64_t step = 0;
-  std::vector<NamedTensor> model, optimizer;
-  std::map<std::string, std::string> strings;  // config, loader_state, ...
-  bool save_rng = true;
+class Comm;
+
+// One tensor as one rank holds it: rows [row_begin, row_begin + rows.size(0)) of a global tensor.
+struct TensorRows {
+  std::string name;              // "model/<HF name>" or "optimizer/<state name>"
+  std::vector<int64_t> shape;    // the global shape
+  int64_t row_begin = 0;
+  at::Tensor rows;               // float32, contiguous, on the CPU
 };
 
-void save_checkpoint(const std::string& dir, const CheckpointData& data);
+// Rank r's rows of a global tensor of `shape` on `world` ranks: [begin, end).
+std::pair<int64_t, int64_t> rank_rows(int64_t rows, int rank, int world);
+std::string rank_file_name(int rank, int world);
 
-// Reads a checkpoint into the given tensors, whose names and shapes must match (an error names
-// the first tensor that is missing or of another shape). optimizer may be null (SFT starts a
-// fresh optimizer). Restores the CPU RNG when restore_rng. Returns the step and strings.
-CheckpointData load_checkpoint(const std::string& dir, const std::vector<NamedTensor>& model,
-                               const std::vector<NamedTensor>* optimizer, bool restore_rng = true);
+// What one rank writes.
+struct RankPart {
+  int rank = 0, world = 1;
+  int64_t step = 0;
+  std::vector<TensorRows> tensors;
+  std::map<std::string, std::string> strings;  // e.g. loader_state
+  at::Tensor rng;                              // uint8; undefined: none
+};
 
+// A written rank file, or why it could not be written.
+struct FileRecord {
+  std::string name, error;
+  int64_t bytes = 0;
+  uint32_t crc32 = 0;
+  std::string to_json() const;
+  static FileRecord from_json(const std::string& text);
+};
+
+// Writes rank_file_name(part.rank, part.world) into dir, fsyncs it and computes its CRC-32 from
+// the bytes read back. Never throws: a failure is returned in FileRecord::error.
+FileRecord write_rank_file(const std::string& dir, const RankPart& part) noexcept;
+
+// What the index records besides the tensors (whose names, shapes and rank files it takes from
+// `layout`: any rank's part).
+struct IndexInfo {
+  int64_t step = 0;
+  int world = 1;
+  std::vector<FileRecord> files;               // one per rank, in rank order
+  std::map<std::string, std::string> strings;  // config, tokens_seen, ...
+  std::string tokenizer;                       // the sentencepiece model's bytes (may be empty)
+};
+void write_index(const std::string& dir, const RankPart& layout, const IndexInfo& info);
+
+// Renames dir `from` to `to` (replacing a checkpoint of that name only once the new one is in
+// place) and fsyncs the parent directory.
+void commit_directory(const std::string& from, const std::string& to);
 // Points <parent>/<link> at <target> (a sibling directory name), atomically (a relative symlink).
 void point_link(const std::string& parent, const std::string& link, const std::string& target);
 
-}  // namespace coil
+struct TensorInfo {
+  std::string name;  // "model/<HF name>", "optimizer/<state>"
+  std::vector<int64_t> shape;
+  std::string dtype;  // "float32", ...
+};
+
+// A checkpoint opened for reading: a checkpoint directory (with index.h5) or a consolidated .h5.
+// Opening reads the index only; verify() before trusting the data.
+class Checkpoint {
+ public:
+  explicit Checkpoint(const std::string& path);  // throws coil::Error: not there, not a checkpoint
+  ~Checkpoint();
+  Checkpoint(const Checkpoint&) = delete;
+  Checkpoint& operator=(const Checkpoint&) = delete;
+
+  const std::string& path() const { return path_; }
+  int64_t step() const { return step_; }
+  int world_size() const { return world_; }  // of the run that saved it
+  bool consolidated() const { return consolidated_; }
+  const std::map<std::string, std::string>& strings() const { return strings_; }
+  std::string string(const std::string& key) const;  // throws when missing, naming the key
+  const std::vector<FileRecord>& files() const { return files_; }
+  std::vector<TensorInfo> tensors() const;  // every tensor under model/ and optimizer/
+  int64_t total_bytes() const;              // on disk
+
+  // Problems that make the checkpoint unusable, one line each (empty: intact): for a checkpoint
+  // directory, rank files i with i % parts == part (missing, of another size, another CRC-32,
+  // not HDF5); for a consolidated file, every dataset's CRC-32.
+  std::vector<std::string> verify(int part = 0, int parts = 1) const;
+
+  // Reads rows [row_begin, row_begin + dst.size(0)) of tensor `name` into dst (float32 or the
+  // tensor's dtype); rows past the tensor's end are set to 0 (FSDP's padding). dst's other dims
+  // must be the tensor's: an error names the tensor and both shapes.
+  void read(const std::string& name, at::Tensor dst, int64_t row_begin = 0) const;
+  bool has(const std::string& name) const;
+  std::string rank_string(int rank, const std::string& key) const;  // a rank's string (loader_state)
+  at::Tensor rank_rng(int rank) const;                              // undefined when none
+  std::string tokenizer() const;                                    // the model's bytes, or ""
+
+ private:
+  std::string path_, index_;  // the checkpoint, and the HDF5 file holding the global view
+  int64_t step_ = 0;
+  int world_ = 1;
+  bool consolidated_ = false;
+  std::map<std::string, std::string> strings_;
+  std::vector<FileRecord> files_;
+  int64_t file_id_ = -1;  // hid_t of index_
+};
+
+// Writes a consolidated single-file checkpoint of `ck` to out (atomically).
+void consolidate(const Checkpoint& ck, const std::string& out);
+
+// ---- Saving during training ---------------------------------------------------------------------
+
+struct SaveRequest {
+  std::string name;                            // "step-00001000"
+  RankPart part;                               // this rank's state: host copies, owned from now on
+  std::map<std::string, std::string> strings;  // the run's (rank 0's are written)
+  std::string tokenizer;                       // rank 0's is written
+  bool best = false, final = false;            // also point `best` / `final` at it
+};
+
+// Saves checkpoints into a run's checkpoints/ folder. Every call is collective (all ranks, in the
+// same order, from the training thread); rank files are written by a background thread when
+// async, so training goes on meanwhile; at most one save is in flight (a new one waits for it).
+// A save is committed by finish() once every rank's file is written: rank 0 writes the index,
+// renames the folder into place, re-points latest (and best / final), and deletes step folders
+// beyond keep_last_k (never one a link points to). A failed save is reported, its .tmp removed,
+// and the run goes on: the next checkpoint interval saves again.
+class CheckpointSaver {
+ public:
+  CheckpointSaver(std::string dir, std::shared_ptr<Comm> comm, bool async, int64_t keep_last_k);
+  ~CheckpointSaver();  // waits for the writer; an uncommitted save stays a .tmp
+
+  void save(SaveRequest request);
+  bool in_flight() const { return pending_ != nullptr; }
+  // 1 while this rank's writer is busy, else 0: to add to the step's all-reduce, so that every
+  // rank knows when all are done without a collective of its own.
+  double busy() const;
+  // Waits for this rank's writer, then commits (or reports) the save in flight. Returns whether it
+  // was saved (true when none was in flight).
+  bool finish();
+  // Seconds the training thread spent in save() and finish() (the stall), summed.
+  double stall_seconds() const { return stall_s_; }
+
+ private:
+  struct Pending;
+  std::string dir_;
+  std::shared_ptr<Comm> comm_;
+  bool async_;
+  int64_t keep_last_k_;
+  std::unique_ptr<Pending> pending_;
+  double stall_s_ = 0;
+};
+
+// The newest intact checkpoint of checkpoints folder `dir` (latest first, then the step folders
+// newest first), or "" when it holds none. A damaged checkpoint is reported in `warnings` and
+// moved aside to <name>.damaged (by rank 0). Collective: each rank verifies a share of the files.
+std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr<Comm>& comm,
+                                   std::vector<std::string>* warnings);
+
+// Removes *.tmp folders that interrupted saves left (rank 0, before a run starts saving).
+void remove_interrupted_saves(const std::string& dir);
+
+}  // namespace coil::dist

@@ -7,6 +7,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace coil::dist {
 
@@ -31,6 +32,9 @@ class Comm {
  protected:
   int rank_ = 0, size_ = 1;
 };
+
+// Every rank's `text`, in rank order (collective over CPU tensors; {text} when comm is null).
+std::vector<std::string> all_gather_strings(Comm* comm, const std::string& text);
 
 // MPI over MPI_COMM_WORLD (a duplicate of it), for CPU tensors.
 std::unique_ptr<Comm> make_mpi_comm();

@@ -1,6 +1,8 @@
 #include <ATen/ATen.h>
 #include <mpi.h>
 
+#include <cstring>
+
 #include "dist/comm.h"
 #include "dist/world.h"
 #include "util/error.h"
@@ -104,5 +106,24 @@ class MpiComm : public Comm {
 std::unique_ptr<Comm> make_mpi_comm() { return std::make_unique<MpiComm>(); }
 
 std::unique_ptr<Comm> make_comm(bool cuda) { return cuda ? make_nccl_comm() : make_mpi_comm(); }
+
+}  // namespace coil::dist
+
+namespace coil::dist {
+
+std::vector<std::string> all_gather_strings(Comm* comm, const std::string& text) {
+  if (!comm || comm->size() == 1) return {text};
+  const int world = comm->size();
+  at::Tensor len = at::tensor({static_cast<int64_t>(text.size())}, at::kLong), lens = at::empty({world}, at::kLong);
+  comm->all_gather(len, lens);
+  const int64_t longest = std::max<int64_t>(1, lens.max().item<int64_t>());
+  at::Tensor mine = at::zeros({longest}, at::kByte), all = at::empty({world * longest}, at::kByte);
+  std::memcpy(mine.data_ptr(), text.data(), text.size());
+  comm->all_gather(mine, all);
+  std::vector<std::string> out;
+  for (int r = 0; r < world; ++r)
+    out.emplace_back(static_cast<const char*>(all.data_ptr()) + r * longest, static_cast<size_t>(lens[r].item<int64_t>()));
+  return out;
+}
 
 }  // namespace coil::dist

@@ -58,6 +58,8 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "eval_interval", &c.eval_interval},
       {"train", "eval_batches", &c.eval_batches},
       {"train", "checkpoint_interval", &c.checkpoint_interval},
+      {"train", "keep_last_k", &c.keep_last_k},
+      {"train", "async_checkpoint", &c.async_checkpoint},
       {"train", "log_interval", &c.log_interval},
       {"train", "pretrained_checkpoint_path", &c.pretrained_checkpoint_path},
       {"train", "nan_policy", &c.nan_policy},

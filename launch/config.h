@@ -45,6 +45,8 @@ struct RunConfig {
   int64_t seed = 0;
   int64_t eval_interval = 100, eval_batches = 8;
   int64_t checkpoint_interval = 0;  // 0: at the end only
+  int64_t keep_last_k = 0;          // step checkpoints kept (0: all); the linked ones always stay
+  bool async_checkpoint = true;     // rank files written by a background thread while training goes on
   int64_t log_interval = 1;
   std::string pretrained_checkpoint_path;  // SFT: the pretrained model
   std::string nan_policy = "stop";         // or "skip"

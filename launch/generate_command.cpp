@@ -9,9 +9,8 @@
 #include "data/reader.h"
 #include "data/sft.h"
 #include "data/tokenizer.h"
-#include "dist/checkpoint.h"
 #include "launch/commands.h"
-#include "launch/config.h"
+#include "launch/load_model.h"
 #include "model/mamba.h"
 #include "util/error.h"
 
@@ -28,14 +27,9 @@ struct GenerateOptions {
 void run_generate(const GenerateOptions& o) {
   COIL_CHECK(o.prompt.empty() != o.instruction.empty(), "give either --prompt or --instruction");
   c10::NoGradGuard no_grad;
-  CheckpointData info = load_checkpoint(o.checkpoint, {}, nullptr, false);
-  COIL_CHECK(info.strings.count("config"), "{}: the checkpoint holds no config", o.checkpoint);
-  RunConfig c = RunConfig::parse(info.strings["config"], o.checkpoint + "/checkpoint.h5:config");
-  data::Tokenizer tok(o.tokenizer.empty() ? c.data_tokenizer : o.tokenizer);
-  MambaConfig mc = MambaConfig::preset(c.model_preset);
-  mc.vocab_size = c.model_vocab_size > 0 ? c.model_vocab_size : tok.vocab_size();
-  MambaLM model(mc.padded(), 0);
-  load_checkpoint(o.checkpoint, model.named_parameters(), nullptr, false);
+  LoadedModel loaded = load_model(o.checkpoint, o.tokenizer);
+  const MambaLM& model = *loaded.model;
+  const data::Tokenizer& tok = *loaded.tokenizer;
 
   const std::string prompt = o.prompt.empty() ? data::alpaca_prompt({o.instruction, o.input, ""}) : o.prompt;
   std::vector<int32_t> ids = tok.encode(prompt);
@@ -67,8 +61,8 @@ void run_generate(const GenerateOptions& o) {
 void add_generate_command(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a checkpoint (a prompt, or an instruction)");
-  cmd->add_option("--checkpoint", o->checkpoint, "a checkpoint directory (e.g. runs/x/checkpoints/final)")->required();
-  cmd->add_option("--tokenizer", o->tokenizer, "the .model (default: the run's data.tokenizer)");
+  cmd->add_option("--checkpoint", o->checkpoint, "a checkpoint (e.g. runs/x/checkpoints/final, or a consolidated .h5)")->required();
+  cmd->add_option("--tokenizer", o->tokenizer, "a sentencepiece .model (default: the copy inside the checkpoint)");
   cmd->add_option("--prompt", o->prompt, "text to continue");
   cmd->add_option("--instruction", o->instruction, "an instruction, put in the Alpaca template (SFT models)");
   cmd->add_option("--input", o->input, "the instruction's input, if any");

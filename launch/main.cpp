@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   coil::add_generate_command(app);
   coil::add_tokenizer_command(app);
   coil::add_data_command(app);
+  coil::add_ckpt_command(app);
   std::string known;
   bool found = false;
   for (const CLI::App* sub : app.get_subcommands({})) {

@@ -7,8 +7,10 @@
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <cmath>
 #include <filesystem>
@@ -160,6 +162,32 @@ int64_t derive_steps(const RunConfig& c, const data::Loader& loader) {
   return (c.num_epochs * loader.samples_per_epoch() + c.global_batch_size - 1) / c.global_batch_size;
 }
 
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  COIL_CHECK(in.good(), "cannot read {}", path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// SIGTERM and SIGUSR1 ask a run to stop: it finishes its step, saves a checkpoint and exits 0
+// (Slurm sends them before a time limit or a preemption). Installed for the length of a run.
+volatile std::sig_atomic_t g_stop_signal = 0;
+int stop_signal() { return g_stop_signal; }
+struct StopSignals {
+  struct sigaction old_term {}, old_usr1 {};
+  StopSignals() {
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = [](int sig) { g_stop_signal = sig; };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, &old_term);
+    sigaction(SIGUSR1, &sa, &old_usr1);
+  }
+  ~StopSignals() {
+    sigaction(SIGTERM, &old_term, nullptr);
+    sigaction(SIGUSR1, &old_usr1, nullptr);
+  }
+};
+
 // metrics.jsonl of a resumed run keeps the lines up to the step it resumes from.
 void trim_metrics(const std::string& path, int64_t step) {
   std::ifstream in(path);
@@ -200,49 +228,23 @@ struct Parallel {
     for (const auto& p : params) out.push_back(p.tensor.sizes().vec());
     return out;
   }
+  // How each parameter is split over the ranks (one rank: whole), in params order.
+  std::vector<dist::ShardLayout> layouts;
+  const dist::ShardLayout& layout(const std::string& param) const { return layouts[index.at(param)]; }
   // The layout of an optimizer state tensor ("muon.<param>.momentum", "adamw.<param>.exp_avg").
   const dist::ShardLayout& state_layout(const std::string& state) const {
     const size_t a = state.find('.'), b = state.rfind('.');
-    return fsdp->layout(index.at(state.substr(a + 1, b - a - 1)));
+    return layout(state.substr(a + 1, b - a - 1));
   }
-  // Whole tensors of the model and of the optimizer state, gathered (collective).
-  std::vector<NamedTensor> whole_params() { return fsdp ? fsdp->gather_whole() : params; }
-  std::vector<NamedTensor> whole_state(const std::vector<NamedTensor>& local) {
-    if (!fsdp) return local;
-    std::vector<NamedTensor> out;
-    for (const auto& t : local) {
-      at::Tensor all = at::empty({world * t.tensor.numel()}, t.tensor.options());
-      comm->all_gather(t.tensor.contiguous().view({-1}), all);
-      out.push_back({t.name, state_layout(t.name).assemble(all.view({world, t.tensor.numel()}))});
-    }
-    return out;
+  // This rank's rows of a tensor it holds (its shard, or the whole tensor), as a host copy.
+  dist::TensorRows rows(const std::string& name, const at::Tensor& local, const dist::ShardLayout& l) const {
+    const auto [begin, end] = dist::rank_rows(l.shape[0], rank, world);
+    COIL_CHECK(local.size(0) == l.rows_per_rank, "{}: {} rows held, the layout says {}", name, local.size(0), l.rows_per_rank);
+    return {name, l.shape, begin, local.detach().narrow(0, 0, end - begin).to(at::kCPU, /*non_blocking=*/false, /*copy=*/true)};
   }
-  // Every rank's `text`, in rank order (collective).
-  std::vector<std::string> all_strings(const std::string& text) {
-    if (!comm) return {text};
-    at::Tensor len = at::tensor({static_cast<int64_t>(text.size())}, at::kLong), lens = at::empty({world}, at::kLong);
-    comm->all_gather(len, lens);
-    const int64_t longest = lens.max().item<int64_t>();
-    at::Tensor mine = at::zeros({longest}, at::kByte), all = at::empty({world * longest}, at::kByte);
-    std::memcpy(mine.data_ptr(), text.data(), text.size());
-    comm->all_gather(mine, all);
-    std::vector<std::string> out;
-    for (int r = 0; r < world; ++r)
-      out.emplace_back(static_cast<const char*>(all.data_ptr()) + r * longest, static_cast<size_t>(lens[r].item<int64_t>()));
-    return out;
-  }
-  // Tensors of the whole shapes to read the optimizer state into, and this rank's slices of them.
-  std::vector<NamedTensor> whole_state_buffers(const std::vector<NamedTensor>& local) const {
-    if (!fsdp) return local;
-    std::vector<NamedTensor> out;
-    for (const auto& t : local) out.push_back({t.name, at::empty(state_layout(t.name).shape, t.tensor.options())});
-    return out;
-  }
-  std::vector<NamedTensor> local_state(const std::vector<NamedTensor>& whole) const {
-    if (!fsdp) return whole;
-    std::vector<NamedTensor> out;
-    for (const auto& t : whole) out.push_back({t.name, state_layout(t.name).slice(t.tensor, rank)});
-    return out;
+  // Reads this rank's rows of a checkpoint tensor into `local`.
+  void read(const dist::Checkpoint& ck, const std::string& name, const at::Tensor& local, const dist::ShardLayout& l) const {
+    ck.read(name, local, rank * l.rows_per_rank);
   }
 };
 
@@ -263,6 +265,7 @@ void check_same_config(Parallel& par, const std::string& config_text) {
 
 TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const auto t_start = std::chrono::steady_clock::now();
+  StopSignals signals;
   Parallel par;
   if (dist::launched_by_mpi()) {
     par.rank = dist::world().rank;
@@ -292,15 +295,33 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
 
   // ---- The run directory: the weights to start from (every rank reads them whole) ----
   const fs::path run_dir(c.run_dir), ckpt_dir = run_dir / "checkpoints";
-  if (par.root()) fs::create_directories(ckpt_dir);
-  const bool resuming = fs::exists(ckpt_dir / "latest" / "checkpoint.h5");
-  if (resuming) {  // the weights now; the optimizer state and the rest once the optimizer exists
-    load_checkpoint((ckpt_dir / "latest").string(), model.named_parameters(), nullptr);
+  std::vector<std::string> damaged;
+  const std::string resume_from = dist::find_intact_checkpoint(ckpt_dir.string(), par.comm, &damaged);
+  if (par.root())
+    for (const auto& d : damaged)
+      fmt::print(stderr, "coil: warning: {}; {}\n", d,
+                 resume_from.empty() ? "no intact checkpoint is left" : "resuming from " + resume_from + " instead");
+  COIL_CHECK(resume_from.empty() == damaged.empty() || !resume_from.empty(),
+             "{} holds no intact checkpoint to resume from (see above); move the damaged ones away to start afresh",
+             ckpt_dir.string());
+  if (par.root()) {
+    fs::create_directories(ckpt_dir);
+    dist::remove_interrupted_saves(ckpt_dir.string());
+  }
+  std::unique_ptr<dist::Checkpoint> resumed;
+  if (!resume_from.empty()) {  // the weights now; the optimizer state and the rest once the optimizer exists
+    resumed = std::make_unique<dist::Checkpoint>(resume_from);
+    for (const auto& p : model.named_parameters()) resumed->read("model/" + p.name, p.tensor);
   } else if (must_resume) {
     fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
   } else if (phase == Phase::kSft) {
     COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
-    load_checkpoint(c.pretrained_checkpoint_path, model.named_parameters(), nullptr, false);
+    dist::Checkpoint pre(c.pretrained_checkpoint_path);
+    std::string problems;
+    for (const auto& p : dist::all_gather_strings(par.comm.get(), fmt::format("{}", fmt::join(pre.verify(par.rank, par.world), "\n"))))
+      if (!p.empty()) problems += "\n  " + p;
+    COIL_CHECK(problems.empty(), "train.pretrained_checkpoint_path {} is damaged:{}", c.pretrained_checkpoint_path, problems);
+    for (const auto& p : model.named_parameters()) pre.read("model/" + p.name, p.tensor);
     if (par.root()) fmt::print("sft: starting from the pretrained weights of {}\n", c.pretrained_checkpoint_path);
   }
 
@@ -313,7 +334,10 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     par.params = model.named_parameters();
     for (auto& p : par.params) p.tensor.requires_grad_(true);
   }
-  for (size_t i = 0; i < par.params.size(); ++i) par.index[par.params[i].name] = i;
+  for (size_t i = 0; i < par.params.size(); ++i) {
+    par.index[par.params[i].name] = i;
+    par.layouts.push_back(par.fsdp ? par.fsdp->layout(i) : dist::ShardLayout(par.params[i].tensor.sizes().vec(), 1));
+  }
   const std::vector<NamedTensor>& params = par.params;
 
   // ---- Data, steps, optimizer, schedule ----
@@ -338,27 +362,31 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
 
   int64_t step = 0, tokens_seen = 0;
   double best_val = std::numeric_limits<double>::infinity(), elapsed_before = 0;
-  if (resuming) {
-    std::vector<NamedTensor> whole_state = par.whole_state_buffers(opt.state());
-    CheckpointData ck = load_checkpoint((ckpt_dir / "latest").string(), {}, &whole_state);
-    step = ck.step;
-    opt.load_state(par.local_state(whole_state), step);
+  if (resumed) {
+    const dist::Checkpoint& ck = *resumed;
+    step = ck.step();
+    std::vector<NamedTensor> state = opt.state();  // this rank's rows of each state tensor
+    for (const auto& t : state) par.read(ck, "optimizer/" + t.name, t.tensor, par.state_layout(t.name));
+    opt.load_state(state, step);
     // The loader state: one for all ranks (its order does not depend on them), or, when streaming,
     // one per rank of the run that saved it (merged when the number of ranks changed).
-    data::LoaderState state = data::LoaderState::from_json(ck.strings.at("loader_state"));
-    if (state.kind == "streaming") {
+    data::LoaderState state0 = data::LoaderState::from_json(ck.string("loader_state"));
+    if (state0.kind == "streaming") {
       std::vector<data::LoaderState> saved;
-      for (int r = 0; r < state.world; ++r)
-        saved.push_back(data::LoaderState::from_json(ck.strings.at(fmt::format("loader_state.rank{}", r))));
-      state = state.world == par.world ? saved[static_cast<size_t>(par.rank)]
-                                       : data::merge_streaming_states(saved, par.rank, par.world);
+      for (int r = 0; r < ck.world_size(); ++r) saved.push_back(data::LoaderState::from_json(ck.rank_string(r, "loader_state")));
+      state0 = ck.world_size() == par.world ? saved[static_cast<size_t>(par.rank)]
+                                            : data::merge_streaming_states(saved, par.rank, par.world);
     }
-    data.train->restore(state);
-    tokens_seen = std::stoll(ck.strings.at("tokens_seen"));
-    best_val = std::stod(ck.strings.at("best_val_loss"));
-    elapsed_before = std::stod(ck.strings.at("elapsed_s"));
+    data.train->restore(state0);
+    if (at::Tensor rng = ck.rank_rng(par.rank % ck.world_size()); rng.defined()) {
+      at::Generator gen = at::detail::getDefaultCPUGenerator();
+      gen.set_state(rng);
+    }
+    tokens_seen = std::stoll(ck.string("tokens_seen"));
+    best_val = std::stod(ck.string("best_val_loss"));
+    elapsed_before = std::stod(ck.string("elapsed_s"));
     if (par.root())
-      fmt::print("{}: resuming {} at step {} of {}\n", what, fs::canonical(ckpt_dir / "latest").string(), step, steps);
+      fmt::print("{}: resuming {} (saved on {} rank(s)) at step {} of {}\n", what, resume_from, ck.world_size(), step, steps);
   }
   // Only rank 0 writes files.
   const std::string metrics_path = (run_dir / "metrics.jsonl").string();
@@ -381,28 +409,34 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
                par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
 
-  // Saves the whole state after `done` steps into checkpoints/<name>.
-  // Collective: every rank gathers, rank 0 writes.
-  auto save = [&](const std::string& name, int64_t done, double elapsed) {
-    CheckpointData ck;
-    ck.step = done;
-    ck.model = par.whole_params();
-    ck.optimizer = par.whole_state(opt.state());
-    ck.strings = {{"config", config_text},
-                  {"phase", what},
-                  {"loader_state", data.train->state().to_json()},
-                  {"tokens_seen", std::to_string(tokens_seen)},
-                  {"best_val_loss", fmt::format("{}", best_val)},
-                  {"elapsed_s", fmt::format("{}", elapsed)},
-                  {"schedule", fmt::format("{} warmup {} total {} min_lr_ratio {}", schedule.kind,
-                                           schedule.warmup_steps, schedule.total_steps, schedule.min_lr_ratio)}};
-    const std::vector<std::string> loader_states = par.all_strings(data.train->state().to_json());
-    for (size_t r = 0; r < loader_states.size(); ++r) ck.strings[fmt::format("loader_state.rank{}", r)] = loader_states[r];
-    if (par.root()) save_checkpoint((ckpt_dir / name).string(), ck);
-    if (par.comm) par.comm->barrier();
-  };
-  auto link = [&](const std::string& l, const std::string& target) {
-    if (par.root()) point_link(ckpt_dir.string(), l, target);
+  // Saves the state after `done` steps as checkpoints/step-<done>: each rank its own rows (a host
+  // copy now, written by a background thread when train.async_checkpoint). Collective.
+  dist::CheckpointSaver saver(ckpt_dir.string(), par.comm, c.async_checkpoint, c.keep_last_k);
+  const std::string tokenizer_bytes = par.root() ? read_file(tok.path()) : std::string();
+  auto save = [&](int64_t done, double elapsed, bool best, bool final) {
+    dist::SaveRequest r;
+    r.name = fmt::format("step-{:08d}", done);
+    r.best = best;
+    r.final = final;
+    r.part.rank = par.rank;
+    r.part.world = par.world;
+    r.part.step = done;
+    for (size_t i = 0; i < params.size(); ++i)
+      r.part.tensors.push_back(par.rows("model/" + params[i].name, params[i].tensor, par.layouts[i]));
+    for (const auto& t : opt.state())
+      r.part.tensors.push_back(par.rows("optimizer/" + t.name, t.tensor, par.state_layout(t.name)));
+    r.part.rng = at::detail::getDefaultCPUGenerator().get_state();
+    r.part.strings["loader_state"] = data.train->state().to_json();
+    r.strings = {{"config", config_text},
+                 {"phase", what},
+                 {"loader_state", r.part.strings["loader_state"]},
+                 {"tokens_seen", std::to_string(tokens_seen)},
+                 {"best_val_loss", fmt::format("{}", best_val)},
+                 {"elapsed_s", fmt::format("{}", elapsed)},
+                 {"schedule", fmt::format("{} warmup {} total {} min_lr_ratio {}", schedule.kind,
+                                          schedule.warmup_steps, schedule.total_steps, schedule.min_lr_ratio)}};
+    r.tokenizer = tokenizer_bytes;
+    saver.save(std::move(r));
   };
 
   // ---- The loop ----
@@ -435,8 +469,13 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
       local_loss += l.item<double>();
     }
     par.finish_step();
-    const std::vector<double> sums = par.sum({local_loss, optim::grad_sq_norm(params)});
+    // One all-reduce for the loss, the gradient norm, a stop signal on any rank, and whether any
+    // rank is still writing the checkpoint in flight.
+    const std::vector<double> sums =
+        par.sum({local_loss, optim::grad_sq_norm(params), stop_signal() != 0 ? 1.0 : 0.0, saver.busy()});
     const double loss = sums[0], grad_norm = std::sqrt(sums[1]);
+    const bool stop = sums[2] > 0;
+    if (saver.in_flight() && sums[3] == 0) saver.finish();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       if (c.nan_policy == "stop")
         fail("{} step {}: the loss is {} (gradient norm {}); stopping without writing a checkpoint "
@@ -479,6 +518,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     }
     result.last_loss = loss;
 
+    bool best = false;
     if (data.val && c.eval_interval > 0 && (done % c.eval_interval == 0 || done == steps)) {
       const double val = evaluate(forward, data, c.eval_batches);
       if (par.root()) {
@@ -490,22 +530,29 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                    val < best_val ? " (best)" : "");
       }
       result.last_val_loss = val;
-      if (val < best_val) {
-        best_val = val;
-        save("best", done, elapsed);
-      }
+      if (val < best_val) best_val = val, best = true;
     }
-    if ((c.checkpoint_interval > 0 && done % c.checkpoint_interval == 0) || done == steps) {
-      const std::string name = fmt::format("step-{:08d}", done);
-      save(name, done, elapsed);
-      link("latest", name);
-      if (done == steps) link("final", name);
+    // A checkpoint at each interval, at the end, at a new best val loss (`best` points at it), and
+    // when a signal asks to stop (SIGTERM, SIGUSR1: preemption, a time limit coming).
+    if ((c.checkpoint_interval > 0 && done % c.checkpoint_interval == 0) || done == steps || best || stop)
+      save(done, elapsed, best, done == steps);
+    if (stop) {
+      COIL_CHECK(saver.finish(), "{}: stopping at step {} on a signal, and its checkpoint could not be saved (see above)",
+                 what, done);
+      if (par.root())
+        fmt::print("{}: stopped by a signal after step {} of {}; checkpoint {} saved; run again to resume\n", what,
+                   done, steps, (ckpt_dir / fmt::format("step-{:08d}", done)).string());
+      result.steps = done;
+      result.stopped = true;
+      return result;
     }
   }
+  // The final checkpoint must be on disk before the run reports success.
+  COIL_CHECK(saver.finish(), "{}: the final checkpoint could not be saved (see above)", what);
   result.steps = steps;
   if (par.root())
-    fmt::print("{}: done, {} steps in {} ({} skipped); checkpoints in {}\n", what, steps,
-               human_time(seconds_since(t_start)), skipped, ckpt_dir.string());
+    fmt::print("{}: done, {} steps in {} ({} skipped); checkpoints in {} (the training thread waited {:.2f} s for them)\n",
+               what, steps, human_time(seconds_since(t_start)), skipped, ckpt_dir.string(), saver.stall_seconds());
   return result;
 }
 

@@ -145,7 +145,7 @@ TEST_F(Train, ResumeIsBitExact) {
   train(config(resumed), Phase::kPretrain);
   fs::remove_all(resumed + "/checkpoints/step-00000006");
   fs::remove(resumed + "/checkpoints/latest");
-  point_link(resumed + "/checkpoints", "latest", "step-00000003");
+  dist::point_link(resumed + "/checkpoints", "latest", "step-00000003");
   std::vector<nlohmann::json> before = metrics(resumed);
   TrainResult b = train(config(resumed), Phase::kPretrain);
   std::vector<nlohmann::json> m1 = metrics(straight), m2 = metrics(resumed);
@@ -163,13 +163,14 @@ TEST_F(Train, ResumeIsBitExact) {
   MambaConfig mc = MambaConfig::preset("tiny");
   mc.vocab_size = 300;
   MambaLM p(mc.padded(), 1), q(mc.padded(), 2);
-  load_checkpoint(straight + "/checkpoints/final", p.named_parameters(), nullptr, false);
-  load_checkpoint(resumed + "/checkpoints/final", q.named_parameters(), nullptr, false);
+  dist::Checkpoint cp(straight + "/checkpoints/final"), cq(resumed + "/checkpoints/final");
+  for (const auto& t : p.named_parameters()) cp.read("model/" + t.name, t.tensor);
+  for (const auto& t : q.named_parameters()) cq.read("model/" + t.name, t.tensor);
   for (size_t i = 0; i < p.named_parameters().size(); ++i)
     EXPECT_TRUE(torch::equal(p.named_parameters()[i].tensor, q.named_parameters()[i].tensor));
   // latest, best and final exist; config.toml is the resolved config.
   for (const char* name : {"latest", "best", "final", "step-00000003", "step-00000006"})
-    EXPECT_TRUE(fs::exists(straight + "/checkpoints/" + name + "/checkpoint.h5")) << name;
+    EXPECT_TRUE(fs::exists(straight + "/checkpoints/" + name + "/index.h5")) << name;
   EXPECT_EQ(RunConfig::load(straight + "/config.toml", {}).to_toml(), config(straight).to_toml());
 }
 
@@ -180,11 +181,12 @@ TEST_F(Train, CheckpointOfAnotherShapeIsRefusedByName) {
   mc.d_model = 32;
   mc.vocab_size = 300;
   MambaLM small(mc.padded(), 0);
-  EXPECT_NE(error_of([&] { load_checkpoint(run + "/checkpoints/final", small.named_parameters(), nullptr); })
-                .find("backbone.embeddings.weight has shape [304, 64] in the checkpoint, the model has [304, 32]"),
+  dist::Checkpoint ck(run + "/checkpoints/final");
+  EXPECT_NE(error_of([&] { ck.read("model/backbone.embeddings.weight", small.embedding); })
+                .find("model/backbone.embeddings.weight has shape [304, 64] in the checkpoint, the model has [304, 32]"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { load_checkpoint(run + "/nowhere", small.named_parameters(), nullptr); }).find("no checkpoint at"),
-            std::string::npos);
+  EXPECT_NE(error_of([&] { ck.read("model/nothing", small.embedding); }).find("no tensor model/nothing"), std::string::npos);
+  EXPECT_NE(error_of([&] { dist::Checkpoint(run + "/nowhere"); }).find("no checkpoint at"), std::string::npos);
 }
 
 TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
@@ -201,7 +203,7 @@ TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
   ASSERT_EQ(val.size(), 4u);  // before the first step, and every 4 steps
   EXPECT_LT(val.back(), val.front());
   EXPECT_LT(val[2], val[0]);
-  EXPECT_TRUE(fs::exists(sft + "/checkpoints/final/checkpoint.h5"));
+  EXPECT_TRUE(fs::exists(sft + "/checkpoints/final/index.h5"));
   c.pretrained_checkpoint_path = "";
   c.run_dir = *dir_ + "/sft2";
   EXPECT_NE(error_of([&] { train(c, Phase::kSft); }).find("train.pretrained_checkpoint_path is not set"), std::string::npos);

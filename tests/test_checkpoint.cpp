@@ -1,0 +1,258 @@
+// Distributed checkpoints under mpirun (1 to 4 ranks): checkpoints saved on N = 1..4 ranks read
+// back on this run's M ranks bit for bit (each rank its FSDP rows, and whole tensors); the
+// collective saver (async) writes every rank's rows, keeps the last k, and survives a failed save;
+// truncated, flipped, missing rank files and a missing index are detected, and resuming falls back
+// to the previous intact checkpoint.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fmt/format.h>
+
+#include <fstream>
+#include <thread>
+
+#include "dist/checkpoint.h"
+#include "dist/comm.h"
+#include "dist/fsdp.h"
+#include "dist/world.h"
+
+using namespace coil;
+using namespace coil::dist;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Tensors of odd row counts (7 and 13 rows split 3 or 4 ways; 1 row on 4 ranks leaves ranks empty).
+struct Spec {
+  const char* name;
+  std::vector<int64_t> shape;
+};
+const std::vector<Spec> kSpecs = {{"model/a.weight", {7, 3}},
+                                  {"model/b.bias", {5}},
+                                  {"model/c.one_row", {1, 4}},
+                                  {"optimizer/adamw.a.weight.exp_avg", {13, 2}},
+                                  {"optimizer/muon.d.momentum", {9, 5}}};
+
+at::Tensor global(size_t i, int64_t step) {
+  at::Generator gen = at::detail::createCPUGenerator(100 * step + i);
+  return at::randn(kSpecs[i].shape, gen);
+}
+
+RankPart part_of(int rank, int world, int64_t step) {
+  RankPart p;
+  p.rank = rank, p.world = world, p.step = step;
+  for (size_t i = 0; i < kSpecs.size(); ++i) {
+    const auto [b, e] = rank_rows(kSpecs[i].shape[0], rank, world);
+    p.tensors.push_back({kSpecs[i].name, kSpecs[i].shape, b, global(i, step).narrow(0, b, e - b).clone()});
+  }
+  p.strings["loader_state"] = fmt::format("{{\"rank\": {}}}", rank);
+  p.rng = at::detail::getDefaultCPUGenerator().get_state();
+  return p;
+}
+
+// Writes a whole checkpoint of `world` ranks from one process (what each rank would write).
+void write_checkpoint(const std::string& dir, int world, int64_t step) {
+  fs::create_directories(dir);
+  IndexInfo info;
+  info.step = step, info.world = world;
+  for (int r = 0; r < world; ++r) {
+    info.files.push_back(write_rank_file(dir, part_of(r, world, step)));
+    ASSERT_EQ(info.files.back().error, "");
+  }
+  info.strings = {{"config", "# none"}, {"tokens_seen", "42"}};
+  info.tokenizer = "not really a tokenizer";
+  write_index(dir, part_of(0, world, step), info);
+}
+
+// A folder every rank agrees on (rank 0 makes it).
+std::string shared_dir(Comm& comm, const char* what) {
+  std::string mine;
+  if (comm.rank() == 0) {
+    mine = (fs::temp_directory_path() / fmt::format("coil-test-{}-{}", what, getpid())).string();
+    fs::remove_all(mine);
+    fs::create_directories(mine);
+  }
+  return all_gather_strings(&comm, mine)[0];
+}
+
+std::shared_ptr<Comm> comm() {
+  static std::shared_ptr<Comm> c = make_mpi_comm();
+  return c;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+}  // namespace
+
+TEST(Checkpoint, SavedOnAnyWorldSizeLoadsOnThisOneBitForBit) {
+  auto c = comm();
+  const int M = c->size(), rank = c->rank();
+  const std::string base = shared_dir(*c, "reshard");
+  if (rank == 0)
+    for (int n = 1; n <= 4; ++n) write_checkpoint(fmt::format("{}/n{}", base, n), n, n);
+  c->barrier();
+  for (int n = 1; n <= 4; ++n) {
+    Checkpoint ck(fmt::format("{}/n{}", base, n));
+    EXPECT_EQ(ck.step(), n);
+    EXPECT_EQ(ck.world_size(), n);
+    EXPECT_EQ(ck.string("tokens_seen"), "42");
+    EXPECT_EQ(ck.tokenizer(), "not really a tokenizer");
+    EXPECT_TRUE(ck.verify(rank, M).empty());
+    ASSERT_EQ(ck.tensors().size(), kSpecs.size());
+    for (size_t i = 0; i < kSpecs.size(); ++i) {
+      // This rank's FSDP shard on M ranks (zero-padded rows), and the whole tensor.
+      ShardLayout layout(kSpecs[i].shape, M);
+      std::vector<int64_t> local = kSpecs[i].shape;
+      local[0] = layout.rows_per_rank;
+      at::Tensor mine = at::full(local, 7.0f), whole = at::empty(kSpecs[i].shape);
+      ck.read(kSpecs[i].name, mine, rank * layout.rows_per_rank);
+      ck.read(kSpecs[i].name, whole);
+      EXPECT_TRUE(at::equal(mine, layout.slice(global(i, n), rank))) << kSpecs[i].name << " saved on " << n;
+      EXPECT_TRUE(at::equal(whole, global(i, n))) << kSpecs[i].name << " saved on " << n;
+    }
+    for (int r = 0; r < n; ++r) EXPECT_EQ(ck.rank_string(r, "loader_state"), fmt::format("{{\"rank\": {}}}", r));
+    EXPECT_TRUE(ck.rank_rng(n - 1).defined());
+  }
+  // Consolidated into one file (from 3 ranks' files): the same tensors, and verified by CRC.
+  if (rank == 0) {
+    consolidate(Checkpoint(base + "/n3"), base + "/one.h5");
+    Checkpoint one(base + "/one.h5");
+    EXPECT_TRUE(one.consolidated());
+    EXPECT_TRUE(one.verify().empty());
+    EXPECT_EQ(one.rank_string(2, "loader_state"), "{\"rank\": 2}");
+    for (size_t i = 0; i < kSpecs.size(); ++i) {
+      at::Tensor whole = at::empty(kSpecs[i].shape);
+      one.read(kSpecs[i].name, whole);
+      EXPECT_TRUE(at::equal(whole, global(i, 3))) << kSpecs[i].name;
+    }
+  }
+  c->barrier();
+  if (rank == 0) fs::remove_all(base);
+}
+
+TEST(Checkpoint, SaverWritesEveryRanksRowsKeepsTheLastKAndSurvivesAFailedSave) {
+  auto c = comm();
+  const int M = c->size(), rank = c->rank();
+  const std::string dir = shared_dir(*c, "saver");
+  CheckpointSaver saver(dir, c, /*async=*/true, /*keep_last_k=*/2);
+  auto save = [&](int64_t step, bool best, bool broken) {
+    SaveRequest r;
+    r.name = fmt::format("step-{:08d}", step);
+    r.part = part_of(rank, M, step);
+    if (broken && rank == M - 1) r.part.tensors.push_back({"model/bad", {2}, 0, at::zeros({2}, at::kLong)});
+    r.strings = {{"config", "# none"}};
+    r.best = best;
+    saver.save(std::move(r));
+    // What the training loop does: sum busy() over the ranks until no rank is writing.
+    for (;;) {
+      at::Tensor busy = at::tensor({saver.busy()}, at::kDouble);
+      c->all_reduce(busy);
+      if (busy.item<double>() == 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return saver.finish();
+  };
+  EXPECT_TRUE(save(1, /*best=*/true, false));
+  EXPECT_FALSE(save(2, false, /*broken=*/true));  // one rank's file fails: reported, nothing committed
+  EXPECT_TRUE(save(3, false, false));
+  EXPECT_TRUE(save(4, false, false));
+  c->barrier();
+  // keep_last_k = 2 keeps steps 3 and 4, and step 1 because `best` points at it.
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"best", "latest", "step-00000001", "step-00000003", "step-00000004"}));
+  Checkpoint ck(dir + "/latest");
+  EXPECT_EQ(ck.step(), 4);
+  EXPECT_EQ(ck.world_size(), M);
+  EXPECT_TRUE(ck.verify().empty());
+  for (size_t i = 0; i < kSpecs.size(); ++i) {
+    at::Tensor whole = at::empty(kSpecs[i].shape);
+    ck.read(kSpecs[i].name, whole);
+    EXPECT_TRUE(at::equal(whole, global(i, 4))) << kSpecs[i].name;
+  }
+  EXPECT_EQ(ck.rank_string(M - 1, "loader_state"), fmt::format("{{\"rank\": {}}}", M - 1));
+  c->barrier();
+  if (rank == 0) fs::remove_all(dir);
+}
+
+TEST(Checkpoint, DamageIsDetectedAndResumingFallsBack) {
+  if (comm()->size() > 1) GTEST_SKIP() << "one process is enough";
+  const std::string base = (fs::temp_directory_path() / fmt::format("coil-test-damage-{}", getpid())).string();
+  fs::remove_all(base);
+  auto fresh = [&](const std::string& name) {
+    const std::string dir = base + "/" + name;
+    write_checkpoint(dir, 3, 1);
+    return dir;
+  };
+  auto problems = [](const std::string& dir) {
+    std::string all;
+    for (const auto& p : Checkpoint(dir).verify()) all += p + "\n";
+    return all;
+  };
+  const std::string intact = fresh("intact");
+  EXPECT_EQ(problems(intact), "");
+
+  const std::string truncated = fresh("truncated");
+  fs::resize_file(truncated + "/rank-00001-of-00003.h5", fs::file_size(truncated + "/rank-00001-of-00003.h5") - 100);
+  EXPECT_NE(problems(truncated).find("rank-00001-of-00003.h5: "), std::string::npos);
+  EXPECT_NE(problems(truncated).find("(truncated)"), std::string::npos);
+
+  const std::string flipped = fresh("flipped");
+  {
+    std::fstream f(flipped + "/rank-00002-of-00003.h5", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(3000);
+    char b = 0;
+    f.read(&b, 1);
+    f.seekp(3000);
+    b = static_cast<char>(b ^ 0x10);
+    f.write(&b, 1);
+  }
+  EXPECT_NE(problems(flipped).find("rank-00002-of-00003.h5: CRC-32"), std::string::npos);
+  EXPECT_NE(problems(flipped).find("(damaged)"), std::string::npos);
+
+  const std::string missing = fresh("missing");
+  fs::remove(missing + "/rank-00000-of-00003.h5");
+  EXPECT_NE(problems(missing).find("rank-00000-of-00003.h5: missing (rank 0 of 3)"), std::string::npos);
+
+  const std::string no_index = fresh("no-index");
+  fs::remove(no_index + "/index.h5");
+  EXPECT_NE(error_of([&] { Checkpoint{no_index}; }).find("no index.h5 (an incomplete checkpoint"), std::string::npos);
+
+  const std::string bad_index = fresh("bad-index");
+  fs::resize_file(bad_index + "/index.h5", 1000);
+  EXPECT_NE(error_of([&] { Checkpoint{bad_index}; }).find("not an HDF5 file (truncated or damaged?)"), std::string::npos);
+
+  // Resuming: latest (step 2) is damaged, step 1 is intact: step 1, with a warning; the damaged
+  // one is moved aside and latest re-pointed.
+  const std::string run = base + "/run";
+  write_checkpoint(run + "/step-00000001", 3, 1);
+  write_checkpoint(run + "/step-00000002", 3, 2);
+  point_link(run, "latest", "step-00000002");
+  fs::resize_file(run + "/step-00000002/rank-00001-of-00003.h5", 10);
+  std::vector<std::string> warnings;
+  EXPECT_EQ(find_intact_checkpoint(run, nullptr, &warnings), run + "/step-00000001");
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("step-00000002 is damaged: "), std::string::npos);
+  EXPECT_TRUE(fs::exists(run + "/step-00000002.damaged"));
+  EXPECT_EQ(fs::read_symlink(run + "/latest").string(), "step-00000001");
+  // Nothing intact: nothing found, nothing moved.
+  fs::remove(run + "/step-00000001/index.h5");
+  warnings.clear();
+  EXPECT_EQ(find_intact_checkpoint(run, nullptr, &warnings), "");
+  EXPECT_EQ(warnings.size(), 1u);
+  EXPECT_TRUE(fs::exists(run + "/step-00000001"));
+  // An empty or missing folder: nothing to resume, no warning.
+  warnings.clear();
+  EXPECT_EQ(find_intact_checkpoint(base + "/nothing", nullptr, &warnings), "");
+  EXPECT_TRUE(warnings.empty());
+  fs::remove_all(base);
+}
