@@ -183,10 +183,12 @@ std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr
     } catch (const std::exception& e) {
       problems.push_back(e.what());
     }
-    std::string mine;
-    for (const auto& p : problems) mine += p + "\n";
     std::string all;
-    for (const auto& s : all_gather_strings(comm.get(), mine)) all += s;
+    for (const auto& p : problems) all += (all.empty() ? "" : "; ") + p;
+    const std::vector<std::string> ranks = all_gather_strings(comm.get(), all);
+    all.clear();
+    for (const auto& r : ranks)
+      if (!r.empty()) all += (all.empty() ? "" : "; ") + r;
     if (all.empty()) {
       if (rank == 0 && !damaged.empty()) {  // out of the way of later saves, kept for a post-mortem
         for (const auto& d : damaged) {
@@ -199,7 +201,6 @@ std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr
       if (comm) comm->barrier();
       return path;
     }
-    all.pop_back();
     damaged.push_back(name);
     if (warnings) warnings->push_back(fmt::format("checkpoint {} is damaged: {}", path, all));
   }

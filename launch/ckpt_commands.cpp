@@ -26,7 +26,7 @@ std::string human_bytes(double b) {
 
 void fail_if_damaged(const dist::Checkpoint& ck) {
   const std::vector<std::string> problems = ck.verify();
-  for (const auto& p : problems) fmt::print(stderr, "coil: {}\n", p);
+  for (const auto& p : problems) fmt::print("{}\n", p);
   COIL_CHECK(problems.empty(), "{} is damaged or incomplete ({} problem(s), listed above)", ck.path(), problems.size());
 }
 

@@ -10,8 +10,8 @@ namespace coil {
 LoadedModel load_model(const std::string& checkpoint, const std::string& tokenizer_path) {
   dist::Checkpoint ck(checkpoint);
   std::string problems;
-  for (const auto& p : ck.verify()) problems += "\n  " + p;
-  COIL_CHECK(problems.empty(), "{} is damaged:{}", checkpoint, problems);
+  for (const auto& p : ck.verify()) problems += (problems.empty() ? "" : "; ") + p;
+  COIL_CHECK(problems.empty(), "{} is damaged: {}", checkpoint, problems);
   LoadedModel out;
   out.config = RunConfig::parse(ck.string("config"), checkpoint + ": config");
   MambaConfig mc = MambaConfig::preset(out.config.model_preset);

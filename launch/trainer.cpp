@@ -318,9 +318,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
     dist::Checkpoint pre(c.pretrained_checkpoint_path);
     std::string problems;
-    for (const auto& p : dist::all_gather_strings(par.comm.get(), fmt::format("{}", fmt::join(pre.verify(par.rank, par.world), "\n"))))
-      if (!p.empty()) problems += "\n  " + p;
-    COIL_CHECK(problems.empty(), "train.pretrained_checkpoint_path {} is damaged:{}", c.pretrained_checkpoint_path, problems);
+    for (const auto& p : dist::all_gather_strings(par.comm.get(), fmt::format("{}", fmt::join(pre.verify(par.rank, par.world), "; "))))
+      if (!p.empty()) problems += (problems.empty() ? "" : "; ") + p;
+    COIL_CHECK(problems.empty(), "train.pretrained_checkpoint_path {} is damaged: {}", c.pretrained_checkpoint_path, problems);
     for (const auto& p : model.named_parameters()) pre.read("model/" + p.name, p.tensor);
     if (par.root()) fmt::print("sft: starting from the pretrained weights of {}\n", c.pretrained_checkpoint_path);
   }

@@ -104,5 +104,53 @@ else
 fi
 expect generate 0 "GNU" -- generate --checkpoint "$tmp/r1/checkpoints/final" --prompt "GNU" --max-new-tokens 5
 
+# kill -9 at five moments of a run that saves a checkpoint every step (async: some kills land in a
+# save): latest is always an intact checkpoint, a cut save is only a .tmp; then SIGTERM: the step
+# is finished, a checkpoint saved, exit 0; resumed, the run logs the losses of an unbroken run.
+chaos=("${train_args[@]}" --set train.max_steps=150 --set train.checkpoint_interval=1 --set train.keep_last_k=3)
+expect unbroken 0 "pretrain: done, 150 steps" -- pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c1"
+cut=0
+for delay in 0.5 0.7 0.9 1.1 1.3; do
+  "$coil" pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c2" >/dev/null 2>&1 &
+  pid=$!
+  sleep $delay
+  kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+  ls -d "$tmp"/c2/checkpoints/*.tmp >/dev/null 2>&1 && cut=$((cut + 1))
+  [ -e "$tmp/c2/checkpoints/latest" ] && expect "latest_after_kill_$delay" 0 "intact" -- ckpt verify "$tmp/c2/checkpoints/latest"
+done
+if [ $cut -ge 1 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL no kill landed in a save"; fi
+"$coil" pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c2" >"$tmp/term.log" 2>&1 &
+pid=$!
+for _ in $(seq 600); do grep -q "step [0-9]*[05]/150" "$tmp/term.log" && break; sleep 0.05; done
+kill -TERM $pid; wait $pid; rc=$?
+if [ $rc -eq 0 ] && grep -q "stopped by a signal after step" "$tmp/term.log"; then passed=$((passed + 1))
+else failed=$((failed + 1)); echo "FAIL SIGTERM: exit $rc"; tail -3 "$tmp/term.log"; fi
+expect after_term 0 "pretrain: done, 150 steps" -- pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c2"
+if [ "$(losses "$tmp/c1/metrics.jsonl")" = "$(losses "$tmp/c2/metrics.jsonl")" ]; then passed=$((passed + 1))
+else failed=$((failed + 1)); echo "FAIL killed, stopped and resumed run logs other losses than an unbroken run"; fi
+steps_kept=$(ls -d "$tmp"/c2/checkpoints/step-* | wc -l)
+[ "$steps_kept" -le 4 ] && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL keep_last_k=3 kept $steps_kept"; }
+
+# coil ckpt: inspect, verify (exit 1 on damage), consolidate, export-hf; generate from one file.
+final="$tmp/r1/checkpoints/final"
+expect ckpt_inspect 0 "model/backbone.layers.0.mixer.in_proj.weight" -- ckpt inspect "$final"
+expect ckpt_verify 0 "intact" -- ckpt verify "$final"
+cp -rL "$final" "$tmp/damaged"
+truncate -s 100 "$tmp/damaged/rank-00000-of-00001.h5"
+expect ckpt_damaged 1 "is damaged or incomplete (1 problem(s)" -- ckpt verify "$tmp/damaged"
+grep -q "(truncated)" "$tmp/out" && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL verify: no truncated line"; }
+expect ckpt_consolidate 0 "-> $tmp/one.h5" -- ckpt consolidate "$final" "$tmp/one.h5"
+expect ckpt_verify_one 0 "intact" -- ckpt verify "$tmp/one.h5"
+expect ckpt_consolidate_exists 1 "exists; remove it first" -- ckpt consolidate "$final" "$tmp/one.h5"
+"$coil" generate --checkpoint "$final" --prompt "GNU" --max-new-tokens 8 >"$tmp/g1" 2>&1
+"$coil" generate --checkpoint "$tmp/one.h5" --prompt "GNU" --max-new-tokens 8 >"$tmp/g2" 2>&1
+cmp -s "$tmp/g1" "$tmp/g2" && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL generate from one.h5 differs"; }
+expect ckpt_export 0 "config.json, model.safetensors" -- ckpt export-hf "$final" "$tmp/hf"
+[ -s "$tmp/hf/model.safetensors" ] && cmp -s "$tmp/hf/tokenizer.model" "$tmp/tok.model" && passed=$((passed + 1)) ||
+  { failed=$((failed + 1)); echo "FAIL export-hf files"; }
+expect ckpt_none 1 "no checkpoint at $tmp/nothing" -- ckpt inspect "$tmp/nothing"
+expect ckpt_not 1 "not an HDF5 file" -- ckpt verify "$tmp/tok.model"
+expect generate_damaged 1 "is damaged:" -- generate --checkpoint "$tmp/damaged" --prompt "GNU"
+
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `coil pretrain` under mpirun: 3 ranks log the same losses as 1 process (within 1e-5 relative),
-# a 3-rank checkpoint resumes on 2 ranks to the same losses, and ranks started with different
-# configurations stop at once with a non-zero exit.
+# a 3-rank checkpoint resumes on 2 ranks to the same losses, checkpoints saved on N ranks resume
+# on M (every N, M in 1..4), SIGUSR1 stops a run with a checkpoint, and ranks started with
+# different configurations stop at once with a non-zero exit.
 #   tests/test_mpi_cli.sh path/to/coil
 set -u
 coil=$(realpath "$1")
@@ -60,6 +61,41 @@ rm -rf s2b/checkpoints/step-00000008 s2b/checkpoints/final
 ln -sfn step-00000004 s2b/checkpoints/latest
 "${mpirun[@]}" -np 3 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2b --resume >s3.log 2>&1 ||
   fail "streaming resume on 3 ranks: $(tail -3 s3.log)"
+# Resharding: 20 steps on N ranks, resumed on M ranks for 20 more, for every N, M in 1..4: the
+# losses of the uninterrupted N-rank run, bit for bit when M = N, within 1e-5 otherwise.
+rargs=("${args[@]}" --set train.global_batch_size=12 --set train.max_steps=40 --set train.checkpoint_interval=20
+  --set train.eval_interval=20)
+exact() { cmp -s <(grep -v elapsed "$1/metrics.jsonl" | python3 -c 'import json,sys
+for l in sys.stdin: d=json.loads(l); print(d["step"], d.get("loss"), d.get("val_loss"), d.get("grad_norm"))') \
+  <(grep -v elapsed "$2/metrics.jsonl" | python3 -c 'import json,sys
+for l in sys.stdin: d=json.loads(l); print(d["step"], d.get("loss"), d.get("val_loss"), d.get("grad_norm"))'); }
+for n in 1 2 3 4; do
+  "${mpirun[@]}" -np $n "$coil" pretrain "${rargs[@]}" --set train.run_dir=n$n >n$n.log 2>&1 || fail "40 steps on $n: $(tail -3 n$n.log)"
+  for m in 1 2 3 4; do
+    rm -rf r$n$m && cp -r n$n r$n$m
+    rm -rf r$n$m/checkpoints/step-00000040 && ln -sfn step-00000020 r$n$m/checkpoints/latest
+    "${mpirun[@]}" -np $m "$coil" pretrain "${rargs[@]}" --set train.run_dir=r$n$m >r$n$m.log 2>&1 ||
+      fail "saved on $n, resumed on $m: $(tail -3 r$n$m.log)"
+    grep -q "resuming .*step-00000020 (saved on $n rank(s)) at step 20" r$n$m.log || fail "saved on $n, resumed on $m: did not resume"
+    if [ $n = $m ]; then exact n$n r$n$m || fail "saved and resumed on $n: not bit for bit"
+    else compare n$n r$n$m || fail "saved on $n, resumed on $m: other losses"; fi
+    rm -rf r$n$m
+  done
+done
+# SIGUSR1 (what Slurm sends before a time limit) to mpirun: every rank finishes its step, the
+# checkpoint is saved, exit 0; the run then resumes from it.
+"${mpirun[@]}" -np 2 "$coil" pretrain "${rargs[@]}" --set train.max_steps=100000 --set train.run_dir=usr1 >usr1.log 2>&1 &
+pid=$!
+for _ in $(seq 600); do grep -q "step 3/" usr1.log 2>/dev/null && break; sleep 0.05; done
+kill -USR1 $pid
+wait $pid
+rc=$?
+[ $rc -eq 0 ] || fail "SIGUSR1: exit $rc: $(tail -3 usr1.log)"
+grep -q "stopped by a signal after step" usr1.log || fail "SIGUSR1: no stop message: $(tail -3 usr1.log)"
+stop_step=$(sed -n 's/.*stopped by a signal after step \([0-9]*\).*/\1/p' usr1.log)
+[ -n "$stop_step" ] && [ "$(readlink usr1/checkpoints/latest)" = "$(printf 'step-%08d' "$stop_step")" ] ||
+  fail "SIGUSR1: latest is not the stop step's checkpoint"
+"$coil" ckpt verify usr1/checkpoints/latest >/dev/null || fail "SIGUSR1: the checkpoint does not verify"
 # Different configurations on different ranks: every rank stops, non-zero, quickly.
 timeout 60 "${mpirun[@]}" -np 2 sh -c "exec \"$coil\" pretrain ${args[*]} --set train.run_dir=mixed --set train.seed=\$OMPI_COMM_WORLD_RANK" \
   >mixed.log 2>&1

@@ -141,13 +141,14 @@ TEST_F(Train, ResumeIsBitExact) {
   const std::string straight = *dir_ + "/straight", resumed = *dir_ + "/resumed";
   TrainResult a = train(config(straight), Phase::kPretrain);
   EXPECT_EQ(a.steps, 6);
-  // The same run, stopped after step 3: its checkpoints as they were then, then started again.
-  train(config(resumed), Phase::kPretrain);
+  // The same run, stopped after step 3: its checkpoints as they were then, then started again
+  // (with synchronous saves: the same checkpoints as async ones).
+  train(config(resumed, {"train.async_checkpoint=false"}), Phase::kPretrain);
   fs::remove_all(resumed + "/checkpoints/step-00000006");
   fs::remove(resumed + "/checkpoints/latest");
   dist::point_link(resumed + "/checkpoints", "latest", "step-00000003");
   std::vector<nlohmann::json> before = metrics(resumed);
-  TrainResult b = train(config(resumed), Phase::kPretrain);
+  TrainResult b = train(config(resumed, {"train.async_checkpoint=false"}), Phase::kPretrain);
   std::vector<nlohmann::json> m1 = metrics(straight), m2 = metrics(resumed);
   ASSERT_EQ(m1.size(), m2.size());
   for (size_t i = 0; i < m1.size(); ++i) {
@@ -172,6 +173,30 @@ TEST_F(Train, ResumeIsBitExact) {
   for (const char* name : {"latest", "best", "final", "step-00000003", "step-00000006"})
     EXPECT_TRUE(fs::exists(straight + "/checkpoints/" + name + "/index.h5")) << name;
   EXPECT_EQ(RunConfig::load(straight + "/config.toml", {}).to_toml(), config(straight).to_toml());
+}
+
+TEST_F(Train, ResumingFallsBackPastADamagedCheckpoint) {
+  const std::string straight = *dir_ + "/fb-straight", run = *dir_ + "/fb";
+  train(config(straight), Phase::kPretrain);
+  train(config(run), Phase::kPretrain);
+  // The newest checkpoint (step 6, latest) loses a byte's worth of bits; the step-3 one is intact.
+  {
+    std::fstream f(run + "/checkpoints/step-00000006/rank-00000-of-00001.h5", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(5000);
+    f.put('\x5a');
+  }
+  testing::internal::CaptureStderr();
+  TrainResult r = train(config(run), Phase::kPretrain);
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("step-00000006 is damaged: "), std::string::npos) << err;
+  EXPECT_NE(err.find("resuming from " + run + "/checkpoints/step-00000003 instead"), std::string::npos) << err;
+  EXPECT_TRUE(fs::exists(run + "/checkpoints/step-00000006.damaged"));
+  EXPECT_EQ(r.steps, 6);
+  std::vector<nlohmann::json> m1 = metrics(straight), m2 = metrics(run);
+  ASSERT_EQ(m1.size(), m2.size());
+  for (size_t i = 0; i < m1.size(); ++i)
+    if (m1[i].contains("loss")) EXPECT_EQ(m1[i]["loss"].dump(), m2[i]["loss"].dump()) << i;
+  EXPECT_TRUE(dist::Checkpoint(run + "/checkpoints/latest").verify().empty());
 }
 
 TEST_F(Train, CheckpointOfAnotherShapeIsRefusedByName) {
