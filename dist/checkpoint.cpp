@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <fmt/ranges.h>
 #include <hdf5.h>
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
@@ -149,31 +151,47 @@ uint32_t crc_of(const void* data, size_t n, uint32_t crc = 0) {
   return crc;
 }
 
-// CRC-32 (zlib's, as Python's zlib.crc32) and size of a file; fsyncs it first when asked.
+// CRC-32 (zlib's, as Python's zlib.crc32) and size of a file, read in two halves by two threads
+// (CRC-32s combine). With `sync` the file's writeback to disk is started first and waited for
+// (fsync) last, so that reading it back overlaps the disk's write.
 std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) fail("cannot open {}: {}", path, std::strerror(errno));
-  if (sync && ::fsync(fd) != 0) {
-    const int e = errno;
-    ::close(fd);
-    fail("fsync of {} failed: {}", path, std::strerror(e));
-  }
-  std::vector<char> buf(size_t{8} << 20);
-  int64_t bytes = 0;
-  uint32_t crc = 0;
-  for (;;) {
-    const ssize_t n = ::read(fd, buf.data(), buf.size());
-    if (n < 0) {
-      const int e = errno;
-      ::close(fd);
-      fail("reading {} failed: {}", path, std::strerror(e));
+  struct Closer {
+    int fd;
+    ~Closer() { ::close(fd); }
+  } closer{fd};
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) fail("cannot stat {}: {}", path, std::strerror(errno));
+  const int64_t size = st.st_size;
+  if (sync) ::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  auto crc_range = [fd](int64_t begin, int64_t end, uint32_t& crc, std::string& error) {
+    std::vector<char> buf(size_t{8} << 20);
+    crc = 0;
+    for (int64_t at = begin; at < end;) {
+      const ssize_t n = ::pread(fd, buf.data(), static_cast<size_t>(std::min<int64_t>(end - at, static_cast<int64_t>(buf.size()))), at);
+      if (n <= 0) {
+        error = n == 0 ? "unexpected end of file" : std::strerror(errno);
+        return;
+      }
+      crc = crc_of(buf.data(), static_cast<size_t>(n), crc);
+      at += n;
     }
-    if (n == 0) break;
-    crc = crc_of(buf.data(), static_cast<size_t>(n), crc);
-    bytes += n;
-  }
-  ::close(fd);
-  return {bytes, crc};
+  };
+  // Two threads when verifying; one when writing (the disk is slower than one, and the training
+  // thread needs the cores more).
+  const int64_t half = sync || size < (int64_t{64} << 20) ? size : (size / 2) & ~((int64_t{1} << 23) - 1);
+  uint32_t crc1 = 0, crc2 = 0;
+  std::string err1, err2;
+  std::thread second;
+  if (half < size) second = std::thread(crc_range, half, size, std::ref(crc2), std::ref(err2));
+  crc_range(0, half, crc1, err1);
+  if (second.joinable()) second.join();
+  if (!err1.empty() || !err2.empty()) fail("reading {} failed: {}", path, err1.empty() ? err2 : err1);
+  const uint32_t crc = half < size ? static_cast<uint32_t>(crc32_combine(crc1, crc2, static_cast<z_off_t>(size - half))) : crc1;
+  if (sync && ::fsync(fd) != 0) fail("fsync of {} failed: {}", path, std::strerror(errno));
+  return {size, crc};
 }
 
 std::vector<std::string> list_datasets(hid_t file) {
@@ -380,7 +398,20 @@ Checkpoint::Checkpoint(const std::string& path) : path_(path) {
 }
 
 Checkpoint::~Checkpoint() {
+  for (int64_t f : rank_files_)
+    if (f >= 0) H5Fclose(f);
   if (file_id_ >= 0) H5Fclose(file_id_);
+}
+
+int64_t Checkpoint::rank_file(int r) const {
+  if (rank_files_.empty()) rank_files_.assign(static_cast<size_t>(world_), -1);
+  int64_t& f = rank_files_[static_cast<size_t>(r)];
+  if (f < 0) {
+    const std::string file = (fs::path(path_) / rank_file_name(r, world_)).string();
+    f = open_file(file);
+    if (f < 0) fail("{}: missing or not an HDF5 file", file);
+  }
+  return f;
 }
 
 std::string Checkpoint::string(const std::string& key) const {
@@ -467,18 +498,43 @@ void Checkpoint::read(const std::string& name, at::Tensor dst, int64_t row_begin
   H5 type(H5Dget_type(ds), H5Tclose);
   const at::ScalarType st = torch_type(type);
   const int64_t n = shape.empty() ? 0 : std::max<int64_t>(0, std::min(shape[0] - row_begin, want.empty() ? 0 : want[0]));
-  at::Tensor buf = at::zeros(want, at::TensorOptions().dtype(st));
-  if (n > 0) {
+  // Straight into dst when it can take the bytes as they are (no second copy).
+  const bool direct = dst.device().is_cpu() && dst.is_contiguous() && dst.scalar_type() == st;
+  at::Tensor buf = direct ? dst : at::empty(want, at::TensorOptions().dtype(st));
+  if (n < (want.empty() ? 0 : want[0])) {
+    c10::NoGradGuard no_grad;
+    buf.narrow(0, n, want[0] - n).zero_();
+  }
+  // Rows [lo, hi) of the global tensor, from dataset `from` whose row 0 is global row `first`.
+  auto read_rows = [&](hid_t from, int64_t first, int64_t lo, int64_t hi, const std::string& file) {
     std::vector<hsize_t> start(shape.size(), 0), count = hdims(shape);
-    start[0] = static_cast<hsize_t>(row_begin);
-    count[0] = static_cast<hsize_t>(n);
-    H5 fspace(H5Dget_space(ds), H5Sclose);
+    start[0] = static_cast<hsize_t>(lo - first);
+    count[0] = static_cast<hsize_t>(hi - lo);
+    H5 fspace(H5Dget_space(from), H5Sclose);
     check(H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr), "selecting rows");
     H5 mspace(H5Screate_simple(static_cast<int>(count.size()), count.data(), nullptr), H5Sclose);
-    check(H5Dread(ds, h5_type(st), mspace, fspace, H5P_DEFAULT, buf.data_ptr()), "reading " + name + " of " + path_);
+    check(H5Dread(from, h5_type(st), mspace, fspace, H5P_DEFAULT, buf.narrow(0, lo - row_begin, hi - lo).data_ptr()),
+          "reading " + name + " of " + file);
+  };
+  if (n > 0 && consolidated_) {
+    read_rows(ds, 0, row_begin, row_begin + n, index_);
+  } else if (n > 0) {
+    // From the rank files themselves: the virtual dataset would give the same bytes, slower.
+    for (int r = 0; r < world_; ++r) {
+      const auto [b, e] = rank_rows(shape[0], r, world_);
+      const int64_t lo = std::max(b, row_begin), hi = std::min(e, row_begin + n);
+      if (lo >= hi) continue;
+      H5 src(H5Dopen2(rank_file(r), name.c_str(), H5P_DEFAULT), H5Dclose);
+      const std::string file = (fs::path(path_) / rank_file_name(r, world_)).string();
+      if (src < 0) fail("{}: no tensor {}", file, name);
+      if (dataset_shape(src)[0] != e - b) fail("{}: {} holds {} rows, not {}", file, name, dataset_shape(src)[0], e - b);
+      read_rows(src, b, lo, hi, file);
+    }
   }
-  c10::NoGradGuard no_grad;
-  dst.copy_(buf);
+  if (!direct) {
+    c10::NoGradGuard no_grad;
+    dst.copy_(buf);
+  }
 }
 
 std::string Checkpoint::rank_string(int rank, const std::string& key) const {

@@ -31,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -140,6 +141,8 @@ class Checkpoint {
   std::map<std::string, std::string> strings_;
   std::vector<FileRecord> files_;
   int64_t file_id_ = -1;  // hid_t of index_
+  mutable std::vector<int64_t> rank_files_;  // hid_t of each rank file, opened when first read
+  int64_t rank_file(int rank) const;
 };
 
 // Writes a consolidated single-file checkpoint of `ck` to out (atomically).
@@ -156,26 +159,32 @@ struct SaveRequest {
 };
 
 // Saves checkpoints into a run's checkpoints/ folder. Every call is collective (all ranks, in the
-// same order, from the training thread); rank files are written by a background thread when
-// async, so training goes on meanwhile; at most one save is in flight (a new one waits for it).
-// A save is committed by finish() once every rank's file is written: rank 0 writes the index,
-// renames the folder into place, re-points latest (and best / final), and deletes step folders
-// beyond keep_last_k (never one a link points to). A failed save is reported, its .tmp removed,
-// and the run goes on: the next checkpoint interval saves again.
+// same order, from the training thread). A save goes in three stages:
+//   save()    this rank's state, already copied to host memory (stage()), is written to its rank
+//             file by a background thread (async) while training goes on;
+//   commit()  once every rank's file is written (busy() summed over the ranks in the step's
+//             all-reduce is 0): the ranks exchange their file records, and rank 0 writes the index,
+//             renames the folder into place, re-points latest (and best / final) and deletes step
+//             folders beyond keep_last_k (never one a link points to), in the background;
+//   finish()  waits for all of it; returns whether the checkpoint was saved.
+// At most one save is in flight: save() finishes the one before. A failed save is reported (a
+// warning naming the rank and the error), its .tmp removed, and the run goes on: the next
+// checkpoint saves again. Without async every stage runs on the calling thread.
 class CheckpointSaver {
  public:
   CheckpointSaver(std::string dir, std::shared_ptr<Comm> comm, bool async, int64_t keep_last_k);
-  ~CheckpointSaver();  // waits for the writer; an uncommitted save stays a .tmp
+  ~CheckpointSaver();  // waits for the threads; a save not committed stays a .tmp
 
+  // A host copy of `src` in a buffer kept for the next saves under `name` (no save may be in
+  // flight: finish() first).
+  at::Tensor stage(const std::string& name, const at::Tensor& src);
   void save(SaveRequest request);
-  bool in_flight() const { return pending_ != nullptr; }
-  // 1 while this rank's writer is busy, else 0: to add to the step's all-reduce, so that every
-  // rank knows when all are done without a collective of its own.
-  double busy() const;
-  // Waits for this rank's writer, then commits (or reports) the save in flight. Returns whether it
-  // was saved (true when none was in flight).
+  double busy() const;           // 1 while this rank's writer is busy, else 0
+  bool awaiting_commit() const;  // a save is in flight and not yet committed
+  void commit();
   bool finish();
-  // Seconds the training thread spent in save() and finish() (the stall), summed.
+  bool in_flight() const { return pending_ != nullptr; }
+  // Seconds the calling (training) thread spent in stage(), save(), commit() and finish(), summed.
   double stall_seconds() const { return stall_s_; }
 
  private:
@@ -185,14 +194,24 @@ class CheckpointSaver {
   bool async_;
   int64_t keep_last_k_;
   std::unique_ptr<Pending> pending_;
+  std::map<std::string, at::Tensor> staging_;
   double stall_s_ = 0;
 };
 
-// The newest intact checkpoint of checkpoints folder `dir` (latest first, then the step folders
-// newest first), or "" when it holds none. A damaged checkpoint is reported in `warnings` and
-// moved aside to <name>.damaged (by rank 0). Collective: each rank verifies a share of the files.
+// Reads a checkpoint with `read` (which reads what it needs, e.g. this rank's rows of every tensor)
+// while this rank's share of its files is verified on another thread. Returns the problems found
+// on all ranks, "" when the checkpoint is intact and `read` succeeded (an error of `read` on an
+// intact checkpoint, such as another model's shapes, is thrown). Collective.
+std::string read_verified(const Checkpoint& ck, const std::shared_ptr<Comm>& comm,
+                          const std::function<void(const Checkpoint&)>& read);
+
+// Resuming: the newest intact checkpoint of checkpoints folder `dir` (latest first, then the step
+// folders newest first), read with `read`; "" when it holds none. A damaged checkpoint is reported
+// in `warnings` and, once an older intact one is found, moved aside to <name>.damaged and latest
+// re-pointed (by rank 0). Collective.
 std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr<Comm>& comm,
-                                   std::vector<std::string>* warnings);
+                                   std::vector<std::string>* warnings,
+                                   const std::function<void(const Checkpoint&)>& read = {});
 
 // Removes *.tmp folders that interrupted saves left (rank 0, before a run starts saving).
 void remove_interrupted_saves(const std::string& dir);

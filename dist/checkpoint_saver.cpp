@@ -7,12 +7,17 @@
 // all-reduce, and then calls finish(): the ranks exchange their file records; rank 0 writes the
 // index, renames the folder into place and re-points the links; every rank learns the outcome.
 #include <ATen/ATen.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <functional>
+#include <future>
 #include <regex>
 #include <set>
 #include <thread>
@@ -73,19 +78,36 @@ struct CheckpointSaver::Pending {
   SaveRequest request;
   RankPart layout;  // the tensors' names, shapes and dtypes, without their data (for the index)
   std::string tmp;
-  std::thread writer;
-  std::atomic<bool> done{false};
+  std::thread writer;            // this rank's file
+  std::atomic<bool> written{false};
   FileRecord record;
+  bool exchanged = false;        // the ranks' records gathered; rank 0 commits
+  std::thread committer;         // rank 0: index, rename, links (in the background when async)
+  bool committed = false;
 };
 
 CheckpointSaver::CheckpointSaver(std::string dir, std::shared_ptr<Comm> comm, bool async, int64_t keep_last_k)
     : dir_(std::move(dir)), comm_(std::move(comm)), async_(async), keep_last_k_(keep_last_k) {}
 
 CheckpointSaver::~CheckpointSaver() {
-  if (pending_ && pending_->writer.joinable()) pending_->writer.join();
+  if (!pending_) return;
+  if (pending_->writer.joinable()) pending_->writer.join();
+  if (pending_->committer.joinable()) pending_->committer.join();
 }
 
-double CheckpointSaver::busy() const { return pending_ && !pending_->done ? 1.0 : 0.0; }
+double CheckpointSaver::busy() const { return pending_ && !pending_->written ? 1.0 : 0.0; }
+bool CheckpointSaver::awaiting_commit() const { return pending_ && !pending_->exchanged; }
+
+at::Tensor CheckpointSaver::stage(const std::string& name, const at::Tensor& src) {
+  COIL_CHECK(!pending_, "CheckpointSaver::stage: a save is in flight (finish() it first)");
+  const double t0 = now_s();
+  at::Tensor& buf = staging_[name];
+  if (!buf.defined() || buf.sizes() != src.sizes() || buf.scalar_type() != src.scalar_type())
+    buf = at::empty(src.sizes(), src.options().device(at::kCPU));
+  buf.copy_(src.detach());
+  stall_s_ += now_s() - t0;
+  return buf;
+}
 
 void CheckpointSaver::save(SaveRequest request) {
   if (pending_) finish();
@@ -108,10 +130,12 @@ void CheckpointSaver::save(SaveRequest request) {
   }
   p->request = std::move(request);
   Pending* raw = p.get();
-  auto work = [raw] {
+  auto work = [raw, async = async_] {
+    // A background writer yields the cores to training (Linux: nice applies per thread).
+    if (async) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
     raw->record = write_rank_file(raw->tmp, raw->request.part);
-    raw->request.part = RankPart{};  // free the host copy
-    raw->done = true;
+    raw->request.part = RankPart{};  // let go of the host copy
+    raw->written = true;
   };
   pending_ = std::move(p);
   if (async_) pending_->writer = std::thread(work);
@@ -119,54 +143,92 @@ void CheckpointSaver::save(SaveRequest request) {
   stall_s_ += now_s() - t0;
 }
 
-bool CheckpointSaver::finish() {
-  if (!pending_) return true;
+void CheckpointSaver::commit() {
+  if (!pending_ || pending_->exchanged) return;
   const double t0 = now_s();
   Pending& p = *pending_;
   if (p.writer.joinable()) p.writer.join();
   const std::vector<std::string> records = all_gather_strings(comm_.get(), p.record.to_json());
-  const int rank = comm_ ? comm_->rank() : 0;
-  bool saved = true;
-  if (rank == 0) {
+  p.exchanged = true;
+  if ((comm_ ? comm_->rank() : 0) == 0) {
     IndexInfo info;
     info.step = p.layout.step;
     info.world = p.layout.world;
     info.strings = p.request.strings;
     info.tokenizer = p.request.tokenizer;
-    std::string why;
-    for (size_t r = 0; r < records.size(); ++r) {
-      info.files.push_back(FileRecord::from_json(records[r]));
-      if (!info.files.back().error.empty() && why.empty()) why = fmt::format("rank {}: {}", r, info.files.back().error);
-    }
-    if (why.empty()) {
-      try {
-        write_index(p.tmp, p.layout, info);
-        commit_directory(p.tmp, (fs::path(dir_) / p.request.name).string());
-        point_link(dir_, "latest", p.request.name);
-        if (p.request.best) point_link(dir_, "best", p.request.name);
-        if (p.request.final) point_link(dir_, "final", p.request.name);
-        prune(dir_, keep_last_k_);
-      } catch (const std::exception& e) {
-        why = e.what();
+    for (const auto& r : records) info.files.push_back(FileRecord::from_json(r));
+    auto work = [this, &p, info = std::move(info)] {
+      std::string why;
+      for (size_t r = 0; r < info.files.size() && why.empty(); ++r)
+        if (!info.files[r].error.empty()) why = fmt::format("rank {}: {}", r, info.files[r].error);
+      if (why.empty()) {
+        try {
+          write_index(p.tmp, p.layout, info);
+          commit_directory(p.tmp, (fs::path(dir_) / p.request.name).string());
+          point_link(dir_, "latest", p.request.name);
+          if (p.request.best) point_link(dir_, "best", p.request.name);
+          if (p.request.final) point_link(dir_, "final", p.request.name);
+          prune(dir_, keep_last_k_);
+        } catch (const std::exception& e) {
+          why = e.what();
+        }
       }
-    }
-    if (!why.empty()) {
-      saved = false;
-      std::error_code ignored;
-      fs::remove_all(p.tmp, ignored);
-      fmt::print(stderr, "coil: warning: checkpoint {} was not saved ({}); the next checkpoint saves again\n",
-                 p.request.name, why);
-    }
+      if (why.empty()) {
+        p.committed = true;
+      } else {
+        std::error_code ignored;
+        fs::remove_all(p.tmp, ignored);
+        fmt::print(stderr, "coil: warning: checkpoint {} was not saved ({}); the next checkpoint saves again\n",
+                   p.request.name, why);
+      }
+    };
+    if (async_) p.committer = std::thread(work);
+    else work();
   }
-  saved = agree(comm_.get(), saved);
+  stall_s_ += now_s() - t0;
+}
+
+bool CheckpointSaver::finish() {
+  if (!pending_) return true;
+  commit();
+  const double t0 = now_s();
+  if (pending_->committer.joinable()) pending_->committer.join();
+  const bool saved = agree(comm_.get(), pending_->committed);
   pending_.reset();
   stall_s_ += now_s() - t0;
   return saved;
 }
 
-std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr<Comm>& comm,
-                                   std::vector<std::string>* warnings) {
+std::string read_verified(const Checkpoint& ck, const std::shared_ptr<Comm>& comm,
+                          const std::function<void(const Checkpoint&)>& read) {
   const int rank = comm ? comm->rank() : 0, world = comm ? comm->size() : 1;
+  // This rank's share of the files is checksummed on another thread while `read` reads: one pass
+  // over the disk for both. What was read is only trusted once every rank found its share intact.
+  auto verifying = std::async(std::launch::async, [&] { return ck.verify(rank, world); });
+  std::string read_error;
+  try {
+    if (read) read(ck);
+  } catch (const std::exception& e) {
+    read_error = e.what();
+  }
+  std::string problems;
+  for (const auto& p : verifying.get()) problems += (problems.empty() ? "" : "; ") + p;
+  auto join = [&](const std::string& mine) {
+    std::string all;
+    for (const auto& r : all_gather_strings(comm.get(), mine))
+      if (!r.empty()) all += (all.empty() ? "" : "; ") + r;
+    return all;
+  };
+  problems = join(problems);
+  read_error = join(read_error);
+  if (problems.empty() && !read_error.empty()) fail("{}", read_error);  // intact, but not for this model
+  return problems;
+}
+
+std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr<Comm>& comm,
+                                   std::vector<std::string>* warnings,
+                                   const std::function<void(const Checkpoint&)>& read) {
+  const int rank = comm ? comm->rank() : 0;
   std::vector<std::string> candidates;
   const std::string latest = link_target(dir, "latest");
   if (!latest.empty() && fs::exists(fs::path(dir) / latest)) candidates.push_back(latest);
@@ -176,20 +238,16 @@ std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr
   std::vector<std::string> damaged;
   for (const std::string& name : candidates) {
     const std::string path = (fs::path(dir) / name).string();
-    std::vector<std::string> problems;
+    std::string problems;
+    std::unique_ptr<Checkpoint> ck;
     try {
-      Checkpoint ck(path);
-      problems = ck.verify(rank, world);
+      ck = std::make_unique<Checkpoint>(path);
     } catch (const std::exception& e) {
-      problems.push_back(e.what());
+      problems = e.what();
     }
-    std::string all;
-    for (const auto& p : problems) all += (all.empty() ? "" : "; ") + p;
-    const std::vector<std::string> ranks = all_gather_strings(comm.get(), all);
-    all.clear();
-    for (const auto& r : ranks)
-      if (!r.empty()) all += (all.empty() ? "" : "; ") + r;
-    if (all.empty()) {
+    // Every rank opens the same files, so `ck` is null on all ranks or on none.
+    if (ck) problems = read_verified(*ck, comm, read);
+    if (problems.empty()) {
       if (rank == 0 && !damaged.empty()) {  // out of the way of later saves, kept for a post-mortem
         for (const auto& d : damaged) {
           std::error_code ignored;
@@ -202,7 +260,7 @@ std::string find_intact_checkpoint(const std::string& dir, const std::shared_ptr
       return path;
     }
     damaged.push_back(name);
-    if (warnings) warnings->push_back(fmt::format("checkpoint {} is damaged: {}", path, all));
+    if (warnings) warnings->push_back(fmt::format("checkpoint {} is damaged: {}", path, problems));
   }
   return {};
 }

@@ -237,10 +237,11 @@ struct Parallel {
     return layout(state.substr(a + 1, b - a - 1));
   }
   // This rank's rows of a tensor it holds (its shard, or the whole tensor), as a host copy.
-  dist::TensorRows rows(const std::string& name, const at::Tensor& local, const dist::ShardLayout& l) const {
+  dist::TensorRows rows(dist::CheckpointSaver& saver, const std::string& name, const at::Tensor& local,
+                        const dist::ShardLayout& l) const {
     const auto [begin, end] = dist::rank_rows(l.shape[0], rank, world);
     COIL_CHECK(local.size(0) == l.rows_per_rank, "{}: {} rows held, the layout says {}", name, local.size(0), l.rows_per_rank);
-    return {name, l.shape, begin, local.detach().narrow(0, 0, end - begin).to(at::kCPU, /*non_blocking=*/false, /*copy=*/true)};
+    return {name, l.shape, begin, saver.stage(name, local.narrow(0, 0, end - begin))};
   }
   // Reads this rank's rows of a checkpoint tensor into `local`.
   void read(const dist::Checkpoint& ck, const std::string& name, const at::Tensor& local, const dist::ShardLayout& l) const {
@@ -293,38 +294,6 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     check_same_config(par, config_text);
   }
 
-  // ---- The run directory: the weights to start from (every rank reads them whole) ----
-  const fs::path run_dir(c.run_dir), ckpt_dir = run_dir / "checkpoints";
-  std::vector<std::string> damaged;
-  const std::string resume_from = dist::find_intact_checkpoint(ckpt_dir.string(), par.comm, &damaged);
-  if (par.root())
-    for (const auto& d : damaged)
-      fmt::print(stderr, "coil: warning: {}; {}\n", d,
-                 resume_from.empty() ? "no intact checkpoint is left" : "resuming from " + resume_from + " instead");
-  COIL_CHECK(resume_from.empty() == damaged.empty() || !resume_from.empty(),
-             "{} holds no intact checkpoint to resume from (see above); move the damaged ones away to start afresh",
-             ckpt_dir.string());
-  if (par.root()) {
-    fs::create_directories(ckpt_dir);
-    dist::remove_interrupted_saves(ckpt_dir.string());
-  }
-  std::unique_ptr<dist::Checkpoint> resumed;
-  if (!resume_from.empty()) {  // the weights now; the optimizer state and the rest once the optimizer exists
-    resumed = std::make_unique<dist::Checkpoint>(resume_from);
-    for (const auto& p : model.named_parameters()) resumed->read("model/" + p.name, p.tensor);
-  } else if (must_resume) {
-    fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
-  } else if (phase == Phase::kSft) {
-    COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
-    dist::Checkpoint pre(c.pretrained_checkpoint_path);
-    std::string problems;
-    for (const auto& p : dist::all_gather_strings(par.comm.get(), fmt::format("{}", fmt::join(pre.verify(par.rank, par.world), "; "))))
-      if (!p.empty()) problems += (problems.empty() ? "" : "; ") + p;
-    COIL_CHECK(problems.empty(), "train.pretrained_checkpoint_path {} is damaged: {}", c.pretrained_checkpoint_path, problems);
-    for (const auto& p : model.named_parameters()) pre.read("model/" + p.name, p.tensor);
-    if (par.root()) fmt::print("sft: starting from the pretrained weights of {}\n", c.pretrained_checkpoint_path);
-  }
-
   // ---- The model across the ranks ----
   par.model = &model;
   if (par.world > 1) {
@@ -360,13 +329,43 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   optim::Schedule schedule{c.schedule, c.warmup_steps, steps, c.min_lr_ratio, c.decay_fraction};
   schedule.validate();
 
+  // ---- Where the run starts: its newest intact checkpoint, a pretrained model (SFT), or scratch ----
+  // Each rank reads its own rows of every tensor, whatever the number of ranks that saved them.
+  const fs::path run_dir(c.run_dir), ckpt_dir = run_dir / "checkpoints";
+  std::vector<NamedTensor> state = opt.state();  // this rank's rows of each optimizer state tensor
+  auto read_weights = [&](const dist::Checkpoint& ck) {
+    for (size_t i = 0; i < params.size(); ++i) par.read(ck, "model/" + params[i].name, params[i].tensor, par.layouts[i]);
+  };
+  auto read_all = [&](const dist::Checkpoint& ck) {
+    read_weights(ck);
+    for (const auto& t : state) par.read(ck, "optimizer/" + t.name, t.tensor, par.state_layout(t.name));
+  };
+  std::vector<std::string> damaged;
+  const std::string resume_from = dist::find_intact_checkpoint(ckpt_dir.string(), par.comm, &damaged, read_all);
+  if (par.root())
+    for (const auto& d : damaged)
+      fmt::print(stderr, "coil: warning: {}; {}\n", d,
+                 resume_from.empty() ? "no intact checkpoint is left" : "resuming from " + resume_from + " instead");
+  COIL_CHECK(damaged.empty() || !resume_from.empty(),
+             "{} holds no intact checkpoint to resume from (see above); move the damaged ones away to start afresh",
+             ckpt_dir.string());
+  if (par.root()) {
+    fs::create_directories(ckpt_dir);
+    dist::remove_interrupted_saves(ckpt_dir.string());
+  }
+  if (resume_from.empty() && must_resume) fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
+  if (resume_from.empty() && phase == Phase::kSft) {
+    COIL_CHECK(!c.pretrained_checkpoint_path.empty(), "train.pretrained_checkpoint_path is not set (SFT starts from a pretrained model)");
+    const std::string problems = dist::read_verified(dist::Checkpoint(c.pretrained_checkpoint_path), par.comm, read_weights);
+    COIL_CHECK(problems.empty(), "train.pretrained_checkpoint_path {} is damaged: {}", c.pretrained_checkpoint_path, problems);
+    if (par.root()) fmt::print("sft: starting from the pretrained weights of {}\n", c.pretrained_checkpoint_path);
+  }
+
   int64_t step = 0, tokens_seen = 0;
   double best_val = std::numeric_limits<double>::infinity(), elapsed_before = 0;
-  if (resumed) {
-    const dist::Checkpoint& ck = *resumed;
+  if (!resume_from.empty()) {  // the weights and optimizer state are read; the rest now
+    const dist::Checkpoint ck(resume_from);
     step = ck.step();
-    std::vector<NamedTensor> state = opt.state();  // this rank's rows of each state tensor
-    for (const auto& t : state) par.read(ck, "optimizer/" + t.name, t.tensor, par.state_layout(t.name));
     opt.load_state(state, step);
     // The loader state: one for all ranks (its order does not depend on them), or, when streaming,
     // one per rank of the run that saved it (merged when the number of ranks changed).
@@ -410,10 +409,12 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
 
   // Saves the state after `done` steps as checkpoints/step-<done>: each rank its own rows (a host
-  // copy now, written by a background thread when train.async_checkpoint). Collective.
+  // copy now, written by a background thread when train.async_checkpoint). Collective. The
+  // training thread's time in it (the copy and the saver's calls) is reported at the end.
   dist::CheckpointSaver saver(ckpt_dir.string(), par.comm, c.async_checkpoint, c.keep_last_k);
   const std::string tokenizer_bytes = par.root() ? read_file(tok.path()) : std::string();
   auto save = [&](int64_t done, double elapsed, bool best, bool final) {
+    saver.finish();  // the one before (long written, as a rule): its host buffers are reused
     dist::SaveRequest r;
     r.name = fmt::format("step-{:08d}", done);
     r.best = best;
@@ -422,9 +423,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     r.part.world = par.world;
     r.part.step = done;
     for (size_t i = 0; i < params.size(); ++i)
-      r.part.tensors.push_back(par.rows("model/" + params[i].name, params[i].tensor, par.layouts[i]));
+      r.part.tensors.push_back(par.rows(saver, "model/" + params[i].name, params[i].tensor, par.layouts[i]));
     for (const auto& t : opt.state())
-      r.part.tensors.push_back(par.rows("optimizer/" + t.name, t.tensor, par.state_layout(t.name)));
+      r.part.tensors.push_back(par.rows(saver, "optimizer/" + t.name, t.tensor, par.state_layout(t.name)));
     r.part.rng = at::detail::getDefaultCPUGenerator().get_state();
     r.part.strings["loader_state"] = data.train->state().to_json();
     r.strings = {{"config", config_text},
@@ -475,7 +476,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
         par.sum({local_loss, optim::grad_sq_norm(params), stop_signal() != 0 ? 1.0 : 0.0, saver.busy()});
     const double loss = sums[0], grad_norm = std::sqrt(sums[1]);
     const bool stop = sums[2] > 0;
-    if (saver.in_flight() && sums[3] == 0) saver.finish();
+    if (saver.awaiting_commit() && sums[3] == 0) saver.commit();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       if (c.nan_policy == "stop")
         fail("{} step {}: the loss is {} (gradient norm {}); stopping without writing a checkpoint "
