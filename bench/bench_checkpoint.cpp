@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
   app.add_option("--dir", dir, "scratch folder on the disk to measure")->capture_default_str();
   bool keep = false;
   app.add_flag("--keep", keep, "keep the checkpoints written (in DIR/checkpoints)");
-  int reps = 5;
+  int reps = 7;
   app.add_option("--reps", reps, "repetitions of the save and load measurements")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   fs::remove_all(dir);

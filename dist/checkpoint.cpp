@@ -16,7 +16,6 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
-#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
@@ -151,9 +150,9 @@ uint32_t crc_of(const void* data, size_t n, uint32_t crc = 0) {
   return crc;
 }
 
-// CRC-32 (zlib's, as Python's zlib.crc32) and size of a file, read in two halves by two threads
-// (CRC-32s combine). With `sync` the file's writeback to disk is started first and waited for
-// (fsync) last, so that reading it back overlaps the disk's write.
+// CRC-32 (zlib's, as Python's zlib.crc32) and size of a file. With `sync` the file's writeback
+// to disk is started first and waited for (fsync) last, so that reading it back overlaps the
+// disk's write.
 std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) fail("cannot open {}: {}", path, std::strerror(errno));
@@ -166,30 +165,16 @@ std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
   const int64_t size = st.st_size;
   if (sync) ::sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-  auto crc_range = [fd](int64_t begin, int64_t end, uint32_t& crc, std::string& error) {
-    std::vector<char> buf(size_t{8} << 20);
-    crc = 0;
-    for (int64_t at = begin; at < end;) {
-      const ssize_t n = ::pread(fd, buf.data(), static_cast<size_t>(std::min<int64_t>(end - at, static_cast<int64_t>(buf.size()))), at);
-      if (n <= 0) {
-        error = n == 0 ? "unexpected end of file" : std::strerror(errno);
-        return;
-      }
-      crc = crc_of(buf.data(), static_cast<size_t>(n), crc);
-      at += n;
-    }
-  };
-  // Two threads when verifying; one when writing (the disk is slower than one, and the training
-  // thread needs the cores more).
-  const int64_t half = sync || size < (int64_t{64} << 20) ? size : (size / 2) & ~((int64_t{1} << 23) - 1);
-  uint32_t crc1 = 0, crc2 = 0;
-  std::string err1, err2;
-  std::thread second;
-  if (half < size) second = std::thread(crc_range, half, size, std::ref(crc2), std::ref(err2));
-  crc_range(0, half, crc1, err1);
-  if (second.joinable()) second.join();
-  if (!err1.empty() || !err2.empty()) fail("reading {} failed: {}", path, err1.empty() ? err2 : err1);
-  const uint32_t crc = half < size ? static_cast<uint32_t>(crc32_combine(crc1, crc2, static_cast<z_off_t>(size - half))) : crc1;
+  // One thread: CRC-32 runs at ~3.6 GB/s here, faster than the disk; when loading, the tensors are
+  // read on the other core meanwhile.
+  std::vector<char> buf(size_t{8} << 20);
+  uint32_t crc = 0;
+  for (int64_t at = 0; at < size;) {
+    const ssize_t n = ::pread(fd, buf.data(), static_cast<size_t>(std::min<int64_t>(size - at, static_cast<int64_t>(buf.size()))), at);
+    if (n <= 0) fail("reading {} failed: {}", path, n == 0 ? "unexpected end of file" : std::strerror(errno));
+    crc = crc_of(buf.data(), static_cast<size_t>(n), crc);
+    at += n;
+  }
   if (sync && ::fsync(fd) != 0) fail("fsync of {} failed: {}", path, std::strerror(errno));
   return {size, crc};
 }
