@@ -55,6 +55,9 @@ hid_t file_access() {
   });
   hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
   H5Pset_file_locking(fapl, false, true);
+  // The 1.10 file format: its superblock, object headers and B-trees carry checksums, so damaged
+  // metadata is an error when read, not a misreading (h5py and HDF5 >= 1.10 read it).
+  H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110);
   return fapl;
 }
 
@@ -393,6 +396,11 @@ int64_t Checkpoint::rank_file(int r) const {
   int64_t& f = rank_files_[static_cast<size_t>(r)];
   if (f < 0) {
     const std::string file = (fs::path(path_) / rank_file_name(r, world_)).string();
+    // A file of another size than recorded is not opened (a truncated one would not read right).
+    std::error_code ec;
+    const auto size = static_cast<int64_t>(fs::file_size(file, ec));
+    if (ec || size != files_[static_cast<size_t>(r)].bytes)
+      fail("{}: {}", file, ec ? "missing" : fmt::format("{} bytes, the index records {}", size, files_[static_cast<size_t>(r)].bytes));
     f = open_file(file);
     if (f < 0) fail("{}: missing or not an HDF5 file", file);
   }
