@@ -23,6 +23,9 @@ void add_generate_command(CLI::App& app);
 // `coil ckpt inspect|verify|consolidate|export-hf`: checkpoints.
 void add_ckpt_command(CLI::App& app);
 
+// `coil launch`: a command on N ranks of this machine, restarted when a rank dies.
+void add_launch_command(CLI::App& app);
+
 // Registers what runs when `command` is the one selected on the command line.
 void on_run(CLI::App* command, std::function<void()> run);
 // Runs whichever subcommand the command line selected.

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   coil::add_tokenizer_command(app);
   coil::add_data_command(app);
   coil::add_ckpt_command(app);
+  coil::add_launch_command(app);
   std::string known;
   bool found = false;
   for (const CLI::App* sub : app.get_subcommands({})) {
