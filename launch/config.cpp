@@ -60,6 +60,7 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "checkpoint_interval", &c.checkpoint_interval},
       {"train", "keep_last_k", &c.keep_last_k},
       {"train", "async_checkpoint", &c.async_checkpoint},
+      {"train", "watchdog_timeout", &c.watchdog_timeout},
       {"train", "log_interval", &c.log_interval},
       {"train", "pretrained_checkpoint_path", &c.pretrained_checkpoint_path},
       {"train", "nan_policy", &c.nan_policy},

@@ -47,6 +47,7 @@ struct RunConfig {
   int64_t checkpoint_interval = 0;  // 0: at the end only
   int64_t keep_last_k = 0;          // step checkpoints kept (0: all); the linked ones always stay
   bool async_checkpoint = true;     // rank files written by a background thread while training goes on
+  double watchdog_timeout = 1800;   // seconds without progress before the job is ended (0: no watchdog)
   int64_t log_interval = 1;
   std::string pretrained_checkpoint_path;  // SFT: the pretrained model
   std::string nan_policy = "stop";         // or "skip"

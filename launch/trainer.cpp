@@ -1,6 +1,7 @@
 #include "launch/trainer.h"
 
 #include "launch/tensorboard.h"
+#include "launch/watchdog.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -267,6 +268,7 @@ void check_same_config(Parallel& par, const std::string& config_text) {
 TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const auto t_start = std::chrono::steady_clock::now();
   StopSignals signals;
+  Watchdog watchdog(c.watchdog_timeout);  // ends a job that stops making progress (a hang)
   Parallel par;
   if (dist::launched_by_mpi()) {
     par.rank = dist::world().rank;
@@ -310,6 +312,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const std::vector<NamedTensor>& params = par.params;
 
   // ---- Data, steps, optimizer, schedule ----
+  watchdog.mark("opening the data");
   const data::BatchGeometry geo{c.seq_len, c.global_batch_size, c.micro_batch_size, par.rank, par.world};
   geo.validate();
   RunData data = open_data(c, phase, tok, geo);
@@ -340,6 +343,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     read_weights(ck);
     for (const auto& t : state) par.read(ck, "optimizer/" + t.name, t.tensor, par.state_layout(t.name));
   };
+  watchdog.mark("reading the checkpoint");
   std::vector<std::string> damaged;
   const std::string resume_from = dist::find_intact_checkpoint(ckpt_dir.string(), par.comm, &damaged, read_all);
   if (par.root())
@@ -443,6 +447,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   // ---- The loop ----
   TrainResult result;
   if (step == 0 && data.val && c.eval_interval > 0) {  // where the run starts from, for comparison
+    watchdog.mark("evaluation");
     const double val = evaluate(forward, data, c.eval_batches);
     if (par.root()) {
       metrics << nlohmann::json{{"step", 0}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n" << std::flush;
@@ -458,10 +463,13 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     const auto t0 = std::chrono::steady_clock::now();
     // This rank's part of the global batch: every micro batch first, to know how many targets
     // (over all ranks) the mean is over.
+    watchdog.mark("waiting for the data loader", step);
     std::vector<at::Tensor> inputs(static_cast<size_t>(geo.accumulation())), targets(inputs.size());
     int64_t local_count = 0;
     for (size_t m = 0; m < inputs.size(); ++m) local_count += to_tensors(data.train->next(), inputs[m], targets[m]);
+    watchdog.mark("the all-reduce of the target count");
     const double count = std::max(1.0, par.sum({static_cast<double>(local_count)})[0]);
+    watchdog.mark("forward and backward (all-gathers, reduce-scatters)");
     for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
     double local_loss = 0;
     for (size_t m = 0; m < inputs.size(); ++m) {
@@ -472,10 +480,12 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     par.finish_step();
     // One all-reduce for the loss, the gradient norm, a stop signal on any rank, and whether any
     // rank is still writing the checkpoint in flight.
+    watchdog.mark("the all-reduce of the loss and gradient norm");
     const std::vector<double> sums =
         par.sum({local_loss, optim::grad_sq_norm(params), stop_signal() != 0 ? 1.0 : 0.0, saver.busy()});
     const double loss = sums[0], grad_norm = std::sqrt(sums[1]);
     const bool stop = sums[2] > 0;
+    watchdog.mark("committing a checkpoint");
     if (saver.awaiting_commit() && sums[3] == 0) saver.commit();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
       if (c.nan_policy == "stop")
@@ -490,6 +500,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     }
     optim::clip_grads(params, grad_norm, c.grad_clip);
     const double f = schedule.factor(step), lr_muon = c.learning_rate_muon * f, lr_adamw = c.learning_rate_adamw * f;
+    watchdog.mark("the optimizer step (Muon's gathers)");
     opt.step(lr_muon, lr_adamw);
 
     const int64_t done = step + 1;
@@ -521,6 +532,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
 
     bool best = false;
     if (data.val && c.eval_interval > 0 && (done % c.eval_interval == 0 || done == steps)) {
+      watchdog.mark("evaluation");
       const double val = evaluate(forward, data, c.eval_batches);
       if (par.root()) {
         metrics << nlohmann::json{{"step", done}, {"val_loss", val}, {"val_ppl", std::exp(val)}}.dump() << "\n"
@@ -535,9 +547,11 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     }
     // A checkpoint at each interval, at the end, at a new best val loss (`best` points at it), and
     // when a signal asks to stop (SIGTERM, SIGUSR1: preemption, a time limit coming).
+    watchdog.mark("saving a checkpoint");
     if ((c.checkpoint_interval > 0 && done % c.checkpoint_interval == 0) || done == steps || best || stop)
       save(done, elapsed, best, done == steps);
     if (stop) {
+      watchdog.mark("writing the checkpoint of a stop");
       COIL_CHECK(saver.finish(), "{}: stopping at step {} on a signal, and its checkpoint could not be saved (see above)",
                  what, done);
       if (par.root())
@@ -549,6 +563,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     }
   }
   // The final checkpoint must be on disk before the run reports success.
+  watchdog.mark("writing the final checkpoint");
   COIL_CHECK(saver.finish(), "{}: the final checkpoint could not be saved (see above)", what);
   result.steps = steps;
   if (par.root())

@@ -2,7 +2,8 @@
 # `coil launch`: bad input is a one-line error and no job; 2 ranks with rank-prefixed output; a
 # rank killed with SIGKILL makes the job restart from its latest checkpoint and end with the
 # losses of an unbroken run; with no restarts left the launcher exits non-zero; SIGUSR1 and
-# SIGTERM to the launcher reach the ranks, which save and exit 0.
+# SIGTERM to the launcher reach the ranks, which save and exit 0; a hung job is ended by the
+# watchdog and restarted.
 #   tests/test_launch.sh path/to/coil
 set -u
 coil=$(realpath "$1")
@@ -81,6 +82,15 @@ for sig in USR1 TERM; do
   [ $rc -eq 0 ] && grep -q "\[rank 0\] pretrain: stopped by a signal after step" s$sig.log && ok ||
     { fail "SIG$sig: exit $rc"; tail -5 s$sig.log; }
 done
+# A hang (a reader stuck on a FIFO nobody writes): the watchdog ends the job naming the rank and
+# its last operation; the launcher restarts it (it hangs again) and then gives up with its status.
+mkfifo stuck.jsonl
+timeout 120 "$coil" launch --nproc-per-node 2 --max-restarts 1 -- coil pretrain "${args[@]}" --set data.streaming=true \
+  --set data.train=stuck.jsonl --set train.watchdog_timeout=3 --set train.run_dir=h >h.log 2>&1
+rc=$?
+[ $rc -eq 3 ] && ok || { fail "hang: exit $rc (want 3)"; tail -5 h.log; }
+[ "$(grep -c 'no progress for 3 s (train.watchdog_timeout = 3) at step 0; last operation: waiting for the data loader' h.log)" -ge 2 ] &&
+  grep -q "restart 1 of 1" h.log && ok || { fail "hang: no watchdog message or restart"; grep -E "coil" h.log; }
 pgrep -x mpirun >/dev/null && fail "a job was left running"
 echo "launch: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -195,7 +195,9 @@ TEST_F(Train, ResumingFallsBackPastADamagedCheckpoint) {
   std::vector<nlohmann::json> m1 = metrics(straight), m2 = metrics(run);
   ASSERT_EQ(m1.size(), m2.size());
   for (size_t i = 0; i < m1.size(); ++i)
-    if (m1[i].contains("loss")) EXPECT_EQ(m1[i]["loss"].dump(), m2[i]["loss"].dump()) << i;
+    if (m1[i].contains("loss")) {
+      EXPECT_EQ(m1[i]["loss"].dump(), m2[i]["loss"].dump()) << i;
+    }
   EXPECT_TRUE(dist::Checkpoint(run + "/checkpoints/latest").verify().empty());
 }
 
