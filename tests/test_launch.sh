@@ -7,6 +7,7 @@
 #   tests/test_launch.sh path/to/coil
 set -u
 coil=$(realpath "$1")
+here=$(cd "$(dirname "$0")" && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
@@ -30,13 +31,9 @@ expect not_found 1 "launch: command not found: no-such-program" -- launch --npro
 expect no_command 2 "command is required" -- launch --nproc-per-node 1
 expect zero 1 "--nproc-per-node must be >= 1" -- launch --nproc-per-node 0 -- coil --version
 expect bad_flag 2 "--bogus" -- launch --nproc-per-node 1 --bogus -- coil --version
-pgrep -x mpirun >/dev/null && fail "a job was left running"
+pgrep -f "mpirun.*--tag-output" >/dev/null && fail "a job was left running"
 
-python3 -c '
-import json
-w = "the snake coils around a warm stone and sleeps while rain falls on green hills far away from town".split()
-with open("c.jsonl", "w") as f:
-    for d in range(300): f.write(json.dumps({"text": " ".join(w[(d * 7 + i * 3) % len(w)] for i in range(60))}) + "\n")'
+python3 "$here/tiny_corpus.py" c.jsonl
 "$coil" tokenizer train --input c.jsonl --vocab-size 300 --output tok >/dev/null || fail tokenizer
 "$coil" data prepare --input c.jsonl --tokenizer tok.model --output shards >/dev/null || fail prepare
 args=(--config /dev/null --set data.train=shards --set data.tokenizer=tok.model --set train.seq_len=32
@@ -91,6 +88,6 @@ rc=$?
 [ $rc -eq 3 ] && ok || { fail "hang: exit $rc (want 3)"; tail -5 h.log; }
 [ "$(grep -c 'no progress for 3 s (train.watchdog_timeout = 3) at step 0; last operation: waiting for the data loader' h.log)" -ge 2 ] &&
   grep -q "restart 1 of 1" h.log && ok || { fail "hang: no watchdog message or restart"; grep -E "coil" h.log; }
-pgrep -x mpirun >/dev/null && fail "a job was left running"
+pgrep -f "mpirun.*--tag-output" >/dev/null && fail "a job was left running"
 echo "launch: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -6,6 +6,7 @@
 #   tests/test_mpi_cli.sh path/to/coil
 set -u
 coil=$(realpath "$1")
+here=$(cd "$(dirname "$0")" && pwd)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cd "$tmp"
@@ -14,11 +15,7 @@ mpirun=(mpirun --oversubscribe --bind-to none)
 failed=0
 fail() { echo "FAIL $*"; failed=1; }
 
-python3 -c '
-import json
-w = "the snake coils around a warm stone and sleeps while rain falls on green hills far away from town".split()
-with open("c.jsonl", "w") as f:
-    for d in range(300): f.write(json.dumps({"text": " ".join(w[(d * 7 + i * 3) % len(w)] for i in range(60))}) + "\n")'
+python3 "$here/tiny_corpus.py" c.jsonl
 "$coil" tokenizer train --input c.jsonl --vocab-size 300 --output tok >/dev/null || fail tokenizer
 "$coil" data prepare --input c.jsonl --tokenizer tok.model --output shards >/dev/null || fail prepare
 args=(--config /dev/null --set data.train=shards --set data.val=shards --set data.tokenizer=tok.model
@@ -65,10 +62,9 @@ ln -sfn step-00000004 s2b/checkpoints/latest
 # losses of the uninterrupted N-rank run, bit for bit when M = N, within 1e-5 otherwise.
 rargs=("${args[@]}" --set train.global_batch_size=12 --set train.max_steps=40 --set train.checkpoint_interval=20
   --set train.eval_interval=20)
-exact() { cmp -s <(grep -v elapsed "$1/metrics.jsonl" | python3 -c 'import json,sys
-for l in sys.stdin: d=json.loads(l); print(d["step"], d.get("loss"), d.get("val_loss"), d.get("grad_norm"))') \
-  <(grep -v elapsed "$2/metrics.jsonl" | python3 -c 'import json,sys
-for l in sys.stdin: d=json.loads(l); print(d["step"], d.get("loss"), d.get("val_loss"), d.get("grad_norm"))'); }
+fields() { python3 -c 'import json,sys
+for l in open(sys.argv[1]): d = json.loads(l); print(d["step"], repr(d.get("loss")), repr(d.get("val_loss")), repr(d.get("grad_norm")))' "$1/metrics.jsonl"; }
+exact() { cmp -s <(fields "$1") <(fields "$2"); }
 for n in 1 2 3 4; do
   "${mpirun[@]}" -np $n "$coil" pretrain "${rargs[@]}" --set train.run_dir=n$n >n$n.log 2>&1 || fail "40 steps on $n: $(tail -3 n$n.log)"
   for m in 1 2 3 4; do

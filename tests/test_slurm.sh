@@ -19,11 +19,10 @@ eval "$("$src/slurm/local-cluster" start "$cluster")" || { echo "FAIL the local 
 failed=0
 fail() { echo "FAIL $*"; failed=1; }
 cd "$tmp"
+python3 "$src/tests/tiny_corpus.py" c.jsonl
 python3 -c '
 import json
 w = "the snake coils around a warm stone and sleeps while rain falls on green hills far away from town".split()
-with open("c.jsonl", "w") as f:
-    for d in range(300): f.write(json.dumps({"text": " ".join(w[(d * 7 + i * 3) % len(w)] for i in range(60))}) + "\n")
 with open("alpaca.jsonl", "w") as f:
     for d in range(60): f.write(json.dumps({"instruction": "Say something about " + w[d % len(w)] + ".", "input": "",
                                              "output": " ".join(w[(d + i) % len(w)] for i in range(12))}) + "\n")'
