@@ -120,13 +120,15 @@ class Checkpoint {
   int64_t total_bytes() const;              // on disk
 
   // Problems that make the checkpoint unusable, one line each (empty: intact): for a checkpoint
-  // directory, rank files i with i % parts == part (missing, of another size, another CRC-32,
-  // not HDF5); for a consolidated file, every dataset's CRC-32.
+  // directory, rank files i with i % parts == part (missing, of another size, another CRC-32);
+  // for a consolidated file, every dataset's CRC-32.
   std::vector<std::string> verify(int part = 0, int parts = 1) const;
 
   // Reads rows [row_begin, row_begin + dst.size(0)) of tensor `name` into dst (float32 or the
-  // tensor's dtype); rows past the tensor's end are set to 0 (FSDP's padding). dst's other dims
-  // must be the tensor's: an error names the tensor and both shapes.
+  // tensor's dtype), from the rank files that hold them (not through the virtual datasets: the
+  // same bytes, faster, and a missing file is an error, never fill values); rows past the
+  // tensor's end are set to 0 (FSDP's padding). dst's other dims must be the tensor's: an error
+  // names the tensor and both shapes.
   void read(const std::string& name, at::Tensor dst, int64_t row_begin = 0) const;
   bool has(const std::string& name) const;
   std::string rank_string(int rank, const std::string& key) const;  // a rank's string (loader_state)
