@@ -185,7 +185,6 @@ class CheckpointSaver {
   bool awaiting_commit() const;  // a save is in flight and not yet committed
   void commit();
   bool finish();
-  bool in_flight() const { return pending_ != nullptr; }
   // Seconds the calling (training) thread spent in stage(), save(), commit() and finish(), summed.
   double stall_seconds() const { return stall_s_; }
 

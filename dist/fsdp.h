@@ -55,7 +55,7 @@ class FsdpMamba {
   // With reshard_after_forward = false: reduce-scatters the step's gradients (call after the last
   // backward of the step). A no-op otherwise.
   void finish_step();
-  // The whole parameters, gathered on every rank (for checkpoints and evaluation).
+  // The whole parameters, gathered on every rank (tests compare them with one process's).
   std::vector<NamedTensor> gather_whole() const;
 
   // Elements of whole (gathered) weights alive now, with the whole gradients and the send buffer

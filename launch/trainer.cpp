@@ -12,7 +12,6 @@
 
 #include <chrono>
 #include <csignal>
-#include <cstring>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
