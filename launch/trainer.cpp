@@ -64,6 +64,37 @@ int64_t to_tensors(const data::Batch& b, at::Tensor& inputs, at::Tensor& targets
   return mask.sum().item<int64_t>();
 }
 
+// A fingerprint of a global batch, the same whatever the number of ranks, so that a log shows
+// which data each step saw (metrics.jsonl "batch_hash"). Each row gets a 64-bit hash of its
+// global index in the batch, its tokens and its loss mask (splitmix64's finalizer as the mixer);
+// the batch's hash is the sum over rows of each 32-bit half (mod 2^32), so each rank adds up its
+// own rows and one all-reduce of doubles completes it (exact while a batch has < 2^21 rows).
+uint64_t mix64(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ULL;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+void add_row_hashes(const data::Batch& b, int64_t first_global_row, double& low, double& high) {
+  for (int64_t i = 0; i < b.rows; ++i) {
+    uint64_t h = mix64(static_cast<uint64_t>(first_global_row + i) + 0x9e3779b97f4a7c15ULL);
+    for (int64_t j = 0; j < b.cols; ++j) {
+      const auto k = static_cast<size_t>(i * b.cols + j);
+      const uint64_t m = b.mask.empty() ? 1 : b.mask[k];
+      h = mix64(h ^ (static_cast<uint32_t>(b.tokens[k]) | m << 32));
+    }
+    low += static_cast<double>(h & 0xffffffffULL);
+    high += static_cast<double>(h >> 32);
+  }
+}
+
+uint64_t batch_hash(double low_sum, double high_sum) {
+  return static_cast<uint64_t>(std::fmod(high_sum, 4294967296.0)) << 32 |
+         static_cast<uint64_t>(std::fmod(low_sum, 4294967296.0));
+}
+
 // The data of a run: the training loader, and how to make the held-out batches.
 struct RunData {
   std::unique_ptr<data::Loader> train;
@@ -465,9 +496,16 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     watchdog.mark("waiting for the data loader", step);
     std::vector<at::Tensor> inputs(static_cast<size_t>(geo.accumulation())), targets(inputs.size());
     int64_t local_count = 0;
-    for (size_t m = 0; m < inputs.size(); ++m) local_count += to_tensors(data.train->next(), inputs[m], targets[m]);
+    double hash_low = 0, hash_high = 0;
+    for (size_t m = 0; m < inputs.size(); ++m) {
+      const data::Batch b = data.train->next();
+      add_row_hashes(b, par.rank * geo.per_rank() + static_cast<int64_t>(m) * geo.micro_batch, hash_low, hash_high);
+      local_count += to_tensors(b, inputs[m], targets[m]);
+    }
     watchdog.mark("the all-reduce of the target count");
-    const double count = std::max(1.0, par.sum({static_cast<double>(local_count)})[0]);
+    const std::vector<double> batch_sums = par.sum({static_cast<double>(local_count), hash_low, hash_high});
+    const double count = std::max(1.0, batch_sums[0]);
+    const uint64_t hash = batch_hash(batch_sums[1], batch_sums[2]);
     watchdog.mark("forward and backward (all-gathers, reduce-scatters)");
     for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
     double local_loss = 0;
@@ -511,7 +549,8 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     if (par.root()) {
       metrics << nlohmann::json{{"step", done},           {"loss", loss},         {"lr_muon", lr_muon},
                                 {"lr_adamw", lr_adamw},   {"grad_norm", grad_norm}, {"tokens", tokens_seen},
-                                {"tokens_per_sec", tok_s}, {"elapsed_s", elapsed}}
+                                {"tokens_per_sec", tok_s}, {"elapsed_s", elapsed},
+                                {"batch_hash", fmt::format("{:016x}", hash)}}
                      .dump()
               << "\n"
               << std::flush;

@@ -78,6 +78,12 @@ for n in 1 2 3 4; do
     rm -rf r$n$m
   done
 done
+# Each step saw the same global batch on 1, 2, 3 and 4 ranks: the logged batch hashes are equal.
+hashes() { python3 -c 'import json,sys
+for l in open(sys.argv[1]): d = json.loads(l); "loss" in d and print(d["step"], d["batch_hash"])' "$1/metrics.jsonl"; }
+[ "$(hashes n1 | wc -l)" -eq 40 ] || fail "batch hashes: not one per step"
+for n in 2 3 4; do cmp -s <(hashes n1) <(hashes n$n) || fail "batch hashes on $n ranks differ from 1 rank's"; done
+[ "$(hashes n1 | cut -d' ' -f2 | sort -u | wc -l)" -eq 40 ] || fail "batch hashes: two steps with the same hash"
 # SIGUSR1 (what Slurm sends before a time limit) to mpirun: every rank finishes its step, the
 # checkpoint is saved, exit 0; the run then resumes from it.
 "${mpirun[@]}" -np 2 "$coil" pretrain "${rargs[@]}" --set train.max_steps=100000 --set train.run_dir=usr1 >usr1.log 2>&1 &
