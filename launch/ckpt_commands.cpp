@@ -1,4 +1,4 @@
-// `coil ckpt inspect|verify|consolidate|export-hf`: checkpoints from the outside.
+// `coil ckpt inspect|verify|consolidate|export-hf|import-hf`: checkpoints from the outside.
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -9,7 +9,10 @@
 
 #include "dist/checkpoint.h"
 #include "launch/commands.h"
+#include "data/tokenizer.h"
+#include "launch/config.h"
 #include "launch/load_model.h"
+#include "model/mamba.h"
 #include "model/hf.h"
 #include "util/error.h"
 
@@ -67,18 +70,75 @@ void consolidate(const std::string& path, const std::string& out) {
 }
 
 void export_hf(const std::string& path, const std::string& out) {
-  LoadedModel m = load_model(path);
+  LoadedModel m = load_model(path, "", /*need_tokenizer=*/false);
   save_hf(*m.model, out);
   const std::string tok = dist::Checkpoint(path).tokenizer();
-  std::ofstream(fs::path(out) / "tokenizer.model", std::ios::binary) << tok;
-  fmt::print("{} -> {}: config.json, model.safetensors (transformers' MambaForCausalLM), tokenizer.model (sentencepiece)\n",
-             path, out);
+  if (!tok.empty()) std::ofstream(fs::path(out) / "tokenizer.model", std::ios::binary) << tok;
+  fmt::print("{} -> {}: config.json, model.safetensors (transformers' MambaForCausalLM){}\n", path, out,
+             tok.empty() ? "; the checkpoint holds no tokenizer" : ", tokenizer.model (sentencepiece)");
+}
+
+// A Hugging Face Mamba folder (config.json + model.safetensors) -> a Coil checkpoint folder (one
+// rank file + index.h5, step 0) that SFT (train.pretrained_checkpoint_path) and generate load. Its
+// [model] config names the nearest preset and sets every shape key. The tokenizer: a sentencepiece
+// model (--tokenizer, or a tokenizer.model in the folder, as export-hf writes) is stored inside;
+// Hugging Face's tokenizer.json (e.g. the GPT-NeoX BPE of state-spaces/mamba-*-hf) is not
+// sentencepiece and is not converted: the checkpoint then has no tokenizer (see the README).
+void import_hf(const std::string& hf_dir, const std::string& out, const std::string& tokenizer_path) {
+  COIL_CHECK(!fs::exists(out), "{} exists; remove it first or choose another name", out);
+  const MambaLM model = load_hf(hf_dir);
+  const MambaConfig& mc = model.config();
+  RunConfig c;
+  for (const auto& name : MambaConfig::preset_names())
+    if (MambaConfig::preset(name).d_model == mc.d_model && MambaConfig::preset(name).n_layer == mc.n_layer)
+      c.model_preset = name;
+  c.model_vocab_size = mc.vocab_size;
+  c.model_d_model = mc.d_model, c.model_n_layer = mc.n_layer, c.model_d_state = mc.d_state;
+  c.model_d_conv = mc.d_conv, c.model_expand = mc.expand, c.model_dt_rank = mc.rank(), c.model_rms_eps = mc.rms_eps;
+
+  std::string tokenizer, tokenizer_note;
+  std::string tok_file = tokenizer_path;
+  if (tok_file.empty() && fs::exists(fs::path(hf_dir) / "tokenizer.model")) tok_file = (fs::path(hf_dir) / "tokenizer.model").string();
+  if (!tok_file.empty()) {
+    const data::Tokenizer tok(tok_file);  // a sentencepiece model, or an error naming the file
+    data::check_vocab_fits(tok.vocab_size(), mc.vocab_size, tok_file);
+    std::ifstream in(tok_file, std::ios::binary);
+    tokenizer.assign(std::istreambuf_iterator<char>(in), {});
+    tokenizer_note = "tokenizer " + tok_file;
+  } else {
+    tokenizer_note = fs::exists(fs::path(hf_dir) / "tokenizer.json")
+                         ? "no tokenizer: tokenizer.json is not a sentencepiece model (pass --tokenizer FILE.model, "
+                           "or use generate --prompt-ids)"
+                         : "no tokenizer (pass --tokenizer FILE.model)";
+  }
+
+  dist::RankPart part;
+  for (const auto& p : model.named_parameters())
+    part.tensors.push_back({"model/" + p.name, p.tensor.sizes().vec(), 0, p.tensor.contiguous()});
+  const std::string tmp = out + ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  const dist::FileRecord record = dist::write_rank_file(tmp, part);
+  COIL_CHECK(record.error.empty(), "import-hf: {}", record.error);
+  dist::IndexInfo info;
+  info.files = {record};
+  info.strings = {{"config", c.to_toml()}, {"phase", "import-hf"},   {"tokens_seen", "0"},
+                  {"best_val_loss", "inf"}, {"elapsed_s", "0"},       {"schedule", ""},
+                  {"loader_state", ""},     {"source", fs::absolute(hf_dir).string()}};
+  info.tokenizer = tokenizer;
+  dist::write_index(tmp, part, info);
+  dist::commit_directory(tmp, out);
+  fmt::print("{} -> {}: {}; {}\n", hf_dir, out, mc.describe(), tokenizer_note);
+  const std::string toml = c.to_toml();
+  const size_t section = toml.find("[model]"), next = toml.find("\n[", section);
+  fmt::print("for SFT from it: train.pretrained_checkpoint_path = \"{}\" and this model section:\n{}\n", out,
+             toml.substr(section, next == std::string::npos ? std::string::npos : next - section));
 }
 
 }  // namespace
 
 void add_ckpt_command(CLI::App& app) {
-  CLI::App* ckpt = app.add_subcommand("ckpt", "Inspect, verify, consolidate and export checkpoints");
+  CLI::App* ckpt = app.add_subcommand("ckpt", "Inspect, verify, consolidate, export and import checkpoints");
   ckpt->footer(
       "A checkpoint is a step folder (rank files + index.h5, opened by h5py: index.h5[\"model/<name>\"][:])\n"
       "or a consolidated .h5 file. Any of them loads on any number of ranks.");
@@ -103,6 +163,15 @@ void add_ckpt_command(CLI::App& app) {
   c->add_option("checkpoint", *path, "a checkpoint folder or .h5")->required();
   c->add_option("out", *out, "the folder to write")->required();
   on_run(c, [path, out] { export_hf(*path, *out); });
+
+  auto tokenizer = std::make_shared<std::string>();
+  c = ckpt->add_subcommand("import-hf", "A Hugging Face Mamba folder (config.json, model.safetensors) as a Coil checkpoint");
+  c->add_option("hf_dir", *path, "the folder (e.g. a download of state-spaces/mamba-130m-hf)")->required();
+  c->add_option("out", *out, "the checkpoint folder to write")->required();
+  c->add_option("--tokenizer", *tokenizer, "a sentencepiece .model to store inside (default: the folder's tokenizer.model)");
+  c->footer("Hugging Face's tokenizer.json (GPT-NeoX BPE) is not sentencepiece: such a checkpoint holds no tokenizer;\n"
+            "decode token ids with `coil generate --prompt-ids`, or pass --tokenizer.");
+  on_run(c, [path, out, tokenizer] { import_hf(*path, *out, *tokenizer); });
 }
 
 }  // namespace coil

@@ -17,7 +17,7 @@ void add_data_command(CLI::App& app);
 // `coil pretrain`, `coil sft`: the training runs.
 void add_train_commands(CLI::App& app);
 
-// `coil generate`: text from a checkpoint.
+// `coil generate` and `coil chat`: text from a checkpoint.
 void add_generate_command(CLI::App& app);
 
 // `coil ckpt inspect|verify|consolidate|export-hf`: checkpoints.

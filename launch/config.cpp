@@ -24,6 +24,13 @@ std::vector<Field> fields(RunConfig& c) {
   return {
       {"model", "preset", &c.model_preset},
       {"model", "vocab_size", &c.model_vocab_size},
+      {"model", "d_model", &c.model_d_model},
+      {"model", "n_layer", &c.model_n_layer},
+      {"model", "d_state", &c.model_d_state},
+      {"model", "d_conv", &c.model_d_conv},
+      {"model", "expand", &c.model_expand},
+      {"model", "dt_rank", &c.model_dt_rank},
+      {"model", "rms_eps", &c.model_rms_eps},
       {"data", "train", &c.data_train},
       {"data", "val", &c.data_val},
       {"data", "tokenizer", &c.data_tokenizer},
@@ -179,6 +186,22 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
     assign(*f, *t.get("v"), "--set " + o);
   }
   return c;
+}
+
+MambaConfig RunConfig::model_config(int64_t vocab_size) const {
+  MambaConfig m = MambaConfig::preset(model_preset);
+  const std::pair<int64_t, int64_t*> keys[] = {{model_d_model, &m.d_model}, {model_n_layer, &m.n_layer},
+                                               {model_d_state, &m.d_state}, {model_d_conv, &m.d_conv},
+                                               {model_expand, &m.expand},   {model_dt_rank, &m.dt_rank}};
+  for (const auto& [value, field] : keys) {
+    COIL_CHECK(value >= 0, "model: shape keys must be >= 0 (0: the preset's), got {}", value);
+    if (value > 0) *field = value;
+  }
+  COIL_CHECK(model_rms_eps >= 0, "model.rms_eps must be >= 0 (0: the preset's), got {}", model_rms_eps);
+  if (model_rms_eps > 0) m.rms_eps = model_rms_eps;
+  m.vocab_size = vocab_size;
+  m.validate();
+  return m;
 }
 
 std::string RunConfig::to_toml() const {

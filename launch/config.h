@@ -8,12 +8,18 @@
 #include <string>
 #include <vector>
 
+#include "model/config.h"
+
 namespace coil {
 
 struct RunConfig {
   // [model]
   std::string model_preset = "tiny";
   int64_t model_vocab_size = 0;  // 0: the tokenizer's, padded to a multiple of 8
+  // The preset's shape, unless set here (0: the preset's): e.g. a model imported from Hugging Face.
+  int64_t model_d_model = 0, model_n_layer = 0, model_d_state = 0, model_d_conv = 0, model_expand = 0,
+          model_dt_rank = 0;
+  double model_rms_eps = 0;
 
   // [data]
   std::string data_train, data_val, data_tokenizer;  // prepared dirs (or JSONL globs when streaming / SFT)
@@ -60,6 +66,8 @@ struct RunConfig {
   static RunConfig parse(const std::string& text, const std::string& origin);
   // Every key as TOML, with the values in force (written to <run_dir>/config.toml).
   std::string to_toml() const;
+  // The model's shape: the preset with the [model] keys set here, and `vocab_size` rows.
+  MambaConfig model_config(int64_t vocab_size) const;
 };
 
 }  // namespace coil

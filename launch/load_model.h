@@ -18,7 +18,9 @@ struct LoadedModel {
 };
 
 // Verifies the checkpoint (every file whole, or an error listing what is not), then reads the
-// weights. The tokenizer is the checkpoint's own copy, or `tokenizer_path` when given.
-LoadedModel load_model(const std::string& checkpoint, const std::string& tokenizer_path = "");
+// weights. The tokenizer is the checkpoint's own copy, or `tokenizer_path` when given; without
+// either, an error, or no tokenizer (null) when need_tokenizer is false.
+LoadedModel load_model(const std::string& checkpoint, const std::string& tokenizer_path = "",
+                       bool need_tokenizer = true);
 
 }  // namespace coil

@@ -315,8 +315,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
 
   // ---- The model ----
   data::Tokenizer tok(c.data_tokenizer);
-  MambaConfig mc = MambaConfig::preset(c.model_preset);
-  mc.vocab_size = c.model_vocab_size > 0 ? c.model_vocab_size : tok.vocab_size();
+  MambaConfig mc = c.model_config(c.model_vocab_size > 0 ? c.model_vocab_size : tok.vocab_size());
   mc = mc.padded();
   data::check_vocab_fits(tok.vocab_size(), mc.vocab_size, tok.path());
   MambaLM model(mc, static_cast<uint64_t>(c.seed));

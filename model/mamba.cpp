@@ -175,7 +175,7 @@ Tensor MambaLM::prefill(const Tensor& tokens, MambaCache& cache) const {
   cache = new_cache(tokens.size(0));
   Tensor h = embed(tokens);
   for (size_t l = 0; l < layers.size(); ++l) h = block(layers[l], config_, h, &cache.conv[l], &cache.ssm[l]);
-  return head(h);
+  return head(h.select(1, -1));  // only the last position's logits: the next token's
 }
 
 // One token through every block, with the recurrence written out (as Hugging Face's cached path):

@@ -73,9 +73,9 @@ class MambaLM {
   static at::Tensor block(const MambaBlockWeights& w, const MambaConfig& config, const at::Tensor& hidden,
                           at::Tensor* conv_state = nullptr, at::Tensor* ssm_state = nullptr);
 
-  // Decoding. prefill runs the prompt through the full forward and fills the cache; step feeds one
-  // token per sequence ([B]) and returns its logits [B, V]. Stepping gives the same logits as
-  // the full forward over the same tokens.
+  // Decoding. prefill runs the prompts [B, L] through the full forward, fills the cache and returns
+  // the logits of the last position [B, V]; step feeds one token per sequence ([B]) and returns its
+  // logits [B, V]. Stepping gives the same logits as the full forward over the same tokens.
   MambaCache new_cache(int64_t batch) const;
   at::Tensor prefill(const at::Tensor& tokens, MambaCache& cache) const;
   at::Tensor step(const at::Tensor& token, MambaCache& cache) const;
