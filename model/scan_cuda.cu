@@ -121,6 +121,22 @@ __device__ __forceinline__ int sum_channels(float (&v)[NS], int lane, bool& writ
 }
 template <int NS> constexpr int channel_sum_width() { return NS >= 8 ? NS / 8 : 1; }
 
+// Copies a thread's NS consecutive floats of a B or C row out of shared memory, 16 bytes per load
+// when NS is a multiple of 4 (rows and quarters then start on 16-byte boundaries).
+template <int NS>
+__device__ __forceinline__ void load_quarter(const float* src, float (&dst)[NS]) {
+  if constexpr (NS % 4 == 0) {
+#pragma unroll
+    for (int m = 0; m < NS / 4; ++m) {
+      const float4 v = reinterpret_cast<const float4*>(src)[m];
+      dst[4 * m] = v.x, dst[4 * m + 1] = v.y, dst[4 * m + 2] = v.z, dst[4 * m + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < NS; ++k) dst[k] = src[k];
+  }
+}
+
 // Where a thread sits: its batch row, channel, quarter of the state.
 struct Place {
   int tid, lane, j, q;  // thread in block, lane, channel in block (0..15), quarter (0..3)
@@ -160,7 +176,8 @@ template <typename T, int NS>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   constexpr int NP = kQuarters * NS;  // the padded state size
   __shared__ float u_s[kTile], dt_s[kTile], gate_s[kTile], y_s[kTile];
-  __shared__ float B_s[kChunk * NP], C_s[kChunk * NP];
+  __shared__ __align__(16) float B_s[kChunk * NP];
+  __shared__ __align__(16) float C_s[kChunk * NP];
 
   const Place w = place(p.I);
   const int64_t I = p.I, L = p.L, N = p.N, n_chunks = (L + kChunk - 1) / kChunk;
@@ -206,8 +223,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
     for (int t = 0; t < len; ++t) {
       const int x = t * kChannelsPerBlock + w.j;
       const float dt = dt_s[x], uu = u_s[x], dtu = dt * uu;
-      const float* Bt = B_s + t * NP + w.q * NS;
-      const float* Ct = C_s + t * NP + w.q * NS;
+      float Bt[NS], Ct[NS];
+      load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+      load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
       float hc = 0.f;
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
@@ -249,7 +267,7 @@ constexpr size_t backward_smem_floats() {
 template <typename T, int NS>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
   constexpr int NP = kQuarters * NS;
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];
   float* u_s = smem;                // u
   float* dt_s = u_s + kTile;        // dt = softplus(delta + bias)
   float* dsig_s = dt_s + kTile;     // d dt / d delta: sigmoid(x), or 1 without softplus
@@ -327,8 +345,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
       for (int t = 0; t < len; ++t) {
         const int x = t * kChannelsPerBlock + w.j;
         const float dt = dt_s[x], dtu = dt * u_s[x];
-        const float* Bt = B_s + t * NP + w.q * NS;
-        const float* Ct = C_s + t * NP + w.q * NS;
+        float Bt[NS], Ct[NS];
+        load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+        load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
         float hc = 0.f;
 #pragma unroll
         for (int k = 0; k < NS; ++k) {
@@ -346,8 +365,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
     for (int t = len - 1; t >= 0; --t) {
       const int x = t * kChannelsPerBlock + w.j;
       const float dt = dt_s[x], uu = u_s[x], ds = ds_s[x], dtu = dt * uu;
-      const float* Bt = B_s + t * NP + w.q * NS;
-      const float* Ct = C_s + t * NP + w.q * NS;
+      float Bt[NS], Ct[NS];
+      load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+      load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
       float gB = 0.f, gAh = 0.f, dBv[NS], dCv[NS];
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
