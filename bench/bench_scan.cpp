@@ -1,6 +1,10 @@
 // Selective scan forward+backward: the fused CPU kernel against the ATen reference, in one run.
 //   bench_scan [--B 4] [--I 1536] [--N 16] [--L 1024] [--reps 3]
 // Prints the time of each and the ratio.
+//   bench_scan --device cuda [--B 8] [--I 1536] [--N 16] [--L 2048] [--reps 20]
+// The CUDA kernel at mamba-130m sizes, float32 and bfloat16: forward alone (no gradients, so no chunk
+// states stored) and forward+backward, each as bytes moved per second, against the device-to-device
+// copy bandwidth measured in the same run. Exits non-zero when there is no GPU.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -12,18 +16,101 @@
 
 using torch::Tensor;
 
+namespace {
+
+// Seconds per call of fn on the GPU: warm-up, then the best of 3 rounds of `reps` calls, each
+// round bracketed by synchronizations (the kernels are queued back to back inside a round).
+template <typename Fn>
+double gpu_seconds(Fn&& fn, int reps) {
+  fn();
+  torch::cuda::synchronize();
+  double best = 1e30;
+  for (int round = 0; round < 3; ++round) {
+    auto t0 = std::chrono::steady_clock::now();
+    for (int r = 0; r < reps; ++r) fn();
+    torch::cuda::synchronize();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps);
+  }
+  return best;
+}
+
+int bench_cuda(int64_t B, int64_t L, int64_t I, int64_t N, int reps) {
+  if (!torch::cuda::is_available()) {
+    fmt::print(stderr, "bench_scan --device cuda: no CUDA device is visible (torch::cuda::is_available() is false)\n");
+    return 1;
+  }
+  torch::manual_seed(0);
+  const auto dev = torch::kCUDA;
+  // The copy bandwidth: read and write 1 GiB.
+  Tensor src = torch::randn({int64_t(1) << 28}, torch::TensorOptions(dev)), dst = torch::empty_like(src);
+  const double copy_bytes = 2.0 * src.numel() * 4;
+  const double copy_bw = copy_bytes / gpu_seconds([&] { dst.copy_(src); }, reps);
+  src = Tensor(), dst = Tensor();
+
+  fmt::print("selective scan on CUDA  B={} L={} I={} N={}  ({} reps, best of 3)\n", B, L, I, N, reps);
+  fmt::print("  device-to-device copy: {:8.1f} GB/s\n", copy_bw / 1e9);
+  fmt::print("  {:10} {:14} {:>10} {:>10} {:>10}\n", "dtype", "pass", "time ms", "GB/s", "of copy");
+  for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16}) {
+    const auto io = torch::TensorOptions(dev).dtype(dtype);
+    const auto f32 = torch::TensorOptions(dev).dtype(torch::kFloat);
+    auto leaf = [](Tensor t) { return t.requires_grad_(true); };
+    Tensor u = leaf(torch::randn({B, L, I}, io)), delta = leaf((torch::randn({B, L, I}, f32) * 0.5).to(dtype));
+    Tensor z = leaf(torch::randn({B, L, I}, io));
+    Tensor Bm = leaf(torch::randn({B, L, N}, io)), Cm = leaf(torch::randn({B, L, N}, io));
+    Tensor A = leaf(-torch::arange(1, N + 1, f32).repeat({I, 1}));
+    Tensor D = leaf(torch::ones({I}, f32)), bias = leaf(torch::full({I}, -4.0, f32));
+    Tensor dy = torch::randn({B, L, I}, io);
+    const std::vector<Tensor> inputs = {u, delta, A, Bm, Cm, D, z, bias};
+
+    // Bytes a pass must move at least: its inputs read once and its outputs written once.
+    const double e = u.element_size(), BLI = double(B) * L * I, BLN = double(B) * L * N;
+    const double params = 4.0 * (I * N + 2 * I);
+    const double fwd_bytes = e * (3 * BLI + 2 * BLN) + params + e * BLI;  // u, delta, z, B, C -> y
+    // backward: u, delta, z, dy, B, C -> du, ddelta, dz, dB, dC (+ parameter gradients)
+    const double bwd_bytes = e * (4 * BLI + 2 * BLN) + params + e * (3 * BLI + 2 * BLN) + params;
+
+    const double t_fwd = gpu_seconds([&] {
+      torch::NoGradGuard ng;
+      coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true);
+    }, reps);
+    const double t_fb = gpu_seconds([&] {
+      Tensor y = coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true);
+      torch::autograd::grad({y}, inputs, {dy});
+    }, reps);
+    auto row = [&](const char* pass, double t, double bytes) {
+      fmt::print("  {:10} {:14} {:10.3f} {:10.1f} {:9.1f}%\n", c10::toString(dtype), pass, t * 1e3,
+                 bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
+    };
+    row("forward", t_fwd, fwd_bytes);
+    row("fwd+bwd", t_fb, fwd_bytes + bwd_bytes);
+  }
+  fmt::print("  (target: the forward pass at >= 60% of the copy bandwidth)\n");
+  return 0;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"selective scan benchmark: fused CPU kernel vs ATen reference"};
   int64_t B = 4, I = 1536, N = 16, L = 1024;
   int reps = 3;
   bool skip_ref = false;
+  std::string device = "cpu";
   app.add_flag("--skip-reference", skip_ref, "time only the fused kernel");
+  app.add_option("--device", device, "cpu: the CPU kernel against the reference; cuda: the CUDA kernel")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--B", B);
   app.add_option("--I", I);
   app.add_option("--N", N);
   app.add_option("--L", L);
   app.add_option("--reps", reps);
   CLI11_PARSE(app, argc, argv);
+  if (device == "cuda") {  // mamba-130m-like sizes unless given
+    if (!app.count("--B")) B = 8;
+    if (!app.count("--L")) L = 2048;
+    if (!app.count("--reps")) reps = 20;
+    return bench_cuda(B, L, I, N, reps);
+  }
 
   torch::manual_seed(0);
   auto leaf = [](Tensor t) { return t.requires_grad_(true); };

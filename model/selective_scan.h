@@ -18,10 +18,13 @@ at::Tensor selective_scan_ref(const at::Tensor& u, const at::Tensor& delta, cons
                               const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& D,
                               const at::Tensor& z, const at::Tensor& delta_bias, bool delta_softplus);
 
-// The fast path: the fused CPU kernel (scan_cpu.h) as a custom autograd function; float32 and
-// float64 (other dtypes compute in float32). It never materializes [B, L, I, N]: only each chunk's
-// final state is kept, and backward recomputes states chunk by chunk. If final_state is given, it
-// receives h after the last step, [B, I, N] (for recurrent decoding after a prompt).
+// The fast path, as a custom autograd function. CPU tensors: the fused CPU kernel (scan_cpu.h),
+// float32 and float64 (other dtypes compute in float32). CUDA tensors: the fused CUDA kernel
+// (scan_cuda.h), bias, softplus, D skip and gate included; inputs in float32 or bfloat16 (other
+// dtypes go through float32), state and arithmetic in float32, N <= 64; a build without CUDA
+// kernels throws coil::Error. Neither materializes [B, L, I, N]: only each chunk's final state is
+// kept, and backward recomputes states chunk by chunk. If final_state is given, it receives h
+// after the last step, [B, I, N] (for recurrent decoding after a prompt; float32 on CUDA).
 at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                           const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& D,
                           const at::Tensor& z, const at::Tensor& delta_bias, bool delta_softplus,

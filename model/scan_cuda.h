@@ -1,0 +1,75 @@
+// The fused CUDA selective-scan kernel (internal to model/; the public entry is selective_scan.h).
+// Plain declarations with no LibTorch and no CUDA headers: selective_scan.cpp fills Params from
+// tensors, scan_cuda.cu launches the kernels on the current stream of Params::device.
+//
+// Layouts (channels last, as in scan_cpu.h; element (b,t,i) of a [B, L, I] tensor at b*sb + t*st + i):
+//   u, delta, z, dy          : [B, L, I]  strided (channel stride 1), dtype `dtype`
+//   y, du, ddelta, dz        : [B, L, I]  contiguous, dtype `dtype`
+//   Bm, Cm                   : [B, L, N]  contiguous, dtype `dtype`
+//   A [I, N], D [I], delta_bias [I]      : float32 contiguous (D, delta_bias may be null)
+//   states                   : [B, I, n_chunks, N] float32: h after the last step of each chunk
+//   dB, dC                   : [B, L, N] float32, zeroed by the caller: sums over channels, added
+//                              to with atomicAdd (see scan_cuda.cu on determinism)
+//   dA_part [B, I, N], dD_part [B, I], dbias_part [B, I]     : float32: per batch row partial sums,
+//                              each element written by one thread (the caller sums over B)
+//
+// Math, per batch row b and channel i (everything in float32, whatever `dtype`):
+//   x_t  = delta_t + delta_bias                dt_t = softplus(x_t) (or x_t without softplus)
+//   h_t  = exp(dt_t A) (.) h_{t-1} + dt_t u_t B_t           h_{-1} = 0, h_t in R^N
+//   s_t  = <h_t, C_t> + D u_t                                (the scan with the D skip)
+//   y_t  = s_t * silu(z_t)                                   (or y_t = s_t without z)
+// Backward, with ds_t = dy_t * silu(z_t) and the adjoint g_t = dLoss/dh_t, swept from t = L-1 down:
+//   g_t      = ds_t C_t + exp(dt_{t+1} A) (.) g_{t+1}
+//   du_t     = ds_t D + dt_t <g_t, B_t>
+//   ddt_t    = <g_t, A (.) exp(dt_t A) (.) h_{t-1}> + u_t <g_t, B_t>
+//   ddelta_t = ddt_t * sigmoid(x_t) (softplus' = sigmoid; 1 without softplus)
+//   dz_t     = dy_t * s_t * silu'(z_t),   silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+//   dA      += dt_t g_t (.) exp(dt_t A) (.) h_{t-1}      dD += ds_t u_t      ddelta_bias += ddelta_t
+//   dB_t    += dt_t u_t g_t   and   dC_t += ds_t h_t      (summed over the channels i)
+#pragma once
+
+#include <cstdint>
+
+namespace coil::scan_cuda {
+
+// Time steps per chunk. The forward pass keeps h only at chunk ends; the backward pass recomputes a
+// chunk's 32 states from the previous chunk's end into shared memory, then sweeps the adjoint back.
+constexpr int kChunk = 32;
+// The largest state size the kernels take (mamba uses 16).
+constexpr int kMaxState = 64;
+// Channels per thread block: each channel is served by 4 threads, one quarter of the state each,
+// so a block is 64 threads (two warps of 8 channels).
+constexpr int kChannelsPerBlock = 16;
+
+inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
+inline int64_t num_channel_blocks(int64_t I) { return (I + kChannelsPerBlock - 1) / kChannelsPerBlock; }
+
+enum class DType { kFloat32, kBFloat16 };
+
+struct Params {
+  int device = 0;  // the CUDA device of every tensor
+  DType dtype = DType::kFloat32;
+  int64_t B = 0, L = 0, I = 0, N = 0;
+  bool softplus = true;
+  // Inputs.
+  const void *u = nullptr, *delta = nullptr, *z = nullptr, *Bm = nullptr, *Cm = nullptr;
+  int64_t u_sb = 0, u_st = 0, delta_sb = 0, delta_st = 0, z_sb = 0, z_st = 0;
+  const float *A = nullptr, *D = nullptr, *delta_bias = nullptr;
+  // Forward outputs. With states null only the final state is written (no backward will follow).
+  void* y = nullptr;
+  float* states = nullptr;
+  float* final_state = nullptr;  // [B, I, N], or null
+  // Backward: dy and the gradients.
+  const void* dy = nullptr;
+  int64_t dy_sb = 0, dy_st = 0;
+  void *du = nullptr, *ddelta = nullptr, *dz = nullptr;  // dz null when there is no z
+  float *dA_part = nullptr, *dD_part = nullptr, *dbias_part = nullptr;
+  float *dB = nullptr, *dC = nullptr;
+};
+
+// Launch on the current CUDA stream of p.device. Return null, or CUDA's message for a failed launch
+// (the caller turns it into a coil::Error).
+const char* forward(const Params& p);
+const char* backward(const Params& p);
+
+}  // namespace coil::scan_cuda

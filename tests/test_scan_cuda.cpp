@@ -1,0 +1,240 @@
+// The CUDA selective scan against the float64 reference (selective_scan_ref on CPU, fed the same
+// values) and against the fused CPU kernel: y, every gradient and the final state, in float32 and
+// bfloat16, on shapes with odd sizes (L across chunk boundaries, I not a multiple of the block,
+// every register layout of the state: N = 3, 5, 16, 17, 64). Every test needs a GPU and skips
+// without one. Each comparison prints its worst error relative to the tensor's scale, so a GPU run
+// shows the margins as well as the verdict.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+
+#include "model/selective_scan.h"
+#include "util/error.h"
+
+namespace coil {
+namespace {
+
+using torch::Tensor;
+
+#define SKIP_WITHOUT_GPU()                                                                  \
+  do {                                                                                      \
+    if (!torch::cuda::is_available())                                                       \
+      GTEST_SKIP() << "no CUDA device here: the CUDA scan is tested on a GPU machine";     \
+  } while (0)
+
+struct Inputs {
+  Tensor u, delta, A, Bm, Cm, D, z, bias;
+  std::vector<Tensor> all() const { return {u, delta, A, Bm, Cm, D, z, bias}; }
+};
+const char* kNames[] = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias"};
+bool is_param(size_t k) { return k == 2 || k == 5 || k == 7; }  // A, D, delta_bias: float32 params
+
+struct Shape { int64_t B, L, I, N; };
+std::string str(const Shape& s) { return fmt::format("B={} L={} I={} N={}", s.B, s.L, s.I, s.N); }
+
+// Float64 values on CPU, distributed as in a Mamba layer (A = -(1..16), softplus(bias) in
+// [0.001, 0.1]), already rounded to what the kernel will see: the inputs u, delta, B, C, z to
+// `io`, the parameters A, D, delta_bias to float32. So the reference, the CPU kernel and the CUDA
+// kernel all start from the same numbers, and only the computation differs.
+Inputs make_values(const Shape& s, torch::Dtype io, bool optional, bool softplus) {
+  auto o = torch::TensorOptions().dtype(torch::kDouble);
+  auto round = [](const Tensor& t, torch::Dtype d) { return t.to(d).to(torch::kDouble); };
+  Inputs x;
+  x.u = round(torch::randn({s.B, s.L, s.I}, o), io);
+  x.delta = round(torch::randn({s.B, s.L, s.I}, o) * 0.5, io);
+  x.A = round(-torch::exp(torch::log(torch::rand({s.I, s.N}, o) * 15 + 1)), torch::kFloat);
+  x.Bm = round(torch::randn({s.B, s.L, s.N}, o), io);
+  x.Cm = round(torch::randn({s.B, s.L, s.N}, o), io);
+  if (optional) {
+    x.D = round(torch::randn({s.I}, o), torch::kFloat);
+    x.z = round(torch::randn({s.B, s.L, s.I}, o), io);
+    Tensor dt = torch::exp(torch::rand({s.I}, o) * (std::log(0.1) - std::log(0.001)) + std::log(0.001));
+    x.bias = round(dt + torch::log(-torch::expm1(-dt)), torch::kFloat);  // inverse softplus
+  }
+  if (!softplus) {  // a positive step without softplus
+    x.delta = x.delta.abs();
+    if (x.bias.defined()) x.bias = x.bias.abs();
+  }
+  return x;
+}
+
+// Leaf copies on `device`: inputs in `io`, parameters in float32 (float64 for the reference).
+Inputs leaves(const Inputs& v, torch::Device device, torch::Dtype io) {
+  Inputs x;
+  Tensor* dst[] = {&x.u, &x.delta, &x.A, &x.Bm, &x.Cm, &x.D, &x.z, &x.bias};
+  const auto src = v.all();
+  for (size_t k = 0; k < src.size(); ++k) {
+    if (!src[k].defined()) continue;
+    const auto dtype = io == torch::kDouble ? torch::kDouble : is_param(k) ? torch::kFloat : io;
+    *dst[k] = src[k].to(device, dtype).requires_grad_(true);
+  }
+  return x;
+}
+
+// y, the final state and the gradients of sum(y * w) for every defined input, as float64 on CPU.
+struct Result {
+  Tensor y, state;
+  std::vector<Tensor> grads;
+};
+Result run_fast(const Inputs& x, const Tensor& w, bool softplus) {
+  Result r;
+  Tensor y = selective_scan(x.u, x.delta, x.A, x.Bm, x.Cm, x.D, x.z, x.bias, softplus, &r.state);
+  (y * w.to(y.device(), y.scalar_type())).sum().backward();
+  r.y = y.detach().to(torch::kCPU, torch::kDouble);
+  r.state = r.state.to(torch::kCPU, torch::kDouble);
+  for (const Tensor& t : x.all()) r.grads.push_back(t.defined() ? t.grad().to(torch::kCPU, torch::kDouble) : Tensor());
+  return r;
+}
+Result run_ref(const Inputs& x, const Tensor& w, bool softplus) {
+  Result r;
+  Tensor y = selective_scan_ref(x.u, x.delta, x.A, x.Bm, x.Cm, x.D, x.z, x.bias, softplus);
+  (y * w).sum().backward();
+  r.y = y.detach();
+  for (const Tensor& t : x.all()) r.grads.push_back(t.defined() ? t.grad().clone() : Tensor());
+  // h after the last step, by the recurrence written out.
+  torch::NoGradGuard ng;
+  Tensor d = x.bias.defined() ? x.delta + x.bias : x.delta;
+  if (softplus) d = torch::softplus(d);
+  Tensor h = torch::zeros({x.u.size(0), x.u.size(2), x.A.size(1)}, torch::kDouble);
+  for (int64_t t = 0; t < x.u.size(1); ++t) {
+    Tensor dt = d.select(1, t).unsqueeze(-1);
+    h = torch::exp(dt * x.A) * h + dt * x.u.select(1, t).unsqueeze(-1) * x.Bm.select(1, t).unsqueeze(1);
+  }
+  r.state = h;
+  return r;
+}
+
+// |got - want| <= rtol * (|want| + max|want|) elementwise (as in test_selective_scan.cpp); returns
+// the worst max|got - want| / max|want| for the printed summary.
+double expect_close(const Tensor& got, const Tensor& want, double rtol, const std::string& what) {
+  EXPECT_EQ(got.sizes(), want.sizes()) << what;
+  if (got.sizes() != want.sizes()) return 1e30;
+  const double scale = std::max(want.abs().max().item<double>(), 1e-30);
+  const double worst = ((got - want).abs() - rtol * (want.abs() + scale)).max().item<double>();
+  const double diff = (got - want).abs().max().item<double>();
+  EXPECT_LE(worst, 0.0) << what << ": max |diff| = " << diff << " at scale " << scale;
+  EXPECT_FALSE(torch::isnan(got).any().item<bool>()) << what << " has NaN";
+  return diff / scale;
+}
+
+double compare(const Result& got, const Result& want, double rtol, const std::string& where) {
+  double worst = expect_close(got.y, want.y, rtol, "y " + where);
+  worst = std::max(worst, expect_close(got.state, want.state, rtol, "final state " + where));
+  for (size_t k = 0; k < want.grads.size(); ++k) {
+    EXPECT_EQ(got.grads[k].defined(), want.grads[k].defined()) << kNames[k] << " " << where;
+    if (want.grads[k].defined() && got.grads[k].defined())
+      worst = std::max(worst, expect_close(got.grads[k], want.grads[k], rtol, std::string(kNames[k]) + " " + where));
+  }
+  return worst;
+}
+
+// float32: within 1e-4 of the float64 reference and of the CPU kernel (float32 arithmetic over a
+// few hundred steps, and the GPU's exp2 differs from the CPU's exp by an ulp or two).
+// bfloat16: y and the input gradients are rounded to bfloat16 (half an ulp is 2^-8 relative);
+// the parameter gradients and the state are float32.
+constexpr double kRtolF32 = 1e-4, kRtolBF16 = 1e-2;
+
+void check_shape(const Shape& s, torch::Dtype io, bool optional, bool softplus) {
+  const std::string where = fmt::format("{} {} optional={} softplus={}", str(s), c10::toString(io),
+                                        optional, softplus);
+  const Inputs v = make_values(s, io, optional, softplus);
+  const Tensor w = torch::randn({s.B, s.L, s.I}, torch::kDouble).to(io).to(torch::kDouble);  // dy, exact in io
+  const Result ref = run_ref(leaves(v, torch::kCPU, torch::kDouble), w, softplus);
+  const Result cpu = run_fast(leaves(v, torch::kCPU, torch::kFloat), w, softplus);
+  const Result gpu = run_fast(leaves(v, torch::kCUDA, io), w, softplus);
+  const double rtol = io == torch::kFloat ? kRtolF32 : kRtolBF16;
+  const double vs_ref = compare(gpu, ref, rtol, "(CUDA vs reference) " + where);
+  const double vs_cpu = compare(gpu, cpu, rtol, "(CUDA vs CPU kernel) " + where);
+  std::printf("  %-60s worst |diff|/scale: %.2e vs reference, %.2e vs CPU kernel\n", where.c_str(), vs_ref, vs_cpu);
+}
+
+const std::vector<Shape> kShapes = {{1, 1, 1, 16},   {3, 65, 37, 16}, {1, 200, 33, 5}, {3, 97, 17, 3},
+                                    {2, 130, 64, 17}, {1, 70, 20, 64},  {2, 33, 16, 16}};
+
+TEST(ScanCuda, Float32MatchesReferenceAndCpuKernel) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(10);
+  for (const Shape& s : kShapes)
+    for (bool optional : {true, false})
+      for (bool softplus : {true, false}) check_shape(s, torch::kFloat, optional, softplus);
+}
+
+TEST(ScanCuda, BFloat16MatchesReferenceAndCpuKernel) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(11);
+  for (const Shape& s : kShapes)
+    for (bool optional : {true, false}) check_shape(s, torch::kBFloat16, optional, true);
+}
+
+TEST(ScanCuda, StridedChannelsLastViews) {
+  // The model passes u and z as views into the in_proj output ([B, L, 2I], stride 2I on L).
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(12);
+  const Shape s{2, 70, 24, 16};
+  for (torch::Dtype io : {torch::kFloat, torch::kBFloat16}) {
+    const Inputs v = make_values(s, io, true, true);
+    const Tensor xz = torch::cat({v.u, v.z}, 2).to(torch::kCUDA, io);  // [B, L, 2I]
+    const Inputs g = leaves(v, torch::kCUDA, io);
+    Tensor got = selective_scan(xz.narrow(2, 0, s.I), g.delta, g.A, g.Bm, g.Cm, g.D, xz.narrow(2, s.I, s.I),
+                                g.bias, true);
+    Tensor want = selective_scan_ref(v.u, v.delta, v.A, v.Bm, v.Cm, v.D, v.z, v.bias, true);
+    expect_close(got.to(torch::kCPU, torch::kDouble), want, io == torch::kFloat ? kRtolF32 : kRtolBF16,
+                 "strided y " + std::string(c10::toString(io)));
+  }
+}
+
+TEST(ScanCuda, ForwardWithoutGradientsGivesTheSameOutputAndState) {
+  // Without gradients the kernel keeps no chunk states, only the final one.
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(13);
+  const Inputs v = make_values({3, 100, 40, 16}, torch::kFloat, true, true);
+  const Inputs g = leaves(v, torch::kCUDA, torch::kFloat);
+  Tensor s1, s2;
+  Tensor y1 = selective_scan(g.u, g.delta, g.A, g.Bm, g.Cm, g.D, g.z, g.bias, true, &s1);
+  Tensor y2;
+  {
+    torch::NoGradGuard ng;
+    y2 = selective_scan(g.u, g.delta, g.A, g.Bm, g.Cm, g.D, g.z, g.bias, true, &s2);
+  }
+  EXPECT_TRUE(y1.requires_grad());
+  EXPECT_FALSE(y2.requires_grad());
+  EXPECT_TRUE(torch::equal(y1.detach(), y2));
+  EXPECT_TRUE(torch::equal(s1, s2));
+}
+
+TEST(ScanCuda, GradientsOtherThanBAndCAreDeterministic) {
+  // dA, dD, ddelta_bias are summed in a fixed order; dB and dC by atomic adds (last bits may vary).
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(14);
+  const Shape s{2, 100, 70, 16};
+  const Inputs v = make_values(s, torch::kFloat, true, true);
+  const Tensor w = torch::randn({s.B, s.L, s.I}, torch::kDouble);
+  const Result a = run_fast(leaves(v, torch::kCUDA, torch::kFloat), w, true);
+  const Result b = run_fast(leaves(v, torch::kCUDA, torch::kFloat), w, true);
+  EXPECT_TRUE(torch::equal(a.y, b.y));
+  for (size_t k : {0, 1, 2, 5, 6, 7}) EXPECT_TRUE(torch::equal(a.grads[k], b.grads[k])) << kNames[k];
+  for (size_t k : {3, 4}) expect_close(a.grads[k], b.grads[k], 1e-6, kNames[k]);
+}
+
+TEST(ScanCuda, RejectsAStateAbove64AndMixedDevices) {
+  SKIP_WITHOUT_GPU();
+#if defined(COIL_WITH_CUDA)
+  const Inputs big = leaves(make_values({1, 4, 2, 65}, torch::kFloat, false, true), torch::kCUDA, torch::kFloat);
+  EXPECT_THROW(selective_scan(big.u, big.delta, big.A, big.Bm, big.Cm, {}, {}, {}, true), Error);
+  const Inputs x = leaves(make_values({1, 4, 2, 16}, torch::kFloat, false, true), torch::kCUDA, torch::kFloat);
+  EXPECT_THROW(selective_scan(x.u, x.delta, x.A.cpu(), x.Bm, x.Cm, {}, {}, {}, true), Error);
+#else
+  // A build without the kernels says so instead of failing somewhere inside.
+  const Inputs x = leaves(make_values({1, 4, 2, 16}, torch::kFloat, false, true), torch::kCUDA, torch::kFloat);
+  try {
+    selective_scan(x.u, x.delta, x.A, x.Bm, x.Cm, {}, {}, {}, true);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no CUDA kernels"), std::string::npos) << e.what();
+  }
+#endif
+}
+
+}  // namespace
+}  // namespace coil
