@@ -39,7 +39,7 @@ echo '{"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_
 expect bad_config 1 "config.json: model config: vocab_size must be positive, got 0" -- model --hf "$tmp/hf"
 expect bad_option 2 "coil: error: Could not convert: --batch = x" -- model --smoke-steps 1 --batch x
 expect no_command 2 "coil: error: A subcommand is required" --
-expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: pretrain, sft, model, generate, tokenizer, data" -- bogus
+expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: pretrain, sft, model, generate, chat, tokenizer, data" -- bogus
 expect smoke 0 "smoke run ok" -- model --preset tiny --smoke-steps 3 --seq-len 32
 
 # Data: a tokenizer and shards from a small corpus (Debian's license texts), and bad input.
@@ -151,6 +151,41 @@ expect ckpt_export 0 "config.json, model.safetensors" -- ckpt export-hf "$final"
 expect ckpt_none 1 "no checkpoint at $tmp/nothing" -- ckpt inspect "$tmp/nothing"
 expect ckpt_not 1 "not an HDF5 file" -- ckpt verify "$tmp/tok.model"
 expect generate_damaged 1 "is damaged:" -- generate --checkpoint "$tmp/damaged" --prompt "GNU"
+
+# generate --prompts: a batch (greedy) gives each prompt the continuation it gets alone; chat answers
+# piped lines as generate --instruction does, and in a terminal (tmux) prompts, answers, quits.
+printf 'GNU\nThe program\n{"prompt": "free software"}\n{"instruction": "Say hello."}\n' >"$tmp/prompts.txt"
+"$coil" generate --checkpoint "$final" --prompts "$tmp/prompts.txt" --max-new-tokens 8 --batch-size 3 >"$tmp/batch.jsonl"
+for p in "GNU" "The program" "free software"; do "$coil" generate --checkpoint "$final" --prompt "$p" --max-new-tokens 8; done >"$tmp/single"
+"$coil" generate --checkpoint "$final" --instruction "Say hello." --max-new-tokens 8 >>"$tmp/single"
+python3 - "$tmp/batch.jsonl" "$tmp/single" <<'EOF' && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL --prompts differs from single prompts"; }
+import json, sys
+batch = [json.loads(l) for l in open(sys.argv[1])]
+want = ["GNU" + batch[0]["completion"], "The program" + batch[1]["completion"], "free software" + batch[2]["completion"],
+        batch[3]["completion"]]
+assert len(batch) == 4 and batch[3]["prompt"].endswith("### Response:\n"), batch
+assert open(sys.argv[2]).read() == "".join(w + "\n" for w in want), (open(sys.argv[2]).read(), want)
+EOF
+expect prompts_missing 1 "--prompts: cannot read $tmp/none.txt" -- generate --checkpoint "$final" --prompts "$tmp/none.txt"
+expect two_prompts 1 "give one of --prompt, --instruction" -- generate --checkpoint "$final" --prompt a --instruction b
+expect top_p 1 "--top-p must be in (0, 1]" -- generate --checkpoint "$final" --prompt a --top-p 0 --temperature 1
+printf 'Say hello.\nName a color.\n' | "$coil" chat --checkpoint "$final" --max-new-tokens 8 >"$tmp/chat" 2>&1
+for q in "Say hello." "Name a color."; do "$coil" generate --checkpoint "$final" --instruction "$q" --max-new-tokens 8; done >"$tmp/chat_want"
+cmp -s "$tmp/chat" "$tmp/chat_want" && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL chat (piped) answers differ"; }
+answer=$(head -1 "$tmp/chat_want")
+tmux -L coil-test kill-server 2>/dev/null
+tmux -L coil-test new-session -d -s chat -x 160 -y 40 "$coil chat --checkpoint $final --max-new-tokens 8"
+pane() { tmux -L coil-test capture-pane -p -t chat 2>/dev/null; }
+for _ in $(seq 100); do pane | grep -q "^> " && break; sleep 0.1; done
+tmux -L coil-test send-keys -t chat "Say hello." Enter
+for _ in $(seq 100); do [ "$(pane | grep -c '^>')" -ge 2 ] && break; sleep 0.1; done
+if pane | grep -q "^coil chat: " && [ -n "$answer" ] && pane | grep -qF -- "$answer" && [ "$(pane | grep -c '^>')" -ge 2 ]; then
+  passed=$((passed + 1))
+else failed=$((failed + 1)); echo "FAIL chat in tmux: want answer '$answer', pane:"; pane; fi
+tmux -L coil-test send-keys -t chat "/quit" Enter
+for _ in $(seq 50); do tmux -L coil-test has-session -t chat 2>/dev/null || break; sleep 0.1; done
+tmux -L coil-test has-session -t chat 2>/dev/null && { failed=$((failed + 1)); echo "FAIL chat: /quit did not end it"; } || passed=$((passed + 1))
+tmux -L coil-test kill-server 2>/dev/null
 
 echo "cli: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

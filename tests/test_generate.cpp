@@ -1,0 +1,157 @@
+// Decoding (model/generate.h): top-k / top-p filtering by hand, sampling frequencies, greedy
+// batches equal to single prompts, EOS, streaming order, bad input.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "model/generate.h"
+#include "model/mamba.h"
+#include "util/error.h"
+
+namespace coil {
+namespace {
+
+using torch::Tensor;
+
+Tensor probs_of(std::vector<double> p) { return torch::tensor(p, torch::kDouble); }
+
+TEST(Sampling, TopPKeepsTheNucleusInOrder) {
+  // Sorted: 0.4 (idx 2), 0.3 (idx 0), 0.2 (idx 3), 0.1 (idx 1). Mass before each: 0, .4, .7, .9.
+  const Tensor p = probs_of({0.3, 0.1, 0.4, 0.2});
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 0, 0.5), probs_of({0.3 / 0.7, 0, 0.4 / 0.7, 0})));
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 0, 0.35), probs_of({0, 0, 1, 0})));  // 0.4 alone reaches 0.35
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 0, 0.75), probs_of({0.3 / 0.9, 0, 0.4 / 0.9, 0.2 / 0.9})));
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 0, 1.0), p));
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 0, 1e-9), probs_of({0, 0, 1, 0})));  // the top token stays
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 2, 1.0), probs_of({0.3 / 0.7, 0, 0.4 / 0.7, 0})));
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 3, 0.5), probs_of({0.3 / 0.7, 0, 0.4 / 0.7, 0})));
+  EXPECT_TRUE(torch::allclose(filter_probs(p, 10, 1.0), p));
+  // Ties: the lower index comes first.
+  EXPECT_TRUE(torch::allclose(filter_probs(probs_of({0.25, 0.25, 0.25, 0.25}), 1, 1.0), probs_of({1, 0, 0, 0})));
+}
+
+TEST(Sampling, BadOptionsAreErrors) {
+  const Tensor p = probs_of({0.5, 0.5});
+  EXPECT_THROW(filter_probs(p, 0, 0.0), Error);
+  EXPECT_THROW(filter_probs(p, 0, 1.5), Error);
+  EXPECT_THROW(filter_probs(p, -1, 1.0), Error);
+}
+
+TEST(Sampling, GreedyIsArgmaxAndIgnoresPaddingColumns) {
+  at::Generator gen = at::detail::createCPUGenerator(0);
+  const Tensor logits = torch::tensor({{0.1f, 2.0f, 0.3f, 9.0f}, {5.0f, 1.0f, 0.0f, 9.0f}});
+  // Column 3 is embedding padding (vocab 3): never produced.
+  EXPECT_TRUE(torch::equal(sample_next(logits, 3, {}, gen), torch::tensor({1, 0}, torch::kLong)));
+  SamplingOptions top1{1.0, 1, 1.0};
+  EXPECT_TRUE(torch::equal(sample_next(logits, 3, top1, gen), torch::tensor({1, 0}, torch::kLong)));
+}
+
+TEST(Sampling, FrequenciesFollowTheFilteredDistribution) {
+  at::Generator gen = at::detail::createCPUGenerator(7);
+  const Tensor probs = torch::tensor({0.05, 0.5, 0.3, 0.15});
+  const Tensor logits = probs.log().to(torch::kFloat).unsqueeze(0);
+  const SamplingOptions s{1.0, 0, 0.9};  // nucleus: 0.5, 0.3, 0.15 (mass before 0.05's turn: 0.95)
+  std::vector<int> counts(4, 0);
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) counts[static_cast<size_t>(sample_next(logits, 4, s, gen).item<int64_t>())]++;
+  EXPECT_EQ(counts[0], 0);
+  EXPECT_NEAR(counts[1] / double(n), 0.5 / 0.95, 0.015);
+  EXPECT_NEAR(counts[2] / double(n), 0.3 / 0.95, 0.015);
+  EXPECT_NEAR(counts[3] / double(n), 0.15 / 0.95, 0.015);
+}
+
+MambaLM random_model() {
+  MambaConfig c = MambaConfig::preset("tiny");
+  c.vocab_size = 61;  // odd, so the padded embedding has rows that must never be produced
+  c = c.padded();
+  MambaLM m(c, 5);
+  torch::NoGradGuard ng;
+  torch::manual_seed(5);
+  for (auto& p : m.named_parameters()) p.tensor.add_(torch::randn_like(p.tensor) * 0.3);
+  return m;
+}
+
+// Greedy decoding written out with the full forward: the reference the recurrent path must equal.
+std::vector<int32_t> greedy_by_forward(const MambaLM& m, std::vector<int32_t> ids, int64_t n, int64_t vocab) {
+  torch::NoGradGuard ng;
+  std::vector<int32_t> out;
+  for (int64_t t = 0; t < n; ++t) {
+    const Tensor x = torch::tensor(std::vector<int64_t>(ids.begin(), ids.end())).unsqueeze(0);
+    const auto next = static_cast<int32_t>(m.forward(x)[0][-1].narrow(0, 0, vocab).argmax().item<int64_t>());
+    ids.push_back(next), out.push_back(next);
+  }
+  return out;
+}
+
+TEST(Generate, GreedyBatchEqualsEachPromptAloneAndTheFullForward) {
+  const MambaLM m = random_model();
+  GenerateRequest r;
+  r.prompts = {{5}, {1, 2, 3, 4, 5, 6, 7}, {40, 2}, {60, 59, 3}};
+  r.max_new_tokens = 12;
+  r.vocab = 61;
+  std::vector<std::pair<size_t, int32_t>> streamed;
+  const auto batch = generate(m, r, [&](size_t i, int32_t t) { streamed.emplace_back(i, t); });
+  ASSERT_EQ(batch.size(), 4u);
+  size_t total = 0;
+  for (size_t i = 0; i < r.prompts.size(); ++i) {
+    GenerateRequest one = r;
+    one.prompts = {r.prompts[i]};
+    EXPECT_EQ(generate(m, one)[0], batch[i]) << "prompt " << i;
+    const auto want = greedy_by_forward(m, r.prompts[i], r.max_new_tokens, r.vocab);
+    EXPECT_EQ(batch[i], want) << "prompt " << i;
+    for (int32_t t : batch[i]) EXPECT_LT(t, 61);
+    total += batch[i].size();
+  }
+  // Streaming: every token reported once, each prompt's in order.
+  ASSERT_EQ(streamed.size(), total);
+  std::vector<std::vector<int32_t>> again(4);
+  for (auto [i, t] : streamed) again[i].push_back(t);
+  EXPECT_EQ(again, batch);
+}
+
+TEST(Generate, EosEndsOneSequenceAndTheOthersGoOn) {
+  const MambaLM m = random_model();
+  GenerateRequest r;
+  r.prompts = {{5}, {1, 2, 3}};
+  r.max_new_tokens = 10;
+  r.vocab = 61;
+  const auto free_run = generate(m, r);
+  // EOS = the first prompt's third token: it stops after two (EOS not returned) ...
+  r.eos = free_run[0][2];
+  const auto stopped = generate(m, r);
+  EXPECT_EQ(stopped[0], std::vector<int32_t>(free_run[0].begin(), free_run[0].begin() + 2));
+  // ... and the second sequence is unchanged up to its own first EOS, if any.
+  const auto cut = std::find(free_run[1].begin(), free_run[1].end(), r.eos);
+  EXPECT_EQ(stopped[1], std::vector<int32_t>(free_run[1].begin(), cut));
+}
+
+TEST(Generate, SamplingIsReproducibleWithItsSeed) {
+  const MambaLM m = random_model();
+  GenerateRequest r;
+  r.prompts = {{5, 6}, {7}};
+  r.max_new_tokens = 20;
+  r.vocab = 61;
+  r.sampling = {1.0, 20, 0.9};
+  r.seed = 3;
+  const auto a = generate(m, r), b = generate(m, r);
+  EXPECT_EQ(a, b);
+  r.seed = 4;
+  EXPECT_NE(generate(m, r), a);
+}
+
+TEST(Generate, BadRequestsAreErrors) {
+  const MambaLM m = random_model();
+  GenerateRequest r;
+  r.vocab = 61;
+  r.prompts = {{}};
+  EXPECT_THROW(generate(m, r), Error);
+  r.prompts = {{64}};
+  EXPECT_THROW(generate(m, r), Error);
+  r.prompts = {{1}};
+  r.vocab = 65;
+  EXPECT_THROW(generate(m, r), Error);
+}
+
+}  // namespace
+}  // namespace coil
