@@ -84,3 +84,28 @@ def test_bad_input(hf, tmp_path):
     assert r.returncode == 1 and "'x' is not a token id" in r.stderr
     r = coil("generate", "--checkpoint", tmp / "ck", "--prompt-ids", "1,999", check=False)
     assert r.returncode == 1 and "outside [0, 320)" in r.stderr
+
+
+def test_sft_from_an_imported_model(hf, tmp_path):
+    """An imported model fine-tunes with Coil's SFT (the [model] keys that import-hf prints, a
+    sentencepiece tokenizer that fits its 320-row embedding) and generates after."""
+    tmp, _, out = hf
+    words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for d in range(100):
+            f.write(json.dumps({"text": " ".join(words[(d * 7 + i) % len(words)] for i in range(40))}) + "\n")
+    with open(tmp_path / "alpaca.jsonl", "w") as f:
+        for d in range(40):
+            f.write(json.dumps({"instruction": f"Say {words[d % len(words)]}.", "input": "",
+                                "output": " ".join(words[(d + i) % len(words)] for i in range(6))}) + "\n")
+    coil("tokenizer", "train", "--input", tmp_path / "c.jsonl", "--vocab-size", 300, "--output", tmp_path / "tok")
+    model_keys = [line.replace(" ", "") for line in out.split("[model]\n")[1].splitlines() if "=" in line]
+    sets = [a for kv in model_keys for a in ("--set", "model." + kv)]
+    r = coil("sft", "--config", "/dev/null", *sets, "--set", f"data.train={tmp_path / 'alpaca.jsonl'}",
+             "--set", f"data.tokenizer={tmp_path / 'tok.model'}", "--set", f"train.pretrained_checkpoint_path={tmp / 'ck'}",
+             "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.max_steps=4", "--set", "train.seq_len=256",
+             "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=0")
+    assert "starting from the pretrained weights of" in r.stdout and "sft: done, 4 steps" in r.stdout
+    r = coil("generate", "--checkpoint", tmp_path / "run" / "checkpoints" / "final", "--instruction", "Say snake.",
+             "--max-new-tokens", 5)
+    assert r.returncode == 0

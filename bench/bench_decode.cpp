@@ -1,0 +1,82 @@
+// Decoding on CPU: tokens/s of the recurrent step at several batch sizes, and the time per token
+// after a short and after a long context (Mamba's state has a fixed size: it must not grow).
+//   bench_decode [--preset 130m | --hf DIR] [--batch 1,16] [--prompt 100] [--long 4000] [--new 32]
+// A step's time is measured after the prompts' prefill: the recurrent step over every layer and
+// the greedy pick. The last line is JSON, for bench/decode_vs_transformers.py.
+#include <ATen/Parallel.h>
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+
+#include "model/generate.h"
+#include "model/hf.h"
+#include "model/mamba.h"
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Seconds per decoding step (the recurrent step and the greedy pick) for a batch of `batch`
+// prompts of `context` tokens, after their prefill.
+double step_seconds(const coil::MambaLM& model, int64_t batch, int64_t context, int64_t new_tokens, int reps) {
+  torch::manual_seed(static_cast<uint64_t>(context));
+  const torch::Tensor prompts = torch::randint(model.config().vocab_size, {batch, context});
+  at::Generator gen = at::detail::createCPUGenerator(0);
+  double best = 1e30;
+  for (int rep = 0; rep <= reps; ++rep) {  // the first is a warm-up
+    coil::MambaCache cache;
+    torch::Tensor logits = model.prefill(prompts, cache);
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t t = 0; t < new_tokens; ++t)
+      logits = model.step(coil::sample_next(logits, model.config().vocab_size, {}, gen), cache);
+    if (rep > 0) best = std::min(best, seconds_since(t0) / static_cast<double>(new_tokens));
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Mamba decoding benchmark (CPU)"};
+  std::string preset = "130m", hf;
+  std::vector<int64_t> batches{1, 16};
+  int64_t prompt = 100, long_context = 4000, new_tokens = 32;
+  int reps = 2;
+  app.add_option("--preset", preset);
+  app.add_option("--hf", hf, "a Hugging Face Mamba directory (the same weights as a transformers run)");
+  app.add_option("--batch", batches, "batch sizes")->delimiter(',');
+  app.add_option("--prompt", prompt, "prompt tokens before the timed steps");
+  app.add_option("--long", long_context, "a long context, for the flatness check (0: skip)");
+  app.add_option("--new", new_tokens, "timed decoding steps");
+  app.add_option("--reps", reps, "repetitions (the fastest counts)");
+  CLI11_PARSE(app, argc, argv);
+
+  c10::InferenceMode inference;
+  const coil::MambaLM model = hf.empty() ? coil::MambaLM(coil::MambaConfig::preset(preset)) : coil::load_hf(hf);
+  fmt::print("model {}, {} threads\n", model.config().describe(), at::get_num_threads());
+  nlohmann::json out{{"threads", at::get_num_threads()}};
+  for (int64_t b : batches) {
+    const double s = step_seconds(model, b, prompt, new_tokens, reps);
+    fmt::print("batch {:3d}: {:8.2f} ms per step, {:9.1f} tokens/s (after {} prompt tokens)\n", b, s * 1e3,
+               static_cast<double>(b) / s, prompt);
+    out["tokens_per_sec"][std::to_string(b)] = static_cast<double>(b) / s;
+  }
+  if (long_context > 0) {
+    const double short_s = step_seconds(model, 1, prompt, new_tokens, reps);
+    const double long_s = step_seconds(model, 1, long_context, new_tokens, 1);
+    fmt::print("per token, batch 1: {:.2f} ms after {} tokens, {:.2f} ms after {} tokens: ratio {:.3f} (flat = 1)\n",
+               short_s * 1e3, prompt, long_s * 1e3, long_context, long_s / short_s);
+    out["ms_per_token_short"] = short_s * 1e3;
+    out["ms_per_token_long"] = long_s * 1e3;
+    out["long_over_short"] = long_s / short_s;
+  }
+  fmt::print("{}\n", out.dump());
+  return 0;
+}
