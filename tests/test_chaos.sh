@@ -39,12 +39,12 @@ steps_done() { local c; c=$(grep -c '"loss"' "$1/metrics.jsonl" 2>/dev/null); ec
 launch 3 0 calm
 wait $launcher || fail "undisturbed run: exit $?: $(tail -3 calm.log)"
 
-# Kill k lands at a random step of the k-th fifth of the run; kills 1, 3 and 5 wait for a save
+# Kill k lands at a random step in [37k + 8, 37k + 32] (the last well before the end); kills 1, 3 and 5 wait for a save
 # in flight (a .tmp folder) first. Segments: 3 ranks (kill 1, restart, kill 2), 2 ranks (kill 3),
 # 1 rank (kill 4), 3 ranks (kill 5, restart, the end). The launcher restarts a job on the same
 # number of ranks; the test relaunches it on another.
 kill_at=() cut=0
-for k in 0 1 2 3 4; do kill_at+=($((k * 40 + 8 + RANDOM % 28))); done
+for k in 0 1 2 3 4; do kill_at+=($((k * 37 + 8 + RANDOM % 25))); done
 echo "kills at steps ${kill_at[*]}"
 kill_one() {  # kill_one STEP IN_SAVE: SIGKILL one random rank of the job once STEP is done
   local step=$1 in_save=$2 mp ranks rank
