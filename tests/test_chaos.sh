@@ -39,9 +39,9 @@ steps_done() { local c; c=$(grep -c '"loss"' "$1/metrics.jsonl" 2>/dev/null); ec
 launch 3 0 calm
 wait $launcher || fail "undisturbed run: exit $?: $(tail -3 calm.log)"
 
-# Kill k lands at a random step in [37k + 8, 37k + 32] (the last well before the end); kills 1, 3 and 5 wait for a save
-# in flight (a .tmp folder) first. Segments: 3 ranks (kill 1, restart, kill 2), 2 ranks (kill 3),
-# 1 rank (kill 4), 3 ranks (kill 5, restart, the end). The launcher restarts a job on the same
+# Kill k (0..4) lands at a random step in [37k + 8, 37k + 32], the last well before the end;
+# kills 1, 3 and 5 wait for a save in flight (a .tmp folder) first. Segments: 3 ranks (kill 1,
+# restart, kill 2), 2 ranks (kill 3), 1 rank (kill 4), 3 ranks (kill 5, restart, the end). The launcher restarts a job on the same
 # number of ranks; the test relaunches it on another.
 kill_at=() cut=0
 for k in 0 1 2 3 4; do kill_at+=($((k * 37 + 8 + RANDOM % 25))); done
