@@ -291,8 +291,8 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   // The device (one GPU per rank) and the precision.
   const bool cuda = c.device == "cuda";
   if (cuda) {
-    COIL_CHECK(at::hasCUDA(), "train.device = \"cuda\": this Coil's LibTorch has no CUDA support");
-    COIL_CHECK(at::getNumGPUs() > 0, "train.device = \"cuda\": no GPU is visible (CUDA_VISIBLE_DEVICES?)");
+    COIL_CHECK(at::hasCUDA() && at::getNumGPUs() > 0,
+               "train.device = \"cuda\": CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
     const int local = dist::launched_by_mpi() ? dist::world().local_rank : 0;
     par.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local % static_cast<int>(at::getNumGPUs())));
   }
