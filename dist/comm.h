@@ -1,6 +1,8 @@
 // The collectives Coil uses, behind one small interface, on flat contiguous tensors of one dtype.
 // Two backends: MPI on CPU tensors, NCCL on CUDA tensors (its unique id broadcast over MPI, its own
-// stream). An error of either becomes a coil::Error naming the rank and the operation.
+// stream). Every dtype can be all-gathered (a copy of bytes); sums take float32, float64, integers
+// and bfloat16 (MPI: a user-defined sum that adds in float32 and rounds to bfloat16).
+// An error of either becomes a coil::Error naming the rank and the operation.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -10,6 +12,15 @@
 #include <vector>
 
 namespace coil::dist {
+
+// A collective in flight. wait() orders what comes after it on this process after the collective:
+// on CUDA the current stream waits for it (the host does not block); elsewhere it completes the
+// collective. The Work keeps its tensors alive until then. Destroying an unwaited Work waits.
+class Work {
+ public:
+  virtual ~Work() = default;
+  virtual void wait() = 0;
+};
 
 class Comm {
  public:
@@ -28,6 +39,13 @@ class Comm {
   // out = chunk `rank` of root's `in` (size equal chunks); in is ignored on other ranks.
   virtual void scatter(const at::Tensor& in, at::Tensor& out, int root) = 0;
   virtual void barrier() = 0;
+
+  // Whether the *_async collectives below run beside the caller's work (NCCL on its own stream).
+  // When false they run at once and return a finished Work (MPI on CPU).
+  virtual bool asynchronous() const { return false; }
+  // The same collectives, queued: `in` and `out` must not be touched until wait().
+  virtual std::unique_ptr<Work> all_gather_async(const at::Tensor& in, at::Tensor& out);
+  virtual std::unique_ptr<Work> reduce_scatter_async(const at::Tensor& in, at::Tensor& out);
 
  protected:
   int rank_ = 0, size_ = 1;

@@ -10,8 +10,10 @@
 namespace coil::dist {
 namespace {
 
+// bfloat16 travels as 16-bit words; its sum is a user-defined operation (bf16_sum below).
 MPI_Datatype mpi_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
+    case at::kBFloat16: return MPI_UINT16_T;
     case at::kFloat: return MPI_FLOAT;
     case at::kDouble: return MPI_DOUBLE;
     case at::kLong: return MPI_INT64_T;
@@ -19,6 +21,14 @@ MPI_Datatype mpi_type(const at::Tensor& t) {
     case at::kByte: return MPI_UINT8_T;
     default: fail("MPI collectives: unsupported dtype {}", t.dtype().name());
   }
+}
+
+// Sum of bfloat16 words: each pair added in float32, rounded to nearest even (as NCCL's bf16 sum
+// and at::BFloat16's arithmetic do).
+void bf16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
+  const auto* a = static_cast<const c10::BFloat16*>(in);
+  auto* b = static_cast<c10::BFloat16*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = c10::BFloat16(static_cast<float>(a[i]) + static_cast<float>(b[i]));
 }
 
 class MpiComm : public Comm {
@@ -29,30 +39,34 @@ class MpiComm : public Comm {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+    MPI_Op_create(&bf16_sum, /*commute=*/1, &bf16_sum_);
   }
   ~MpiComm() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (!finalized) MPI_Comm_free(&comm_);
+    if (!finalized) MPI_Op_free(&bf16_sum_), MPI_Comm_free(&comm_);
   }
 
   void all_gather(const at::Tensor& in, at::Tensor& out) override {
     check_cpu(in, "all_gather"), check_cpu(out, "all_gather");
     COIL_CHECK(out.numel() == in.numel() * size_, "all_gather: output holds {} elements, needs {}", out.numel(),
                in.numel() * size_);
-    call(MPI_Allgather(in.data_ptr(), count(in), mpi_type(in), out.data_ptr(), count(in), mpi_type(out), comm_),
-         "all_gather");
+    COIL_CHECK(out.scalar_type() == in.scalar_type(), "all_gather: output dtype {} differs from input dtype {}",
+               out.dtype().name(), in.dtype().name());
+    // A copy: any dtype goes as its bytes.
+    const int bytes = count(in.numel() * static_cast<int64_t>(in.element_size()));
+    call(MPI_Allgather(in.data_ptr(), bytes, MPI_BYTE, out.data_ptr(), bytes, MPI_BYTE, comm_), "all_gather");
   }
   void reduce_scatter(const at::Tensor& in, at::Tensor& out) override {
     check_cpu(in, "reduce_scatter"), check_cpu(out, "reduce_scatter");
     COIL_CHECK(in.numel() == out.numel() * size_, "reduce_scatter: input holds {} elements, needs {}", in.numel(),
                out.numel() * size_);
-    call(MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(), count(out), mpi_type(in), MPI_SUM, comm_),
+    call(MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(), count(out), mpi_type(in), sum(in), comm_),
          "reduce_scatter");
   }
   void all_reduce(at::Tensor& t) override {
     check_cpu(t, "all_reduce");
-    call(MPI_Allreduce(MPI_IN_PLACE, t.data_ptr(), count(t), mpi_type(t), MPI_SUM, comm_), "all_reduce");
+    call(MPI_Allreduce(MPI_IN_PLACE, t.data_ptr(), count(t), mpi_type(t), sum(t), comm_), "all_reduce");
   }
   void broadcast(at::Tensor& t, int root) override {
     check_cpu(t, "broadcast");
@@ -83,10 +97,12 @@ class MpiComm : public Comm {
   void barrier() override { call(MPI_Barrier(comm_), "barrier"); }
 
  private:
-  static int count(const at::Tensor& t) {
-    COIL_CHECK(t.numel() <= INT32_MAX, "MPI collectives: {} elements is more than one call takes", t.numel());
-    return static_cast<int>(t.numel());
+  static int count(const at::Tensor& t) { return count(t.numel()); }
+  static int count(int64_t n) {
+    COIL_CHECK(n <= INT32_MAX, "MPI collectives: {} elements is more than one call takes", n);
+    return static_cast<int>(n);
   }
+  MPI_Op sum(const at::Tensor& t) const { return t.scalar_type() == at::kBFloat16 ? bf16_sum_ : MPI_SUM; }
   void check_cpu(const at::Tensor& t, const char* op) const {
     COIL_CHECK(t.device().is_cpu() && t.is_contiguous(), "rank {}: {}: the MPI backend takes contiguous CPU tensors",
                rank_, op);
@@ -99,6 +115,7 @@ class MpiComm : public Comm {
     fail("rank {}: MPI {} failed: {}", rank_, op, std::string(msg, static_cast<size_t>(len)));
   }
   MPI_Comm comm_;
+  MPI_Op bf16_sum_;
 };
 
 }  // namespace
@@ -106,6 +123,21 @@ class MpiComm : public Comm {
 std::unique_ptr<Comm> make_mpi_comm() { return std::make_unique<MpiComm>(); }
 
 std::unique_ptr<Comm> make_comm(bool cuda) { return cuda ? make_nccl_comm() : make_mpi_comm(); }
+
+namespace {
+struct Done : Work {
+  void wait() override {}
+};
+}  // namespace
+
+std::unique_ptr<Work> Comm::all_gather_async(const at::Tensor& in, at::Tensor& out) {
+  all_gather(in, out);
+  return std::make_unique<Done>();
+}
+std::unique_ptr<Work> Comm::reduce_scatter_async(const at::Tensor& in, at::Tensor& out) {
+  reduce_scatter(in, out);
+  return std::make_unique<Done>();
+}
 
 }  // namespace coil::dist
 

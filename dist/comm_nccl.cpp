@@ -1,15 +1,27 @@
 // The NCCL backend: collectives on CUDA tensors. The NCCL unique id is made on rank 0 and
 // broadcast over MPI; collectives run on a stream of their own, ordered after the work already
-// queued on LibTorch's current stream, and LibTorch's stream waits for them in turn.
+// queued on LibTorch's current stream (an event recorded there, waited for on the NCCL stream).
+// The blocking calls make LibTorch's stream wait for the collective at once; the *_async ones
+// return a Work whose wait() does that later, so that compute queued in between overlaps.
+//
+// Memory safety of the asynchronous calls: the tensors were allocated on LibTorch's stream, and
+// the caching allocator may hand their blocks out again once they are freed there. Two guards:
+// (1) the Work holds both tensors until wait(), after which LibTorch's stream is ordered after
+// the collective, so a later free on that stream cannot overtake it; (2) recordStream() marks the
+// blocks as used by the NCCL stream, so the allocator does not reuse them before the work queued
+// there when they were freed has finished (this covers a Work dropped by an exception).
 #include "dist/comm.h"
 #include "util/error.h"
 
 #ifdef COIL_HAVE_NCCL
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <mpi.h>
 #include <nccl.h>
+
+#include <optional>
 
 #include "dist/world.h"
 
@@ -44,15 +56,22 @@ class NcclComm : public Comm {
     if (rank_ == 0) nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
     MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
     nccl(ncclCommInitRank(&comm_, size_, id, rank_), "ncclCommInitRank");
-    cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda(cudaEventCreateWithFlags(&before_, cudaEventDisableTiming), "cudaEventCreate");
-    cuda(cudaEventCreateWithFlags(&after_, cudaEventDisableTiming), "cudaEventCreate");
+    // A high-priority stream from LibTorch's pool (non-blocking), so recordStream() knows it.
+    nccl_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device_));
+    stream_ = nccl_stream_->stream();
   }
-  ~NcclComm() override {
-    ncclCommDestroy(comm_);
-    cudaStreamDestroy(stream_);
-    cudaEventDestroy(before_);
-    cudaEventDestroy(after_);
+  ~NcclComm() override { ncclCommDestroy(comm_); }
+
+  bool asynchronous() const override { return true; }
+  std::unique_ptr<Work> all_gather_async(const at::Tensor& in, at::Tensor& out) override {
+    return queue("all_gather", in, out, [&] {
+      return ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), nccl_type(in), comm_, stream_);
+    });
+  }
+  std::unique_ptr<Work> reduce_scatter_async(const at::Tensor& in, at::Tensor& out) override {
+    return queue("reduce_scatter", in, out, [&] {
+      return ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), nccl_type(in), ncclSum, comm_, stream_);
+    });
   }
 
   void all_gather(const at::Tensor& in, at::Tensor& out) override {
@@ -93,15 +112,54 @@ class NcclComm : public Comm {
   void barrier() override { MPI_Barrier(MPI_COMM_WORLD); }
 
  private:
+  // The collective in flight: its completion event on the NCCL stream, and its tensors.
+  struct NcclWork : Work {
+    const NcclComm* owner;
+    const char* op;
+    cudaEvent_t done = nullptr;
+    at::Tensor in, out;
+    NcclWork(const NcclComm* o, const char* name, at::Tensor a, at::Tensor b)
+        : owner(o), op(name), in(std::move(a)), out(std::move(b)) {}
+    void wait() override {
+      if (!done) return;
+      cudaStream_t torch_stream = c10::cuda::getCurrentCUDAStream(owner->device_).stream();
+      owner->cuda(cudaStreamWaitEvent(torch_stream, done, 0), op);
+      cudaEventDestroy(done);
+      done = nullptr;
+      in.reset();
+      out.reset();
+    }
+    ~NcclWork() override {
+      try {
+        wait();
+      } catch (...) {
+      }
+    }
+  };
+
+  template <typename F>
+  std::unique_ptr<Work> queue(const char* op, const at::Tensor& in, const at::Tensor& out, F&& f) {
+    for (const at::Tensor* t : {&in, &out})
+      COIL_CHECK(t->is_cuda() && t->is_contiguous(), "rank {}: {}: the NCCL backend takes contiguous CUDA tensors",
+                 rank_, op);
+    cudaStream_t torch_stream = c10::cuda::getCurrentCUDAStream(device_).stream();
+    cudaEvent_t before = nullptr;
+    auto work = std::make_unique<NcclWork>(this, op, in, out);
+    cuda(cudaEventCreateWithFlags(&before, cudaEventDisableTiming), op);
+    cuda(cudaEventRecord(before, torch_stream), op);
+    cuda(cudaStreamWaitEvent(stream_, before, 0), op);
+    cudaEventDestroy(before);  // released once the record completes; the wait above stays valid
+    nccl(f(), op);
+    c10::cuda::CUDACachingAllocator::recordStream(in.storage().data_ptr(), *nccl_stream_);
+    c10::cuda::CUDACachingAllocator::recordStream(out.storage().data_ptr(), *nccl_stream_);
+    cuda(cudaEventCreateWithFlags(&work->done, cudaEventDisableTiming), op);
+    cuda(cudaEventRecord(work->done, stream_), op);
+    return work;
+  }
+  // The blocking form: queued, and LibTorch's stream waits for it at once.
   template <typename F>
   void run(const char* op, const at::Tensor& t, F&& f) {
-    COIL_CHECK(t.is_cuda() && t.is_contiguous(), "rank {}: {}: the NCCL backend takes contiguous CUDA tensors", rank_, op);
-    cudaStream_t torch_stream = c10::cuda::getCurrentCUDAStream(device_).stream();
-    cuda(cudaEventRecord(before_, torch_stream), op);
-    cuda(cudaStreamWaitEvent(stream_, before_, 0), op);
-    nccl(f(), op);
-    cuda(cudaEventRecord(after_, stream_), op);
-    cuda(cudaStreamWaitEvent(torch_stream, after_, 0), op);
+    queue(op, t, t, std::forward<F>(f))->wait();
   }
   void nccl(ncclResult_t rc, const char* op) const {
     if (rc != ncclSuccess) fail("rank {}: NCCL {} failed: {}", rank_, op, ncclGetErrorString(rc));
@@ -110,8 +168,8 @@ class NcclComm : public Comm {
     if (rc != cudaSuccess) fail("rank {}: CUDA error in {}: {}", rank_, op, cudaGetErrorString(rc));
   }
   ncclComm_t comm_ = nullptr;
+  std::optional<c10::cuda::CUDAStream> nccl_stream_;
   cudaStream_t stream_ = nullptr;
-  cudaEvent_t before_ = nullptr, after_ = nullptr;
   int device_ = 0;
 };
 

@@ -10,9 +10,28 @@
 // so one unit's weights and activations are whole at a time. false (ZeRO-2): every unit's weights
 // are gathered once per step and kept until the step's gradients are reduce-scattered, once per
 // step whatever the gradient accumulation (finish_step()).
+//
+// Mixed precision (FsdpOptions::compute_dtype = bfloat16): the shards stay float32 (the master
+// weights: the optimizer and its state see only them); each gather casts the shard to the compute
+// dtype first, so the all-gather moves half the bytes and the unit computes with bf16 matrices.
+// Parameters the model keeps in float32 (MambaLM::keeps_float32: norms, A_log, D, dt_proj.bias)
+// are gathered in float32. A unit's mixed dtypes travel in one all-gather, as bytes. The whole
+// gradients (in the dtype of the whole weights) are cast to reduce_dtype for the reduce-scatter
+// (float32 by default; bfloat16 halves those bytes too, at a rounding per add) and accumulated
+// into the float32 shards' .grad.
+//
+// Overlap (FsdpOptions::overlap, with a Comm whose collectives are asynchronous: NCCL on its own
+// stream): while a unit computes, the next unit's all-gather runs (in backward: the unit before);
+// a unit's reduce-scatter runs while the unit before it computes its backward, and is finished
+// (waited for, accumulated into .grad) at that unit's end or when the backward pass ends (an
+// autograd final callback). With MPI on CPU the collectives are synchronous and nothing changes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include <deque>
 
 #include <memory>
 #include <vector>
@@ -36,11 +55,32 @@ struct ShardLayout {
   at::Tensor assemble(const at::Tensor& per_rank) const;
 };
 
+struct FsdpOptions {
+  bool reshard_after_forward = true;
+  at::ScalarType compute_dtype = at::kFloat;  // of the gathered weights (float32 or bfloat16)
+  at::ScalarType reduce_dtype = at::kFloat;   // of the gradient reduce-scatter
+  bool overlap = true;                        // prefetch / deferred reduce-scatter, when comm is asynchronous
+  c10::Device device = c10::Device(c10::kCPU);  // where the shards live (the comm's device)
+};
+
+// What the collectives of a FsdpMamba moved (bytes: of the whole buffers, this rank's view).
+struct FsdpStats {
+  int64_t all_gathers = 0, all_gather_bytes = 0;          // bytes received (every rank's part)
+  int64_t reduce_scatters = 0, reduce_scatter_bytes = 0;  // bytes of the send buffers
+};
+
 class FsdpMamba {
  public:
   // Takes this rank's shards of `model` (the same initial model on every rank).
   FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, bool reshard_after_forward = true);
+  FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const FsdpOptions& options);
   ~FsdpMamba();
+
+  const FsdpOptions& options() const { return options_; }
+  // The dtype parameter i travels and computes in.
+  at::ScalarType gather_dtype(size_t i) const;
+  const FsdpStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = {}; }
 
   const MambaConfig& config() const { return config_; }
   // This rank's shards under the parameters' names (leaves: gradients land in their .grad), and
@@ -55,8 +95,9 @@ class FsdpMamba {
   // With reshard_after_forward = false: reduce-scatters the step's gradients (call after the last
   // backward of the step). A no-op otherwise.
   void finish_step();
-  // The whole parameters, gathered on every rank (tests compare them with one process's).
-  std::vector<NamedTensor> gather_whole() const;
+  // The whole parameters (the float32 master weights), gathered on every rank (tests compare them
+  // with one process's).
+  std::vector<NamedTensor> gather_whole();
 
   // Elements of whole (gathered) weights alive now, with the whole gradients and the send buffer
   // of a unit's backward: for memory tests and benchmarks.
@@ -65,14 +106,28 @@ class FsdpMamba {
   static void reset_gathered_peak();
 
   struct Unit;
+  struct PendingReduce;
+
+  // Used by the units' autograd functions.
+  void prefetch(size_t unit);  // queues unit's all-gather (overlap only)
+  void reduce_scatter(size_t unit, const std::vector<at::Tensor>& whole_grads);
+  void finish_reduces();  // waits for the queued reduce-scatters and accumulates them into .grad
+  void finish_reduces_when_backward_ends();  // once per backward pass: an autograd final callback
 
  private:
+  bool overlapping() const;
+  void accumulate(size_t param, const at::Tensor& grad);
+  void drop_prefetches();
+
   MambaConfig config_;
   std::shared_ptr<Comm> comm_;
-  bool reshard_;
+  FsdpOptions options_;
   std::vector<NamedTensor> params_;
   std::vector<ShardLayout> layouts_;
   std::vector<std::unique_ptr<Unit>> units_;
+  std::deque<std::unique_ptr<PendingReduce>> reduces_;
+  bool flush_queued_ = false;  // a final callback of the running backward will finish_reduces()
+  FsdpStats stats_;
 };
 
 // Muon's orthogonalization under sharding: each matrix's momentum update is gathered whole on its

@@ -1,6 +1,9 @@
 #include "launch/config.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
 
 #include <functional>
 #include <sstream>
@@ -17,6 +20,7 @@ using Target = std::variant<std::string*, int64_t*, double*, bool*>;
 struct Field {
   std::string section, key;
   Target target;
+  std::vector<std::string> choices = {};  // the values a string key may take (empty: any)
 };
 
 // Every key of the configuration and where its value goes.
@@ -73,6 +77,10 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "nan_policy", &c.nan_policy},
       {"train", "threads", &c.threads},
       {"train", "reshard_after_forward", &c.reshard_after_forward},
+      {"train", "device", &c.device, {"cpu", "cuda"}},
+      {"train", "dtype", &c.dtype, {"float32", "bfloat16"}},
+      {"train", "reduce_dtype", &c.reduce_dtype, {"float32", "bfloat16"}},
+      {"train", "overlap_comm", &c.overlap_comm},
   };
 }
 
@@ -107,6 +115,11 @@ void assign(const Field& f, const toml::node& node, const std::string& where) {
       },
       f.target);
   if (!ok) fail("{}: {} must be {}", where, key, type_name(f.target));
+  if (!f.choices.empty()) {
+    const std::string& v = *std::get<std::string*>(f.target);
+    if (std::find(f.choices.begin(), f.choices.end(), v) == f.choices.end())
+      fail("{}: {} must be \"{}\", not \"{}\"", where, key, fmt::format("{}", fmt::join(f.choices, "\" or \"")), v);
+  }
 }
 
 std::string location(const std::string& path, const toml::node& node) {

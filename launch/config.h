@@ -59,6 +59,10 @@ struct RunConfig {
   std::string nan_policy = "stop";         // or "skip"
   int64_t threads = 0;                     // 0: all cores (under MPI: the node's cores / its ranks)
   bool reshard_after_forward = true;       // FSDP: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
+  std::string device = "cpu";              // or "cuda": one GPU per rank (local rank mod the GPUs), NCCL between them
+  std::string dtype = "float32";           // compute dtype, or "bfloat16" (float32 master weights and optimizer state)
+  std::string reduce_dtype = "float32";    // FSDP gradient reduce-scatter: "float32" or "bfloat16"
+  bool overlap_comm = true;                // CUDA: prefetch all-gathers, overlap reduce-scatters with backward
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -161,7 +162,7 @@ using Forward = std::function<at::Tensor(const at::Tensor&)>;
 // Sum of the cross-entropy over the targets that count.
 at::Tensor loss_sum(const Forward& forward, const at::Tensor& inputs, const at::Tensor& targets) {
   at::Tensor logits = forward(inputs);
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}), {},
+  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.to(logits.device()).reshape({-1}), {},
                                 at::Reduction::Sum, -100);
 }
 
@@ -236,14 +237,20 @@ void trim_metrics(const std::string& path, int64_t step) {
 // The loop below is the same either way.
 struct Parallel {
   int rank = 0, world = 1;
-  std::shared_ptr<dist::Comm> comm;  // null on one process
+  std::shared_ptr<dist::Comm> comm;       // null on one process; MPI (CPU tensors): sums, checkpoints
+  std::shared_ptr<dist::Comm> data_comm;  // the model's collectives: comm on CPU, NCCL on CUDA
+  at::Device device = at::kCPU;
+  at::ScalarType compute = at::kFloat;
   std::unique_ptr<dist::FsdpMamba> fsdp;
   MambaLM* model = nullptr;
   std::vector<NamedTensor> params;  // what the optimizer updates: whole tensors or this rank's shards
   std::map<std::string, size_t> index;  // parameter name -> position
 
   bool root() const { return rank == 0; }
-  at::Tensor forward(const at::Tensor& tokens) { return fsdp ? fsdp->forward(tokens) : model->forward(tokens); }
+  at::Tensor forward(const at::Tensor& tokens) {
+    const at::Tensor t = tokens.to(device);
+    return fsdp ? fsdp->forward(t) : model->forward(t, compute);
+  }
   void finish_step() {
     if (fsdp) fsdp->finish_step();
   }
@@ -312,6 +319,17 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
              c.nan_policy);
   COIL_CHECK(c.log_interval >= 1, "train.log_interval must be >= 1");
   const char* what = phase == Phase::kSft ? "sft" : "pretrain";
+  // The device (one GPU per rank) and the precision.
+  const bool cuda = c.device == "cuda";
+  if (cuda) {
+    COIL_CHECK(at::hasCUDA() && at::getNumGPUs() > 0,
+               "train.device = \"cuda\": CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
+    const int local = dist::launched_by_mpi() ? dist::world().local_rank : 0;
+    par.device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local % static_cast<int>(at::getNumGPUs())));
+  }
+  c10::OptionalDeviceGuard device_guard;
+  if (cuda) device_guard.reset_device(par.device);
+  par.compute = c.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
 
   // ---- The model ----
   data::Tokenizer tok(c.data_tokenizer);
@@ -323,14 +341,22 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   if (par.world > 1) {
     par.comm = dist::make_mpi_comm();
     check_same_config(par, config_text);
+    par.data_comm = cuda ? std::shared_ptr<dist::Comm>(dist::make_nccl_comm()) : par.comm;
   }
 
   // ---- The model across the ranks ----
   par.model = &model;
   if (par.world > 1) {
-    par.fsdp = std::make_unique<dist::FsdpMamba>(model, par.comm, c.reshard_after_forward);
+    dist::FsdpOptions fo;
+    fo.reshard_after_forward = c.reshard_after_forward;
+    fo.compute_dtype = par.compute;
+    fo.reduce_dtype = c.reduce_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+    fo.overlap = c.overlap_comm;
+    fo.device = par.device;
+    par.fsdp = std::make_unique<dist::FsdpMamba>(model, par.data_comm, fo);
     par.params = par.fsdp->local_parameters();
   } else {
+    model.to(par.device);
     par.params = model.named_parameters();
     for (auto& p : par.params) p.tensor.requires_grad_(true);
   }
@@ -356,7 +382,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     for (size_t i = 0; i < params.size(); ++i)
       if (hc.use_muon && optim::group_of(params[i].name, static_cast<int64_t>(par.fsdp->layout(i).shape.size())).muon)
         muon_layouts.push_back(par.fsdp->layout(i));
-    opt.muon().set_orthogonalize(dist::sharded_orthogonalize(par.comm, muon_layouts, hc.muon.ns_steps));
+    opt.muon().set_orthogonalize(dist::sharded_orthogonalize(par.data_comm, muon_layouts, hc.muon.ns_steps));
   }
   optim::Schedule schedule{c.schedule, c.warmup_steps, steps, c.min_lr_ratio, c.decay_fraction};
   schedule.validate();
@@ -436,6 +462,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   const Forward forward = [&](const at::Tensor& tokens) { return par.forward(tokens); };
 
   if (par.root()) fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));
+  if (par.root())
+    fmt::print("{}: device {}, compute {}, master weights and optimizer state float32{}\n", what, c.device, c.dtype,
+               par.fsdp ? fmt::format(", gradient reduce-scatter {}", c.reduce_dtype) : "");
   if (par.root())
     fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {} on each of {} rank(s)), {} threads{}\n",
                what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,

@@ -116,6 +116,11 @@ Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor& bias) {
   COIL_CHECK(x.dim() == 3, "causal_conv1d: x must be [B, L, I], got {} dims", x.dim());
   const int64_t I = x.size(2);
   COIL_CHECK(bias.defined() && bias.numel() == I, "causal_conv1d: bias must be [I={}]", I);
+  // Not on CPU (CUDA): the library's grouped conv1d (cuDNN), in x's dtype.
+  if (!x.is_cpu()) return causal_conv1d_ref(x, w.to(x.scalar_type()), bias.to(x.scalar_type()));
+  // The CPU kernel computes in float32 or float64; bfloat16 (mixed precision) goes through float32.
+  if (x.scalar_type() != torch::kFloat && x.scalar_type() != torch::kDouble)
+    return causal_conv1d(x.to(torch::kFloat), w.to(torch::kFloat), bias.to(torch::kFloat)).to(x.scalar_type());
   const Tensor wT = weight_2d(w, I).t().contiguous().to(x.scalar_type());
   return CausalConv::apply(channels_contiguous(x), wT, bias.to(x.scalar_type()).contiguous());
 }

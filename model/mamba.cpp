@@ -125,7 +125,7 @@ Tensor MambaLM::embed(const Tensor& embedding, const Tensor& tokens) {
 }
 
 Tensor MambaLM::head(const Tensor& embedding, const Tensor& norm_f, const MambaConfig& config, const Tensor& hidden) {
-  const Tensor logits = torch::linear(rms_norm(hidden, norm_f, config.rms_eps), embedding);
+  const Tensor logits = torch::linear(rms_norm(hidden, norm_f, config.rms_eps).to(embedding.scalar_type()), embedding);
   return logits.to(wide(logits.scalar_type()));
 }
 
@@ -137,27 +137,59 @@ MambaBlockWeights MambaLM::block_weights(const std::vector<Tensor>& t) {
 Tensor MambaLM::block(const MambaBlockWeights& w, const MambaConfig& c, const Tensor& hidden,
                       Tensor* conv_state, Tensor* ssm_state) {
   const int64_t I = c.d_inner(), N = c.d_state, R = c.rank(), K = c.d_conv;
-  const Tensor x = rms_norm(hidden, w.norm, c.rms_eps);
+  // The norm in float32 (or wider), its output in in_proj's dtype (the compute dtype).
+  const Tensor x = rms_norm(hidden, w.norm, c.rms_eps).to(w.in_proj.scalar_type());
   const Tensor xz = torch::linear(x, w.in_proj);  // [B, L, 2I]: the SSM input and the gate
   const Tensor xs = xz.narrow(2, 0, I), z = xz.narrow(2, I, I);
   const Tensor u = torch::silu(causal_conv1d(xs, w.conv_w, w.conv_b));  // [B, L, I]
   const Tensor x_dbl = torch::linear(u, w.x_proj);                      // [B, L, R + 2N]
   const Tensor dt = torch::linear(x_dbl.narrow(2, 0, R), w.dt_w);       // bias and softplus: in the scan
   const Tensor Bm = x_dbl.narrow(2, R, N), Cm = x_dbl.narrow(2, R + N, N);
-  const Tensor y = selective_scan(u, dt, -torch::exp(w.A_log), Bm, Cm, w.D, z, w.dt_b, true, ssm_state);
+  // A, D and the dt bias in float32 (keeps_float32); u, dt, B, C, z in the compute dtype.
+  const Tensor y = selective_scan(u, dt, -torch::exp(w.A_log.to(wide(w.A_log.scalar_type()))), Bm, Cm, w.D, z, w.dt_b,
+                                  true, ssm_state);
   if (conv_state) {  // the last K-1 conv inputs, zero-padded in front for short prompts
     const int64_t L = xs.size(1), keep = std::min(L, K - 1);
     Tensor s = torch::zeros({xs.size(0), K - 1, I}, xs.options());
     s.narrow(1, K - 1 - keep, keep).copy_(xs.narrow(1, L - keep, keep));
     *conv_state = s;
   }
-  return hidden + torch::linear(y, w.out_proj);
+  return hidden + torch::linear(y.to(w.out_proj.scalar_type()), w.out_proj);  // the residual stays float32
 }
 
 Tensor MambaLM::forward(const Tensor& tokens) const {
   Tensor h = embed(tokens);
   for (const auto& w : layers) h = block(w, config_, h);
   return head(h);
+}
+
+bool MambaLM::keeps_float32(const std::string& name) {
+  auto ends = [&](const std::string& tail) {
+    return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  return ends("norm.weight") || ends("norm_f.weight") || ends("mixer.A_log") || ends("mixer.D") ||
+         ends("mixer.dt_proj.bias");
+}
+
+Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute) const {
+  if (compute == embedding.scalar_type()) return forward(tokens);
+  auto cast = [&](const std::string& name, const Tensor& t) { return keeps_float32(name) ? t : t.to(compute); };
+  const auto named = named_parameters();
+  std::vector<Tensor> w;
+  for (const auto& p : named) w.push_back(cast(p.name, p.tensor));
+  Tensor h = embed(w[0], tokens);
+  for (int64_t l = 0; l < config_.n_layer; ++l)
+    h = block(block_weights({w.begin() + 1 + l * 10, w.begin() + 11 + l * 10}), config_, h);
+  return head(w[0], w.back(), config_, h);
+}
+
+void MambaLM::to(const at::Device& device) {
+  torch::NoGradGuard no_grad;
+  embedding = embedding.to(device);
+  norm_f = norm_f.to(device);
+  for (auto& w : layers)
+    for (Tensor* t : {&w.norm, &w.in_proj, &w.conv_w, &w.conv_b, &w.x_proj, &w.dt_w, &w.dt_b, &w.A_log, &w.D, &w.out_proj})
+      *t = t->to(device);
 }
 
 MambaCache MambaLM::new_cache(int64_t batch) const {

@@ -60,6 +60,17 @@ class MambaLM {
 
   // tokens [B, L] (int64) -> logits [B, L, V] in float32.
   at::Tensor forward(const at::Tensor& tokens) const;
+  // The same with the weights cast to `compute` (bfloat16: mixed precision) except those that
+  // keeps_float32() names; the casts are differentiable, so the gradients reach the float32
+  // parameters in float32. The residual stream, norms, scan state, logits and loss stay float32.
+  at::Tensor forward(const at::Tensor& tokens, at::ScalarType compute) const;
+  // Parameters the model uses in float32 whatever the compute dtype (mamba_ssm keeps them so):
+  // the RMSNorm gains, A_log, D and dt_proj.bias. The matrices (embedding, in_proj, conv1d,
+  // x_proj, dt_proj.weight, out_proj) compute in the dtype they are given.
+  static bool keeps_float32(const std::string& name);
+
+  // Moves every parameter to `device` (init() runs on CPU, so that a seed gives the same model).
+  void to(const at::Device& device);
 
   // The units of the forward pass, as members and as functions of their weights (for wrappers
   // that hold the weights themselves, such as FSDP-style sharding).
@@ -68,7 +79,8 @@ class MambaLM {
   static at::Tensor embed(const at::Tensor& embedding, const at::Tensor& tokens);
   static at::Tensor head(const at::Tensor& embedding, const at::Tensor& norm_f, const MambaConfig& config,
                          const at::Tensor& hidden);
-  // A block's weights from its 10 tensors in named_parameters() order.
+  // A block's weights from its 10 tensors in named_parameters() order. Mixed dtypes work: the
+  // matrices set the compute dtype (in_proj's; the embedding's in the head).
   static MambaBlockWeights block_weights(const std::vector<at::Tensor>& tensors);
   static at::Tensor block(const MambaBlockWeights& w, const MambaConfig& config, const at::Tensor& hidden,
                           at::Tensor* conv_state = nullptr, at::Tensor* ssm_state = nullptr);

@@ -21,18 +21,25 @@ python3 "$here/tiny_corpus.py" c.jsonl
 args=(--config /dev/null --set data.train=shards --set data.val=shards --set data.tokenizer=tok.model
   --set train.seq_len=32 --set train.global_batch_size=6 --set train.micro_batch_size=1 --set train.max_steps=8
   --set train.eval_interval=4 --set train.eval_batches=2 --set train.checkpoint_interval=4 --set train.threads=1)
-compare() {  # the losses and val losses of two runs, within 1e-5 relative
+compare() {  # the losses and val losses of two runs, within $3 relative (default 1e-5)
   python3 -c '
 import json, sys
 a, b = ([json.loads(l) for l in open(f + "/metrics.jsonl")] for f in sys.argv[1:3])
 assert len(a) == len(b), (len(a), len(b))
 for x, y in zip(a, b):
     k = "loss" if "loss" in x else "val_loss"
-    assert x["step"] == y["step"] and abs(x[k] - y[k]) <= 1e-5 * abs(x[k]), (x, y)' "$1" "$2"
+    assert x["step"] == y["step"] and abs(x[k] - y[k]) <= float(sys.argv[3]) * abs(x[k]), (x, y)' "$1" "$2" "${3:-1e-5}"
 }
 "$coil" pretrain "${args[@]}" --set train.run_dir=one >one.log 2>&1 || fail "1 process: $(tail -1 one.log)"
 "${mpirun[@]}" -np 3 "$coil" pretrain "${args[@]}" --set train.run_dir=three >three.log 2>&1 || fail "3 ranks: $(tail -3 three.log)"
 compare one three || fail "3 ranks log other losses than 1 process"
+# Mixed precision on 2 ranks (bf16 compute and gradient reduce-scatter, float32 master shards)
+# tracks the float32 run within 1%.
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=bf16 --set train.dtype=bfloat16 \
+  --set train.reduce_dtype=bfloat16 >bf16.log 2>&1 || fail "bf16 on 2 ranks: $(tail -3 bf16.log)"
+compare one bf16 0.01 || fail "bf16 on 2 ranks does not track float32 within 1%"
+grep -q "compute bfloat16, master weights and optimizer state float32, gradient reduce-scatter bfloat16" bf16.log ||
+  fail "the bf16 run does not say its precision"
 # Back to step 4 of the 3-rank run, resumed on 2 ranks.
 rm -rf three/checkpoints/step-00000008 three/checkpoints/final
 ln -sfn step-00000004 three/checkpoints/latest

@@ -127,6 +127,25 @@ TEST(Config, ErrorsNameTheKeyAndTheLine) {
   fs::remove(path);
 }
 
+// The device and precision keys take only the values named in the error, with file:line.
+TEST(Config, DeviceAndDtypeKeys) {
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-dtype-{}.toml", getpid());
+  write(path, "[train]\nmax_steps = 10\ndtype = \"float16\"\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
+                .find(path + ":3: train.dtype must be \"float32\" or \"bfloat16\", not \"float16\""),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"train.device=tpu"}); }).find("train.device must be \"cpu\" or \"cuda\""),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"train.reduce_dtype=fp8"}); }).find("train.reduce_dtype must be"),
+            std::string::npos);
+  const RunConfig c = RunConfig::load("", {"train.dtype=bfloat16", "train.reduce_dtype=bfloat16", "train.overlap_comm=false"});
+  EXPECT_EQ(c.dtype, "bfloat16");
+  EXPECT_EQ(c.reduce_dtype, "bfloat16");
+  EXPECT_FALSE(c.overlap_comm);
+  EXPECT_EQ(RunConfig::load("", {}).device, "cpu");
+  std::remove(path.c_str());
+}
+
 TEST(Config, TheShippedConfigsParse) {
   for (const char* name : {"pretrain", "sft", "demo-pretrain", "demo-sft"}) {
     RunConfig c = RunConfig::load(fmt::format("{}/configs/{}.toml", COIL_SOURCE_DIR, name), {});
@@ -247,6 +266,10 @@ TEST_F(Train, BadSettingsAreErrors) {
             std::string::npos);
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b5"), Phase::kPretrain, /*must_resume=*/true); }).find("--resume: no checkpoint"),
             std::string::npos);
+  if (!at::hasCUDA() || at::getNumGPUs() == 0)
+    EXPECT_NE(error_of([&] { train(config(*dir_ + "/b6", {"train.device=cuda"}), Phase::kPretrain); })
+                  .find("train.device = \"cuda\""),
+              std::string::npos);
   // train_by_epochs: one epoch of the shards, in steps.
   RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
   EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
@@ -263,4 +286,22 @@ TEST_F(Train, NanLossStopsWithoutACheckpoint) {
   c.nan_policy = "skip";
   c.run_dir = *dir_ + "/nan-skip";
   EXPECT_EQ(train(c, Phase::kPretrain).steps, 20);
+}
+
+// Mixed precision on one process (bf16 compute, float32 master weights): trains, and its losses
+// track float32 training's step for step.
+TEST_F(Train, Bfloat16TracksFloat32) {
+  const TrainResult f = train(config(*dir_ + "/mp32", {"train.eval_interval=0"}), Phase::kPretrain);
+  const TrainResult b = train(config(*dir_ + "/mp16", {"train.eval_interval=0", "train.dtype=bfloat16"}), Phase::kPretrain);
+  const auto mf = metrics(*dir_ + "/mp32"), mb = metrics(*dir_ + "/mp16");
+  ASSERT_EQ(mf.size(), mb.size());
+  bool differs = false;
+  for (size_t i = 0; i < mf.size(); ++i) {
+    const double lf = mf[i]["loss"], lb = mb[i]["loss"];
+    EXPECT_NEAR(lb, lf, 0.01 * lf) << "step " << i + 1;  // within 1%
+    differs |= lb != lf;
+  }
+  EXPECT_TRUE(differs);  // it did compute in bfloat16
+  EXPECT_LT(b.last_loss, mb.front()["loss"].get<double>());
+  (void)f;
 }
