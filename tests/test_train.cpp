@@ -266,10 +266,11 @@ TEST_F(Train, BadSettingsAreErrors) {
             std::string::npos);
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b5"), Phase::kPretrain, /*must_resume=*/true); }).find("--resume: no checkpoint"),
             std::string::npos);
-  if (!at::hasCUDA() || at::getNumGPUs() == 0)
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) {
     EXPECT_NE(error_of([&] { train(config(*dir_ + "/b6", {"train.device=cuda"}), Phase::kPretrain); })
                   .find("train.device = \"cuda\""),
               std::string::npos);
+  }
   // train_by_epochs: one epoch of the shards, in steps.
   RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
   EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
