@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "model/conv1d.h"
+#include "model/linear_cpu.h"
 #include "model/selective_scan.h"
 #include "util/error.h"
 
@@ -210,7 +211,7 @@ Tensor MambaLM::prefill(const Tensor& tokens, MambaCache& cache) const {
   return head(h.select(1, -1));  // only the last position's logits: the next token's
 }
 
-// One token through every block, with the recurrence written out (as Hugging Face's cached path):
+// One token through every block (as Hugging Face's cached path), the scan advanced by one step:
 //   window = [conv state, x_t];  u = silu(<w, window> + b);  h = exp(dt A) h + dt u B;  y = <h, C> + D u
 Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
   torch::NoGradGuard no_grad;
@@ -220,20 +221,20 @@ Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
   Tensor h = torch::embedding(embedding, token);  // [B, H]
   for (size_t l = 0; l < layers.size(); ++l) {
     const MambaBlockWeights& w = layers[l];
-    const Tensor xz = torch::linear(rms_norm(h, w.norm, c.rms_eps), w.in_proj);
+    const Tensor xz = decode_linear(rms_norm(h, w.norm, c.rms_eps), w.in_proj);
     const Tensor xs = xz.narrow(1, 0, I), z = xz.narrow(1, I, I);
     const Tensor window = torch::cat({cache.conv[l], xs.unsqueeze(1)}, 1);  // [B, K, I]
     cache.conv[l] = window.narrow(1, 1, K - 1).contiguous();
     const Tensor u = torch::silu((window * w.conv_w.reshape({I, K}).t()).sum(1) + w.conv_b);  // [B, I]
-    const Tensor x_dbl = torch::linear(u, w.x_proj);
-    const Tensor dt = torch::softplus(torch::linear(x_dbl.narrow(1, 0, R), w.dt_w, w.dt_b));  // [B, I]
+    const Tensor x_dbl = decode_linear(u, w.x_proj);
+    const Tensor dt = decode_linear(x_dbl.narrow(1, 0, R), w.dt_w);  // [B, I]; bias and softplus: in the step
     const Tensor Bm = x_dbl.narrow(1, R, N), Cm = x_dbl.narrow(1, R + N, N);
-    Tensor& s = cache.ssm[l];
-    s = torch::exp(dt.unsqueeze(-1) * -torch::exp(w.A_log)) * s + (dt * u).unsqueeze(-1) * Bm.unsqueeze(1);
-    const Tensor y = ((s * Cm.unsqueeze(1)).sum(-1) + w.D * u) * torch::silu(z);
-    h = h + torch::linear(y, w.out_proj);
+    const Tensor y = selective_scan_step(u, dt, -torch::exp(w.A_log), Bm, Cm, w.D, z, w.dt_b, true, cache.ssm[l]);
+    h = h + decode_linear(y, w.out_proj);
   }
-  return head(h.unsqueeze(1)).squeeze(1);
+  // The tied head as a matrix-vector product per sequence (model/linear_cpu.h).
+  const Tensor logits = decode_linear(rms_norm(h, norm_f, c.rms_eps).to(embedding.scalar_type()), embedding);
+  return logits.to(wide(logits.scalar_type()));
 }
 
 }  // namespace coil

@@ -270,6 +270,43 @@ Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, con
   return apply_gate(out[0], z).to(u.scalar_type());
 }
 
+Tensor selective_scan_step(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm, const Tensor& Cm,
+                           const Tensor& D, const Tensor& z, const Tensor& delta_bias, bool delta_softplus,
+                           Tensor& state) {
+  COIL_CHECK(u.dim() == 2 && state.dim() == 3, "selective_scan_step: u [B, I] and state [B, I, N], got {} and {} dims",
+             u.dim(), state.dim());
+  const Tensor u3 = u.unsqueeze(1);
+  check_shapes(u3, delta.unsqueeze(1), A, Bm.unsqueeze(1), Cm.unsqueeze(1), D, z.defined() ? z.unsqueeze(1) : z,
+               delta_bias);
+  const int64_t B = u.size(0), I = u.size(1), N = A.size(1);
+  COIL_CHECK(state.size(0) == B && state.size(1) == I && state.size(2) == N,
+             "selective_scan_step: state must be [{}, {}, {}]", B, I, N);
+  c10::NoGradGuard no_grad;
+  if (!u.is_cpu() || u.scalar_type() != torch::kFloat || state.scalar_type() != torch::kFloat) {
+    // Off the fused kernel (CUDA, other dtypes): the recurrence written out.
+    const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus).to(state.scalar_type());
+    state = torch::exp(dt.unsqueeze(-1) * A) * state + (dt * u).unsqueeze(-1) * Bm.unsqueeze(1);
+    Tensor y = (state * Cm.unsqueeze(1)).sum(-1);
+    if (D.defined()) y = y + D * u;
+    return apply_gate(y, z).to(u.scalar_type());
+  }
+  // The fused kernel over one time step, from `state`: one pass over [B, I, N].
+  const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus).contiguous().unsqueeze(1);  // [B, 1, I]
+  const Tensor uc = u.contiguous().unsqueeze(1), h0 = state.contiguous();
+  const Tensor Ac = A.to(torch::kFloat).contiguous(), Bc = Bm.contiguous().unsqueeze(1), Cc = Cm.contiguous().unsqueeze(1);
+  const Tensor Dc = D.defined() ? D.to(torch::kFloat).contiguous() : Tensor();
+  Tensor y = torch::empty({B, 1, I}, uc.options());
+  Tensor next = torch::empty({B, I, 1, N}, uc.options());
+  auto a = make_args<float>(uc, dt, Ac, Bc, Cc, Dc);
+  a.h0 = h0.data_ptr<float>();
+  a.y = y.data_ptr<float>(), a.states = next.data_ptr<float>();
+  const auto& k = scan_cpu::best_kernels();
+  at::parallel_for(0, B * scan_cpu::num_channel_blocks(I), 1,
+                   [&](int64_t b, int64_t e) { scan_cpu::forward(k, a, b, e); });
+  state = next.view({B, I, N});
+  return apply_gate(y.squeeze(1), z);
+}
+
 const char* selective_scan_cpu_isa() { return scan_cpu::best_kernels().isa; }
 
 }  // namespace coil

@@ -30,6 +30,14 @@ at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at
                           const at::Tensor& z, const at::Tensor& delta_bias, bool delta_softplus,
                           at::Tensor* final_state = nullptr);
 
+// One step of the recurrence for decoding, without autograd: u, delta, z [B, I], Bm, Cm [B, N];
+// `state` [B, I, N] (float32 for the fused CPU kernel) is replaced by the state after the step.
+// Returns y [B, I]. Equal to selective_scan over the whole sequence, step after step.
+at::Tensor selective_scan_step(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                               const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& D,
+                               const at::Tensor& z, const at::Tensor& delta_bias, bool delta_softplus,
+                               at::Tensor& state);
+
 // The name of the kernel in use ("avx2" or "generic").
 const char* selective_scan_cpu_isa();
 

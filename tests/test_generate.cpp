@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "model/generate.h"
+#include "model/linear_cpu.h"
 #include "model/mamba.h"
 #include "util/error.h"
 
@@ -59,6 +60,29 @@ TEST(Sampling, FrequenciesFollowTheFilteredDistribution) {
   EXPECT_NEAR(counts[1] / double(n), 0.5 / 0.95, 0.015);
   EXPECT_NEAR(counts[2] / double(n), 0.3 / 0.95, 0.015);
   EXPECT_NEAR(counts[3] / double(n), 0.15 / 0.95, 0.015);
+}
+
+// The decoding matmul against at::linear on random shapes: rows of x 1..17 and 64 (odd counts
+// included), K with and without a multiple of 8, N with and without a multiple of 4, with a bias,
+// on transposed (non-contiguous) input; more than 64 rows and other dtypes take at::linear itself.
+TEST(DecodeLinear, MatchesATenLinear) {
+  if (!decode_linear_has_kernel()) GTEST_SKIP() << "no AVX2/FMA here: decode_linear is at::linear";
+  torch::manual_seed(11);
+  for (int64_t B : {1, 2, 3, 5, 16, 17, 64})
+    for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 7}, {4, 8}, {37, 13}, {257, 768}, {130, 47}}) {
+      const Tensor x = torch::randn({B, K}), w = torch::randn({N, K}), bias = torch::randn({N});
+      const Tensor want = torch::linear(x, w), got = decode_linear(x, w);
+      ASSERT_EQ(got.sizes(), want.sizes());
+      EXPECT_TRUE(torch::allclose(got, want, 1e-4, 1e-4)) << B << "x" << K << " . " << N << "x" << K << ": max diff "
+                                                          << (got - want).abs().max().item<float>();
+      EXPECT_TRUE(torch::allclose(decode_linear(x, w, bias), torch::linear(x, w, bias), 1e-4, 1e-4));
+    }
+  const Tensor xt = torch::randn({40, 3}).t(), w = torch::randn({9, 40});  // x [3, 40], not contiguous
+  EXPECT_TRUE(torch::allclose(decode_linear(xt, w), torch::linear(xt, w), 1e-4, 1e-4));
+  const Tensor big = torch::randn({65, 16}), w2 = torch::randn({5, 16});
+  EXPECT_TRUE(torch::equal(decode_linear(big, w2), torch::linear(big, w2)));
+  const Tensor xd = torch::randn({2, 16}, torch::kDouble), wd = torch::randn({5, 16}, torch::kDouble);
+  EXPECT_TRUE(torch::equal(decode_linear(xd, wd), torch::linear(xd, wd)));
 }
 
 MambaLM random_model() {

@@ -125,6 +125,32 @@ TEST(SelectiveScan, FinalStateIsTheLastStep) {
   EXPECT_TRUE(torch::allclose(state, h, 1e-12, 1e-12));
 }
 
+// Decoding: selective_scan_step from a state, step after step, gives the whole scan's outputs and
+// final state; float32 on the fused kernel (N = 16: vector packs; N = 5: scalar), with D, the gate
+// and the delta bias; float64 on the written-out path.
+TEST(SelectiveScan, StepAfterStepEqualsTheWholeScan) {
+  for (auto [N, dtype] : std::vector<std::pair<int64_t, torch::Dtype>>{{16, torch::kFloat}, {5, torch::kFloat}, {16, torch::kDouble}}) {
+    torch::manual_seed(N);
+    const int64_t B = 3, L = 9, I = 37;
+    Inputs x = make_inputs(B, L, I, N, dtype, false);
+    const Tensor D = torch::randn({I}, dtype), z = torch::randn({B, L, I}, dtype), bias = torch::randn({I}, dtype);
+    Tensor final_state;
+    const Tensor want = selective_scan(x.u, x.delta, x.A, x.Bm, x.Cm, D, z, bias, true, &final_state);
+    Tensor state = torch::zeros({B, I, N}, dtype);
+    for (int64_t t = 0; t < L; ++t) {
+      const Tensor y = selective_scan_step(x.u.select(1, t), x.delta.select(1, t), x.A, x.Bm.select(1, t),
+                                           x.Cm.select(1, t), D, z.select(1, t), bias, true, state);
+      EXPECT_TRUE(torch::allclose(y, want.select(1, t), 1e-5, 1e-5)) << "N " << N << " t " << t << " max diff "
+                                                                     << (y - want.select(1, t)).abs().max().item<double>();
+    }
+    EXPECT_TRUE(torch::allclose(state, final_state, 1e-5, 1e-5)) << "N " << N;
+  }
+  Tensor wrong = torch::zeros({2, 3, 4});
+  EXPECT_THROW(selective_scan_step(torch::zeros({1, 3}), torch::zeros({1, 3}), torch::zeros({3, 4}), torch::zeros({1, 4}),
+                                   torch::zeros({1, 4}), {}, {}, {}, true, wrong),
+               Error);
+}
+
 TEST(SelectiveScan, Float64GradientsMatchFiniteDifferences) {
   torch::manual_seed(3);
   const int64_t B = 2, L = 67, I = 3, N = 5;  // L crosses a chunk boundary
