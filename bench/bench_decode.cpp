@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
   }
   if (long_context > 0) {
     const double short_s = step_seconds(model, 1, prompt, new_tokens, reps);
-    const double long_s = step_seconds(model, 1, long_context, new_tokens, 1);
+    const double long_s = step_seconds(model, 1, long_context, new_tokens, reps);
     fmt::print("per token, batch 1: {:.2f} ms after {} tokens, {:.2f} ms after {} tokens: ratio {:.3f} (flat = 1)\n",
                short_s * 1e3, prompt, long_s * 1e3, long_context, long_s / short_s);
     out["ms_per_token_short"] = short_s * 1e3;
