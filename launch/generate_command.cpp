@@ -67,20 +67,24 @@ class TextStream {
     if (text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0) return;
     emit(text);
   }
-  void finish() { emit(tok_.decode(ids_)); }
+  // The rest, also when a later token changed the text already printed (then what follows the
+  // printed length is printed: nothing is lost, though that part may not match the final text).
+  void finish() { emit(tok_.decode(ids_), true); }
 
  private:
-  void emit(const std::string& text) {
-    if (text.size() > printed_ && text.compare(0, printed_, text, 0, printed_) == 0) {
+  void emit(const std::string& text, bool last = false) {
+    if (text.size() > printed_ && (last || text.compare(0, printed_, printed_text_) == 0)) {
       std::fwrite(text.data() + printed_, 1, text.size() - printed_, out_);
       std::fflush(out_);
       printed_ = text.size();
+      printed_text_ = text;
     }
   }
   const data::Tokenizer& tok_;
   std::FILE* out_;
   std::vector<int32_t> ids_;
   size_t printed_ = 0;
+  std::string printed_text_;
 };
 
 std::vector<int32_t> parse_ids(const std::string& text) {
