@@ -41,8 +41,8 @@ wait $launcher || fail "undisturbed run: exit $?: $(tail -3 calm.log)"
 
 # Kill k (0..4) lands at a random step in [37k + 8, 37k + 32], the last well before the end;
 # kills 1, 3 and 5 wait for a save in flight (a .tmp folder) first. Segments: 3 ranks (kill 1,
-# restart, kill 2), 2 ranks (kill 3), 1 rank (kill 4), 3 ranks (kill 5, restart, the end). The launcher restarts a job on the same
-# number of ranks; the test relaunches it on another.
+# restart, kill 2), 2 ranks (kill 3), 1 rank (kill 4), 3 ranks (kill 5, restart, the end). The
+# launcher restarts a job on the same number of ranks; the test relaunches it on another.
 kill_at=() cut=0
 for k in 0 1 2 3 4; do kill_at+=($((k * 37 + 8 + RANDOM % 25))); done
 echo "kills at steps ${kill_at[*]}"
@@ -56,8 +56,9 @@ kill_one() {  # kill_one STEP IN_SAVE: SIGKILL one random rank of the job once S
   ranks=$(pgrep -P "$mp" 2>/dev/null)
   rank=$(echo "$ranks" | shuf -n 1 --random-source=<(yes $RANDOM))
   if [ -n "$rank" ] && kill -9 "$rank"; then
-    compgen -G "chaos/checkpoints/*.tmp" >/dev/null && [ "$in_save" = 1 ] && cut=$((cut + 1))
-    echo "killed rank pid $rank of $(echo $ranks | wc -w) at step $(steps_done chaos)$([ "$in_save" = 1 ] && echo ', in a save')"
+    local where=""
+    if compgen -G "chaos/checkpoints/*.tmp" >/dev/null; then where=", in a save"; cut=$((cut + 1)); fi
+    echo "killed rank pid $rank of $(echo $ranks | wc -w) at step $(steps_done chaos)$where"
   else fail "no rank to kill at step $step"; fi
 }
 launch 3 1 chaos
