@@ -74,6 +74,21 @@ Outcome reference(const std::string& kind) {
   return out;
 }
 
+// This rank's part of a step: gradients cleared, forward and backward of `rows` in micro batches
+// (the loss a mean over the global batch), gradients reduce-scattered. Returns this rank's loss.
+double forward_backward(FsdpMamba& fsdp, const std::vector<NamedTensor>& params, const at::Tensor& rows, int64_t micro) {
+  for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
+  double loss = 0;
+  for (int64_t m = 0; m < rows.size(0) / micro; ++m) {
+    at::Tensor mb = rows.narrow(0, m * micro, micro);
+    at::Tensor l = loss_sum(fsdp.forward(mb.narrow(1, 0, kSeq)), mb.narrow(1, 1, kSeq)) / (kGlobal * kSeq);
+    l.backward();
+    loss += l.item<double>();
+  }
+  fsdp.finish_step();
+  return loss;
+}
+
 // The same on this rank's shards and slice of every global batch, in micro batches.
 Outcome sharded(const std::string& kind, bool reshard, int64_t micro) {
   auto comm = std::shared_ptr<Comm>(make_mpi_comm());
@@ -91,15 +106,7 @@ Outcome sharded(const std::string& kind, bool reshard, int64_t micro) {
   const int64_t per_rank = kGlobal / n;
   for (int64_t s = 0; s < kSteps; ++s) {
     at::Tensor t = batch(s).narrow(0, r * per_rank, per_rank);
-    for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
-    double loss = 0;
-    for (int64_t m = 0; m < per_rank / micro; ++m) {
-      at::Tensor mb = t.narrow(0, m * micro, micro);
-      at::Tensor l = loss_sum(fsdp.forward(mb.narrow(1, 0, kSeq)), mb.narrow(1, 1, kSeq)) / (kGlobal * kSeq);
-      l.backward();
-      loss += l.item<double>();
-    }
-    fsdp.finish_step();
+    const double loss = forward_backward(fsdp, params, t, micro);
     at::Tensor sums = at::tensor({loss, optim::grad_sq_norm(params)}, at::kDouble);
     comm->all_reduce(sums);
     optim::clip_grads(params, std::sqrt(sums[1].item<double>()), kClip);
@@ -236,15 +243,7 @@ TrainRun train_sharded(std::shared_ptr<Comm> comm, const FsdpOptions& o, int64_t
   const int64_t per_rank = kGlobal / n, micro = per_rank % 2 == 0 ? per_rank / 2 : per_rank;
   for (int64_t s = 0; s < steps; ++s) {
     at::Tensor t = batch(fixed ? 0 : s).narrow(0, r * per_rank, per_rank).to(o.device);
-    for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
-    double loss = 0;
-    for (int64_t m = 0; m < per_rank / micro; ++m) {
-      at::Tensor mb = t.narrow(0, m * micro, micro);
-      at::Tensor l = loss_sum(fsdp.forward(mb.narrow(1, 0, kSeq)), mb.narrow(1, 1, kSeq)) / (kGlobal * kSeq);
-      l.backward();
-      loss += l.item<double>();
-    }
-    fsdp.finish_step();
+    const double loss = forward_backward(fsdp, params, t, micro);
     if (s == 0)
       for (const auto& p : params) out.grad_dtypes.push_back(p.tensor.grad().scalar_type());
     at::Tensor sums = at::tensor({loss, optim::grad_sq_norm(params)}, at::kDouble);
