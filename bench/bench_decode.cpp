@@ -15,6 +15,7 @@
 
 #include "model/generate.h"
 #include "model/hf.h"
+#include "model/linear_cpu.h"
 #include "model/mamba.h"
 
 namespace {
@@ -41,6 +42,32 @@ double step_seconds(const coil::MambaLM& model, int64_t batch, int64_t context, 
   return best;
 }
 
+// The decoding matmuls alone, per shape of the model: decode_linear against at::linear (W in
+// float32 for at::linear), as GB/s of W read and GFLOP/s.
+void linear_shapes(const coil::MambaConfig& c, const std::vector<int64_t>& batches, at::ScalarType wtype) {
+  const int64_t H = c.d_model, I = c.d_inner(), R = c.rank(), N = c.d_state;
+  const std::vector<std::pair<const char*, std::pair<int64_t, int64_t>>> shapes{
+      {"in_proj", {2 * I, H}}, {"x_proj", {R + 2 * N, I}}, {"dt_proj", {I, R}}, {"out_proj", {H, I}}, {"head", {c.vocab_size, H}}};
+  auto time = [](auto&& f) {
+    double best = 1e30;
+    for (int rep = 0; rep < 7; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < 10; ++i) f();
+      best = std::min(best, seconds_since(t0) / 10);
+    }
+    return best;
+  };
+  for (int64_t b : batches)
+    for (const auto& [name, nk] : shapes) {
+      const auto [n, k] = nk;
+      const torch::Tensor x = torch::randn({b, k}), w32 = torch::randn({n, k}), w = w32.to(wtype);
+      const double ours = time([&] { coil::decode_linear(x, w); }), aten = time([&] { at::linear(x, w32); });
+      const double bytes = static_cast<double>(w.numel() * w.element_size()), flops = 2.0 * b * n * k;
+      fmt::print("linear batch {:2d} {:8s} [{:5d} x {:4d}] {}: {:7.3f} ms ({:5.1f} GB/s, {:5.1f} GFLOP/s); at::linear float32 {:7.3f} ms\n",
+                 b, name, n, k, c10::toString(wtype), ours * 1e3, bytes / ours / 1e9, flops / ours / 1e9, aten * 1e3);
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -56,11 +83,19 @@ int main(int argc, char** argv) {
   app.add_option("--long", long_context, "a long context, for the flatness check (0: skip)");
   app.add_option("--new", new_tokens, "timed decoding steps");
   app.add_option("--reps", reps, "repetitions (the fastest counts)");
+  bool kernels = false;
+  std::string weights = "float32";
+  app.add_option("--weights", weights, "dtype the matrices are stored in for decoding: float32 or bfloat16")
+      ->check(CLI::IsMember({"float32", "bfloat16"}));
+  app.add_flag("--kernels", kernels, "also time the decoding matmuls alone, per shape");
   CLI11_PARSE(app, argc, argv);
+  const at::ScalarType wtype = weights == "bfloat16" ? at::kBFloat16 : at::kFloat;
 
   c10::InferenceMode inference;
-  const coil::MambaLM model = hf.empty() ? coil::MambaLM(coil::MambaConfig::preset(preset)) : coil::load_hf(hf);
-  fmt::print("model {}, {} threads\n", model.config().describe(), at::get_num_threads());
+  coil::MambaLM model = hf.empty() ? coil::MambaLM(coil::MambaConfig::preset(preset)) : coil::load_hf(hf);
+  model.store_matrices(wtype);
+  fmt::print("model {}, {} threads, weights {}\n", model.config().describe(), at::get_num_threads(), weights);
+  if (kernels) linear_shapes(model.config(), batches, wtype);
   nlohmann::json out{{"threads", at::get_num_threads()}};
   for (int64_t b : batches) {
     const double s = step_seconds(model, b, prompt, new_tokens, reps);

@@ -25,7 +25,7 @@ namespace coil {
 namespace {
 
 struct GenerateOptions {
-  std::string checkpoint, tokenizer, prompt, instruction, input, prompts_file, prompt_ids;
+  std::string checkpoint, tokenizer, prompt, instruction, input, prompts_file, prompt_ids, dtype = "float32";
   int64_t max_new_tokens = 128, top_k = 40, batch_size = 16;
   double temperature = 0.0, top_p = 1.0;
   uint64_t seed = 0;
@@ -39,6 +39,19 @@ void add_sampling_options(CLI::App* cmd, GenerateOptions& o) {
   cmd->add_option("--top-k", o.top_k, "when sampling: only the k most likely tokens (0: all)")->capture_default_str();
   cmd->add_option("--top-p", o.top_p, "when sampling: only the most likely tokens up to this probability mass")->capture_default_str();
   cmd->add_option("--seed", o.seed, "sampling seed (the same seed and prompts give the same text)")->capture_default_str();
+  cmd->add_option("--dtype", o.dtype,
+                  "float32 or bfloat16: the dtype the weight matrices are held in while decoding. bfloat16 reads "
+                  "half the bytes per token (faster on CPU; the weights rounded to bfloat16, arithmetic stays "
+                  "float32)")
+      ->capture_default_str();
+}
+
+// The checkpoint's model and tokenizer, the matrices stored in --dtype.
+LoadedModel load_for_decoding(const GenerateOptions& o, bool need_tokenizer) {
+  COIL_CHECK(o.dtype == "float32" || o.dtype == "bfloat16", "--dtype must be float32 or bfloat16, got '{}'", o.dtype);
+  LoadedModel loaded = load_model(o.checkpoint, o.tokenizer, need_tokenizer);
+  if (o.dtype == "bfloat16") loaded.model->store_matrices(at::kBFloat16);
+  return loaded;
 }
 
 GenerateRequest request_for(const GenerateOptions& o, int64_t vocab, int32_t eos) {
@@ -138,7 +151,7 @@ void run_generate(const GenerateOptions& o) {
   const int given = !o.prompt.empty() + !o.instruction.empty() + !o.prompts_file.empty() + !o.prompt_ids.empty();
   COIL_CHECK(given == 1, "give one of --prompt, --instruction, --prompts FILE, --prompt-ids");
   COIL_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got {}", o.batch_size);
-  LoadedModel loaded = load_model(o.checkpoint, o.tokenizer, /*need_tokenizer=*/o.prompt_ids.empty());
+  LoadedModel loaded = load_for_decoding(o, /*need_tokenizer=*/o.prompt_ids.empty());
   const MambaLM& model = *loaded.model;
   const data::Tokenizer* tok = loaded.tokenizer.get();
   const int64_t vocab = tok ? tok->vocab_size() : model.config().vocab_size;
@@ -189,7 +202,7 @@ void run_generate(const GenerateOptions& o) {
 // Alpaca format has no conversation history). In a terminal a "> " prompt is shown; piped input
 // gets one answer per line. Ends at end of input, or at "/quit".
 void run_chat(const GenerateOptions& o) {
-  LoadedModel loaded = load_model(o.checkpoint, o.tokenizer);
+  LoadedModel loaded = load_for_decoding(o, /*need_tokenizer=*/true);
   const data::Tokenizer& tok = *loaded.tokenizer;
   GenerateRequest r = request_for(o, tok.vocab_size(), tok.eos());
   const bool terminal = isatty(STDIN_FILENO) != 0;

@@ -1,6 +1,9 @@
 #include "model/conv1d.h"
 
 #include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
 #include <torch/autograd.h>
 #include <torch/types.h>
 
@@ -103,7 +106,59 @@ Tensor weight_2d(const Tensor& w, int64_t I) {
   return w.reshape({I, w.size(-1)});
 }
 
+// One token of one row: y[i] = bias[i] + sum_{k < K-1} w[i, k] state[k, i] + w[i, K-1] x[i], then
+// the state slides by one (its oldest row out, x in). Channels innermost; the restrict-qualified
+// parameters (kept by not inlining) let the compiler vectorize without run-time overlap checks.
+template <typename T>
+__attribute__((noinline)) void conv_step_row(const T* __restrict x, T* __restrict state, const T* __restrict wT, const T* __restrict bias,
+                   T* __restrict y, int64_t I, int64_t K) {
+  for (int64_t i = 0; i < I; ++i) y[i] = bias[i] + wT[(K - 1) * I + i] * x[i];
+  for (int64_t k = 0; k < K - 1; ++k)
+    for (int64_t i = 0; i < I; ++i) y[i] += wT[k * I + i] * state[k * I + i];
+  if (K < 2) return;
+  std::memmove(state, state + I, (K - 2) * I * sizeof(T));
+  std::memcpy(state + (K - 2) * I, x, I * sizeof(T));
+}
+
 }  // namespace
+
+Tensor causal_conv1d_step_ref(const Tensor& x, Tensor& state, const Tensor& w, const Tensor& bias) {
+  const int64_t I = x.size(1), K = state.size(1) + 1;
+  const Tensor window = torch::cat({state, x.unsqueeze(1)}, 1);  // [B, K, I]
+  state = window.narrow(1, 1, K - 1).contiguous();
+  return (window * weight_2d(w, I).t()).sum(1) + bias;
+}
+
+Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const Tensor& bias) {
+  COIL_CHECK(x.dim() == 2 && state.dim() == 3 && state.size(0) == x.size(0) && state.size(2) == x.size(1),
+             "causal_conv1d_step: x [B, I] and state [B, K-1, I], got {} and {}", c10::str(x.sizes()),
+             c10::str(state.sizes()));
+  const int64_t B = x.size(0), I = x.size(1), K = state.size(1) + 1;
+  COIL_CHECK(bias.defined() && bias.numel() == I, "causal_conv1d_step: bias must be [I={}]", I);
+  COIL_CHECK(weight_2d(w, I).size(1) == K, "causal_conv1d_step: weight has {} taps, the state {} + 1",
+             weight_2d(w, I).size(1), K - 1);
+  const auto t = x.scalar_type();
+  const bool fused = x.is_cpu() && state.is_cpu() && (t == torch::kFloat || t == torch::kDouble) &&
+                     state.scalar_type() == t && state.is_contiguous();
+  if (!fused) return causal_conv1d_step_ref(x, state, w, bias);
+  const Tensor xc = channels_contiguous(x), w2 = weight_2d(w, I).to(t).contiguous(), bc = bias.to(t).contiguous();
+  Tensor y = torch::empty({B, I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(t, "causal_conv1d_step", [&] {
+    // w transposed to [K, I] here: a plain loop over 4 x I values costs less than LibTorch's copy
+    // of a transposed view (~30 us for I = 1536).
+    std::vector<scalar_t> wT(K * I);
+    const scalar_t* wp = w2.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t k = 0; k < K; ++k) wT[k * I + i] = wp[i * K + k];
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* sp = state.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b)
+      conv_step_row<scalar_t>(xp + b * xc.stride(0), sp + b * (K - 1) * I, wT.data(), bc.data_ptr<scalar_t>(),
+                              yp + b * I, I, K);
+  });
+  return y;
+}
 
 Tensor causal_conv1d_ref(const Tensor& x, const Tensor& w, const Tensor& bias) {
   const int64_t L = x.size(1), I = x.size(2);

@@ -193,10 +193,16 @@ void MambaLM::to(const at::Device& device) {
       *t = t->to(device);
 }
 
+void MambaLM::store_matrices(at::ScalarType dtype) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : named_parameters())
+    if (!keeps_float32(p.name) && p.tensor.dim() == 2) p.tensor.set_data(p.tensor.to(dtype));
+}
+
 MambaCache MambaLM::new_cache(int64_t batch) const {
   MambaCache cache;
   for (int64_t l = 0; l < config_.n_layer; ++l) {
-    const auto dtype = wide(embedding.scalar_type());
+    const auto dtype = wide(norm_f.scalar_type());
     cache.conv.push_back(torch::zeros({batch, config_.d_conv - 1, config_.d_inner()}, dtype));
     cache.ssm.push_back(torch::zeros({batch, config_.d_inner(), config_.d_state}, dtype));
   }
@@ -207,34 +213,45 @@ Tensor MambaLM::prefill(const Tensor& tokens, MambaCache& cache) const {
   torch::NoGradGuard no_grad;
   cache = new_cache(tokens.size(0));
   Tensor h = embed(tokens);
-  for (size_t l = 0; l < layers.size(); ++l) h = block(layers[l], config_, h, &cache.conv[l], &cache.ssm[l]);
-  return head(h.select(1, -1));  // only the last position's logits: the next token's
+  for (size_t l = 0; l < layers.size(); ++l) {
+    // Matrices stored narrower than float32 (store_matrices) widened for the layer's compute.
+    std::vector<Tensor> w = block_tensors(layers[l]);
+    for (Tensor& t : w) t = t.to(wide(t.scalar_type()));
+    h = block(block_weights(w), config_, h, &cache.conv[l], &cache.ssm[l]);
+  }
+  return decode_head(h.select(1, -1));  // only the last position's logits: the next token's
 }
 
-// One token through every block (as Hugging Face's cached path), the scan advanced by one step:
+// The tied head for a few positions as a matrix-vector product per sequence (model/linear_cpu.h),
+// in float32 whatever dtype the embedding is stored in.
+Tensor MambaLM::decode_head(const Tensor& hidden) const {
+  return decode_linear(rms_norm(hidden, norm_f, config_.rms_eps), embedding);
+}
+
+// One token through every block (as Hugging Face's cached path), the conv and the scan advanced by
+// one step, their states updated in place (CPU float32):
 //   window = [conv state, x_t];  u = silu(<w, window> + b);  h = exp(dt A) h + dt u B;  y = <h, C> + D u
 Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
   torch::NoGradGuard no_grad;
   COIL_CHECK(token.dim() == 1, "step takes one token per sequence [B], got {} dims", token.dim());
   const MambaConfig& c = config_;
-  const int64_t I = c.d_inner(), N = c.d_state, R = c.rank(), K = c.d_conv;
+  const int64_t I = c.d_inner(), N = c.d_state, R = c.rank();
   Tensor h = torch::embedding(embedding, token);  // [B, H]
+  h = h.to(wide(h.scalar_type()));
   for (size_t l = 0; l < layers.size(); ++l) {
     const MambaBlockWeights& w = layers[l];
     const Tensor xz = decode_linear(rms_norm(h, w.norm, c.rms_eps), w.in_proj);
     const Tensor xs = xz.narrow(1, 0, I), z = xz.narrow(1, I, I);
-    const Tensor window = torch::cat({cache.conv[l], xs.unsqueeze(1)}, 1);  // [B, K, I]
-    cache.conv[l] = window.narrow(1, 1, K - 1).contiguous();
-    const Tensor u = torch::silu((window * w.conv_w.reshape({I, K}).t()).sum(1) + w.conv_b);  // [B, I]
+    Tensor u = causal_conv1d_step(xs, cache.conv[l], w.conv_w, w.conv_b);  // [B, I]; the state slides
+    torch::silu_(u);
     const Tensor x_dbl = decode_linear(u, w.x_proj);
     const Tensor dt = decode_linear(x_dbl.narrow(1, 0, R), w.dt_w);  // [B, I]; bias and softplus: in the step
     const Tensor Bm = x_dbl.narrow(1, R, N), Cm = x_dbl.narrow(1, R + N, N);
-    const Tensor y = selective_scan_step(u, dt, -torch::exp(w.A_log), Bm, Cm, w.D, z, w.dt_b, true, cache.ssm[l]);
+    if (cache.A.size() <= l) cache.A.push_back(-torch::exp(w.A_log));
+    const Tensor y = selective_scan_step(u, dt, cache.A[l], Bm, Cm, w.D, z, w.dt_b, true, cache.ssm[l]);
     h = h + decode_linear(y, w.out_proj);
   }
-  // The tied head as a matrix-vector product per sequence (model/linear_cpu.h).
-  const Tensor logits = decode_linear(rms_norm(h, norm_f, c.rms_eps).to(embedding.scalar_type()), embedding);
-  return logits.to(wide(logits.scalar_type()));
+  return decode_head(h);
 }
 
 }  // namespace coil

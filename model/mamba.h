@@ -41,6 +41,8 @@ struct NamedTensor {
 struct MambaCache {
   std::vector<at::Tensor> conv;  // [B, K-1, I]: the last K-1 conv inputs (channels last)
   std::vector<at::Tensor> ssm;   // [B, I, N]:   the SSM state after the last token
+  std::vector<at::Tensor> A;     // [I, N]: -exp(A_log) per layer, computed by the first step (the
+                                 // weights do not change while decoding)
 };
 
 class MambaLM {
@@ -71,6 +73,10 @@ class MambaLM {
 
   // Moves every parameter to `device` (init() runs on CPU, so that a seed gives the same model).
   void to(const at::Device& device);
+  // Stores the 2-D matrices (embedding, in_proj, x_proj, dt_proj.weight, out_proj: 99.8% of the
+  // bytes) in `dtype`, for decoding: in bfloat16 a decoding step reads half the bytes. prefill and
+  // step still compute in float32, on the rounded values (the matrices are widened as read).
+  void store_matrices(at::ScalarType dtype);
 
   // The units of the forward pass, as members and as functions of their weights (for wrappers
   // that hold the weights themselves, such as FSDP-style sharding).
@@ -87,7 +93,8 @@ class MambaLM {
 
   // Decoding. prefill runs the prompts [B, L] through the full forward, fills the cache and returns
   // the logits of the last position [B, V]; step feeds one token per sequence ([B]) and returns its
-  // logits [B, V]. Stepping gives the same logits as the full forward over the same tokens.
+  // logits [B, V]. Stepping gives the same logits as the full forward over the same tokens. Both
+  // compute in float32 (or float64 for a float64 model) whatever dtype the matrices are stored in.
   MambaCache new_cache(int64_t batch) const;
   at::Tensor prefill(const at::Tensor& tokens, MambaCache& cache) const;
   at::Tensor step(const at::Tensor& token, MambaCache& cache) const;
@@ -97,6 +104,8 @@ class MambaLM {
   std::vector<MambaBlockWeights> layers;
 
  private:
+  at::Tensor decode_head(const at::Tensor& hidden) const;  // [B, H] -> float32 logits [B, V]
+
   MambaConfig config_;
 };
 

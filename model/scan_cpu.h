@@ -56,11 +56,25 @@ struct Args {
   T *du, *ddelta, *dA, *dD, *dB_part, *dC_part;
 };
 
+// One decoding step (L = 1) from the state, updated in place; u, delta, z [B, I] and Bm, Cm [B, N]
+// rows at their own strides (elements), channels / state contiguous inside a row:
+//   dt = softplus(delta + delta_bias)   (or without softplus; no bias: 0)
+//   h = exp(dt A) (.) h + dt u B;    y = (<h, C> + D u) * silu(z)     (z null: no gate; D null: 0)
+struct StepArgs {
+  int64_t B, I, N;
+  const float *u, *delta, *delta_bias, *A, *Bm, *Cm, *D, *z;  // delta_bias, D, z may be null
+  int64_t u_sb, delta_sb, B_sb, C_sb, z_sb;
+  bool softplus;
+  float* state;  // [B, I, N] contiguous, read and overwritten
+  float* y;      // [B, I] contiguous
+};
+
 // Forward over the tasks [task_begin, task_end) of B x n_blocks (task = b * n_blocks + block).
 using ForwardFn = void (*)(const Args<float>&, int64_t task_begin, int64_t task_end);
 using BackwardFn = void (*)(const Args<float>&, int64_t block_begin, int64_t block_end);
 using ForwardFn64 = void (*)(const Args<double>&, int64_t, int64_t);
 using BackwardFn64 = void (*)(const Args<double>&, int64_t, int64_t);
+using StepFn = void (*)(const StepArgs&, int64_t task_begin, int64_t task_end);  // tasks as forward's
 
 struct Kernels {
   const char* isa;
@@ -68,6 +82,7 @@ struct Kernels {
   BackwardFn backward;
   ForwardFn64 forward64;
   BackwardFn64 backward64;
+  StepFn step;
 };
 
 // Overloads that pick the float32 or float64 entry.

@@ -282,7 +282,9 @@ Tensor selective_scan_step(const Tensor& u, const Tensor& delta, const Tensor& A
   COIL_CHECK(state.size(0) == B && state.size(1) == I && state.size(2) == N,
              "selective_scan_step: state must be [{}, {}, {}]", B, I, N);
   c10::NoGradGuard no_grad;
-  if (!u.is_cpu() || u.scalar_type() != torch::kFloat || state.scalar_type() != torch::kFloat) {
+  auto f32 = [](const Tensor& t) { return !t.defined() || (t.is_cpu() && t.scalar_type() == torch::kFloat); };
+  const bool fused = u.is_cpu() && f32(u) && f32(delta) && f32(Bm) && f32(Cm) && f32(z) && f32(delta_bias) && f32(state);
+  if (!fused) {
     // Off the fused kernel (CUDA, other dtypes): the recurrence written out.
     const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus).to(state.scalar_type());
     state = torch::exp(dt.unsqueeze(-1) * A) * state + (dt * u).unsqueeze(-1) * Bm.unsqueeze(1);
@@ -290,21 +292,22 @@ Tensor selective_scan_step(const Tensor& u, const Tensor& delta, const Tensor& A
     if (D.defined()) y = y + D * u;
     return apply_gate(y, z).to(u.scalar_type());
   }
-  // The fused kernel over one time step, from `state`: one pass over [B, I, N].
-  const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus).contiguous().unsqueeze(1);  // [B, 1, I]
-  const Tensor uc = u.contiguous().unsqueeze(1), h0 = state.contiguous();
-  const Tensor Ac = A.to(torch::kFloat).contiguous(), Bc = Bm.contiguous().unsqueeze(1), Cc = Cm.contiguous().unsqueeze(1);
+  // The fused kernel: one pass over the state [B, I, N], in place, with the delta bias, softplus,
+  // D skip and gate.
+  auto rows = [](const Tensor& t) { return !t.defined() || t.stride(1) == 1 ? t : t.contiguous(); };  // channels contiguous
+  const Tensor uc = rows(u), dc = rows(delta), zc = rows(z), Bc = rows(Bm), Cc = rows(Cm);
+  const Tensor Ac = A.to(torch::kFloat).contiguous();
   const Tensor Dc = D.defined() ? D.to(torch::kFloat).contiguous() : Tensor();
-  Tensor y = torch::empty({B, 1, I}, uc.options());
-  Tensor next = torch::empty({B, I, 1, N}, uc.options());
-  auto a = make_args<float>(uc, dt, Ac, Bc, Cc, Dc);
-  a.h0 = h0.data_ptr<float>();
-  a.y = y.data_ptr<float>(), a.states = next.data_ptr<float>();
+  const Tensor bc = delta_bias.defined() ? delta_bias.contiguous() : Tensor();
+  if (!state.is_contiguous()) state = state.contiguous();
+  Tensor y = torch::empty({B, I}, uc.options());
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const scan_cpu::StepArgs a{B, I, N, ptr(uc), ptr(dc), ptr(bc), ptr(Ac), ptr(Bc), ptr(Cc), ptr(Dc), ptr(zc),
+                             uc.stride(0), dc.stride(0), Bc.stride(0), Cc.stride(0), zc.defined() ? zc.stride(0) : 0,
+                             delta_softplus, state.data_ptr<float>(), y.data_ptr<float>()};
   const auto& k = scan_cpu::best_kernels();
-  at::parallel_for(0, B * scan_cpu::num_channel_blocks(I), 1,
-                   [&](int64_t b, int64_t e) { scan_cpu::forward(k, a, b, e); });
-  state = next.view({B, I, N});
-  return apply_gate(y.squeeze(1), z);
+  at::parallel_for(0, B * scan_cpu::num_channel_blocks(I), 1, [&](int64_t b, int64_t e) { k.step(a, b, e); });
+  return y;
 }
 
 const char* selective_scan_cpu_isa() { return scan_cpu::best_kernels().isa; }

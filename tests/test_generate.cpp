@@ -63,24 +63,33 @@ TEST(Sampling, FrequenciesFollowTheFilteredDistribution) {
 }
 
 // The decoding matmul against at::linear on random shapes: rows of x 1..17 and 64 (odd counts
-// included), K with and without a multiple of 8, N with and without a multiple of 4, with a bias,
-// on transposed (non-contiguous) input; more than 64 rows and other dtypes take at::linear itself.
+// included: 1 takes the matrix-vector path, more than 4 the widen-once path for bfloat16), K with
+// and without a multiple of 8 and of 64, N with and without a multiple of 3, with a bias, W in
+// float32 and bfloat16 (against at::linear on W widened to float32), on transposed
+// (non-contiguous) input; more than 64 rows and other dtypes take at::linear itself.
 TEST(DecodeLinear, MatchesATenLinear) {
   if (!decode_linear_has_kernel()) GTEST_SKIP() << "no AVX2/FMA here: decode_linear is at::linear";
   torch::manual_seed(11);
-  for (int64_t B : {1, 2, 3, 5, 16, 17, 64})
-    for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 7}, {4, 8}, {37, 13}, {257, 768}, {130, 47}}) {
-      const Tensor x = torch::randn({B, K}), w = torch::randn({N, K}), bias = torch::randn({N});
-      const Tensor want = torch::linear(x, w), got = decode_linear(x, w);
-      ASSERT_EQ(got.sizes(), want.sizes());
-      EXPECT_TRUE(torch::allclose(got, want, 1e-4, 1e-4)) << B << "x" << K << " . " << N << "x" << K << ": max diff "
-                                                          << (got - want).abs().max().item<float>();
-      EXPECT_TRUE(torch::allclose(decode_linear(x, w, bias), torch::linear(x, w, bias), 1e-4, 1e-4));
-    }
+  for (auto wtype : {torch::kFloat, torch::kBFloat16})
+    for (int64_t B : {1, 2, 3, 5, 16, 17, 64})
+      for (auto [N, K] : std::vector<std::pair<int64_t, int64_t>>{
+               {1, 1}, {3, 7}, {4, 8}, {37, 13}, {257, 768}, {130, 47}, {11, 100}, {5, 136}}) {
+        const Tensor x = torch::randn({B, K}), w = torch::randn({N, K}).to(wtype), bias = torch::randn({N});
+        const Tensor wf = w.to(torch::kFloat);
+        const Tensor want = torch::linear(x, wf), got = decode_linear(x, w);
+        ASSERT_EQ(got.sizes(), want.sizes());
+        ASSERT_EQ(got.scalar_type(), torch::kFloat);
+        EXPECT_TRUE(torch::allclose(got, want, 1e-4, 1e-4)) << B << "x" << K << " . " << N << "x" << K << " "
+                                                            << c10::toString(wtype) << ": max diff "
+                                                            << (got - want).abs().max().item<float>();
+        EXPECT_TRUE(torch::allclose(decode_linear(x, w, bias), torch::linear(x, wf, bias), 1e-4, 1e-4));
+      }
   const Tensor xt = torch::randn({40, 3}).t(), w = torch::randn({9, 40});  // x [3, 40], not contiguous
   EXPECT_TRUE(torch::allclose(decode_linear(xt, w), torch::linear(xt, w), 1e-4, 1e-4));
   const Tensor big = torch::randn({65, 16}), w2 = torch::randn({5, 16});
   EXPECT_TRUE(torch::equal(decode_linear(big, w2), torch::linear(big, w2)));
+  const Tensor w2b = w2.to(torch::kBFloat16);  // the fallback widens a bfloat16 W to x's dtype
+  EXPECT_TRUE(torch::equal(decode_linear(big, w2b), torch::linear(big, w2b.to(torch::kFloat))));
   const Tensor xd = torch::randn({2, 16}, torch::kDouble), wd = torch::randn({5, 16}, torch::kDouble);
   EXPECT_TRUE(torch::equal(decode_linear(xd, wd), torch::linear(xd, wd)));
 }

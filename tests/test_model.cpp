@@ -61,6 +61,35 @@ TEST(CausalConv1d, MatchesTorchConv1dForwardAndGradients) {
   }
 }
 
+// Decoding's conv step against its reference in LibTorch ops and against the whole-sequence conv:
+// random shapes (odd channel counts, K = 1..4), float32 and float64, a strided x; the state slides
+// in place.
+TEST(CausalConv1d, StepMatchesItsReferenceAndTheWholeConv) {
+  torch::manual_seed(4);
+  for (auto dtype : {torch::kFloat, torch::kDouble})
+    for (int64_t K : {1, 2, 4})
+      for (auto [B, I] : std::vector<std::pair<int64_t, int64_t>>{{1, 37}, {3, 64}, {2, 5}}) {
+        const int64_t L = 7;
+        const Tensor x = torch::randn({B, L, 2 * I}, dtype).narrow(2, 0, I);  // rows strided, as in_proj's half
+        const Tensor w = torch::randn({I, 1, K}, dtype), b = torch::randn({I}, dtype);
+        const Tensor whole = causal_conv1d_ref(x, w, b);
+        Tensor state = torch::zeros({B, K - 1, I}, dtype), ref_state = state.clone();
+        const void* storage = state.data_ptr();
+        for (int64_t t = 0; t < L; ++t) {
+          const Tensor y = causal_conv1d_step(x.select(1, t), state, w, b);
+          const Tensor y_ref = causal_conv1d_step_ref(x.select(1, t), ref_state, w, b);
+          const double tol = dtype == torch::kFloat ? 1e-5 : 1e-12;
+          EXPECT_TRUE(torch::allclose(y, y_ref, tol, tol)) << "K " << K << " I " << I << " t " << t;
+          EXPECT_TRUE(torch::allclose(y, whole.select(1, t), tol, tol)) << "K " << K << " I " << I << " t " << t;
+          EXPECT_TRUE(torch::equal(state, ref_state));
+        }
+        EXPECT_EQ(state.data_ptr(), storage);  // slid in place
+      }
+  Tensor state = torch::zeros({1, 3, 8});
+  EXPECT_THROW(causal_conv1d_step(torch::zeros({1, 9}), state, torch::zeros({8, 1, 4}), torch::zeros({8})), Error);
+  EXPECT_THROW(causal_conv1d_step(torch::zeros({1, 8}), state, torch::zeros({8, 1, 3}), torch::zeros({8})), Error);
+}
+
 TEST(MambaConfig, PresetsAndErrors) {
   EXPECT_EQ(MambaConfig::preset("130m").d_model, 768);
   EXPECT_EQ(MambaConfig::preset("130m").n_layer, 24);
@@ -111,28 +140,50 @@ TEST(MambaLM, ParameterNamesAreHuggingFaces) {
   expect_error([&] { m.parameter("lm_head.weight"); }, "no parameter named 'lm_head.weight'");
 }
 
+// Decoding (prefill, then one step per token) gives the full forward's logits; with the matrices
+// stored in bfloat16 (store_matrices), it gives the full forward of a float32 model holding the
+// same rounded values.
 TEST(MambaLM, RecurrentStepsEqualTheFullForward) {
-  torch::manual_seed(1);
   MambaConfig c = tiny();
   c.n_layer = 3;
-  MambaLM m(c, 3);
-  for (auto& p : m.named_parameters())  // move away from the init's symmetric values
-    p.tensor.data().add_(torch::randn_like(p.tensor) * 0.05);
+  auto make = [&] {
+    torch::manual_seed(1);
+    MambaLM m(c, 3);
+    for (auto& p : m.named_parameters())  // move away from the init's symmetric values
+      p.tensor.data().add_(torch::randn_like(p.tensor) * 0.05);
+    return m;
+  };
   const int64_t B = 2, L = 12;
+  torch::manual_seed(7);
   Tensor tokens = torch::randint(c.vocab_size, {B, L});
-  Tensor full;
-  {
-    torch::NoGradGuard ng;
-    full = m.forward(tokens);
-  }
-  for (int64_t prompt : {1, 2, 5}) {  // shorter and longer than the conv window
-    MambaCache cache;
-    Tensor logits = m.prefill(tokens.narrow(1, 0, prompt), cache);
-    EXPECT_TRUE(torch::allclose(logits, full.select(1, prompt - 1), 1e-5, 1e-5));
-    for (int64_t t = prompt; t < L; ++t) {
-      Tensor step = m.step(tokens.select(1, t), cache);
-      EXPECT_TRUE(torch::allclose(step, full.select(1, t), 1e-4, 1e-4))
-          << "prompt " << prompt << " step " << t << " max diff " << (step - full.select(1, t)).abs().max().item<float>();
+  for (bool bf16 : {false, true}) {
+    MambaLM m = make(), reference = make();
+    if (bf16) {
+      m.store_matrices(torch::kBFloat16);
+      EXPECT_EQ(m.layers[0].in_proj.scalar_type(), torch::kBFloat16);
+      EXPECT_EQ(m.embedding.scalar_type(), torch::kBFloat16);
+      EXPECT_EQ(m.layers[0].A_log.scalar_type(), torch::kFloat);
+      EXPECT_EQ(m.layers[0].conv_w.scalar_type(), torch::kFloat);
+      for (auto& p : reference.named_parameters())
+        if (p.tensor.dim() == 2 && !MambaLM::keeps_float32(p.name))
+          p.tensor.data().copy_(p.tensor.to(torch::kBFloat16).to(torch::kFloat));
+    }
+    Tensor full;
+    {
+      torch::NoGradGuard ng;
+      full = reference.forward(tokens);
+    }
+    for (int64_t prompt : {1, 2, 5}) {  // shorter and longer than the conv window
+      MambaCache cache;
+      Tensor logits = m.prefill(tokens.narrow(1, 0, prompt), cache);
+      EXPECT_EQ(logits.scalar_type(), torch::kFloat);
+      EXPECT_TRUE(torch::allclose(logits, full.select(1, prompt - 1), 1e-5, 1e-5)) << "bf16 " << bf16;
+      for (int64_t t = prompt; t < L; ++t) {
+        Tensor step = m.step(tokens.select(1, t), cache);
+        EXPECT_TRUE(torch::allclose(step, full.select(1, t), 1e-4, 1e-4))
+            << "bf16 " << bf16 << " prompt " << prompt << " step " << t << " max diff "
+            << (step - full.select(1, t)).abs().max().item<float>();
+      }
     }
   }
 }

@@ -126,8 +126,8 @@ TEST(SelectiveScan, FinalStateIsTheLastStep) {
 }
 
 // Decoding: selective_scan_step from a state, step after step, gives the whole scan's outputs and
-// final state; float32 on the fused kernel (N = 16: vector packs; N = 5: scalar), with D, the gate
-// and the delta bias; float64 on the written-out path.
+// final state; float32 on the fused step kernel (N = 16: vector packs; N = 5: scalar), with D, the
+// gate and the delta bias; float64 on the written-out path.
 TEST(SelectiveScan, StepAfterStepEqualsTheWholeScan) {
   for (auto [N, dtype] : std::vector<std::pair<int64_t, torch::Dtype>>{{16, torch::kFloat}, {5, torch::kFloat}, {16, torch::kDouble}}) {
     torch::manual_seed(N);
@@ -144,6 +144,28 @@ TEST(SelectiveScan, StepAfterStepEqualsTheWholeScan) {
                                                                      << (y - want.select(1, t)).abs().max().item<double>();
     }
     EXPECT_TRUE(torch::allclose(state, final_state, 1e-5, 1e-5)) << "N " << N;
+  }
+  // The fused float32 step against the written-out recurrence in float64 on the same values, with
+  // delta and z over a wide range (the kernel's own softplus and SiLU: both signs, large and tiny
+  // exp), odd channel counts, strided B/C rows; the state is overwritten in place.
+  for (int64_t N : {16, 5}) {
+    torch::manual_seed(100 + N);
+    const int64_t B = 3, I = 21;
+    const Tensor u = torch::randn({B, I}), delta = torch::rand({B, I}) * 60 - 30, A = -torch::rand({I, N}) * 2;
+    const Tensor BC = torch::randn({B, 2 * N + 3}), Bm = BC.narrow(1, 0, N), Cm = BC.narrow(1, N + 3, N);
+    const Tensor D = torch::randn({I}), z = torch::rand({B, I}) * 40 - 20, bias = torch::randn({I});
+    Tensor state = torch::randn({B, I, N});
+    Tensor ref_state = state.to(torch::kDouble);
+    auto d = [](const Tensor& t) { return t.to(torch::kDouble); };
+    const void* storage = state.data_ptr();
+    for (int t = 0; t < 3; ++t) {
+      const Tensor y = selective_scan_step(u, delta, A, Bm, Cm, D, z, bias, true, state);
+      const Tensor want = selective_scan_step(d(u), d(delta), d(A), d(Bm), d(Cm), d(D), d(z), d(bias), true, ref_state);
+      EXPECT_TRUE(torch::allclose(y.to(torch::kDouble), want, 1e-5, 1e-5))
+          << "N " << N << " max diff " << (y.to(torch::kDouble) - want).abs().max().item<double>();
+      EXPECT_TRUE(torch::allclose(state.to(torch::kDouble), ref_state, 1e-5, 1e-5)) << "N " << N;
+    }
+    EXPECT_EQ(state.data_ptr(), storage);
   }
   Tensor wrong = torch::zeros({2, 3, 4});
   EXPECT_THROW(selective_scan_step(torch::zeros({1, 3}), torch::zeros({1, 3}), torch::zeros({3, 4}), torch::zeros({1, 4}),

@@ -2,7 +2,8 @@
 own config) saved with save_pretrained becomes a Coil checkpoint with `coil ckpt import-hf`; Coil's
 greedy decoding from it equals transformers' greedy `generate`, token for token, for prompts
 shorter and longer than the conv window; `coil ckpt export-hf` gives back the same weights bit for
-bit; a GPT-NeoX-style tokenizer.json is reported, not converted; bad folders are one-line errors."""
+bit; decoding with the matrices in bfloat16 (--dtype) equals transformers on the rounded weights; a
+GPT-NeoX-style tokenizer.json is reported, not converted; bad folders are one-line errors."""
 import json
 import os
 import subprocess
@@ -62,6 +63,29 @@ def test_greedy_equals_transformers(hf, prompt):
     assert len(set(got)) > 3  # a real sequence, not one token repeated
 
 
+def test_bfloat16_decoding_equals_transformers_on_the_rounded_weights(hf):
+    """--dtype bfloat16 holds the matrices in bfloat16 and computes in float32: its greedy tokens are
+    transformers' greedy tokens for a float32 model whose matrices were rounded to bfloat16."""
+    tmp, model, _ = hf
+    rounded = MambaForCausalLM(model.config).eval()
+    rounded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2:  # embeddings (tied head), in_proj, x_proj, dt_proj.weight, out_proj
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    prompts = torch.randint(320, (4, 6), generator=torch.Generator().manual_seed(1))
+    new = 64
+    with torch.no_grad():
+        want = rounded.generate(prompts, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        full = model.generate(prompts, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    # The rounding matters: float32 and bfloat16 weights part ways on some of these prompts.
+    assert (want != full).any(1).sum() >= 2
+    for prompt, w in zip(prompts.tolist(), want[:, 6:].tolist()):
+        r = coil("generate", "--checkpoint", tmp / "ck", "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", new, "--dtype", "bfloat16")
+        assert list(map(int, r.stdout.split())) == w
+
+
 def test_export_gives_back_the_weights(hf):
     tmp, model, _ = hf
     coil("ckpt", "export-hf", tmp / "ck", tmp / "back")
@@ -84,6 +108,8 @@ def test_bad_input(hf, tmp_path):
     assert r.returncode == 1 and "'x' is not a token id" in r.stderr
     r = coil("generate", "--checkpoint", tmp / "ck", "--prompt-ids", "1,999", check=False)
     assert r.returncode == 1 and "outside [0, 320)" in r.stderr
+    r = coil("generate", "--checkpoint", tmp / "ck", "--prompt-ids", "1", "--dtype", "float16", check=False)
+    assert r.returncode == 1 and "--dtype must be float32 or bfloat16, got 'float16'" in r.stderr
 
 
 def test_sft_from_an_imported_model(hf, tmp_path):
