@@ -1,6 +1,9 @@
 // Decoding on CPU: tokens/s of the recurrent step at several batch sizes, and the time per token
 // after a short and after a long context (Mamba's state has a fixed size: it must not grow).
 //   bench_decode [--preset 130m | --hf DIR] [--batch 1,16] [--prompt 100] [--long 4000] [--new 32]
+//                [--weights float32|bfloat16] [--kernels]
+// --weights: the dtype the matrices are held in (MambaLM::store_matrices; `coil generate --dtype`);
+// --kernels: also the decoding matmuls alone per shape, against at::linear.
 // A step's time is measured after the prompts' prefill: the recurrent step over every layer and
 // the greedy pick. The last line is JSON, for bench/decode_vs_transformers.py.
 #include <ATen/Parallel.h>
