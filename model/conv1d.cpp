@@ -1,11 +1,11 @@
 #include "model/conv1d.h"
 
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/types.h>
 
 #include <cstring>
 #include <vector>
-#include <torch/autograd.h>
-#include <torch/types.h>
 
 #include "util/error.h"
 
@@ -110,8 +110,8 @@ Tensor weight_2d(const Tensor& w, int64_t I) {
 // the state slides by one (its oldest row out, x in). Channels innermost; the restrict-qualified
 // parameters (kept by not inlining) let the compiler vectorize without run-time overlap checks.
 template <typename T>
-__attribute__((noinline)) void conv_step_row(const T* __restrict x, T* __restrict state, const T* __restrict wT, const T* __restrict bias,
-                   T* __restrict y, int64_t I, int64_t K) {
+__attribute__((noinline)) void conv_step_row(const T* __restrict x, T* __restrict state, const T* __restrict wT,
+                                             const T* __restrict bias, T* __restrict y, int64_t I, int64_t K) {
   for (int64_t i = 0; i < I; ++i) y[i] = bias[i] + wT[(K - 1) * I + i] * x[i];
   for (int64_t k = 0; k < K - 1; ++k)
     for (int64_t i = 0; i < I; ++i) y[i] += wT[k * I + i] * state[k * I + i];
