@@ -135,13 +135,13 @@ Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const
              c10::str(state.sizes()));
   const int64_t B = x.size(0), I = x.size(1), K = state.size(1) + 1;
   COIL_CHECK(bias.defined() && bias.numel() == I, "causal_conv1d_step: bias must be [I={}]", I);
-  COIL_CHECK(weight_2d(w, I).size(1) == K, "causal_conv1d_step: weight has {} taps, the state {} + 1",
-             weight_2d(w, I).size(1), K - 1);
+  const Tensor w2d = weight_2d(w, I);
+  COIL_CHECK(w2d.size(1) == K, "causal_conv1d_step: weight has {} taps, the state {} + 1", w2d.size(1), K - 1);
   const auto t = x.scalar_type();
   const bool fused = x.is_cpu() && state.is_cpu() && (t == torch::kFloat || t == torch::kDouble) &&
                      state.scalar_type() == t && state.is_contiguous();
   if (!fused) return causal_conv1d_step_ref(x, state, w, bias);
-  const Tensor xc = channels_contiguous(x), w2 = weight_2d(w, I).to(t).contiguous(), bc = bias.to(t).contiguous();
+  const Tensor xc = channels_contiguous(x), w2 = w2d.to(t).contiguous(), bc = bias.to(t).contiguous();
   Tensor y = torch::empty({B, I}, x.options());
   AT_DISPATCH_FLOATING_TYPES(t, "causal_conv1d_step", [&] {
     // w transposed to [K, I] here: a plain loop over 4 x I values costs less than LibTorch's copy

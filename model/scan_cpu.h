@@ -45,8 +45,6 @@ struct Args {
   // inputs
   const T *u, *delta, *A, *Bm, *Cm, *D;
   int64_t u_sb, u_st, delta_sb, delta_st;
-  // the state before the first step, [B,I,N] contiguous; null: zeros (decoding passes its state)
-  const T* h0;
   // forward outputs: y [B,L,I] contiguous, states [B,I,n_chunks,N]
   T *y, *states;
   // backward: dy (strided like u), outputs du, ddelta [B,L,I] contiguous, dA [I,N], dD [I],
