@@ -3,6 +3,13 @@
 // stream). Every dtype can be all-gathered (a copy of bytes); sums take float32, float64, integers
 // and bfloat16 (MPI: a user-defined sum that adds in float32 and rounds to bfloat16).
 // An error of either becomes a coil::Error naming the rank and the operation.
+//
+// NCCL failures: a dead peer or a broken connection surfaces as an asynchronous NCCL error while the
+// GPU waits in the collective. The NCCL backend polls ncclCommGetAsyncError (on every wait() and
+// from a thread of its own while it lives), aborts the communicator on an error (ncclCommAbort: the
+// GPU leaves the collective, so a host blocked on it returns), and the next call on this rank throws
+// the coil::Error. Teardown on a failure path (an error seen, or the destructor run by an exception)
+// aborts too: ncclCommDestroy waits for the peers, which may never come.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -60,5 +67,22 @@ std::unique_ptr<Comm> make_mpi_comm();
 std::unique_ptr<Comm> make_nccl_comm();
 // The backend for tensors on `device_type` ("cpu" or "cuda").
 std::unique_ptr<Comm> make_comm(bool cuda);
+
+// The NCCL backend's checks and messages, apart so that tests reach them without a GPU.
+namespace nccl_detail {
+// Why this build has no NCCL backend ("" when it has one): the build facts as given.
+std::string unavailable_reason(bool cuda_built, bool nccl_disabled);
+std::string unavailable_reason();  // this build's
+// The coil::Error text of an NCCL result code (ncclResult_t's value) in `op` on `rank`; `detail` is
+// NCCL's own last message, if any.
+std::string error_message(int rank, const char* op, int code, const std::string& detail);
+// How `out` relates to `in`: the same tensor (all_reduce, broadcast), size x in (all_gather,
+// gather on root), in = size x out (reduce_scatter, scatter on root).
+enum class Sizes { kSame, kOutIsSizeTimesIn, kInIsSizeTimesOut };
+// Throws a coil::Error naming rank and op unless `in` (and `out`, when given) are contiguous,
+// on `device`, of one dtype and of the sizes `sizes` says for a world of `size` ranks.
+void check_tensors(int rank, int size, at::Device device, const char* op, const at::Tensor& in,
+                   const at::Tensor* out, Sizes sizes);
+}  // namespace nccl_detail
 
 }  // namespace coil::dist
