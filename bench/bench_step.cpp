@@ -12,6 +12,8 @@
 // --fsdp: the model runs under FsdpMamba on the ranks of this process's MPI world (one rank:
 // all-gathers are local copies), timed with the collectives' overlap off and on; prints the bytes
 // moved and the step time the overlap saved.
+// --profile N: one more step under LibTorch's Kineto profiler, then its top N GPU kernels (CUDA) or
+// CPU operators by self time (bench/profile_table.h).
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -27,6 +29,7 @@
 #include "model/mamba.h"
 #include "model/selective_scan.h"
 #include "optim/hybrid.h"
+#include "profile_table.h"
 
 namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -41,6 +44,7 @@ int main(int argc, char** argv) {
   int reps = 3;
   double peak_tflops = 989;
   bool with_optimizer = false, fsdp_mode = false;
+  int profile_top = 0;
   app.add_option("--preset", preset);
   app.add_option("--hf", hf, "a Hugging Face Mamba directory (same weights as a transformers run)");
   app.add_option("--batch", batch);
@@ -53,6 +57,7 @@ int main(int argc, char** argv) {
   app.add_option("--peak-tflops", peak_tflops, "CUDA: the GPU's dense bf16 peak (H100/H200 SXM: 989)");
   app.add_flag("--optimizer", with_optimizer, "time the hybrid optimizer's step too");
   app.add_flag("--fsdp", fsdp_mode, "run under FsdpMamba, overlap off and on");
+  app.add_option("--profile", profile_top, "print the top N kernels (CUDA) or operators (CPU) of one step");
   CLI11_PARSE(app, argc, argv);
 
   const bool cuda = device_name == "cuda";
@@ -135,6 +140,7 @@ int main(int argc, char** argv) {
   double t_opt_best = 0;
   double t_total = timed(&t_opt_best);
   const double t_step = t_total - t_opt_best;  // forward + backward
+  if (profile_top > 0) coil::bench::print_profile([&] { step(), sync(); }, cuda, profile_top);
 
   const int64_t H = c.d_model, I = c.d_inner(), N = c.d_state, R = c.rank();
   const double matmul_params = double(c.n_layer) * (2 * I * H + (R + 2 * N) * I + I * R + H * I) + double(c.vocab_size) * H;
