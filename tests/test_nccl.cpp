@@ -86,6 +86,10 @@ TEST(NcclChecks, ABuildWithoutNcclSaysWhy) {
   const std::string mine = nccl_detail::unavailable_reason();
   if (!mine.empty()) {
     EXPECT_EQ(error_of([] { make_nccl_comm(); }), mine);
+  } else if (!torch::cuda::is_available()) {  // in the build, but no GPU here: it says so at once
+    EXPECT_NE(error_of([] { make_nccl_comm(); })
+                  .find(fmt::format("rank {}: the NCCL backend needs a GPU and none is visible", world().rank)),
+              std::string::npos);
   }
 }
 
