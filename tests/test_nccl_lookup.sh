@@ -32,7 +32,7 @@ cleanup() {
     [ -d "$m" ] || continue
     mountpoint -q "$m" && busy=1 || rmdir "$m" || busy=1
   done
-  [ $busy = 0 ] && [ "${KEEP:-0}" != 1 ] && rm -rf "$tmp"
+  [ $busy = 0 ] && [ "${KEEP:-0}" != 1 ] && rm -rf --one-file-system "$tmp"
 }
 trap cleanup EXIT
 failed=0
