@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
 // Arithmetic. The step h = e h + dt u B is written with explicit __fmaf_rn / __fmul_rn (no
 // contraction choices by the compiler), so the backward recomputes the forward's states bit for
 // bit. Reductions and determinism as in version 1; the dA/dD/dbias partial rows are per (batch row,
-// segment), summed in row order by the caller.
+// segment), summed by the caller (a fixed-shape reduction, no atomics).
 
 // Sum over the Q threads of a channel (lanes Q*j .. Q*j+Q-1); every lane gets the same sum.
 template <int Q>

@@ -23,7 +23,7 @@
 //                              to with atomicAdd (see scan_cuda.cu on determinism)
 //   dA_part [R, I, N], dD_part [R, I], dbias_part [R, I]     : float32: partial sums per row
 //                              r = b * S + s (batch row, time segment; R = partial_rows()), each
-//                              element written by one thread (the caller sums the R rows in order)
+//                              element written by one thread (the caller sums the R rows: no atomics)
 //   scratch                  : scratch_floats() floats (segment-end states and step sums; S > 1)
 //
 // Math, per batch row b and channel i (everything in float32, whatever `dtype`):
