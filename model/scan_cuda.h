@@ -46,12 +46,14 @@
 namespace coil::scan_cuda {
 
 // Time steps per chunk. The forward pass keeps h only at chunk ends; the backward pass recomputes a
-// chunk's 32 states from the previous chunk's end into shared memory, then sweeps the adjoint back.
+// chunk's 32 states from the previous chunk's end into shared memory (version 2 for N > 16: 16 at a
+// time), then sweeps the adjoint back. Version 2's time segments are whole chunks.
 constexpr int kChunk = 32;
 // The largest state size the kernels take (mamba uses 16).
 constexpr int kMaxState = 64;
-// Channels per thread block: each channel is served by 4 threads, one quarter of the state each,
-// so a block is 64 threads (two warps of 8 channels).
+// Channels per thread block. Version 1: each channel is served by 4 threads, one quarter of the
+// state each, so a block is 64 threads (two warps of 8 channels). Version 2: 4, 8 or 16 threads a
+// channel (N <= 16, 32, 64), blocks of 64, 128 or 256 threads.
 constexpr int kChannelsPerBlock = 16;
 
 inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
