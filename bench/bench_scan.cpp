@@ -1,10 +1,12 @@
 // Selective scan forward+backward: the fused CPU kernel against the ATen reference, in one run.
 //   bench_scan [--B 4] [--I 1536] [--N 16] [--L 1024] [--reps 3]
 // Prints the time of each and the ratio.
-//   bench_scan --device cuda [--B 8] [--I 1536] [--N 16] [--L 2048] [--reps 20]
-// The CUDA kernel at mamba-130m sizes, float32 and bfloat16: forward alone (no gradients, so no chunk
-// states stored) and forward+backward, each as bytes moved per second, against the device-to-device
-// copy bandwidth measured in the same run. Exits non-zero when there is no GPU.
+//   bench_scan --device cuda [--B 1,8] [--I 1536] [--N 16] [--L 2048] [--reps 20]
+// The CUDA kernels at mamba-130m sizes, for each batch size, float32 and bfloat16 and each kernel
+// version of model/scan_cuda.h (sequential, segmented): one line with the forward pass alone (no
+// gradients, so no chunk states stored) and the backward pass alone (autograd's backward of one
+// retained forward), each as bytes moved per second and as a fraction of the device-to-device copy
+// bandwidth measured in the same run. Exits non-zero when there is no GPU.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -13,6 +15,10 @@
 #include <chrono>
 
 #include "model/selective_scan.h"
+#if defined(COIL_WITH_CUDA)
+#include "model/scan_cuda.h"
+namespace scan_cuda = coil::scan_cuda;
+#endif
 
 using torch::Tensor;
 
@@ -34,7 +40,11 @@ double gpu_seconds(Fn&& fn, int reps) {
   return best;
 }
 
-int bench_cuda(int64_t B, int64_t L, int64_t I, int64_t N, int reps) {
+int bench_cuda(const std::vector<int64_t>& batches, int64_t L, int64_t I, int64_t N, int reps) {
+#if !defined(COIL_WITH_CUDA)
+  fmt::print(stderr, "bench_scan --device cuda: this build has no CUDA kernels\n");
+  return 1;
+#else
   if (!torch::cuda::is_available()) {
     fmt::print(stderr, "bench_scan --device cuda: no CUDA device is visible (torch::cuda::is_available() is false)\n");
     return 1;
@@ -47,45 +57,55 @@ int bench_cuda(int64_t B, int64_t L, int64_t I, int64_t N, int reps) {
   const double copy_bw = copy_bytes / gpu_seconds([&] { dst.copy_(src); }, reps);
   src = Tensor(), dst = Tensor();
 
-  fmt::print("selective scan on CUDA  B={} L={} I={} N={}  ({} reps, best of 3)\n", B, L, I, N, reps);
-  fmt::print("  device-to-device copy: {:8.1f} GB/s\n", copy_bw / 1e9);
-  fmt::print("  {:10} {:14} {:>10} {:>10} {:>10}\n", "dtype", "pass", "time ms", "GB/s", "of copy");
-  for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16}) {
-    const auto io = torch::TensorOptions(dev).dtype(dtype);
-    const auto f32 = torch::TensorOptions(dev).dtype(torch::kFloat);
-    auto leaf = [](Tensor t) { return t.requires_grad_(true); };
-    Tensor u = leaf(torch::randn({B, L, I}, io)), delta = leaf((torch::randn({B, L, I}, f32) * 0.5).to(dtype));
-    Tensor z = leaf(torch::randn({B, L, I}, io));
-    Tensor Bm = leaf(torch::randn({B, L, N}, io)), Cm = leaf(torch::randn({B, L, N}, io));
-    Tensor A = leaf(-torch::arange(1, N + 1, f32).repeat({I, 1}));
-    Tensor D = leaf(torch::ones({I}, f32)), bias = leaf(torch::full({I}, -4.0, f32));
-    Tensor dy = torch::randn({B, L, I}, io);
-    const std::vector<Tensor> inputs = {u, delta, A, Bm, Cm, D, z, bias};
+  fmt::print("selective scan on CUDA  L={} I={} N={}  ({} reps, best of 3); device-to-device copy {:.1f} GB/s\n", L,
+             I, N, reps, copy_bw / 1e9);
+  const scan_cuda::Tuning saved = scan_cuda::tuning();
+  for (int64_t B : batches)
+    for (torch::Dtype dtype : {torch::kFloat, torch::kBFloat16}) {
+      const auto io = torch::TensorOptions(dev).dtype(dtype);
+      const auto f32 = torch::TensorOptions(dev).dtype(torch::kFloat);
+      auto leaf = [](Tensor t) { return t.requires_grad_(true); };
+      Tensor u = leaf(torch::randn({B, L, I}, io)), delta = leaf((torch::randn({B, L, I}, f32) * 0.5).to(dtype));
+      Tensor z = leaf(torch::randn({B, L, I}, io));
+      Tensor Bm = leaf(torch::randn({B, L, N}, io)), Cm = leaf(torch::randn({B, L, N}, io));
+      Tensor A = leaf(-torch::arange(1, N + 1, f32).repeat({I, 1}));
+      Tensor D = leaf(torch::ones({I}, f32)), bias = leaf(torch::full({I}, -4.0, f32));
+      Tensor dy = torch::randn({B, L, I}, io);
+      const std::vector<Tensor> inputs = {u, delta, A, Bm, Cm, D, z, bias};
 
-    // Bytes a pass must move at least: its inputs read once and its outputs written once.
-    const double e = u.element_size(), BLI = double(B) * L * I, BLN = double(B) * L * N;
-    const double params = 4.0 * (I * N + 2 * I);
-    const double fwd_bytes = e * (3 * BLI + 2 * BLN) + params + e * BLI;  // u, delta, z, B, C -> y
-    // backward: u, delta, z, dy, B, C -> du, ddelta, dz, dB, dC (+ parameter gradients)
-    const double bwd_bytes = e * (4 * BLI + 2 * BLN) + params + e * (3 * BLI + 2 * BLN) + params;
+      // Bytes a pass must move at least: its inputs read once and its outputs written once.
+      const double e = u.element_size(), BLI = double(B) * L * I, BLN = double(B) * L * N;
+      const double params = 4.0 * (I * N + 2 * I);
+      const double fwd_bytes = e * (3 * BLI + 2 * BLN) + params + e * BLI;  // u, delta, z, B, C -> y
+      // backward: u, delta, z, dy, B, C -> du, ddelta, dz, dB, dC (+ parameter gradients)
+      const double bwd_bytes = e * (4 * BLI + 2 * BLN) + params + e * (3 * BLI + 2 * BLN) + params;
 
-    const double t_fwd = gpu_seconds([&] {
-      torch::NoGradGuard ng;
-      coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true);
-    }, reps);
-    const double t_fb = gpu_seconds([&] {
-      Tensor y = coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true);
-      torch::autograd::grad({y}, inputs, {dy});
-    }, reps);
-    auto row = [&](const char* pass, double t, double bytes) {
-      fmt::print("  {:10} {:14} {:10.3f} {:10.1f} {:9.1f}%\n", c10::toString(dtype), pass, t * 1e3,
-                 bytes / t / 1e9, 100.0 * bytes / t / copy_bw);
-    };
-    row("forward", t_fwd, fwd_bytes);
-    row("fwd+bwd", t_fb, fwd_bytes + bwd_bytes);
-  }
-  fmt::print("  (target: the forward pass at >= 60% of the copy bandwidth)\n");
+      for (scan_cuda::Kernel k : {scan_cuda::Kernel::kSequential, scan_cuda::Kernel::kSegmented}) {
+        scan_cuda::set_tuning({k, 0});
+        scan_cuda::Params plan_f, plan_b;  // what plan() picks here, for the printout
+        for (scan_cuda::Params* p : {&plan_f, &plan_b}) {
+          p->B = B, p->L = L, p->I = I, p->N = N;
+          p->dtype = dtype == torch::kBFloat16 ? scan_cuda::DType::kBFloat16 : scan_cuda::DType::kFloat32;
+          scan_cuda::plan(*p, p == &plan_b);
+        }
+        const double t_fwd = gpu_seconds([&] {
+          torch::NoGradGuard ng;
+          coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true);
+        }, reps);
+        Tensor y = coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true);
+        const double t_bwd = gpu_seconds([&] { torch::autograd::grad({y}, inputs, {dy}, /*retain_graph=*/true); }, reps);
+        fmt::print("  B={} {:8} {:10} S={:>2}/{:<2}  forward {:7.3f} ms {:7.1f} GB/s {:5.1f}% of copy   backward "
+                   "{:7.3f} ms {:7.1f} GB/s {:5.1f}% of copy\n",
+                   B, c10::toString(dtype), k == scan_cuda::Kernel::kSequential ? "sequential" : "segmented",
+                   plan_f.segments, plan_b.segments, t_fwd * 1e3, fwd_bytes / t_fwd / 1e9,
+                   100.0 * fwd_bytes / t_fwd / copy_bw, t_bwd * 1e3, bwd_bytes / t_bwd / 1e9,
+                   100.0 * bwd_bytes / t_bwd / copy_bw);
+      }
+    }
+  scan_cuda::set_tuning(saved);
+  fmt::print("  (S = time segments forward/backward; target: >= 60% of the copy bandwidth)\n");
   return 0;
+#endif
 }
 
 }  // namespace
@@ -105,11 +125,10 @@ int main(int argc, char** argv) {
   app.add_option("--L", L);
   app.add_option("--reps", reps);
   CLI11_PARSE(app, argc, argv);
-  if (device == "cuda") {  // mamba-130m-like sizes unless given
-    if (!app.count("--B")) B = 8;
+  if (device == "cuda") {  // mamba-130m-like sizes unless given: B = 1 and 8 (FSDP's micro batches, and more)
     if (!app.count("--L")) L = 2048;
     if (!app.count("--reps")) reps = 20;
-    return bench_cuda(B, L, I, N, reps);
+    return bench_cuda(app.count("--B") ? std::vector<int64_t>{B} : std::vector<int64_t>{1, 8}, L, I, N, reps);
   }
 
   torch::manual_seed(0);

@@ -2,7 +2,15 @@
 // SiLU gate folded in. Math and layouts: scan_cuda.h. It computes what the CPU kernel
 // (scan_cpu_kernel.inc) computes, in float32 whatever the input dtype.
 //
-// Work split. The layouts are channels last ([B, L, I], channel stride 1), so at one time step the
+// Two versions, side by side and tested against the same references (tests/test_scan_cuda.cpp;
+// their indexing also in tests/python/test_scan_cuda_emulation.py for version 2):
+//   version 1 (Kernel::kSequential), described here: parallel over batch rows and channels, each
+//     thread walking the whole sequence;
+//   version 2 (Kernel::kSegmented, the default), further down with its own description: time split
+//     into segments across blocks as well, the next chunk prefetched, 4-16 threads a channel.
+// plan() (at the end) picks the version and the segments; bench_scan --device cuda times both.
+//
+// Version 1. Work split. The layouts are channels last ([B, L, I], channel stride 1), so at one time step the
 // channels of a block sit side by side in memory: threads run over channels and each thread walks
 // time sequentially, like the CPU kernel. One channel alone is too little work for a thread (B*I
 // threads would leave an H200 mostly idle), so each channel is served by 4 threads, each holding a
@@ -31,6 +39,9 @@
 // adds every channel atomically).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <algorithm>
+#include <type_traits>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -427,12 +438,572 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
   }
 }
 
+// ================================================================================================
+// Version 2, kSegmented: parallel over time as well.
+//
+// Threads. A channel's state is spread over Q threads (NS = N/Q states each, NS <= 4): Q = 4 up to
+// N = 16, 8 up to 32, 16 up to 64, so registers and shared memory per thread are those of N = 16
+// whatever N. A block is 16 channels (Q * 16 threads) of one batch row and one time segment; in a
+// warp, lane = Q*j + q (channel j of the warp's 32/Q, part q of the state).
+//
+// Segments. Time is split into S segments of whole chunks, blockIdx.z = segment. The recurrence is
+// linear in its start state: over a segment, h_end = P (.) h_start + h_local, where P = prod_t
+// exp(dt_t A) = exp(A sum_t dt_t) and h_local is the end state from h_start = 0. So, when S > 1:
+//   1. local pass (grid B x I/16 x S): each block runs its segment from 0, writes h_local and
+//      sum dt to scratch (no outputs);
+//   2. combine (one thread per (b, i, n), S steps): h_start(s+1) = P_s h_start(s) + h_local(s),
+//      written over h_local in place;
+//   3. full pass (same grid): each block runs its segment from its true start state, writing y,
+//      the chunk-end states, and the final state (last segment).
+// The backward pass mirrors it in reverse time for the adjoint: the carry c_t = exp(dt_t A) g_t
+// passed from step t to t-1 obeys c_start = P (.) c_end + c_local, so a local pass from c = 0 at
+// each segment's end, a reverse combine, and the full backward pass from the true carry. S = 1 is
+// the full pass alone. S is chosen by plan(): 1 when B*I/16 blocks already fill half the GPU's
+// resident slots, else about twice the slots over, at least 4 chunks (128 steps) per segment.
+//
+// Overlap. Each thread loads its share of the next chunk's inputs (u, delta, z, dy, B, C rows) into
+// registers (raw dtype) right after the current chunk's tile is in shared memory, so the loads are
+// in flight while the chunk is computed; only the conversion and the shared-memory store wait.
+//
+// Backward shared memory. The recomputed states of a chunk (hist) are kept per thread in shared
+// memory; for N > 16 a chunk is swept in two halves of 16 steps (the upper half first: its start
+// state is recomputed through the lower half in registers, then the lower half is recomputed and
+// swept), so hist holds 16 steps: 1.25x the recompute for half the memory. Per block: 8 tiles of
+// 32 x 16 floats, B and C rows of the chunk, hist: 52 KiB (N <= 16: 4 resident blocks, 8 warps per
+// SM), 56 KiB (N <= 32: 4 blocks, 16 warps), 100 KiB (N <= 64: 2 blocks, 16 warps; the first
+// kernel: 1 block, 2 warps).
+//
+// Arithmetic. The step h = e h + dt u B is written with explicit __fmaf_rn / __fmul_rn (no
+// contraction choices by the compiler), so the backward recomputes the forward's states bit for
+// bit. Reductions and determinism as in version 1; the dA/dD/dbias partial rows are per (batch row,
+// segment), summed by the caller (a fixed-shape reduction, no atomics).
+
+// Sum over the Q threads of a channel (lanes Q*j .. Q*j+Q-1); every lane gets the same sum.
+template <int Q>
+__device__ __forceinline__ float sum_group(float v) {
+#pragma unroll
+  for (int o = 1; o < Q; o <<= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// The levels of the sum over the channels of a warp: xor offsets 16, 8, .. down to Q (lane bits
+// above the part index q), each a channel_sum_level.
+template <int K, int OFF, int Q>
+__device__ __forceinline__ void channel_levels(float* v, int lane, int& first, bool& writer) {
+  if constexpr (OFF >= Q) {
+    channel_sum_level<K>(v, lane, OFF, first, writer);
+    channel_levels<(K > 1 ? K / 2 : 1), OFF / 2, Q>(v, lane, first, writer);
+  }
+}
+// How many sums a lane holds afterwards.
+template <int NS, int Q>
+constexpr int group_channel_width() {
+  int k = NS;
+  for (int off = 16; off >= Q; off /= 2) k = k > 1 ? k / 2 : 1;
+  return k;
+}
+template <int NS, int Q>
+__device__ __forceinline__ int sum_group_channels(float (&v)[NS], int lane, bool& writer) {
+  int first = 0;
+  writer = true;
+  channel_levels<NS, 16, Q>(v, lane, first, writer);
+  return first;
+}
+
+// One step of the recurrence for one state element, in the fixed order both passes use.
+__device__ __forceinline__ float scan_step(float e, float h, float dtu, float b) {
+  return __fmaf_rn(e, h, __fmul_rn(dtu, b));
+}
+
+template <int Q>
+struct Group {
+  int tid, lane, j, q;  // thread in block, lane, channel in block (0..15), part of the state
+  int64_t b, i0, i;     // batch row, first channel of the block, this thread's channel
+  int s;                // time segment
+  bool valid;           // i < I
+};
+template <int Q>
+__device__ __forceinline__ Group<Q> group_place(int64_t I) {
+  Group<Q> w;
+  w.tid = threadIdx.x;
+  w.lane = w.tid % 32;
+  w.j = (w.tid / 32) * (32 / Q) + w.lane / Q;
+  w.q = w.lane % Q;
+  w.b = blockIdx.y;
+  w.i0 = int64_t(blockIdx.x) * kChannelsPerBlock;
+  w.i = w.i0 + w.j;
+  w.s = blockIdx.z;
+  w.valid = w.i < I;
+  return w;
+}
+
+// The chunks [begin, end) of segment s: S segments of ceil(n_chunks / S) chunks (plan() makes S
+// such that none is empty).
+struct Span {
+  int64_t begin, end;
+};
+__device__ __forceinline__ Span segment_chunks(int64_t n_chunks, int S, int s) {
+  const int64_t per = (n_chunks + S - 1) / S;
+  const int64_t begin = s * per;
+  return {begin, begin + per < n_chunks ? begin + per : n_chunks};
+}
+
+// Register prefetch of one [kChunk, 16] tile of a [L, I] tensor (row stride st): element m of the
+// thread is e = tid + m*NT, time t0 + e/16 = t0 + tid/16 + m*NT/16, channel i0 + e%16 = i0 + tid%16;
+// outside [0, len) x [0, I): 0. The addresses are a pointer into this chunk advanced by a fixed step
+// (nothing loop-invariant across chunks for the compiler to hoist and keep live: only the loaded
+// values stay in registers while the chunk before is computed).
+template <typename T, int NT>
+__device__ __forceinline__ void prefetch_tile(const T* base, int64_t st, int64_t t0, int len, int64_t i0,
+                                              int64_t I, T (&r)[kTile / NT]) {
+  constexpr int R = NT / kChannelsPerBlock;  // time rows per step of m
+  const int row = int(threadIdx.x) / kChannelsPerBlock, col = int(threadIdx.x) % kChannelsPerBlock;
+  const bool col_in = i0 + col < I;
+  const T* ptr = base + (t0 + row) * st + i0 + col;
+#pragma unroll
+  for (int m = 0; m < kTile / NT; ++m, ptr += R * st)
+    r[m] = (col_in && row + m * R < len) ? *ptr : from_f32<T>(0.f);
+}
+// The same for the chunk's rows of B or C ([len, N] of a contiguous [B, L, N]) as a [kChunk, NP]
+// tile: element e = tid + m*NT at row e/NP = tid/NP + m*NT/NP, column e%NP = tid%NP; 0 beyond len
+// rows and N columns.
+template <typename T, int NT, int NP>
+__device__ __forceinline__ void prefetch_rows(const T* base, int64_t N, int64_t row0, int len,
+                                              T (&r)[kChunk * NP / NT]) {
+  constexpr int R = NT / NP;
+  const int row = int(threadIdx.x) / NP, n = int(threadIdx.x) % NP;
+  const T* ptr = base + (row0 + row) * N + n;
+#pragma unroll
+  for (int m = 0; m < kChunk * NP / NT; ++m, ptr += R * N)
+    r[m] = (n < N && row + m * R < len) ? *ptr : from_f32<T>(0.f);
+}
+template <typename T, int NT, int NP>
+__device__ __forceinline__ void store_rows(const T (&r)[kChunk * NP / NT], float* dst) {
+#pragma unroll
+  for (int m = 0; m < kChunk * NP / NT; ++m) dst[int(threadIdx.x) + m * NT] = to_f32(r[m]);
+}
+
+// The scratch of a segmented launch: per (b, s, i) the segment's N-vector (h_local, then h_start;
+// or the adjoint's carry), then per (b, s, i) the segment's sum of dt.
+__device__ __forceinline__ int64_t seg_row(const Params& p, int64_t b, int s, int64_t i) {
+  return (b * p.segments + s) * p.I + i;
+}
+__device__ __forceinline__ float* seg_sdt(const Params& p) { return p.scratch + p.B * p.segments * p.I * p.N; }
+
 // ------------------------------------------------------------------------------------------------
-// Launch: NS = N/4 rounded up to a power of two (N <= 64), and the input dtype.
+// Forward, version 2. kLocal: the local pass (from h = 0; writes h_local and sum dt to scratch).
+// Resident blocks per SM that the register budget must allow (__launch_bounds__' second argument):
+// forward, 16 warps (at most 128 registers a thread); backward, what its shared memory allows anyway
+// (6, 4, 2 blocks: 12 or 16 warps).
+template <int Q> constexpr int fwd_min_blocks() { return 16 * 32 / (kChannelsPerBlock * Q); }
+template <int Q> constexpr int bwd_min_blocks() { return Q == 4 ? 6 : Q == 8 ? 4 : 2; }
+
+template <typename T, int NS, int Q, bool kLocal>
+__global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) seg_forward_kernel(const Params p) {
+  constexpr int NT = kChannelsPerBlock * Q, NP = Q * NS, PER = kTile / NT, PBC = kChunk * NP / NT;
+  static_assert(kTile % NT == 0 && (kChunk * NP) % NT == 0, "whole tiles per thread");
+  __shared__ float u_s[kTile], dt_s[kTile];
+  __shared__ float gate_s[kLocal ? 1 : kTile], y_s[kLocal ? 1 : kTile];
+  __shared__ __align__(16) float B_s[kChunk * NP];
+  __shared__ __align__(16) float C_s[kLocal ? 4 : kChunk * NP];
+
+  const Group<Q> w = group_place<Q>(p.I);
+  const int64_t I = p.I, L = p.L, N = p.N, n_chunks = (L + kChunk - 1) / kChunk;
+  const Span span = segment_chunks(n_chunks, p.segments, w.s);
+  const bool from_scratch = !kLocal && p.segments > 1;  // start from the combined h_start
+  float A2[NS], h[NS];
+#pragma unroll
+  for (int k = 0; k < NS; ++k) {
+    const int64_t n = w.q * NS + k;
+    const bool in = w.valid && n < N;
+    A2[k] = in ? p.A[w.i * N + n] * kLog2e : 0.f;
+    h[k] = (in && from_scratch) ? p.scratch[seg_row(p, w.b, w.s, w.i) * N + n] : 0.f;
+  }
+  const float Dv = (!kLocal && w.valid && p.D) ? p.D[w.i] : 0.f;
+  // Tile element e = tid + m*NT has channel i0 + e%16 = i0 + tid%16 for every m (NT is a multiple of 16).
+  const int64_t i_e = w.i0 + int(threadIdx.x) % kChannelsPerBlock;
+  const float bias_j = (p.delta_bias && i_e < I) ? p.delta_bias[i_e] : 0.f;
+  const T* u = static_cast<const T*>(p.u) + w.b * p.u_sb;
+  const T* delta = static_cast<const T*>(p.delta) + w.b * p.delta_sb;
+  const T* z = (!kLocal && p.z) ? static_cast<const T*>(p.z) + w.b * p.z_sb : nullptr;
+  const T* Bm = static_cast<const T*>(p.Bm) + w.b * L * N;
+  const T* Cm = static_cast<const T*>(p.Cm) + w.b * L * N;
+  T* y = kLocal ? nullptr : static_cast<T*>(p.y) + w.b * L * I;
+
+  T ru[PER], rd[PER], rz[PER], rB[PBC], rC[PBC];
+  auto prefetch = [&](int64_t c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    prefetch_tile<T, NT>(u, p.u_st, t0, len, w.i0, I, ru);
+    prefetch_tile<T, NT>(delta, p.delta_st, t0, len, w.i0, I, rd);
+    if (z) prefetch_tile<T, NT>(z, p.z_st, t0, len, w.i0, I, rz);
+    prefetch_rows<T, NT, NP>(Bm, N, t0, len, rB);
+    if constexpr (!kLocal) prefetch_rows<T, NT, NP>(Cm, N, t0, len, rC);
+  };
+  float sdt = 0.f;  // the local pass: sum of dt over the segment
+  prefetch(span.begin);
+  for (int64_t c = span.begin; c < span.end; ++c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    // The tile from the registers: u, dt = softplus(delta + bias), silu(z). Outside the sequence
+    // and the channels, u = dt = 0 (h stays 0 there and nothing is written).
+#pragma unroll
+    for (int m = 0; m < PER; ++m) {
+      const int e = w.tid + m * NT;
+      const bool in = e / kChannelsPerBlock < len && i_e < I;
+      u_s[e] = in ? to_f32(ru[m]) : 0.f;
+      dt_s[e] = in ? step_size(to_f32(rd[m]) + bias_j, p.softplus) : 0.f;
+      if constexpr (!kLocal) {
+        float gate = 1.f;
+        if (z && in) {
+          const float zz = to_f32(rz[m]);
+          gate = zz * sigmoid(zz);
+        }
+        gate_s[e] = gate;
+      }
+    }
+    store_rows<T, NT, NP>(rB, B_s);
+    if constexpr (!kLocal) store_rows<T, NT, NP>(rC, C_s);
+    if (c + 1 < span.end) prefetch(c + 1);  // in flight during the compute below
+    __syncthreads();
+
+    for (int t = 0; t < len; ++t) {
+      const int x = t * kChannelsPerBlock + w.j;
+      const float dt = dt_s[x], uu = u_s[x], dtu = __fmul_rn(dt, uu);
+      float Bt[NS];
+      load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+      if constexpr (kLocal) {
+#pragma unroll
+        for (int k = 0; k < NS; ++k) h[k] = scan_step(decay(dt, A2[k]), h[k], dtu, Bt[k]);
+        sdt += dt;
+      } else {
+        float Ct[NS];
+        load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+        float hc = 0.f;
+#pragma unroll
+        for (int k = 0; k < NS; ++k) {
+          h[k] = scan_step(decay(dt, A2[k]), h[k], dtu, Bt[k]);
+          hc += h[k] * Ct[k];
+        }
+        hc = sum_group<Q>(hc);
+        if (w.q == 0) y_s[x] = (hc + Dv * uu) * gate_s[x];
+      }
+    }
+    if (!kLocal && p.states && w.valid) {
+      float* st = p.states + ((w.b * I + w.i) * n_chunks + c) * N;
+#pragma unroll
+      for (int k = 0; k < NS; ++k)
+        if (w.q * NS + k < N) st[w.q * NS + k] = h[k];
+    }
+    __syncthreads();  // y_s complete; and every thread is done with this chunk's tiles
+    if constexpr (!kLocal) {
+#pragma unroll
+      for (int m = 0; m < PER; ++m) {
+        const int e = w.tid + m * NT;
+        const int t = e / kChannelsPerBlock;
+        const int64_t i = w.i0 + e % kChannelsPerBlock;
+        if (t < len && i < I) y[(t0 + t) * I + i] = from_f32<T>(y_s[e]);
+      }
+    }
+  }
+  if (!w.valid) return;
+  float* out = nullptr;
+  if (kLocal) out = p.scratch + seg_row(p, w.b, w.s, w.i) * N;
+  else if (p.final_state && span.end == n_chunks) out = p.final_state + (w.b * I + w.i) * N;
+  if (out) {
+#pragma unroll
+    for (int k = 0; k < NS; ++k)
+      if (w.q * NS + k < N) out[w.q * NS + k] = h[k];
+  }
+  if (kLocal && w.q == 0) seg_sdt(p)[seg_row(p, w.b, w.s, w.i)] = sdt;
+}
+
+// The combine pass over the segments, one thread per (b, i, n): forward (kReverse false), v holds
+// h_local and becomes h_start: h_start(0) = 0, h_start(s+1) = P_s h_start(s) + h_local(s); reverse,
+// v holds the adjoint's local carry and becomes the carry into the segment's last step: c(S-1) = 0,
+// c(s-1) = P_s c(s) + c_local(s). P_s = exp(A sum dt over segment s).
+template <bool kReverse>
+__global__ void __launch_bounds__(256) combine_kernel(const Params p) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= p.B * p.I * p.N) return;
+  const int64_t n = idx % p.N, i = (idx / p.N) % p.I, b = idx / (p.N * p.I);
+  const int S = p.segments;
+  const float A2 = p.A[i * p.N + n] * kLog2e;
+  const float* sdt = seg_sdt(p);
+  float c = 0.f;
+  for (int r = 0; r < S; ++r) {
+    const int s = kReverse ? S - 1 - r : r;
+    const int64_t row = seg_row(p, b, s, i);
+    float* v = p.scratch + row * p.N + n;
+    const float local = *v;
+    *v = c;
+    c = __fmaf_rn(decay(sdt[row], A2), c, local);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward, version 2. kLocal: the adjoint's local pass (carry from 0 at the segment's end; writes
+// the carry out of the segment's first step and sum dt to scratch; no gradients).
+template <int NS, int Q>
+constexpr int bwd_halves() { return Q * NS > 16 ? 2 : 1; }
+// At 16 threads a channel registers are tightest: there the start state of a half, h_{lo-1}, is kept
+// in hist (slot 0, the half's states in slots 1..KH) rather than in registers.
+template <int Q>
+constexpr int bwd_hist_start_slots() { return Q == 16 ? 1 : 0; }
+template <int NS, int Q, bool kLocal>
+constexpr size_t seg_backward_smem_floats() {
+  constexpr int NT = kChannelsPerBlock * Q, NP = Q * NS, KH = kChunk / bwd_halves<NS, Q>();
+  return kLocal ? size_t(2) * kTile + size_t(kChunk) * NP
+                : size_t(8) * kTile + size_t(2) * kChunk * NP + size_t(KH + bwd_hist_start_slots<Q>()) * NS * NT;
+}
+
+// `#pragma unroll kRolled` with kRolled = 0 (leave the choice to the compiler) is what is meant;
+// nvcc says so with warning 20168, silenced for this kernel only.
+#pragma nv_diag_suppress 20168
+template <typename T, int NS, int Q, bool kLocal>
+__global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) seg_backward_kernel(const Params p) {
+  constexpr int NT = kChannelsPerBlock * Q, NP = Q * NS, PER = kTile / NT, PBC = kChunk * NP / NT;
+  constexpr int H = bwd_halves<NS, Q>(), KH = kChunk / H, S0 = bwd_hist_start_slots<Q>();
+  constexpr bool kStartInHist = S0 > 0;
+  // At 16 threads a channel the time loops below also stay rolled (unroll count 1; 0 leaves the
+  // choice to the compiler): their bodies have NS-fold independent work, and it keeps the kernel
+  // within 128 registers without spills.
+  constexpr int kRolled = Q == 16 ? 1 : 0;
+  static_assert(kTile % NT == 0 && (kChunk * NP) % NT == 0, "whole tiles per thread");
+  extern __shared__ __align__(16) float smem[];
+  // Local pass: dt, ds, C. Full pass: the layout of version 1, hist for KH steps.
+  float* dt_s = smem;
+  float* ds_s = dt_s + kTile;
+  float* C_s = ds_s + kTile;
+  float* u_s = C_s + kChunk * NP;    // (full pass only, from here)
+  float* dsig_s = u_s + kTile;
+  float* dyg_s = dsig_s + kTile;
+  float* du_s = dyg_s + kTile;
+  float* ddelta_s = du_s + kTile;
+  float* dz_s = ddelta_s + kTile;
+  float* B_s = dz_s + kTile;
+  float* hist = B_s + kChunk * NP;  // [S0 + KH][NS][NT]: each thread its own column
+
+  const Group<Q> w = group_place<Q>(p.I);
+  const int64_t I = p.I, L = p.L, N = p.N, n_chunks = (L + kChunk - 1) / kChunk;
+  const Span span = segment_chunks(n_chunks, p.segments, w.s);
+  const bool from_scratch = !kLocal && p.segments > 1;
+  float A[NS], A2[NS], g[NS], dA[NS];
+#pragma unroll
+  for (int k = 0; k < NS; ++k) {
+    const int64_t n = w.q * NS + k;
+    const bool in = w.valid && n < N;
+    A[k] = in ? p.A[w.i * N + n] : 0.f;
+    A2[k] = A[k] * kLog2e;
+    // The carry exp(dt_{t+1} A) g_{t+1} into the segment's last step: 0 after the sequence's end.
+    g[k] = (in && from_scratch) ? p.scratch[seg_row(p, w.b, w.s, w.i) * N + n] : 0.f;
+    dA[k] = 0.f;
+  }
+  const float Dv = (w.valid && p.D) ? p.D[w.i] : 0.f;
+  const int64_t i_e = w.i0 + int(threadIdx.x) % kChannelsPerBlock;  // the channel of each tile element
+  const float bias_j = (p.delta_bias && i_e < I) ? p.delta_bias[i_e] : 0.f;
+  float dD = 0.f, dbias = 0.f, sdt = 0.f;
+  const T* u = static_cast<const T*>(p.u) + w.b * p.u_sb;
+  const T* delta = static_cast<const T*>(p.delta) + w.b * p.delta_sb;
+  const T* z = p.z ? static_cast<const T*>(p.z) + w.b * p.z_sb : nullptr;
+  const T* dy = static_cast<const T*>(p.dy) + w.b * p.dy_sb;
+  const T* Bm = static_cast<const T*>(p.Bm) + w.b * L * N;
+  const T* Cm = static_cast<const T*>(p.Cm) + w.b * L * N;
+
+  T ru[PER], rd[PER], rz[PER], rg[PER], rB[PBC], rC[PBC];
+  auto prefetch = [&](int64_t c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+    if constexpr (!kLocal) prefetch_tile<T, NT>(u, p.u_st, t0, len, w.i0, I, ru);
+    prefetch_tile<T, NT>(delta, p.delta_st, t0, len, w.i0, I, rd);
+    if (z) prefetch_tile<T, NT>(z, p.z_st, t0, len, w.i0, I, rz);
+    prefetch_tile<T, NT>(dy, p.dy_st, t0, len, w.i0, I, rg);
+    if constexpr (!kLocal) prefetch_rows<T, NT, NP>(Bm, N, t0, len, rB);
+    prefetch_rows<T, NT, NP>(Cm, N, t0, len, rC);
+  };
+  prefetch(span.end - 1);
+  for (int64_t c = span.end - 1; c >= span.begin; --c) {
+    const int64_t t0 = c * kChunk;
+    const int len = int(L - t0 < kChunk ? L - t0 : kChunk);
+#pragma unroll
+    for (int m = 0; m < PER; ++m) {
+      const int e = w.tid + m * NT;
+      const bool in = e / kChannelsPerBlock < len && i_e < I;
+      float uu = 0.f, dt = 0.f, dsig = 0.f, ds = 0.f, dyg = 0.f;
+      if (in) {
+        const float x = to_f32(rd[m]) + bias_j;
+        dt = step_size(x, p.softplus);
+        const float gy = to_f32(rg[m]);
+        if (z) {
+          const float zz = to_f32(rz[m]), sg = sigmoid(zz);
+          ds = gy * zz * sg;                         // dy * silu(z)
+          dyg = gy * sg * (1.f + zz * (1.f - sg));   // dy * silu'(z)
+        } else {
+          ds = gy;
+        }
+        if constexpr (!kLocal) {
+          uu = to_f32(ru[m]);
+          dsig = p.softplus ? softplus_grad(x) : 1.f;
+        }
+      }
+      dt_s[e] = dt, ds_s[e] = ds;
+      if constexpr (!kLocal) u_s[e] = uu, dsig_s[e] = dsig, dyg_s[e] = dyg;
+    }
+    store_rows<T, NT, NP>(rC, C_s);
+    if constexpr (!kLocal) store_rows<T, NT, NP>(rB, B_s);
+    if (c - 1 >= span.begin) prefetch(c - 1);  // in flight during the compute below
+    __syncthreads();
+
+    if constexpr (kLocal) {
+      // The adjoint alone: g_t = ds_t C_t + carry, carry = exp(dt_t A) g_t.
+      for (int t = len - 1; t >= 0; --t) {
+        const int x = t * kChannelsPerBlock + w.j;
+        const float dt = dt_s[x], ds = ds_s[x];
+        float Ct[NS];
+        load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+#pragma unroll
+        for (int k = 0; k < NS; ++k) g[k] = decay(dt, A2[k]) * (g[k] + ds * Ct[k]);
+        sdt += dt;
+      }
+    } else {
+      float h0[NS];  // h at the end of the previous chunk (0 before the first)
+#pragma unroll
+      for (int k = 0; k < NS; ++k) {
+        const int64_t n = w.q * NS + k;
+        h0[k] = (c > 0 && w.valid && n < N) ? p.states[((w.b * I + w.i) * n_chunks + c - 1) * N + n] : 0.f;
+      }
+      for (int half = H - 1; half >= 0; --half) {
+        const int lo = half * KH;
+        if (lo >= len) continue;
+        const int hi = lo + KH < len ? lo + KH : len;
+        // 1. h_{lo-1}, through the steps below this half (registers only), then this half's states
+        //    into hist, and the pre-gate output s_t = <h_t, C_t> + D u_t for dz.
+        float h[NS], hs[NS];
+#pragma unroll
+        for (int k = 0; k < NS; ++k) h[k] = h0[k];
+#pragma unroll kRolled
+        for (int t = 0; t < lo; ++t) {
+          const int x = t * kChannelsPerBlock + w.j;
+          const float dt = dt_s[x], dtu = __fmul_rn(dt, u_s[x]);
+          float Bt[NS];
+          load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+#pragma unroll
+          for (int k = 0; k < NS; ++k) h[k] = scan_step(decay(dt, A2[k]), h[k], dtu, Bt[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < NS; ++k) {
+          if constexpr (kStartInHist) hist[k * NT + w.tid] = h[k];
+          else hs[k] = h[k];
+        }
+#pragma unroll kRolled
+        for (int t = lo; t < hi; ++t) {
+          const int x = t * kChannelsPerBlock + w.j;
+          const float dt = dt_s[x], dtu = __fmul_rn(dt, u_s[x]);
+          float Bt[NS], Ct[NS];
+          load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+          load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+          float hc = 0.f;
+#pragma unroll
+          for (int k = 0; k < NS; ++k) {
+            h[k] = scan_step(decay(dt, A2[k]), h[k], dtu, Bt[k]);
+            hist[((t - lo + S0) * NS + k) * NT + w.tid] = h[k];
+            hc += h[k] * Ct[k];
+          }
+          hc = sum_group<Q>(hc);
+          if (w.q == 0) dz_s[x] = dyg_s[x] * (hc + Dv * u_s[x]);
+        }
+        // 2. The adjoint sweep over the half, last step first (as version 1).
+#pragma unroll kRolled
+        for (int t = hi - 1; t >= lo; --t) {
+          const int x = t * kChannelsPerBlock + w.j;
+          const float dt = dt_s[x], uu = u_s[x], ds = ds_s[x], dtu = __fmul_rn(dt, uu);
+          float Bt[NS], Ct[NS];
+          load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+          load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+          float gB = 0.f, gAh = 0.f, dBv[NS], dCv[NS];
+#pragma unroll
+          for (int k = 0; k < NS; ++k) {
+            const float gn = g[k] + ds * Ct[k];
+            const float e = decay(dt, A2[k]);
+            const float hprev = (kStartInHist || t > lo) ? hist[((t - 1 - lo + S0) * NS + k) * NT + w.tid] : hs[k];
+            const float qv = gn * e * hprev;
+            dA[k] += dt * qv;
+            gAh += qv * A[k];
+            gB += gn * Bt[k];
+            dBv[k] = gn * dtu;
+            dCv[k] = ds * hist[((t - lo + S0) * NS + k) * NT + w.tid];
+            g[k] = e * gn;
+          }
+          gB = sum_group<Q>(gB);
+          gAh = sum_group<Q>(gAh);
+          if (w.q == 0) {
+            const float dd = (gAh + uu * gB) * dsig_s[x];
+            du_s[x] = ds * Dv + dt * gB;
+            ddelta_s[x] = dd;
+            dD += ds * uu;
+            dbias += dd;
+          }
+          bool wB, wC;
+          const int fB = sum_group_channels<NS, Q>(dBv, w.lane, wB);
+          const int fC = sum_group_channels<NS, Q>(dCv, w.lane, wC);
+          const int64_t row = (w.b * L + t0 + t) * N;
+#pragma unroll
+          for (int m = 0; m < group_channel_width<NS, Q>(); ++m) {
+            const int64_t nB = w.q * NS + fB + m, nC = w.q * NS + fC + m;
+            if (wB && nB < N) atomicAdd(p.dB + row + nB, dBv[m]);
+            if (wC && nC < N) atomicAdd(p.dC + row + nC, dCv[m]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the output tiles are complete; every thread is done with the input tiles
+    if constexpr (!kLocal) {
+      T* du = static_cast<T*>(p.du) + w.b * L * I;
+      T* ddelta = static_cast<T*>(p.ddelta) + w.b * L * I;
+      T* dz = p.dz ? static_cast<T*>(p.dz) + w.b * L * I : nullptr;
+#pragma unroll
+      for (int m = 0; m < PER; ++m) {
+        const int e = w.tid + m * NT;
+        const int t = e / kChannelsPerBlock;
+        if (t < len && i_e < I) {
+          const int64_t o = (t0 + t) * I + i_e;
+          du[o] = from_f32<T>(du_s[e]);
+          ddelta[o] = from_f32<T>(ddelta_s[e]);
+          if (dz) dz[o] = from_f32<T>(dz_s[e]);
+        }
+      }
+    }
+  }
+  if (!w.valid) return;
+  const int64_t r = w.b * p.segments + w.s;  // the partial row
+  if constexpr (kLocal) {
+#pragma unroll
+    for (int k = 0; k < NS; ++k)
+      if (w.q * NS + k < N) p.scratch[seg_row(p, w.b, w.s, w.i) * N + w.q * NS + k] = g[k];
+    if (w.q == 0) seg_sdt(p)[seg_row(p, w.b, w.s, w.i)] = sdt;
+  } else {
+#pragma unroll
+    for (int k = 0; k < NS; ++k)
+      if (w.q * NS + k < N) p.dA_part[(r * I + w.i) * N + w.q * NS + k] = dA[k];
+    if (w.q == 0) {
+      p.dD_part[r * I + w.i] = dD;
+      p.dbias_part[r * I + w.i] = dbias;
+    }
+  }
+}
+#pragma nv_diag_default 20168
+
+// ================================================================================================
+// Launch.
+Tuning g_tuning;  // set by tests and benchmarks only (not thread-safe)
+
+cudaStream_t current_stream(const Params& p) { return c10::cuda::getCurrentCUDAStream(p.device).stream(); }
+
+// Version 1: NS = N/4 rounded up to a power of two (N <= 64), and the input dtype.
 template <typename T, int NS>
 const char* launch(const Params& p, bool backward) {
   const dim3 grid(unsigned(num_channel_blocks(p.I)), unsigned(p.B));
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  cudaStream_t stream = current_stream(p);
   if (!backward) {
     forward_kernel<T, NS><<<grid, kThreads, 0, stream>>>(p);
   } else {
@@ -457,13 +1028,134 @@ const char* launch_ns(const Params& p, bool backward) {
   return "state size above kMaxState";
 }
 
+// Version 2: the (dtype, NS, Q) instantiation for p, passed to f as tag values.
+template <int V> using Int = std::integral_constant<int, V>;
+template <typename T, typename F>
+const char* with_state_layout(const Params& p, F&& f) {
+  if (p.N <= 4) return f(T{}, Int<1>{}, Int<4>{});
+  if (p.N <= 8) return f(T{}, Int<2>{}, Int<4>{});
+  if (p.N <= 16) return f(T{}, Int<4>{}, Int<4>{});
+  if (p.N <= 32) return f(T{}, Int<4>{}, Int<8>{});
+  if (p.N <= kMaxState) return f(T{}, Int<4>{}, Int<16>{});
+  return "state size above kMaxState";
+}
+template <typename F>
+const char* with_config(const Params& p, F&& f) {
+  return p.dtype == DType::kBFloat16 ? with_state_layout<__nv_bfloat16>(p, f) : with_state_layout<float>(p, f);
+}
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// The backward kernels' dynamic shared memory, allowed above 48 KiB.
+template <typename T, int NS, int Q, bool kLocal>
+const char* backward_attributes(size_t& bytes) {
+  bytes = seg_backward_smem_floats<NS, Q, kLocal>() * sizeof(float);
+  const cudaError_t err = cudaFuncSetAttribute(seg_backward_kernel<T, NS, Q, kLocal>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T, int NS, int Q>
+const char* launch_segmented(const Params& p, bool backward) {
+  constexpr int NT = kChannelsPerBlock * Q;
+  const dim3 grid(unsigned(num_channel_blocks(p.I)), unsigned(p.B), unsigned(p.segments));
+  const unsigned combine_blocks = unsigned((p.B * p.I * p.N + 255) / 256);
+  cudaStream_t stream = current_stream(p);
+  const char* err = nullptr;
+  if (!backward) {
+    if (p.segments > 1) {
+      seg_forward_kernel<T, NS, Q, true><<<grid, NT, 0, stream>>>(p);
+      if ((err = last_error())) return err;
+      combine_kernel<false><<<combine_blocks, 256, 0, stream>>>(p);
+      if ((err = last_error())) return err;
+    }
+    seg_forward_kernel<T, NS, Q, false><<<grid, NT, 0, stream>>>(p);
+    return last_error();
+  }
+  size_t bytes = 0;
+  if (p.segments > 1) {
+    if ((err = backward_attributes<T, NS, Q, true>(bytes))) return err;
+    seg_backward_kernel<T, NS, Q, true><<<grid, NT, bytes, stream>>>(p);
+    if ((err = last_error())) return err;
+    combine_kernel<true><<<combine_blocks, 256, 0, stream>>>(p);
+    if ((err = last_error())) return err;
+  }
+  if ((err = backward_attributes<T, NS, Q, false>(bytes))) return err;
+  seg_backward_kernel<T, NS, Q, false><<<grid, NT, bytes, stream>>>(p);
+  return last_error();
+}
+
+// Resident blocks per SM of the full pass (the one that bounds the choice of S).
+template <typename T, int NS, int Q>
+const char* blocks_per_sm(bool backward, int& n) {
+  constexpr int NT = kChannelsPerBlock * Q;
+  cudaError_t err;
+  if (backward) {
+    size_t bytes = 0;
+    if (const char* e = backward_attributes<T, NS, Q, false>(bytes)) return e;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_backward_kernel<T, NS, Q, false>, NT, bytes);
+  } else {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_forward_kernel<T, NS, Q, false>, NT, 0);
+  }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// A segment is at least this many chunks (128 steps): shorter ones would make the local and
+// combine passes' scratch traffic (S N-vectors per channel) a sizeable share of the inputs'.
+constexpr int64_t kMinSegmentChunks = 4;
+
 const char* run(const Params& p, bool backward) {
   if (p.B > 65535) return "batch size above 65535 (the grid's y dimension)";
+  if (p.segments < 1 || p.segments > 65535) return "segments outside [1, 65535] (plan() not called?)";
+  if (p.kernel == Kernel::kSegmented && p.segments > 1 && !p.scratch) return "segmented launch without scratch";
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
-  return p.dtype == DType::kBFloat16 ? launch_ns<__nv_bfloat16>(p, backward) : launch_ns<float>(p, backward);
+  if (p.kernel == Kernel::kSequential) {
+    if (p.segments != 1) return "the sequential kernel takes one segment";
+    return p.dtype == DType::kBFloat16 ? launch_ns<__nv_bfloat16>(p, backward) : launch_ns<float>(p, backward);
+  }
+  return with_config(p, [&](auto t, auto ns, auto q) {
+    return launch_segmented<decltype(t), decltype(ns)::value, decltype(q)::value>(p, backward);
+  });
 }
 
 }  // namespace
+
+void set_tuning(const Tuning& t) { g_tuning = t; }
+Tuning tuning() { return g_tuning; }
+
+const char* plan(Params& p, bool backward) {
+  p.kernel = g_tuning.kernel;
+  p.segments = 1;
+  if (p.kernel == Kernel::kSequential) return nullptr;
+  const int64_t n_chunks = num_chunks(p.L);
+  int64_t S = g_tuning.segments;
+  if (S <= 0) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess)
+      return cudaGetErrorString(cudaGetLastError());
+    if (const char* err = with_config(p, [&](auto t, auto ns, auto q) {
+          return blocks_per_sm<decltype(t), decltype(ns)::value, decltype(q)::value>(backward, per_sm);
+        }))
+      return err;
+    // Without segments the grid is B * I/16 blocks; past half the resident slots S = 1 (S > 1 costs
+    // a second pass over the inputs), else about two waves of blocks.
+    const int64_t blocks = p.B * num_channel_blocks(p.I), slots = int64_t(sms) * (per_sm > 0 ? per_sm : 1);
+    S = 2 * blocks >= slots ? 1 : (2 * slots + blocks - 1) / blocks;
+    S = std::min<int64_t>(S, std::max<int64_t>(1, n_chunks / kMinSegmentChunks));
+  }
+  // No empty segment: S segments of ceil(n_chunks / S) chunks.
+  S = std::max<int64_t>(1, std::min<int64_t>({S, n_chunks, 65535}));
+  const int64_t per = (n_chunks + S - 1) / S;
+  p.segments = int((n_chunks + per - 1) / per);
+  return nullptr;
+}
+
+int64_t scratch_floats(const Params& p) { return p.segments > 1 ? p.B * p.segments * p.I * (p.N + 1) : 0; }
+int64_t partial_rows(const Params& p) { return p.B * p.segments; }
 
 const char* forward(const Params& p) { return run(p, false); }
 const char* backward(const Params& p) { return run(p, true); }

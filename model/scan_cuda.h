@@ -1,6 +1,17 @@
-// The fused CUDA selective-scan kernel (internal to model/; the public entry is selective_scan.h).
+// The fused CUDA selective-scan kernels (internal to model/; the public entry is selective_scan.h).
 // Plain declarations with no LibTorch and no CUDA headers: selective_scan.cpp fills Params from
-// tensors, scan_cuda.cu launches the kernels on the current stream of Params::device.
+// tensors, calls plan() to pick the kernel and its work split, allocates what plan() asks for
+// (scratch, partial rows), and scan_cuda.cu launches the kernels on the current stream of
+// Params::device.
+//
+// Two versions side by side (the llm.c habit; both are tested against the same reference):
+//   kSequential: the first kernel. One thread block per 16 channels of one batch row walks the whole
+//     sequence: parallel over B x I only (at B = 1, I = 1536: 96 blocks for 132 SMs).
+//   kSegmented: the time axis is also split into S segments (whole chunks) handled by different
+//     blocks, so small batches fill the GPU; the chunk-end states are combined by a short pass over
+//     the segments (scan_cuda.cu explains the three passes), the next chunk's inputs are loaded
+//     while the current one is computed, and a channel's state is spread over 4, 8 or 16 threads so
+//     that N = 64 keeps the registers and shared memory of N = 16 per thread.
 //
 // Layouts (channels last, as in scan_cpu.h; element (b,t,i) of a [B, L, I] tensor at b*sb + t*st + i):
 //   u, delta, z, dy          : [B, L, I]  strided (channel stride 1), dtype `dtype`
@@ -10,8 +21,10 @@
 //   states                   : [B, I, n_chunks, N] float32: h after the last step of each chunk
 //   dB, dC                   : [B, L, N] float32, zeroed by the caller: sums over channels, added
 //                              to with atomicAdd (see scan_cuda.cu on determinism)
-//   dA_part [B, I, N], dD_part [B, I], dbias_part [B, I]     : float32: per batch row partial sums,
-//                              each element written by one thread (the caller sums over B)
+//   dA_part [R, I, N], dD_part [R, I], dbias_part [R, I]     : float32: partial sums per row
+//                              r = b * S + s (batch row, time segment; R = partial_rows()), each
+//                              element written by one thread (the caller sums the R rows: no atomics)
+//   scratch                  : scratch_floats() floats (segment-end states and step sums; S > 1)
 //
 // Math, per batch row b and channel i (everything in float32, whatever `dtype`):
 //   x_t  = delta_t + delta_bias                dt_t = softplus(x_t) (or x_t without softplus)
@@ -33,18 +46,21 @@
 namespace coil::scan_cuda {
 
 // Time steps per chunk. The forward pass keeps h only at chunk ends; the backward pass recomputes a
-// chunk's 32 states from the previous chunk's end into shared memory, then sweeps the adjoint back.
+// chunk's 32 states from the previous chunk's end into shared memory (version 2 for N > 16: 16 at a
+// time), then sweeps the adjoint back. Version 2's time segments are whole chunks.
 constexpr int kChunk = 32;
 // The largest state size the kernels take (mamba uses 16).
 constexpr int kMaxState = 64;
-// Channels per thread block: each channel is served by 4 threads, one quarter of the state each,
-// so a block is 64 threads (two warps of 8 channels).
+// Channels per thread block. Version 1: each channel is served by 4 threads, one quarter of the
+// state each, so a block is 64 threads (two warps of 8 channels). Version 2: 4, 8 or 16 threads a
+// channel (N <= 16, 32, 64), blocks of 64, 128 or 256 threads.
 constexpr int kChannelsPerBlock = 16;
 
 inline int64_t num_chunks(int64_t L) { return (L + kChunk - 1) / kChunk; }
 inline int64_t num_channel_blocks(int64_t I) { return (I + kChannelsPerBlock - 1) / kChannelsPerBlock; }
 
 enum class DType { kFloat32, kBFloat16 };
+enum class Kernel { kSequential, kSegmented };
 
 struct Params {
   int device = 0;  // the CUDA device of every tensor
@@ -65,7 +81,28 @@ struct Params {
   void *du = nullptr, *ddelta = nullptr, *dz = nullptr;  // dz null when there is no z
   float *dA_part = nullptr, *dD_part = nullptr, *dbias_part = nullptr;
   float *dB = nullptr, *dC = nullptr;
+  // Set by plan(): the kernel version, its number of time segments, and its scratch buffer.
+  Kernel kernel = Kernel::kSegmented;
+  int segments = 1;
+  float* scratch = nullptr;
 };
+
+// Which kernel to run and how finely to split time: automatic (the default) unless set here, for
+// tests and benchmarks. segments = 0: chosen from B*I, the SM count and the kernel's occupancy.
+struct Tuning {
+  Kernel kernel = Kernel::kSegmented;
+  int segments = 0;
+};
+void set_tuning(const Tuning& t);
+Tuning tuning();
+
+// Fills p.kernel and p.segments for a forward or a backward launch on p's shape and device; null,
+// or CUDA's message.
+const char* plan(Params& p, bool backward);
+// What the caller allocates for a planned launch: the scratch floats (0 when S = 1) and the rows
+// of the dA/dD/dbias partials (B * S).
+int64_t scratch_floats(const Params& p);
+int64_t partial_rows(const Params& p);
 
 // Launch on the current CUDA stream of p.device. Return null, or CUDA's message for a failed launch
 // (the caller turns it into a coil::Error).

@@ -135,6 +135,7 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
     scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, Dt, zt, bt, softplus);
     p.y = y.data_ptr(), p.final_state = last.data_ptr<float>();
     p.states = keep_states ? states.data_ptr<float>() : nullptr;
+    const Tensor scratch = plan(p, false, f32);
     if (const char* err = scan_cuda::forward(p)) fail("selective_scan: CUDA forward failed: {}", err);
     ctx->save_for_backward({u, delta, A, Bm, Cm, Dt, zt, bt, states});
     ctx->saved_data["softplus"] = softplus;
@@ -155,9 +156,12 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
     Tensor du = torch::empty({B, L, I}, u.options()), ddelta = torch::empty({B, L, I}, u.options());
     Tensor dz = z.defined() ? torch::empty({B, L, I}, u.options()) : Tensor();
     Tensor dB = torch::zeros({B, L, N}, f32), dC = torch::zeros({B, L, N}, f32);
-    Tensor dA_part = torch::empty({B, I, N}, f32), dD_part = torch::empty({B, I}, f32);
-    Tensor dbias_part = torch::empty({B, I}, f32);
     scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, D, z, bias, ctx->saved_data["softplus"].toBool());
+    const Tensor scratch = plan(p, true, f32);
+    // One partial row per (batch row, time segment).
+    const int64_t rows = scan_cuda::partial_rows(p);
+    Tensor dA_part = torch::empty({rows, I, N}, f32), dD_part = torch::empty({rows, I}, f32);
+    Tensor dbias_part = torch::empty({rows, I}, f32);
     p.states = states.data_ptr<float>();
     p.dy = dy.data_ptr(), p.dy_sb = dy.stride(0), p.dy_st = dy.stride(1);
     p.du = du.data_ptr(), p.ddelta = ddelta.data_ptr(), p.dz = z.defined() ? dz.data_ptr() : nullptr;
@@ -165,7 +169,8 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
     p.dbias_part = dbias_part.data_ptr<float>();
     p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
     if (const char* err = scan_cuda::backward(p)) fail("selective_scan: CUDA backward failed: {}", err);
-    // dA, dD and ddelta_bias come per batch row; summing the rows here keeps them deterministic.
+    // dA, dD and ddelta_bias come per (batch row, segment); summing the rows here (a reduction of a
+    // fixed shape, no atomics) keeps them deterministic.
     return {du,
             ddelta,
             dA_part.sum(0),
@@ -176,6 +181,15 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
             bias.defined() ? dbias_part.sum(0) : Tensor(),
             Tensor(),
             Tensor()};
+  }
+
+  // Picks the kernel and its time segments (scan_cuda::plan) and allocates its scratch.
+  static Tensor plan(scan_cuda::Params& p, bool backward, const torch::TensorOptions& f32) {
+    if (const char* err = scan_cuda::plan(p, backward)) fail("selective_scan: CUDA launch plan failed: {}", err);
+    const int64_t n = scan_cuda::scratch_floats(p);
+    Tensor scratch = n > 0 ? torch::empty({n}, f32) : Tensor();
+    p.scratch = n > 0 ? scratch.data_ptr<float>() : nullptr;
+    return scratch;
   }
 
   // Pointers, strides and sizes of the (already converted and laid out) inputs.
