@@ -1,6 +1,7 @@
 // Muon's orthogonalization under FSDP-style sharding (declared in dist/fsdp.h): each matrix's
 // momentum update is gathered whole on its owner rank, orthogonalized there once, and its rows are
-// scattered back. Owners balance the Newton-Schulz work over the ranks.
+// scattered back. Owners balance the Newton-Schulz work over the ranks; an owner runs its matrices
+// of one shape as one batched iteration (optim::newton_schulz_many).
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -41,12 +42,20 @@ optim::Muon::Orthogonalize sharded_orthogonalize(std::shared_ptr<Comm> comm, std
       comm->gather(updates[k].contiguous().view({-1}), buf, o);
       whole[k] = buf;
     }
-    // 2. Each owner orthogonalizes its matrices, once, whole.
+    // 2. Each owner orthogonalizes its matrices, once, whole: one batched iteration per shape.
+    std::vector<size_t> mine;
+    std::vector<at::Tensor> matrices;
     for (size_t k = 0; k < slots.size(); ++k) {
-      const ShardLayout& l = layouts[slots[k]];
       if (owner[slots[k]] != me) continue;
-      at::Tensor m = l.assemble(whole[k].view({ranks, l.local_numel()}));
-      at::Tensor o = optim::newton_schulz(m, ns_steps);
+      const ShardLayout& l = layouts[slots[k]];
+      mine.push_back(k);
+      matrices.push_back(l.assemble(whole[k].view({ranks, l.local_numel()})));
+    }
+    const std::vector<at::Tensor> orthogonalized = optim::newton_schulz_many(matrices, ns_steps);
+    for (size_t j = 0; j < mine.size(); ++j) {
+      const size_t k = mine[j];
+      const ShardLayout& l = layouts[slots[k]];
+      const at::Tensor& o = orthogonalized[j];
       at::Tensor padded = at::zeros({ranks * l.rows_per_rank, l.row_numel}, o.options());
       padded.narrow(0, 0, l.shape[0]).copy_(o);
       whole[k] = padded.view({-1});
