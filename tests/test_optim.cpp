@@ -360,7 +360,8 @@ std::vector<AdamWRun> run_adamw_kernels(const std::vector<torch::Tensor>& init, 
   }
   for (int step = 1; step <= steps; ++step) {
     for (size_t i = 0; i < init.size(); ++i) {
-      torch::Tensor g = step == 2 && i == 0 ? torch::Tensor() : torch::randn_like(init[i]);
+      // Drawn on CPU: the same gradients whatever the device.
+      torch::Tensor g = step == 2 && i == 0 ? torch::Tensor() : torch::randn(init[i].sizes()).to(init[i].options());
       for (auto& r : runs) r.params[i].mutable_grad() = g.defined() ? g.clone() : g;
     }
     for (auto& o : opts) o->step(1e-3 * step);
@@ -452,10 +453,11 @@ TEST(Hybrid, OnePassNormAndClipEqualTheReference) {
 namespace {
 // The top-level operators and host syncs of one hybrid step (norm, clip, Muon, AdamW) of a tiny
 // model with `layers` blocks.
-OpCounts count_hybrid_step(int layers, bool reference) {
+OpCounts count_hybrid_step(int layers, bool reference, torch::Device device = torch::kCPU) {
   MambaConfig cfg = MambaConfig::preset("tiny");
   cfg.n_layer = layers;
   MambaLM model(cfg, 0);
+  model.to(device);
   std::vector<NamedTensor> params = model.named_parameters();
   HybridOptimizer opt(params, HybridConfig{});
   opt.muon().set_reference(reference);
@@ -478,4 +480,106 @@ TEST(Hybrid, StepOperatorsDoNotGrowWithTheParameters) {
   const OpCounts ref_two = count_hybrid_step(2, true), ref_six = count_hybrid_step(6, true);
   EXPECT_GT(ref_six.top_level, ref_two.top_level + 4 * 10);
   EXPECT_EQ(ref_six.host_syncs, 6 * 10 + 2);  // 10 parameters a block, the embedding and norm_f
+}
+
+// ---- CUDA (skipped without a GPU) ---------------------------------------------------------------
+
+namespace {
+// ||a - b|| / ||b|| (Frobenius): bfloat16 Newton-Schulz's differences are spread over every entry.
+double rel_fro(const torch::Tensor& a, const torch::Tensor& b) {
+  const torch::Tensor x = a.to(torch::kCPU, torch::kDouble), y = b.to(torch::kCPU, torch::kDouble);
+  return (x - y).norm().item<double>() / y.norm().item<double>();
+}
+}  // namespace
+
+TEST(AdamWCuda, FusedAndForeachMatchTheReference) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  std::vector<torch::Tensor> cpu;
+  torch::manual_seed(11);
+  for (auto shape : {std::vector<int64_t>{1}, {7}, {16385}, {33, 5}, {3, 1, 4}, {40000}}) cpu.push_back(torch::randn(shape));
+  std::vector<torch::Tensor> gpu;
+  for (auto& t : cpu) gpu.push_back(t.to(torch::kCUDA));
+  torch::manual_seed(12);
+  std::vector<AdamWRun> on_cpu = run_adamw_kernels(cpu, 4);
+  torch::manual_seed(12);
+  std::vector<AdamWRun> on_gpu = run_adamw_kernels(gpu, 4);
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const torch::Tensor& ref = on_gpu[1].params[i];
+    EXPECT_LE(rel_err(ref.cpu(), on_cpu[1].params[i]), 1e-6) << i;           // CUDA reference == CPU's
+    EXPECT_LE(rel_err(on_gpu[0].params[i].cpu(), ref.cpu()), 1e-6) << i;     // automatic: _fused_adamw_
+    EXPECT_LE(rel_err(on_gpu[2].params[i].cpu(), ref.cpu()), 1e-6) << i;     // foreach
+    EXPECT_LE(rel_err(on_gpu[3].params[i].cpu(), ref.cpu()), 1e-6) << i;     // torch_fused
+    EXPECT_FALSE(torch::equal(on_gpu[0].params[i].cpu(), cpu[i])) << i;
+  }
+  for (size_t j = 0; j < on_gpu[1].state.size(); ++j) {
+    EXPECT_LE(rel_err(on_gpu[0].state[j].tensor.cpu(), on_gpu[1].state[j].tensor.cpu()), 1e-6) << j;
+    EXPECT_LE(rel_err(on_gpu[2].state[j].tensor.cpu(), on_gpu[1].state[j].tensor.cpu()), 1e-6) << j;
+  }
+  // On CUDA automatic is LibTorch's fused kernel: one call per weight decay, no host sync.
+  std::vector<torch::Tensor> ps = {gpu[0].clone(), gpu[1].clone(), gpu[2].clone()};
+  AdamW opt(AdamWConfig{});
+  for (size_t i = 0; i < ps.size(); ++i) {
+    opt.add(std::to_string(i), ps[i], i != 1);
+    ps[i].mutable_grad() = torch::randn_like(ps[i]);
+  }
+  OpCounter counter;
+  opt.step(1e-3);
+  EXPECT_EQ(counter.counts().top_level_by_name.at("aten::_fused_adamw_"), 2);
+  EXPECT_EQ(counter.counts().host_syncs, 0);
+}
+
+TEST(MuonCuda, BatchedMatchesPerMatrix) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(13);
+  std::vector<torch::Tensor> cpu = random_matrices(), gpu;
+  for (auto& m : cpu) gpu.push_back(m.to(torch::kCUDA));
+  std::vector<torch::Tensor> batched = newton_schulz_many(gpu, 5);
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    ASSERT_EQ(batched[i].sizes(), gpu[i].sizes());
+    EXPECT_EQ(batched[i].scalar_type(), torch::kFloat);
+    // bfloat16 on CUDA: batched == per-matrix up to bfloat16 rounding, and near CPU's float32.
+    EXPECT_LE(rel_fro(batched[i], newton_schulz(gpu[i], 5)), 2e-2) << i;
+    EXPECT_LE(rel_fro(batched[i], newton_schulz(cpu[i], 5)), 5e-2) << i;
+  }
+  // A whole step: the momentum is float32 foreach ops (== the per-tensor ops), the update bf16.
+  Muon fast(MuonConfig{}), ref(MuonConfig{});
+  ref.set_reference(true);
+  std::vector<torch::Tensor> a, b;
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    a.push_back(gpu[i].clone()), b.push_back(gpu[i].clone());
+    fast.add(std::to_string(i), a[i], true);
+    ref.add(std::to_string(i), b[i], true);
+  }
+  for (int step = 0; step < 2; ++step) {
+    for (size_t i = 0; i < gpu.size(); ++i) {
+      torch::Tensor g = torch::randn_like(gpu[i]);
+      a[i].mutable_grad() = g.clone(), b[i].mutable_grad() = g.clone();
+    }
+    fast.step(0.02);
+    ref.step(0.02);
+  }
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    EXPECT_LE(rel_err(fast.state()[i].tensor.cpu(), ref.state()[i].tensor.cpu()), 1e-6) << i;
+    EXPECT_LE(rel_fro(a[i] - gpu[i], b[i] - gpu[i]), 2e-2) << i;
+  }
+}
+
+TEST(HybridCuda, OnePassNormAndAStepOfConstantOperators) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(14);
+  std::vector<NamedTensor> ps;
+  for (auto shape : {std::vector<int64_t>{1}, {7}, {16385}, {33, 5}, {3, 1, 4}, {500000}}) {
+    torch::Tensor p = torch::zeros(shape, torch::kCUDA);
+    p.mutable_grad() = torch::randn(shape, torch::kCUDA) * 10;
+    ps.push_back({"p" + std::to_string(ps.size()), p});
+  }
+  const double want = grad_sq_norm_reference(ps);
+  {
+    OpCounter counter;
+    EXPECT_NEAR(grad_sq_norm(ps), want, 1e-6 * want);
+    EXPECT_EQ(counter.counts().host_syncs, 1);
+  }
+  const OpCounts two = count_hybrid_step(2, false, torch::kCUDA), six = count_hybrid_step(6, false, torch::kCUDA);
+  EXPECT_EQ(two.top_level, six.top_level);
+  EXPECT_EQ(six.host_syncs, 1);
 }
