@@ -66,7 +66,8 @@ void adamw_cpu_fused(AdamWLists& l, double lr, const AdamWConfig& c, int64_t t) 
   });
 }
 
-void push(AdamWLists& l, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, double wd) {
+void push(AdamWLists& l, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+          double wd) {
   l.params.push_back(p);
   l.grads.push_back(g);
   l.exp_avgs.push_back(m);
@@ -115,12 +116,14 @@ void adamw_torch_fused(AdamWLists& l, double lr, const AdamWConfig& c, int64_t t
     auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& g) {
       return g.device == p.device() && g.dtype == p.scalar_type() && g.wd == l.weight_decays[k];
     });
-    if (it == groups.end()) it = groups.insert(groups.end(), Group{p.device(), p.scalar_type(), l.weight_decays[k], {}});
+    if (it == groups.end())
+      it = groups.insert(groups.end(), Group{p.device(), p.scalar_type(), l.weight_decays[k], {}});
     push(it->lists, p, l.grads[k], l.exp_avgs[k], l.exp_avg_sqs[k], l.weight_decays[k]);
   }
   for (Group& g : groups) {
     // The kernel reads the step from a float tensor per parameter (it only reads them: one will do).
-    const at::Tensor step = at::full({}, static_cast<double>(t), at::TensorOptions().dtype(at::kFloat).device(g.device));
+    const at::Tensor step =
+        at::full({}, static_cast<double>(t), at::TensorOptions().dtype(at::kFloat).device(g.device));
     const std::vector<at::Tensor> steps(g.lists.params.size(), step);
     at::_fused_adamw_(g.lists.params, g.lists.grads, g.lists.exp_avgs, g.lists.exp_avg_sqs, /*max_exp_avg_sqs=*/{},
                       steps, lr, c.beta1, c.beta2, g.wd, c.eps, /*amsgrad=*/false, /*maximize=*/false);

@@ -58,7 +58,7 @@ at::Tensor newton_schulz_batched(const at::Tensor& stack, int steps) {
   return x.to(stack.scalar_type()).contiguous();
 }
 
-std::vector<at::Tensor> newton_schulz_many(const std::vector<at::Tensor>& updates, int steps) {
+std::vector<at::Tensor> newton_schulz_many(const std::vector<at::Tensor>& updates, int steps, int64_t max_batch_numel) {
   // Groups of one shape, dtype and device, in order of first appearance.
   struct Group {
     std::vector<size_t> members;
@@ -80,13 +80,19 @@ std::vector<at::Tensor> newton_schulz_many(const std::vector<at::Tensor>& update
       out[g.members[0]] = newton_schulz(updates[g.members[0]], steps);
       continue;
     }
-    std::vector<at::Tensor> stack;
-    for (size_t i : g.members) {
-      if (observer()) observer()(updates[i]);
-      stack.push_back(updates[i]);
+    // Batches of at most max_batch_numel elements bound the stack's extra memory.
+    const int64_t numel = std::max<int64_t>(1, updates[g.members[0]].numel());
+    const int64_t per_batch = std::max<int64_t>(1, max_batch_numel / numel);
+    for (size_t begin = 0; begin < g.members.size(); begin += static_cast<size_t>(per_batch)) {
+      const size_t end = std::min(g.members.size(), begin + static_cast<size_t>(per_batch));
+      std::vector<at::Tensor> stack;
+      for (size_t k = begin; k < end; ++k) {
+        if (observer()) observer()(updates[g.members[k]]);
+        stack.push_back(updates[g.members[k]]);
+      }
+      std::vector<at::Tensor> done = newton_schulz_batched(at::stack(stack), steps).unbind(0);
+      for (size_t k = begin; k < end; ++k) out[g.members[k]] = done[k - begin];
     }
-    std::vector<at::Tensor> done = newton_schulz_batched(at::stack(stack), steps).unbind(0);
-    for (size_t k = 0; k < g.members.size(); ++k) out[g.members[k]] = done[k];
   }
   return out;
 }

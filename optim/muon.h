@@ -52,11 +52,14 @@ at::Tensor newton_schulz(const at::Tensor& update, int steps = 5);
 at::Tensor newton_schulz_batched(const at::Tensor& stack, int steps = 5);
 
 // Orthogonalizes every matrix of `updates` (any shapes, each once): one batched iteration per
-// (shape, dtype, device), newton_schulz() for a shape met once. Results in the input order.
-std::vector<at::Tensor> newton_schulz_many(const std::vector<at::Tensor>& updates, int steps = 5);
+// (shape, dtype, device) and per max_batch_numel elements of stack (2^28, 1 GiB of float32: 130m's
+// 24 in_proj matrices are one batch, 1.4b's 48 are three), newton_schulz() for a shape met once.
+// Results in the input order.
+std::vector<at::Tensor> newton_schulz_many(const std::vector<at::Tensor>& updates, int steps = 5,
+                                           int64_t max_batch_numel = int64_t{1} << 28);
 
-// Calls fn(matrix) once per matrix orthogonalized, batched or not from now on (tests check who orthogonalizes
-// what); an empty fn stops it.
+// From now on calls fn(matrix) once per matrix orthogonalized, batched or not (tests check who
+// orthogonalizes what); an empty fn stops it.
 void observe_newton_schulz(std::function<void(const at::Tensor&)> fn);
 
 // The scale of an update of a rows x cols matrix under the rule ("keller" or "moonlight").

@@ -269,6 +269,13 @@ TEST(NewtonSchulz, ManyBatchesByShapeAndObservesEachMatrixOnce) {
     ASSERT_EQ(out[i].sizes(), ms[i].sizes()) << i;
     EXPECT_TRUE(torch::equal(out[i], newton_schulz(ms[i], 5))) << i;  // shapes on the BLAS path
   }
+  // Batches capped at 3 matrices of 64 x 128 (and below one 45 x 17 matrix: one at a time).
+  seen.clear();
+  observe_newton_schulz([&](const at::Tensor& m) { seen.push_back(m.sizes().vec()); });
+  std::vector<torch::Tensor> capped = newton_schulz_many(ms, 5, 3 * 64 * 128);
+  observe_newton_schulz({});
+  EXPECT_EQ(seen.size(), ms.size());
+  for (size_t i = 0; i < ms.size(); ++i) EXPECT_TRUE(torch::equal(capped[i], out[i])) << i;
   EXPECT_TRUE(newton_schulz_many({}, 5).empty());
   EXPECT_THROW(newton_schulz_many({torch::randn({4, 4}), torch::randn({4})}, 5), coil::Error);
 }
@@ -374,7 +381,8 @@ std::vector<AdamWRun> run_adamw_kernels(const std::vector<torch::Tensor>& init, 
 TEST(AdamW, ForeachAndTorchFusedEqualTheReference) {
   torch::manual_seed(7);
   std::vector<torch::Tensor> init;
-  for (auto shape : {std::vector<int64_t>{1}, {7}, {16385}, {33, 5}, {3, 1, 4}, {40000}}) init.push_back(torch::randn(shape));
+  for (auto shape : {std::vector<int64_t>{1}, {7}, {16385}, {33, 5}, {3, 1, 4}, {40000}})
+    init.push_back(torch::randn(shape));
   std::vector<AdamWRun> runs = run_adamw_kernels(init, 4);
   const AdamWRun &cpu_pass = runs[0], &ref = runs[1], &foreach_ = runs[2], &fused = runs[3];
   for (size_t i = 0; i < init.size(); ++i) {
@@ -496,7 +504,8 @@ TEST(AdamWCuda, FusedAndForeachMatchTheReference) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   std::vector<torch::Tensor> cpu;
   torch::manual_seed(11);
-  for (auto shape : {std::vector<int64_t>{1}, {7}, {16385}, {33, 5}, {3, 1, 4}, {40000}}) cpu.push_back(torch::randn(shape));
+  for (auto shape : {std::vector<int64_t>{1}, {7}, {16385}, {33, 5}, {3, 1, 4}, {40000}})
+    cpu.push_back(torch::randn(shape));
   std::vector<torch::Tensor> gpu;
   for (auto& t : cpu) gpu.push_back(t.to(torch::kCUDA));
   torch::manual_seed(12);
