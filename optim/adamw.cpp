@@ -75,6 +75,13 @@ void push(AdamWLists& l, const at::Tensor& p, const at::Tensor& g, const at::Ten
   l.weight_decays.push_back(wd);
 }
 
+void check_lists(const AdamWLists& l, const char* where) {
+  const size_t n = l.params.size();
+  COIL_CHECK(l.grads.size() == n && l.exp_avgs.size() == n && l.exp_avg_sqs.size() == n && l.weight_decays.size() == n,
+             "{}: {} params but {} grads, {} exp_avgs, {} exp_avg_sqs, {} weight decays", where, n, l.grads.size(),
+             l.exp_avgs.size(), l.exp_avg_sqs.size(), l.weight_decays.size());
+}
+
 bool torch_fusable(const at::Tensor& p, const at::Tensor& g) {
   return at::isFloatingType(p.scalar_type()) && g.scalar_type() == p.scalar_type() && g.device() == p.device() &&
          p.is_contiguous() && g.is_contiguous() && p.layout() == at::kStrided && g.layout() == at::kStrided;
@@ -82,6 +89,7 @@ bool torch_fusable(const at::Tensor& p, const at::Tensor& g) {
 }  // namespace
 
 void adamw_foreach(AdamWLists& l, double lr, const AdamWConfig& c, int64_t t) {
+  check_lists(l, "adamw_foreach");
   if (l.params.empty()) return;
   const double bc1 = 1 - std::pow(c.beta1, static_cast<double>(t)), bc2 = 1 - std::pow(c.beta2, static_cast<double>(t));
   at::_foreach_mul_(l.exp_avgs, c.beta1);
@@ -107,6 +115,7 @@ void adamw_torch_fused(AdamWLists& l, double lr, const AdamWConfig& c, int64_t t
     double wd;
     AdamWLists lists;
   };
+  check_lists(l, "adamw_torch_fused");
   std::vector<Group> groups;
   for (size_t k = 0; k < l.params.size(); ++k) {
     const at::Tensor& p = l.params[k];

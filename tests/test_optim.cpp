@@ -420,6 +420,10 @@ TEST(AdamW, AutomaticTakesForeachForWhatTheCpuPassCannotFuse) {
   bad.exp_avg_sqs = {torch::zeros({3})};
   bad.weight_decays = {0.0};
   EXPECT_THROW(adamw_torch_fused(bad, 1e-3, AdamWConfig{}, 1), coil::Error);
+  bad.grads = {torch::zeros({3})};
+  bad.weight_decays.clear();  // lists of unequal lengths
+  EXPECT_THROW(adamw_torch_fused(bad, 1e-3, AdamWConfig{}, 1), coil::Error);
+  EXPECT_THROW(adamw_foreach(bad, 1e-3, AdamWConfig{}, 1), coil::Error);
 }
 
 TEST(Hybrid, OnePassNormAndClipEqualTheReference) {
