@@ -74,7 +74,38 @@ void HybridOptimizer::load_state(const std::vector<NamedTensor>& tensors, int64_
   adamw_.load_state(a, steps);
 }
 
-double grad_sq_norm(const std::vector<NamedTensor>& params) {
+namespace {
+std::vector<at::Tensor> defined_grads(const std::vector<NamedTensor>& params) {
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params) {
+    const at::Tensor& g = p.tensor.grad();
+    if (!g.defined()) continue;
+    COIL_CHECK(grads.empty() || g.device() == grads[0].device(), "gradient norm: {} is on {}, the others on {}",
+               p.name, g.device().str(), grads[0].device().str());
+    grads.push_back(g);
+  }
+  return grads;
+}
+}  // namespace
+
+at::Tensor grad_sq_norm_tensor(const std::vector<NamedTensor>& params) {
+  c10::NoGradGuard no_grad;
+  const std::vector<at::Tensor> grads = defined_grads(params);
+  if (grads.empty()) return at::zeros({}, at::kDouble);
+  // Each gradient's 2-norm in float64, then the sum of their squares.
+  return at::stack(at::_foreach_norm(grads, 2, at::kDouble)).square().sum();
+}
+
+double grad_sq_norm(const std::vector<NamedTensor>& params) { return grad_sq_norm_tensor(params).item<double>(); }
+
+void clip_grads(const std::vector<NamedTensor>& params, double norm, double max_norm) {
+  if (max_norm <= 0 || norm <= max_norm) return;
+  c10::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads = defined_grads(params);
+  if (!grads.empty()) at::_foreach_mul_(grads, max_norm / (norm + 1e-6));
+}
+
+double grad_sq_norm_reference(const std::vector<NamedTensor>& params) {
   double sum = 0;
   for (const auto& p : params) {
     const at::Tensor& g = p.tensor.grad();
@@ -83,7 +114,7 @@ double grad_sq_norm(const std::vector<NamedTensor>& params) {
   return sum;
 }
 
-void clip_grads(const std::vector<NamedTensor>& params, double norm, double max_norm) {
+void clip_grads_reference(const std::vector<NamedTensor>& params, double norm, double max_norm) {
   if (max_norm <= 0 || norm <= max_norm) return;
   c10::NoGradGuard no_grad;
   const double scale = max_norm / (norm + 1e-6);
