@@ -87,8 +87,11 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   Parallel par = Parallel::start(c);
   c10::OptionalDeviceGuard device_guard;
   if (par.device.is_cuda()) device_guard.reset_device(par.device);
-  optim::LossScaler scaler(par.compute == at::kHalf,
-                           {c.loss_scale_init, 2, 0.5, c.loss_scale_growth_interval, /*min_scale=*/1});
+  const optim::LossScaleConfig lsc{c.loss_scale_init, 2, 0.5, c.loss_scale_growth_interval, /*min_scale=*/1};
+  COIL_CHECK(lsc.init_scale >= 1 && std::ldexp(1.0, std::ilogb(lsc.init_scale)) == lsc.init_scale,
+             "train.loss_scale_init must be a power of two >= 1 (unscaling is then exact), not {}", lsc.init_scale);
+  COIL_CHECK(lsc.growth_interval >= 1, "train.loss_scale_growth_interval must be >= 1, not {}", lsc.growth_interval);
+  optim::LossScaler scaler(par.compute == at::kHalf, lsc);  // float16 only: a scale of 1 otherwise
 
   // ---- The model, across the ranks ----
   data::Tokenizer tok(c.data_tokenizer);

@@ -289,6 +289,13 @@ TEST_F(Train, BadSettingsAreErrors) {
                   .find("train.device = \"cuda\""),
               std::string::npos);
   }
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b7", {"train.dtype=float16", "train.loss_scale_init=1000"}), Phase::kPretrain); })
+                .find("train.loss_scale_init must be a power of two >= 1"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b8", {"train.loss_scale_growth_interval=0"}), Phase::kPretrain); })
+                .find("train.loss_scale_growth_interval must be >= 1, not 0"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(*dir_ + "/b7"));  // nothing written
   // train_by_epochs: one epoch of the shards, in steps.
   RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
   EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
