@@ -17,7 +17,7 @@ at::Device pick_device(const std::string& setting, int local_rank, std::string* 
   COIL_CHECK(setting != "cuda" || gpus,
              "train.device = \"cuda\": CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
   if (setting == "cpu" || (setting == "auto" && !gpus)) {
-    if (why && setting == "auto") *why = at::hasCUDA() ? "auto: no GPU visible" : "auto: a LibTorch without CUDA";
+    if (why && setting == "auto") *why = "auto: no GPU visible";  // none, no driver, or a LibTorch without CUDA
     return at::kCPU;
   }
   const int n = static_cast<int>(at::getNumGPUs());

@@ -97,6 +97,10 @@ train_args=(--config /dev/null --set "data.train=$tmp/s1" --set "data.val=$tmp/s
   --set train.device=cpu)  # CPU even where a GPU is visible: the resumed run must log the same losses bit for bit
 expect no_checkpoint 1 "--resume: no checkpoint to resume from" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r0" --resume
 expect straight 0 "pretrain: done, 30 steps" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r1"
+# train.device = "auto" (the default) says what it chose; float16 says it scales the loss.
+auto_args=("${train_args[@]}" --set train.device=auto --set train.max_steps=1 --set train.dtype=float16)
+if nvidia-smi -L >/dev/null 2>&1; then want="device cuda:0 (auto: "; else want="device cpu (auto: no GPU visible), compute float16 with dynamic loss scaling"; fi
+expect auto_device 0 "$want" -- pretrain "${auto_args[@]}" --set "train.run_dir=$tmp/auto"
 "$coil" pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r2" >/dev/null 2>&1 &
 pid=$!
 for _ in $(seq 600); do [ -e "$tmp/r2/checkpoints/step-00000004" ] && break; sleep 0.05; done

@@ -541,7 +541,7 @@ TEST(Device, AutoTakesAGpuWhenOneIsVisible) {
     EXPECT_NE(why.find("GPU(s) visible, local rank 3"), std::string::npos) << why;
   } else {
     EXPECT_EQ(d, at::Device(at::kCPU));
-    EXPECT_NE(why.find("auto: "), std::string::npos) << why;
+    EXPECT_EQ(why, "auto: no GPU visible");
     EXPECT_NE(error_of([] { pick_device("cuda", 0); }).find("train.device = \"cuda\": CUDA is not available"),
               std::string::npos);
   }
@@ -549,6 +549,10 @@ TEST(Device, AutoTakesAGpuWhenOneIsVisible) {
   EXPECT_EQ(compute_dtype("float16", at::kCPU), at::kHalf);  // the CPU computes in float16 too
   EXPECT_EQ(compute_dtype("bfloat16", at::kCPU), at::kBFloat16);
   EXPECT_NE(error_of([] { compute_dtype("float8", at::kCPU); }).find("train.dtype must be"), std::string::npos);
+  // A device that cannot compute in float16 (the meta device holds no data) is named, in one line.
+  const std::string meta = error_of([] { compute_dtype("float16", at::Device(at::kMeta)); });
+  EXPECT_EQ(meta.rfind("train.dtype = \"float16\": meta cannot multiply float16 matrices here (", 0), 0u) << meta;
+  EXPECT_EQ(meta.find('\n'), std::string::npos) << meta;
 }
 
 // A loader batch of random shape (odd sizes) and mask, as the old tensor-op version made it.
