@@ -528,6 +528,28 @@ TEST_F(Train, Float16ResumeIsBitExact) {
   }
 }
 
+// On a GPU (train.device = "auto" takes it): float16 with loss scaling and bfloat16 track the CPU's
+// float32 run within 2% per step (another device: other kernels, so not bit for bit).
+TEST_F(Train, CudaFloat16AndBfloat16TrackCpuFloat32) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  train(config(*dir_ + "/g32", {"train.eval_interval=0"}), Phase::kPretrain);
+  const auto ref = metrics(*dir_ + "/g32");
+  for (const char* dtype : {"float16", "bfloat16"}) {
+    const std::string run = *dir_ + "/g-" + dtype;
+    testing::internal::CaptureStdout();
+    train(config(run, {"train.eval_interval=0", "train.device=auto", std::string("train.dtype=") + dtype}), Phase::kPretrain);
+    const std::string out = testing::internal::GetCapturedStdout();
+    EXPECT_NE(out.find("device cuda:0 (auto: "), std::string::npos) << out;
+    const auto m = metrics(run);
+    ASSERT_EQ(m.size(), ref.size()) << dtype;
+    for (size_t i = 0; i < m.size(); ++i) {
+      EXPECT_NEAR(m[i]["loss"].get<double>(), ref[i]["loss"].get<double>(), 0.02 * ref[i]["loss"].get<double>())
+          << dtype << " step " << i + 1;
+      EXPECT_EQ(m[i].contains("loss_scale"), std::string(dtype) == "float16");
+    }
+  }
+}
+
 // ---- Components of the loop ----
 
 // The device choice: "auto" is the CPU without a GPU and the rank's GPU with one; "cuda" without a
