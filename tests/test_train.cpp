@@ -554,7 +554,7 @@ TEST_F(Train, CudaFloat16AndBfloat16TrackCpuFloat32) {
 
 // The device choice: "auto" is the CPU without a GPU and the rank's GPU with one; "cuda" without a
 // GPU and an unknown dtype are one-line errors naming the key.
-TEST(Device, AutoTakesAGpuWhenOneIsVisible) {
+TEST(TrainDevice, AutoTakesAGpuWhenOneIsVisible) {
   std::string why;
   EXPECT_EQ(pick_device("cpu", 3), at::Device(at::kCPU));
   const at::Device d = pick_device("auto", 3, &why);
@@ -602,7 +602,7 @@ void expect_like_reference(const data::Batch& b, const DeviceBatch& d) {
   EXPECT_EQ(target_count(b), count);
 }
 
-TEST(Batch, ToDeviceMatchesTheTensorReference) {
+TEST(MicroBatch, ToDeviceMatchesTheTensorReference) {
   std::mt19937 rng(11);
   for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 2}, {3, 17}, {5, 33}, {2, 129}})
     for (bool masked : {false, true}) {
@@ -613,7 +613,7 @@ TEST(Batch, ToDeviceMatchesTheTensorReference) {
     }
 }
 
-TEST(Batch, CudaCopiesArePinnedAndEqual) {
+TEST(MicroBatch, CudaCopiesArePinnedAndEqual) {
   if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
   std::mt19937 rng(12);
   for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 2}, {3, 17}, {8, 2049}})
@@ -626,7 +626,7 @@ TEST(Batch, CudaCopiesArePinnedAndEqual) {
 }
 
 // Checkpoint staging of CUDA tensors: pinned host buffers, equal to the source, reused.
-TEST(Batch, CudaCheckpointStagingIsPinned) {
+TEST(MicroBatch, CudaCheckpointStagingIsPinned) {
   if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
   const std::string dir = fs::temp_directory_path() / fmt::format("coil-stage-{}", getpid());
   dist::CheckpointSaver saver(dir, nullptr, false, 0);
