@@ -178,7 +178,7 @@ class CheckpointSaver {
   ~CheckpointSaver();  // waits for the threads; a save not committed stays a .tmp
 
   // A host copy of `src` in a buffer kept for the next saves under `name` (no save may be in
-  // flight: finish() first).
+  // flight: finish() first); pinned memory when src is on a GPU.
   at::Tensor stage(const std::string& name, const at::Tensor& src);
   void save(SaveRequest request);
   double busy() const;           // 1 while this rank's writer is busy, else 0

@@ -312,8 +312,8 @@ FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, bool resh
 
 FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const FsdpOptions& options)
     : config_(model.config()), comm_(std::move(comm)), options_(options) {
-  COIL_CHECK(options.compute_dtype == at::kFloat || options.compute_dtype == at::kBFloat16,
-             "FSDP: the compute dtype must be float32 or bfloat16, not {}", c10::toString(options.compute_dtype));
+  COIL_CHECK(options.compute_dtype == at::kFloat || options.compute_dtype == at::kBFloat16 || options.compute_dtype == at::kHalf,
+             "FSDP: the compute dtype must be float32, bfloat16 or float16, not {}", c10::toString(options.compute_dtype));
   COIL_CHECK(options.reduce_dtype == at::kFloat || options.reduce_dtype == at::kBFloat16,
              "FSDP: the reduce dtype must be float32 or bfloat16, not {}", c10::toString(options.reduce_dtype));
   c10::NoGradGuard no_grad;

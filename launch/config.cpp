@@ -77,8 +77,10 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "nan_policy", &c.nan_policy},
       {"train", "threads", &c.threads},
       {"train", "reshard_after_forward", &c.reshard_after_forward},
-      {"train", "device", &c.device, {"cpu", "cuda"}},
-      {"train", "dtype", &c.dtype, {"float32", "bfloat16"}},
+      {"train", "device", &c.device, {"auto", "cpu", "cuda"}},
+      {"train", "dtype", &c.dtype, {"float32", "bfloat16", "float16"}},
+      {"train", "loss_scale_init", &c.loss_scale_init},
+      {"train", "loss_scale_growth_interval", &c.loss_scale_growth_interval},
       {"train", "reduce_dtype", &c.reduce_dtype, {"float32", "bfloat16"}},
       {"train", "overlap_comm", &c.overlap_comm},
   };

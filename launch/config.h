@@ -59,8 +59,12 @@ struct RunConfig {
   std::string nan_policy = "stop";         // or "skip"
   int64_t threads = 0;                     // 0: all cores (under MPI: the node's cores / its ranks)
   bool reshard_after_forward = true;       // FSDP: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
-  std::string device = "cpu";              // or "cuda": one GPU per rank (local rank mod the GPUs), NCCL between them
-  std::string dtype = "float32";           // compute dtype, or "bfloat16" (float32 master weights and optimizer state)
+  std::string device = "auto";             // "cuda": one GPU per rank (local rank mod the GPUs), NCCL between them;
+                                           // "cpu"; "auto": cuda when the rank sees a GPU, else cpu
+  std::string dtype = "float32";           // compute dtype, or "bfloat16" / "float16" (float32 master weights and
+                                           // optimizer state; float16 with dynamic loss scaling)
+  double loss_scale_init = 65536;          // float16: the first loss scale (a power of two)
+  int64_t loss_scale_growth_interval = 2000;  // float16: finite steps in a row before the scale doubles
   std::string reduce_dtype = "float32";    // FSDP gradient reduce-scatter: "float32" or "bfloat16"
   bool overlap_comm = true;                // CUDA: prefetch all-gathers, overlap reduce-scatters with backward
 

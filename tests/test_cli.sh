@@ -86,11 +86,21 @@ printf '[train]\nmax_steps = "four"\n' >"$tmp/bad.toml"
 expect wrong_type 1 "$tmp/bad.toml:2: train.max_steps must be an integer" -- pretrain --config "$tmp/bad.toml"
 expect missing_config 1 "cannot read config $tmp/none.toml" -- pretrain --config "$tmp/none.toml"
 expect bad_set 1 "--set optim.lr=1: unknown key optim.lr" -- pretrain --config /dev/null --set optim.lr=1
+expect bad_dtype 1 "--set train.dtype=float8: train.dtype must be \"float32\" or \"bfloat16\" or \"float16\", not \"float8\"" \
+  -- pretrain --config /dev/null --set train.dtype=float8 --set "train.run_dir=$tmp/bad_dtype"
+[ -e "$tmp/bad_dtype" ] && { failed=$((failed + 1)); echo "FAIL bad_dtype: the run directory was written"; }
+expect bad_device 1 "train.device must be \"auto\" or \"cpu\" or \"cuda\", not \"gpu\"" \
+  -- pretrain --config /dev/null --set train.device=gpu --set "train.run_dir=$tmp/bad_device"
 train_args=(--config /dev/null --set "data.train=$tmp/s1" --set "data.val=$tmp/s2" --set "data.tokenizer=$tmp/tok.model"
   --set train.seq_len=32 --set train.global_batch_size=2 --set train.micro_batch_size=1 --set train.max_steps=30
-  --set train.eval_interval=10 --set train.eval_batches=2 --set train.checkpoint_interval=2 --set train.threads=1)
+  --set train.eval_interval=10 --set train.eval_batches=2 --set train.checkpoint_interval=2 --set train.threads=1
+  --set train.device=cpu)  # CPU even where a GPU is visible: the resumed run must log the same losses bit for bit
 expect no_checkpoint 1 "--resume: no checkpoint to resume from" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r0" --resume
 expect straight 0 "pretrain: done, 30 steps" -- pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r1"
+# train.device = "auto" (the default) says what it chose; float16 says it scales the loss.
+auto_args=("${train_args[@]}" --set train.device=auto --set train.max_steps=1 --set train.dtype=float16)
+if nvidia-smi -L >/dev/null 2>&1; then want="device cuda:0 (auto: "; else want="device cpu (auto: no GPU visible), compute float16 with dynamic loss scaling"; fi
+expect auto_device 0 "$want" -- pretrain "${auto_args[@]}" --set "train.run_dir=$tmp/auto"
 "$coil" pretrain "${train_args[@]}" --set "train.run_dir=$tmp/r2" >/dev/null 2>&1 &
 pid=$!
 for _ in $(seq 600); do [ -e "$tmp/r2/checkpoints/step-00000004" ] && break; sleep 0.05; done

@@ -20,7 +20,8 @@ python3 "$here/tiny_corpus.py" c.jsonl
 "$coil" data prepare --input c.jsonl --tokenizer tok.model --output shards >/dev/null || fail prepare
 args=(--config /dev/null --set data.train=shards --set data.val=shards --set data.tokenizer=tok.model
   --set train.seq_len=32 --set train.global_batch_size=6 --set train.micro_batch_size=1 --set train.max_steps=8
-  --set train.eval_interval=4 --set train.eval_batches=2 --set train.checkpoint_interval=4 --set train.threads=1)
+  --set train.eval_interval=4 --set train.eval_batches=2 --set train.checkpoint_interval=4 --set train.threads=1
+  --set train.device=cpu)  # CPU ranks even where a GPU is visible (train.device = "auto" would take it)
 compare() {  # the losses and val losses of two runs, within $3 relative (default 1e-5)
   python3 -c '
 import json, sys
@@ -40,6 +41,12 @@ compare one three || fail "3 ranks log other losses than 1 process"
 compare one bf16 0.01 || fail "bf16 on 2 ranks does not track float32 within 1%"
 grep -q "compute bfloat16, master weights and optimizer state float32, gradient reduce-scatter bfloat16" bf16.log ||
   fail "the bf16 run does not say its precision"
+# float16 compute with dynamic loss scaling on 2 ranks (FSDP) tracks the float32 run within 1%.
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=fp16 --set train.dtype=float16 \
+  >fp16.log 2>&1 || fail "float16 on 2 ranks: $(tail -3 fp16.log)"
+grep -q "compute float16 with dynamic loss scaling (scale 65536, doubled after 2000 finite steps)" fp16.log ||
+  fail "float16 on 2 ranks: the start-up line does not say float16 with loss scaling"
+compare one fp16 0.01 || fail "float16 on 2 ranks does not track float32 within 1%"
 # Back to step 4 of the 3-rank run, resumed on 2 ranks.
 rm -rf three/checkpoints/step-00000008 three/checkpoints/final
 ln -sfn step-00000004 three/checkpoints/latest

@@ -1,5 +1,7 @@
 // The training loop end to end on a tiny model and tiny data: config errors, bit-exact resume,
-// checkpoints (shapes checked by name), SFT from a pretrained checkpoint, NaN handling.
+// checkpoints (shapes checked by name), SFT from a pretrained checkpoint, NaN handling, float16
+// with dynamic loss scaling; and its components: the device choice, micro batches to the device,
+// the loss scaler.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -7,13 +9,17 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
 
 #include "data/shards.h"
 #include "data/tokenizer.h"
 #include "dist/checkpoint.h"
+#include "launch/batch.h"
 #include "launch/config.h"
+#include "launch/parallel.h"
 #include "launch/trainer.h"
 #include "model/mamba.h"
+#include "optim/loss_scale.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -78,7 +84,8 @@ class Train : public ::testing::Test {
                                      "data.tokenizer=" + *dir_ + "/tok.model", "train.run_dir=" + run_dir,
                                      "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
                                      "train.max_steps=6", "train.eval_interval=3", "train.eval_batches=2",
-                                     "train.checkpoint_interval=3", "train.threads=2", "optim.warmup_steps=2"};
+                                     "train.checkpoint_interval=3", "train.threads=2", "optim.warmup_steps=2",
+                                     "train.device=cpu"};
     sets.insert(sets.end(), extra.begin(), extra.end());
     return RunConfig::load("", sets);
   }
@@ -130,11 +137,16 @@ TEST(Config, ErrorsNameTheKeyAndTheLine) {
 // The device and precision keys take only the values named in the error, with file:line.
 TEST(Config, DeviceAndDtypeKeys) {
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-dtype-{}.toml", getpid());
-  write(path, "[train]\nmax_steps = 10\ndtype = \"float16\"\n");
+  write(path, "[train]\nmax_steps = 10\ndtype = \"float8\"\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
-                .find(path + ":3: train.dtype must be \"float32\" or \"bfloat16\", not \"float16\""),
+                .find(path + ":3: train.dtype must be \"float32\" or \"bfloat16\" or \"float16\", not \"float8\""),
             std::string::npos);
-  EXPECT_NE(error_of([&] { RunConfig::load("", {"train.device=tpu"}); }).find("train.device must be \"cpu\" or \"cuda\""),
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"train.device=tpu"}); })
+                .find("train.device must be \"auto\" or \"cpu\" or \"cuda\", not \"tpu\""),
+            std::string::npos);
+  EXPECT_EQ(RunConfig::load("", {"train.dtype=float16"}).dtype, "float16");
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"train.loss_scale_growth_interval=often"}); })
+                .find("train.loss_scale_growth_interval must be an integer"),
             std::string::npos);
   EXPECT_NE(error_of([&] { RunConfig::load("", {"train.reduce_dtype=fp8"}); }).find("train.reduce_dtype must be"),
             std::string::npos);
@@ -142,7 +154,7 @@ TEST(Config, DeviceAndDtypeKeys) {
   EXPECT_EQ(c.dtype, "bfloat16");
   EXPECT_EQ(c.reduce_dtype, "bfloat16");
   EXPECT_FALSE(c.overlap_comm);
-  EXPECT_EQ(RunConfig::load("", {}).device, "cpu");
+  EXPECT_EQ(RunConfig::load("", {}).device, "auto");
   std::remove(path.c_str());
 }
 
@@ -154,6 +166,12 @@ TEST(Config, TheShippedConfigsParse) {
   }
   EXPECT_EQ(RunConfig::load(std::string(COIL_SOURCE_DIR) + "/configs/sft.toml", {}).pretrained_checkpoint_path,
             "runs/pretrain-130m/checkpoints/final");
+  // The cluster configs (what slurm/*.sbatch run) train on the GPUs they get, in bfloat16.
+  for (const char* name : {"pretrain", "sft"}) {
+    RunConfig c = RunConfig::load(fmt::format("{}/configs/{}.toml", COIL_SOURCE_DIR, name), {});
+    EXPECT_EQ(c.device, "auto") << name;
+    EXPECT_EQ(c.dtype, "bfloat16") << name;
+  }
 }
 
 TEST_F(Train, ResumeIsBitExact) {
@@ -271,6 +289,13 @@ TEST_F(Train, BadSettingsAreErrors) {
                   .find("train.device = \"cuda\""),
               std::string::npos);
   }
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b7", {"train.dtype=float16", "train.loss_scale_init=1000"}), Phase::kPretrain); })
+                .find("train.loss_scale_init must be a power of two >= 1"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { train(config(*dir_ + "/b8", {"train.loss_scale_growth_interval=0"}), Phase::kPretrain); })
+                .find("train.loss_scale_growth_interval must be >= 1, not 0"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(*dir_ + "/b7"));  // nothing written
   // train_by_epochs: one epoch of the shards, in steps.
   RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
   EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
@@ -305,4 +330,311 @@ TEST_F(Train, Bfloat16TracksFloat32) {
   EXPECT_TRUE(differs);  // it did compute in bfloat16
   EXPECT_LT(b.last_loss, mb.front()["loss"].get<double>());
   (void)f;
+}
+
+// ---- float16 with dynamic loss scaling ----
+
+// Sets the first g.size() parameters' gradients to g.
+void set_grads(const std::vector<NamedTensor>& params, const std::vector<torch::Tensor>& g) {
+  for (size_t i = 0; i < g.size(); ++i) params[i].tensor.mutable_grad() = g[i].clone();
+}
+
+TEST(LossScale, ScalingAndUnscalingAreExact) {
+  torch::manual_seed(3);
+  optim::LossScaler s(true, {1024, 2, 0.5, 5, 1});
+  const torch::Tensor loss = torch::rand({}) * 7;
+  EXPECT_TRUE(torch::equal(s.scale_loss(loss), loss * 1024));
+  // Gradients that arrive times S come back bit for bit (odd shapes, and a missing gradient).
+  std::vector<NamedTensor> params = {{"a", torch::zeros({3, 5})}, {"b", torch::zeros({7})}, {"c", torch::zeros({1})}};
+  const std::vector<torch::Tensor> g = {torch::randn({3, 5}), torch::randn({7}) * 1e-6};
+  set_grads(params, {g[0] * 1024, g[1] * 1024});
+  s.unscale(params);
+  EXPECT_TRUE(torch::equal(params[0].tensor.grad(), g[0]));
+  EXPECT_TRUE(torch::equal(params[1].tensor.grad(), g[1]));
+  EXPECT_FALSE(params[2].tensor.grad().defined());
+  // The norm of the scaled gradients, unscaled, is the norm of the gradients.
+  const double sq = (g[0] * 1024).to(torch::kDouble).pow(2).sum().item<double>();
+  EXPECT_DOUBLE_EQ(s.unscaled_norm(sq), g[0].to(torch::kDouble).norm().item<double>());
+  // Disabled: a scale of 1 and nothing touched.
+  optim::LossScaler off(false);
+  EXPECT_EQ(off.scale(), 1);
+  EXPECT_TRUE(off.scale_loss(loss).is_same(loss));
+  EXPECT_TRUE(off.state().empty());
+}
+
+TEST(LossScale, OverflowSkipsAndHalvesAndGoodStepsGrow) {
+  using V = optim::LossScaler::Verdict;
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
+  optim::LossScaler s(true, {8, 2, 0.5, 3, 1});
+  EXPECT_EQ(s.judge(2.5, 0.7), V::kStep);
+  EXPECT_EQ(s.judge(2.5, inf), V::kOverflow);
+  EXPECT_EQ(s.judge(2.5, nan), V::kOverflow);
+  EXPECT_EQ(s.judge(nan, 0.7), V::kNonFinite);  // a non-finite loss is not the scaling's doing
+  EXPECT_EQ(s.judge(inf, inf), V::kNonFinite);
+  s.update(V::kStep);
+  s.update(V::kStep);
+  EXPECT_EQ(s.good_steps(), 2);
+  s.update(V::kOverflow);  // halves, and the run of good steps starts again
+  EXPECT_EQ(s.scale(), 4);
+  EXPECT_EQ(s.good_steps(), 0);
+  for (int i = 0; i < 3; ++i) s.update(V::kStep);
+  EXPECT_EQ(s.scale(), 8);  // doubled after 3 good steps in a row
+  EXPECT_EQ(s.good_steps(), 0);
+  for (int i = 0; i < 5; ++i) s.update(V::kOverflow);
+  EXPECT_EQ(s.scale(), 1);  // not below min_scale
+  EXPECT_EQ(s.judge(2.5, inf), V::kNonFinite);  // at the floor an overflow is train.nan_policy's
+  EXPECT_NE(error_of([&] { s.update(V::kNonFinite); }).find("train.nan_policy"), std::string::npos);
+  // Disabled: nothing is an overflow.
+  EXPECT_EQ(optim::LossScaler(false).judge(2.5, inf), V::kNonFinite);
+}
+
+TEST(LossScale, StateRoundTripsAndBadSettingsAreErrors) {
+  using V = optim::LossScaler::Verdict;
+  optim::LossScaler a(true, {65536, 2, 0.5, 4, 1});
+  a.update(V::kOverflow);
+  a.update(V::kStep);
+  a.update(V::kStep);
+  optim::LossScaler b(true, {65536, 2, 0.5, 4, 1});
+  b.load_state(a.state());
+  EXPECT_EQ(b.scale(), 32768);
+  EXPECT_EQ(b.good_steps(), 2);
+  b.load_state({{"tokens_seen", "5"}});  // a checkpoint without a scaler's state changes nothing
+  EXPECT_EQ(b.scale(), 32768);
+  EXPECT_NE(error_of([&] { b.load_state({{"loss_scale", "3"}, {"loss_scale_good_steps", "0"}}); })
+                .find("loss_scale 3 is not a power of two"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { optim::LossScaler(true, {1000, 2, 0.5, 4, 1}); }).find("must be a power of two"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { optim::LossScaler(true, {1024, 2, 0.5, 0, 1}); }).find("growth interval must be >= 1"),
+            std::string::npos);
+}
+
+// A float16 backward whose gradient overflows: the scaler calls it an overflow, and after backing
+// off the same backward is finite and unscales to the float32 gradient (close).
+TEST(LossScale, AFloat16OverflowIsCaughtAndTheSmallerScaleWorks) {
+  torch::manual_seed(1);
+  const torch::Tensor w = torch::randn({16, 8}, torch::requires_grad()), x = torch::randn({4, 8});
+  std::vector<NamedTensor> params = {{"w", w}};
+  auto backward = [&](const optim::LossScaler& s) {
+    w.mutable_grad() = torch::Tensor();
+    s.scale_loss(torch::linear(x.to(torch::kHalf), w.to(torch::kHalf)).to(torch::kFloat).pow(2).sum()).backward();
+    return optim::grad_sq_norm(params);
+  };
+  w.mutable_grad() = torch::Tensor();
+  torch::linear(x, w).pow(2).sum().backward();
+  const torch::Tensor reference = w.grad().clone();
+  optim::LossScaler s(true, {std::ldexp(1.0, 20), 2, 0.5, 100, 1});
+  EXPECT_EQ(s.judge(1.0, s.unscaled_norm(backward(s))), optim::LossScaler::Verdict::kOverflow);
+  for (int i = 0; i < 12; ++i) s.update(optim::LossScaler::Verdict::kOverflow);
+  const double norm = s.unscaled_norm(backward(s));
+  ASSERT_EQ(s.judge(1.0, norm), optim::LossScaler::Verdict::kStep);
+  s.unscale(params);
+  EXPECT_TRUE(torch::allclose(w.grad(), reference, 1e-2, 1e-2));
+  EXPECT_NEAR(norm, reference.norm().item<double>(), 1e-2 * norm);
+}
+
+// float16 compute with loss scaling on CPU (float32 master weights): trains, and its losses track
+// float32 training's step for step.
+TEST_F(Train, Float16TracksFloat32) {
+  train(config(*dir_ + "/h32", {"train.eval_interval=0"}), Phase::kPretrain);
+  const TrainResult h = train(config(*dir_ + "/h16", {"train.eval_interval=0", "train.dtype=float16"}), Phase::kPretrain);
+  const auto mf = metrics(*dir_ + "/h32"), mh = metrics(*dir_ + "/h16");
+  ASSERT_EQ(mf.size(), mh.size());
+  bool differs = false;
+  for (size_t i = 0; i < mf.size(); ++i) {
+    const double lf = mf[i]["loss"], lh = mh[i]["loss"];
+    EXPECT_NEAR(lh, lf, 0.01 * lf) << "step " << i + 1;  // within 1%
+    EXPECT_NEAR(mh[i]["grad_norm"].get<double>(), mf[i]["grad_norm"].get<double>(), 0.05 * mf[i]["grad_norm"].get<double>());
+    EXPECT_EQ(mh[i]["loss_scale"], 65536.0);
+    EXPECT_FALSE(mh[i]["skipped"].get<bool>());
+    EXPECT_FALSE(mf[i].contains("loss_scale"));
+    differs |= lh != lf;
+  }
+  EXPECT_TRUE(differs);  // it did compute in float16
+  EXPECT_LT(h.last_loss, mh.front()["loss"].get<double>());
+}
+
+// An injected overflow: a first scale far too large for float16 makes the first steps' gradients
+// inf. Each such step is skipped (logged, no update), the scale halves until the gradients fit,
+// and the scale then doubles after each run of growth_interval finite steps.
+TEST_F(Train, Float16OverflowIsSkippedAndTheScaleHalves) {
+  const std::string run = *dir_ + "/h16-overflow";
+  testing::internal::CaptureStderr();
+  const TrainResult r = train(config(run, {"train.eval_interval=0", "train.dtype=float16", "train.max_steps=12",
+                                           "train.loss_scale_init=1048576", "train.loss_scale_growth_interval=3"}),
+                              Phase::kPretrain);
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(r.steps, 12);
+  EXPECT_NE(err.find("step 1: float16 gradients overflowed (inf/NaN) at loss scale 1048576: step skipped, scale halved"),
+            std::string::npos)
+      << err;
+  const auto m = metrics(run);
+  ASSERT_EQ(m.size(), 12u);
+  EXPECT_TRUE(m[0]["skipped"].get<bool>());
+  EXPECT_TRUE(m[0]["grad_norm"].is_null());  // inf
+  int64_t skipped = 0, good_run = 0;
+  for (size_t i = 0; i + 1 < m.size(); ++i) {
+    const double s = m[i]["loss_scale"], next = m[i + 1]["loss_scale"];
+    if (m[i]["skipped"].get<bool>()) {
+      ++skipped;
+      good_run = 0;
+      EXPECT_EQ(next, s / 2) << "step " << i + 1;
+    } else {
+      EXPECT_EQ(next, ++good_run == 3 ? s * 2 : s) << "step " << i + 1;
+      if (good_run == 3) good_run = 0;
+    }
+  }
+  EXPECT_GE(skipped, 1);
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), skipped + (m.back()["skipped"].get<bool>() ? 1 : 0));
+  EXPECT_FALSE(m.back()["skipped"].get<bool>());
+  // The skipped steps changed no weight: the first step that was taken starts from the initial model.
+  const auto first_taken = std::find_if(m.begin(), m.end(), [](const nlohmann::json& l) { return !l["skipped"].get<bool>(); });
+  ASSERT_NE(first_taken, m.end());
+  EXPECT_NEAR((*first_taken)["loss"].get<double>(), m[0]["loss"].get<double>(), 0.2);
+}
+
+// A float16 run stopped after step 3 and resumed equals the uninterrupted one bit for bit: the
+// scaler's state (scale, run of finite steps) and the optimizer's own step count are in the
+// checkpoint. The first scale is large enough for some overflows, and it grows every 2 steps.
+TEST_F(Train, Float16ResumeIsBitExact) {
+  const std::vector<std::string> h16 = {"train.dtype=float16", "train.loss_scale_init=262144",
+                                        "train.loss_scale_growth_interval=2", "train.async_checkpoint=false"};
+  const std::string straight = *dir_ + "/h16-straight", resumed = *dir_ + "/h16-resumed";
+  const TrainResult a = train(config(straight, h16), Phase::kPretrain);
+  train(config(resumed, h16), Phase::kPretrain);
+  fs::remove_all(resumed + "/checkpoints/step-00000006");
+  fs::remove(resumed + "/checkpoints/latest");
+  dist::point_link(resumed + "/checkpoints", "latest", "step-00000003");
+  const TrainResult b = train(config(resumed, h16), Phase::kPretrain);
+  const auto m1 = metrics(straight), m2 = metrics(resumed);
+  ASSERT_EQ(m1.size(), m2.size());
+  std::set<double> scales;
+  for (size_t i = 0; i < m1.size(); ++i)
+    for (const char* k : {"step", "loss", "grad_norm", "val_loss", "loss_scale", "skipped"})
+      if (m1[i].contains(k)) {
+        EXPECT_EQ(m1[i][k].dump(), m2[i][k].dump()) << "line " << i << " " << k;
+        if (std::string(k) == "loss_scale") scales.insert(m1[i][k].get<double>());
+      }
+  EXPECT_GE(scales.size(), 2u);  // the scale changed during the run
+  EXPECT_EQ(a.last_loss, b.last_loss);
+  dist::Checkpoint cp(straight + "/checkpoints/final"), cq(resumed + "/checkpoints/final");
+  EXPECT_EQ(cp.string("loss_scale"), cq.string("loss_scale"));
+  EXPECT_EQ(cp.string("loss_scale_good_steps"), cq.string("loss_scale_good_steps"));
+  for (const auto& t : cp.tensors()) {
+    torch::Tensor x = torch::empty(t.shape), y = torch::empty(t.shape);
+    cp.read(t.name, x);
+    cq.read(t.name, y);
+    EXPECT_TRUE(torch::equal(x, y)) << t.name;
+  }
+}
+
+// On a GPU (train.device = "auto" takes it): float16 with loss scaling and bfloat16 track the CPU's
+// float32 run within 2% per step (another device: other kernels, so not bit for bit).
+TEST_F(Train, CudaFloat16AndBfloat16TrackCpuFloat32) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  train(config(*dir_ + "/g32", {"train.eval_interval=0"}), Phase::kPretrain);
+  const auto ref = metrics(*dir_ + "/g32");
+  for (const char* dtype : {"float16", "bfloat16"}) {
+    const std::string run = *dir_ + "/g-" + dtype;
+    testing::internal::CaptureStdout();
+    train(config(run, {"train.eval_interval=0", "train.device=auto", std::string("train.dtype=") + dtype}), Phase::kPretrain);
+    const std::string out = testing::internal::GetCapturedStdout();
+    EXPECT_NE(out.find("device cuda:0 (auto: "), std::string::npos) << out;
+    const auto m = metrics(run);
+    ASSERT_EQ(m.size(), ref.size()) << dtype;
+    for (size_t i = 0; i < m.size(); ++i) {
+      EXPECT_NEAR(m[i]["loss"].get<double>(), ref[i]["loss"].get<double>(), 0.02 * ref[i]["loss"].get<double>())
+          << dtype << " step " << i + 1;
+      EXPECT_EQ(m[i].contains("loss_scale"), std::string(dtype) == "float16");
+    }
+  }
+}
+
+// ---- Components of the loop ----
+
+// The device choice: "auto" is the CPU without a GPU and the rank's GPU with one; "cuda" without a
+// GPU and an unknown dtype are one-line errors naming the key.
+TEST(TrainDevice, AutoTakesAGpuWhenOneIsVisible) {
+  std::string why;
+  EXPECT_EQ(pick_device("cpu", 3), at::Device(at::kCPU));
+  const at::Device d = pick_device("auto", 3, &why);
+  if (at::hasCUDA() && at::getNumGPUs() > 0) {
+    EXPECT_EQ(d, at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(3 % at::getNumGPUs())));
+    EXPECT_NE(why.find("GPU(s) visible, local rank 3"), std::string::npos) << why;
+  } else {
+    EXPECT_EQ(d, at::Device(at::kCPU));
+    EXPECT_EQ(why, "auto: no GPU visible");
+    EXPECT_NE(error_of([] { pick_device("cuda", 0); }).find("train.device = \"cuda\": CUDA is not available"),
+              std::string::npos);
+  }
+  EXPECT_NE(error_of([] { pick_device("tpu", 0); }).find("train.device must be"), std::string::npos);
+  EXPECT_EQ(compute_dtype("float16", at::kCPU), at::kHalf);  // the CPU computes in float16 too
+  EXPECT_EQ(compute_dtype("bfloat16", at::kCPU), at::kBFloat16);
+  EXPECT_NE(error_of([] { compute_dtype("float8", at::kCPU); }).find("train.dtype must be"), std::string::npos);
+  // A device that cannot compute in float16 (the meta device holds no data) is named, in one line.
+  const std::string meta = error_of([] { compute_dtype("float16", at::Device(at::kMeta)); });
+  EXPECT_EQ(meta.rfind("train.dtype = \"float16\": meta cannot multiply float16 matrices here (", 0), 0u) << meta;
+  EXPECT_EQ(meta.find('\n'), std::string::npos) << meta;
+}
+
+// A loader batch of random shape (odd sizes) and mask, as the old tensor-op version made it.
+data::Batch random_batch(std::mt19937& rng, int64_t rows, int64_t cols, bool masked) {
+  data::Batch b;
+  b.rows = rows, b.cols = cols;
+  for (int64_t i = 0; i < rows * cols; ++i) b.tokens.push_back(static_cast<int32_t>(rng() % 50000));
+  if (masked)
+    for (int64_t i = 0; i < rows * cols; ++i) b.mask.push_back(static_cast<uint8_t>(rng() % 3 == 0));
+  return b;
+}
+
+void expect_like_reference(const data::Batch& b, const DeviceBatch& d) {
+  const torch::Tensor tokens = torch::from_blob(const_cast<int32_t*>(b.tokens.data()), {b.rows, b.cols}, torch::kInt).to(torch::kLong);
+  torch::Tensor targets = tokens.narrow(1, 1, b.cols - 1).clone();
+  int64_t count = b.rows * (b.cols - 1);
+  if (!b.mask.empty()) {
+    const torch::Tensor mask = torch::from_blob(const_cast<uint8_t*>(b.mask.data()), {b.rows, b.cols}, torch::kByte).narrow(1, 1, b.cols - 1);
+    targets.masked_fill_(mask.eq(0), -100);
+    count = mask.sum().item<int64_t>();
+  }
+  EXPECT_TRUE(torch::equal(d.inputs.cpu(), tokens.narrow(1, 0, b.cols - 1)));
+  EXPECT_TRUE(torch::equal(d.targets.cpu(), targets));
+  EXPECT_EQ(d.count, count);
+  EXPECT_EQ(target_count(b), count);
+}
+
+TEST(MicroBatch, ToDeviceMatchesTheTensorReference) {
+  std::mt19937 rng(11);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 2}, {3, 17}, {5, 33}, {2, 129}})
+    for (bool masked : {false, true}) {
+      const data::Batch b = random_batch(rng, rows, cols, masked);
+      const DeviceBatch d = to_device(b, at::kCPU);
+      expect_like_reference(b, d);
+      EXPECT_FALSE(d.inputs.is_pinned());
+    }
+}
+
+TEST(MicroBatch, CudaCopiesArePinnedAndEqual) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  std::mt19937 rng(12);
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 2}, {3, 17}, {8, 2049}})
+    for (bool masked : {false, true}) {
+      const data::Batch b = random_batch(rng, rows, cols, masked);
+      const DeviceBatch d = to_device(b, at::Device(at::kCUDA, 0));
+      EXPECT_TRUE(d.inputs.is_cuda());
+      expect_like_reference(b, d);
+    }
+}
+
+// Checkpoint staging of CUDA tensors: pinned host buffers, equal to the source, reused.
+TEST(MicroBatch, CudaCheckpointStagingIsPinned) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  const std::string dir = fs::temp_directory_path() / fmt::format("coil-stage-{}", getpid());
+  dist::CheckpointSaver saver(dir, nullptr, false, 0);
+  const torch::Tensor src = torch::randn({37, 5}, torch::Device(torch::kCUDA, 0));
+  const torch::Tensor a = saver.stage("w", src);
+  EXPECT_TRUE(a.is_pinned());
+  EXPECT_TRUE(torch::equal(a, src.cpu()));
+  EXPECT_EQ(saver.stage("w", src * 2).data_ptr(), a.data_ptr());
+  EXPECT_FALSE(saver.stage("cpu", src.cpu()).is_pinned());
+  fs::remove_all(dir);
 }

@@ -1,0 +1,41 @@
+// What a run logs, written by rank 0 only: <run_dir>/metrics.jsonl (one JSON object per training
+// step and per evaluation) and TensorBoard scalars in <run_dir>/tb (a new event file per start).
+// A resumed run keeps the metrics lines up to the step it resumes from and appends after them, so
+// that the file reads as one run. Other ranks get a log that writes nothing.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "launch/tensorboard.h"
+
+namespace coil {
+
+class MetricsLog {
+ public:
+  // Opens the log of run_dir on the root rank; resume_step > 0 trims the lines past it first.
+  MetricsLog(const std::string& run_dir, bool root, int64_t resume_step);
+  // A training step's line; its numbers also go to TensorBoard as train/<key> (the non-finite
+  // ones, a skipped step's gradient norm, are left out there).
+  void step(int64_t step, const nlohmann::json& line);
+  // An evaluation: val_loss and val_ppl.
+  void eval(int64_t step, double val_loss);
+  void flush();
+
+ private:
+  void write(const nlohmann::json& line);
+  std::ofstream out_;
+  std::unique_ptr<TensorBoardWriter> tb_;
+};
+
+// metrics.jsonl of a resumed run keeps the lines up to the step it resumes from.
+void trim_metrics(const std::string& path, int64_t step);
+
+// "1h02m", "3m05s", "42s" ("?" for a negative or non-finite time): the ETA of the progress lines.
+std::string human_time(double seconds);
+
+}  // namespace coil

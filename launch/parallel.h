@@ -1,0 +1,71 @@
+// How a training run lays the model over its processes, apart from the loop (torchtitan's
+// `parallelize`): the ranks (one process, or the ranks of an MPI run), the device of each rank
+// (train.device: "auto" takes the GPU of the rank's local index when one is visible, else the
+// CPU), the compute dtype, the communicators (MPI for sums and checkpoints; NCCL for the model's
+// collectives on CUDA), and the model itself: whole on one process, or sharded FSDP-style. The
+// loop is the same either way: it calls forward, sums doubles over the ranks, and saves / reads
+// each rank's rows of every tensor through the layouts kept here.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/checkpoint.h"
+#include "dist/comm.h"
+#include "dist/fsdp.h"
+#include "launch/config.h"
+#include "model/mamba.h"
+#include "optim/hybrid.h"
+
+namespace coil {
+
+// The device a rank trains on: train.device "cpu", "cuda" (an error without a GPU) or "auto".
+// GPUs are shared out by local rank (local_rank mod the GPUs visible). `why` (optional) says how
+// "auto" decided, for the start-up line.
+at::Device pick_device(const std::string& setting, int local_rank, std::string* why = nullptr);
+
+// train.dtype as a compute dtype; an error names the key, or the device that cannot compute in it.
+at::ScalarType compute_dtype(const std::string& setting, const at::Device& device);
+
+struct Parallel {
+  int rank = 0, world = 1;
+  std::shared_ptr<dist::Comm> comm;       // null on one process; MPI (CPU tensors): sums, checkpoints
+  std::shared_ptr<dist::Comm> data_comm;  // the model's collectives: comm on CPU, NCCL on CUDA
+  at::Device device = at::kCPU;
+  std::string device_why;                 // how train.device = "auto" chose (empty otherwise)
+  at::ScalarType compute = at::kFloat;
+  std::unique_ptr<dist::FsdpMamba> fsdp;
+  MambaLM* model = nullptr;
+  std::vector<NamedTensor> params;        // what the optimizer updates: whole tensors or this rank's shards
+  std::map<std::string, size_t> index;    // parameter name -> position
+  std::vector<dist::ShardLayout> layouts; // how each parameter is split over the ranks (one rank: whole)
+
+  // Ranks, threads, device and compute dtype from the configuration (before the model exists).
+  static Parallel start(const RunConfig& c);
+  // Puts the model on the ranks: the communicators (checking that every rank runs config_text),
+  // then FSDP shards or the whole model on this rank's device.
+  void place(MambaLM& m, const RunConfig& c, const std::string& config_text);
+  // The optimizer over params (Muon's matrices orthogonalized whole, each on one owner rank).
+  std::unique_ptr<optim::HybridOptimizer> make_optimizer(const RunConfig& c) const;
+
+  bool root() const { return rank == 0; }
+  at::Tensor forward(const at::Tensor& tokens);
+  void finish_step();
+  std::vector<double> sum(std::vector<double> v) const;  // over the ranks (itself on one process)
+  std::vector<std::vector<int64_t>> shapes() const;      // the whole shapes of params
+
+  const dist::ShardLayout& layout(const std::string& param) const { return layouts[index.at(param)]; }
+  // The layout of an optimizer state tensor ("muon.<param>.momentum", "adamw.<param>.exp_avg").
+  const dist::ShardLayout& state_layout(const std::string& state) const;
+  // This rank's rows of a tensor it holds (its shard, or the whole tensor), as a host copy.
+  dist::TensorRows rows(dist::CheckpointSaver& saver, const std::string& name, const at::Tensor& local,
+                        const dist::ShardLayout& l) const;
+  // Reads this rank's rows of a checkpoint tensor into `local`.
+  void read(const dist::Checkpoint& ck, const std::string& name, const at::Tensor& local, const dist::ShardLayout& l) const;
+};
+
+}  // namespace coil

@@ -1,0 +1,96 @@
+#include "launch/run_data.h"
+
+#include <c10/core/GradMode.h>
+#include <fmt/format.h>
+
+#include <filesystem>
+
+#include "data/sft.h"
+#include "data/shards.h"
+#include "data/streaming.h"
+#include "util/error.h"
+
+namespace coil {
+namespace fs = std::filesystem;
+
+RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, const data::BatchGeometry& geo) {
+  RunData d;
+  data::ReadOptions read;
+  read.text_field = c.data_text_field;
+  read.max_bad_records = c.data_max_bad_records;
+  const data::BatchGeometry eval_geo{c.seq_len, c.micro_batch_size, c.micro_batch_size, 0, 1};
+  if (phase == Phase::kSft) {
+    auto ds = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_train), tok, c.seq_len, read);
+    d.summary = fmt::format("SFT data {}: {} examples ({} dropped: no response token fits in {}), {} response tokens",
+                            c.data_train, ds->size(), ds->dropped(), c.seq_len, ds->response_tokens());
+    d.train = data::make_indexed_loader(ds, geo, static_cast<uint64_t>(c.seed));
+    if (!c.data_val.empty()) {
+      auto val = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_val), tok, c.seq_len, read);
+      d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
+    }
+    return d;
+  }
+  auto open_shards = [&](const std::string& dir) {
+    auto shards = std::make_shared<data::TokenShards>(dir);
+    COIL_CHECK(shards->tokenizer_sha256() == tok.sha256(),
+               "{} was prepared with another tokenizer (sha256 {}) than data.tokenizer {} ({})", dir,
+               shards->tokenizer_sha256().substr(0, 12), tok.path(), tok.sha256().substr(0, 12));
+    return std::make_shared<data::PackedSamples>(shards, c.seq_len);
+  };
+  if (c.data_streaming) {
+    data::StreamingOptions o;
+    o.files = data::expand_inputs(c.data_train);
+    o.read = read;
+    o.tokenizer = tok.path();
+    o.geometry = geo;
+    o.seed = static_cast<uint64_t>(c.seed);
+    d.train = data::make_streaming_loader(o);
+    d.summary = fmt::format("streaming {} file(s) from {}", o.files.size(), c.data_train);
+  } else {
+    auto samples = open_shards(c.data_train);
+    d.train = data::make_indexed_loader(samples, geo, static_cast<uint64_t>(c.seed));
+    d.summary = fmt::format("prepared data {}: {} sequences of {} tokens per epoch", c.data_train, samples->size(), c.seq_len);
+  }
+  if (!c.data_val.empty()) {
+    if (fs::exists(fs::path(c.data_val) / "manifest.json")) {
+      auto val = open_shards(c.data_val);
+      d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
+    } else {
+      data::StreamingOptions o;
+      o.files = data::expand_inputs(c.data_val);
+      o.read = read;
+      o.tokenizer = tok.path();
+      o.geometry = eval_geo;
+      d.val = [o] { return data::make_streaming_loader(o); };
+    }
+  }
+  return d;
+}
+
+int64_t derive_steps(const RunConfig& c, const data::Loader& loader) {
+  const int64_t tokens_per_step = c.global_batch_size * c.seq_len;
+  if (!c.train_by_epochs) {
+    COIL_CHECK(c.max_steps > 0, "train.max_steps must be > 0 (or set train.train_by_epochs = true)");
+    return c.max_steps;
+  }
+  if (c.total_train_tokens > 0) return (c.total_train_tokens + tokens_per_step - 1) / tokens_per_step;
+  COIL_CHECK(loader.samples_per_epoch() > 0,
+             "train.train_by_epochs with streaming data needs train.total_train_tokens (the stream's length is unknown)");
+  COIL_CHECK(c.num_epochs > 0, "train.num_epochs must be > 0");
+  return (c.num_epochs * loader.samples_per_epoch() + c.global_batch_size - 1) / c.global_batch_size;
+}
+
+double evaluate(const Forward& model, at::Device device, RunData& d, int64_t batches) {
+  c10::NoGradGuard no_grad;
+  auto loader = d.val();
+  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  int64_t count = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    const DeviceBatch b = to_device(loader->next(), device);
+    count += b.count;
+    sum += loss_sum(model, b).to(at::kDouble);  // model: the (possibly sharded) forward
+  }
+  return sum.item<double>() / static_cast<double>(std::max<int64_t>(count, 1));
+}
+
+}  // namespace coil

@@ -1,0 +1,34 @@
+// The data of a training run: the training loader (prepared shards, streamed JSONL or an SFT set),
+// how to make the held-out batches afresh for each evaluation, and the run's length in steps
+// (train.max_steps, or epochs / total tokens over the loader). Also the evaluation itself: the
+// mean held-out loss over the first train.eval_batches micro batches.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "launch/batch.h"
+#include "launch/config.h"
+#include "launch/trainer.h"
+
+namespace coil {
+
+struct RunData {
+  std::unique_ptr<data::Loader> train;
+  std::function<std::unique_ptr<data::Loader>()> val;  // a fresh loader from the start of the val data
+  std::string summary;                                 // one line for the start-up message
+};
+
+RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, const data::BatchGeometry& geo);
+
+// Steps of the run: train.max_steps, or train.total_train_tokens / train.num_epochs in steps.
+int64_t derive_steps(const RunConfig& c, const data::Loader& loader);
+
+// Mean loss over the first `batches` micro batches of the held-out data. Every rank computes the
+// same (the sharded forward needs every rank); the loss stays on the device until the end.
+double evaluate(const Forward& model, at::Device device, RunData& d, int64_t batches);
+
+}  // namespace coil
