@@ -59,8 +59,8 @@ struct RunConfig {
   std::string nan_policy = "stop";         // or "skip"
   int64_t threads = 0;                     // 0: all cores (under MPI: the node's cores / its ranks)
   bool reshard_after_forward = true;       // FSDP: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
-  std::string device = "auto";             // "cuda": one GPU per rank (local rank mod the GPUs), NCCL between them;
-                                           // "cpu"; "auto": cuda when the rank sees a GPU, else cpu
+  std::string device = "auto";             // "cuda": one GPU per rank (by local rank), NCCL between them;
+                                           // "cpu"; "auto": cuda when the node has a GPU per rank, else cpu
   std::string dtype = "float32";           // compute dtype, or "bfloat16" / "float16" (float32 master weights and
                                            // optimizer state; float16 with dynamic loss scaling)
   double loss_scale_init = 65536;          // float16: the first loss scale (a power of two)

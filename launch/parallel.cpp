@@ -10,19 +10,31 @@
 
 namespace coil {
 
-at::Device pick_device(const std::string& setting, int local_rank, std::string* why) {
-  const bool gpus = at::hasCUDA() && at::getNumGPUs() > 0;
+at::Device pick_device(const std::string& setting, int local_rank, int local_size, int gpus, std::string* why) {
   COIL_CHECK(setting == "cpu" || setting == "cuda" || setting == "auto",
              "train.device must be \"auto\", \"cpu\" or \"cuda\", not \"{}\"", setting);
-  COIL_CHECK(setting != "cuda" || gpus,
+  COIL_CHECK(setting != "cuda" || gpus > 0,
              "train.device = \"cuda\": CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
-  if (setting == "cpu" || (setting == "auto" && !gpus)) {
-    if (why && setting == "auto") *why = "auto: no GPU visible";  // none, no driver, or a LibTorch without CUDA
+  COIL_CHECK(setting != "cuda" || local_size <= gpus,
+             "train.device = \"cuda\": {} ranks on this node and {} GPU(s) visible (each rank needs a GPU of its own: "
+             "start one rank per GPU, or set CUDA_VISIBLE_DEVICES)",
+             local_size, gpus);
+  if (setting == "cpu") return at::kCPU;
+  if (setting == "auto" && gpus == 0) {
+    if (why) *why = "auto: no GPU visible";  // none, no driver, or a LibTorch without CUDA
     return at::kCPU;
   }
-  const int n = static_cast<int>(at::getNumGPUs());
-  if (why && setting == "auto") *why = fmt::format("auto: {} GPU(s) visible, local rank {}", n, local_rank);
-  return {at::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n)};
+  if (setting == "auto" && local_size > gpus) {
+    if (why) *why = fmt::format("auto: {} GPU(s) visible for {} ranks on this node, so the CPU", gpus, local_size);
+    return at::kCPU;
+  }
+  if (why && setting == "auto") *why = fmt::format("auto: {} GPU(s) visible, local rank {}", gpus, local_rank);
+  return {at::kCUDA, static_cast<c10::DeviceIndex>(local_rank)};
+}
+
+at::Device pick_device(const std::string& setting, int local_rank, int local_size, std::string* why) {
+  const int gpus = at::hasCUDA() ? static_cast<int>(at::getNumGPUs()) : 0;
+  return pick_device(setting, local_rank, local_size, gpus, why);
 }
 
 at::ScalarType compute_dtype(const std::string& setting, const at::Device& device) {
@@ -49,7 +61,8 @@ Parallel Parallel::start(const RunConfig& c) {
   }
   if (c.threads > 0) at::set_num_threads(static_cast<int>(c.threads));
   else if (par.world > 1) at::set_num_threads(dist::cores_per_rank());
-  par.device = pick_device(c.device, dist::launched_by_mpi() ? dist::world().local_rank : 0, &par.device_why);
+  const bool mpi = dist::launched_by_mpi();
+  par.device = pick_device(c.device, mpi ? dist::world().local_rank : 0, mpi ? dist::world().local_size : 1, &par.device_why);
   par.compute = compute_dtype(c.dtype, par.device);
   return par;
 }

@@ -23,10 +23,14 @@
 
 namespace coil {
 
-// The device a rank trains on: train.device "cpu", "cuda" (an error without a GPU) or "auto".
-// GPUs are shared out by local rank (local_rank mod the GPUs visible). `why` (optional) says how
-// "auto" decided, for the start-up line.
-at::Device pick_device(const std::string& setting, int local_rank, std::string* why = nullptr);
+// The device a rank trains on: train.device "cpu", "cuda" or "auto". On CUDA each rank of a node
+// takes its own GPU (local_rank), as NCCL needs: "cuda" is an error without a GPU or with fewer GPUs
+// than ranks on the node; "auto" takes CUDA when there is a GPU for every rank of the node, else the
+// CPU. `gpus`: the GPUs visible to this process. `why` (optional) says how "auto" decided, for the
+// start-up line.
+at::Device pick_device(const std::string& setting, int local_rank, int local_size, int gpus, std::string* why = nullptr);
+// The same with the GPUs LibTorch sees here.
+at::Device pick_device(const std::string& setting, int local_rank, int local_size, std::string* why = nullptr);
 
 // train.dtype as a compute dtype; an error names the key, or the device that cannot compute in it.
 at::ScalarType compute_dtype(const std::string& setting, const at::Device& device);

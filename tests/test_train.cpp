@@ -554,20 +554,27 @@ TEST_F(Train, CudaFloat16AndBfloat16TrackCpuFloat32) {
 
 // The device choice: "auto" is the CPU without a GPU and the rank's GPU with one; "cuda" without a
 // GPU and an unknown dtype are one-line errors naming the key.
-TEST(TrainDevice, AutoTakesAGpuWhenOneIsVisible) {
+TEST(TrainDevice, AutoTakesAGpuPerRankWhenThereIsOne) {
   std::string why;
-  EXPECT_EQ(pick_device("cpu", 3), at::Device(at::kCPU));
-  const at::Device d = pick_device("auto", 3, &why);
-  if (at::hasCUDA() && at::getNumGPUs() > 0) {
-    EXPECT_EQ(d, at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(3 % at::getNumGPUs())));
-    EXPECT_NE(why.find("GPU(s) visible, local rank 3"), std::string::npos) << why;
-  } else {
-    EXPECT_EQ(d, at::Device(at::kCPU));
-    EXPECT_EQ(why, "auto: no GPU visible");
-    EXPECT_NE(error_of([] { pick_device("cuda", 0); }).find("train.device = \"cuda\": CUDA is not available"),
-              std::string::npos);
-  }
-  EXPECT_NE(error_of([] { pick_device("tpu", 0); }).find("train.device must be"), std::string::npos);
+  EXPECT_EQ(pick_device("cpu", 3, 4, 8), at::Device(at::kCPU));
+  // auto: a GPU of its own for every rank of the node, else the CPU; the reason is said.
+  EXPECT_EQ(pick_device("auto", 3, 8, 8, &why), at::Device(at::kCUDA, 3));
+  EXPECT_EQ(why, "auto: 8 GPU(s) visible, local rank 3");
+  EXPECT_EQ(pick_device("auto", 0, 1, 0, &why), at::Device(at::kCPU));
+  EXPECT_EQ(why, "auto: no GPU visible");
+  EXPECT_EQ(pick_device("auto", 2, 4, 1, &why), at::Device(at::kCPU));
+  EXPECT_EQ(why, "auto: 1 GPU(s) visible for 4 ranks on this node, so the CPU");
+  // cuda: an error without a GPU, or with ranks that would share one (NCCL refuses that).
+  EXPECT_EQ(pick_device("cuda", 1, 2, 2), at::Device(at::kCUDA, 1));
+  EXPECT_NE(error_of([] { pick_device("cuda", 0, 1, 0); }).find("train.device = \"cuda\": CUDA is not available"),
+            std::string::npos);
+  EXPECT_EQ(error_of([] { pick_device("cuda", 0, 4, 1); }),
+            "train.device = \"cuda\": 4 ranks on this node and 1 GPU(s) visible (each rank needs a GPU of its own: "
+            "start one rank per GPU, or set CUDA_VISIBLE_DEVICES)");
+  EXPECT_NE(error_of([] { pick_device("tpu", 0, 1, 0); }).find("train.device must be"), std::string::npos);
+  // What this machine has.
+  const int gpus = at::hasCUDA() ? static_cast<int>(at::getNumGPUs()) : 0;
+  EXPECT_EQ(pick_device("auto", 0, 1), gpus > 0 ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU));
   EXPECT_EQ(compute_dtype("float16", at::kCPU), at::kHalf);  // the CPU computes in float16 too
   EXPECT_EQ(compute_dtype("bfloat16", at::kCPU), at::kBFloat16);
   EXPECT_NE(error_of([] { compute_dtype("float8", at::kCPU); }).find("train.dtype must be"), std::string::npos);
