@@ -81,6 +81,7 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "dtype", &c.dtype, {"float32", "bfloat16"}},
       {"train", "reduce_dtype", &c.reduce_dtype, {"float32", "bfloat16"}},
       {"train", "overlap_comm", &c.overlap_comm},
+      {"train", "activation_checkpointing", &c.activation_checkpointing, {"none", "full"}},
   };
 }
 

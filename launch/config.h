@@ -63,6 +63,7 @@ struct RunConfig {
   std::string dtype = "float32";           // compute dtype, or "bfloat16" (float32 master weights and optimizer state)
   std::string reduce_dtype = "float32";    // FSDP gradient reduce-scatter: "float32" or "bfloat16"
   bool overlap_comm = true;                // CUDA: prefetch all-gathers, overlap reduce-scatters with backward
+  std::string activation_checkpointing = "none";  // "full": each block recomputed in backward (sharded or not)
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);

@@ -353,10 +353,12 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     fo.reduce_dtype = c.reduce_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
     fo.overlap = c.overlap_comm;
     fo.device = par.device;
+    fo.activation_checkpointing = parse_activation_checkpointing(c.activation_checkpointing, "train.activation_checkpointing");
     par.fsdp = std::make_unique<dist::FsdpMamba>(model, par.data_comm, fo);
     par.params = par.fsdp->local_parameters();
   } else {
     model.to(par.device);
+    model.set_activation_checkpointing(parse_activation_checkpointing(c.activation_checkpointing, "train.activation_checkpointing"));
     par.params = model.named_parameters();
     for (auto& p : par.params) p.tensor.requires_grad_(true);
   }

@@ -86,6 +86,9 @@ printf '[train]\nmax_steps = "four"\n' >"$tmp/bad.toml"
 expect wrong_type 1 "$tmp/bad.toml:2: train.max_steps must be an integer" -- pretrain --config "$tmp/bad.toml"
 expect missing_config 1 "cannot read config $tmp/none.toml" -- pretrain --config "$tmp/none.toml"
 expect bad_set 1 "--set optim.lr=1: unknown key optim.lr" -- pretrain --config /dev/null --set optim.lr=1
+printf '[train]\nmax_steps = 4\nactivation_checkpointing = "some"\n' >"$tmp/bad.toml"
+expect bad_checkpointing 1 "$tmp/bad.toml:3: train.activation_checkpointing must be \"none\" or \"full\", not \"some\"" -- \
+  pretrain --config "$tmp/bad.toml"
 train_args=(--config /dev/null --set "data.train=$tmp/s1" --set "data.val=$tmp/s2" --set "data.tokenizer=$tmp/tok.model"
   --set train.seq_len=32 --set train.global_batch_size=2 --set train.micro_batch_size=1 --set train.max_steps=30
   --set train.eval_interval=10 --set train.eval_batches=2 --set train.checkpoint_interval=2 --set train.threads=1)
