@@ -326,6 +326,10 @@ TEST(Fsdp, WholeWeightsFreedAfterForwardActivationsKept) {
       fsdp.finish_step();
       EXPECT_EQ(FsdpMamba::gathered_numel(), 0) << describe(fsdp.options());
     }
+  // ZeRO-3 holds after forward what ZeRO-2 holds beyond its kept weights: the freed storage's bytes
+  // did go back to the allocator.
+  EXPECT_EQ(activations[1][0], activations[0][0]);
+  EXPECT_EQ(activations[1][1], activations[0][1]);
   for (bool reshard : {true, false}) {
     EXPECT_GT(activations[reshard][0], 0);
     EXPECT_LT(activations[reshard][1], activations[reshard][0] / 2) << "reshard " << reshard;
