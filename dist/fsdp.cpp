@@ -132,6 +132,9 @@ struct FsdpMamba::Unit {
   std::vector<size_t> index;  // the unit's parameters (into params_ / layouts_)
   std::function<at::Tensor(const at::Tensor& x, const std::vector<at::Tensor>& whole)> compute;
   bool block = false;                          // a Mamba block: activation checkpointing applies
+  // Whether its backward reads the weights: the embedding's does not (its gradient needs only the
+  // token ids and the row count), so it is not gathered again for backward.
+  bool weights_in_backward = true;
   c10::intrusive_ptr<WholeWeights> kept;       // reshard_after_forward = false: the step's weights
   std::unique_ptr<PendingGather> prefetched;
 
@@ -299,7 +302,7 @@ void FsdpMamba::finish_reduces() {
 // storage its saved tensors point at; the unit before it is prefetched.
 void FsdpMamba::before_unit_backward(size_t unit, WholeWeights& w) {
   units_[unit]->gather_into(w);
-  if (unit > 0) prefetch(unit - 1);
+  if (unit > 0 && units_[unit - 1]->weights_in_backward) prefetch(unit - 1);
 }
 
 // After a unit's backward, with the whole gradients of its weights (in their compute dtype).
@@ -390,7 +393,7 @@ at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x) {
   if (keep) return y;
   // ZeRO-3: the weights' bytes go now; the activations (and the handles on the weights) stay.
   w->release();
-  if (y.requires_grad()) {
+  if (y.requires_grad() && u.weights_in_backward) {
     const size_t unit = u.position;
     y.register_hook([this, unit, w](const at::Tensor&) { before_unit_backward(unit, *w); });
   }
@@ -436,6 +439,7 @@ FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const Fsd
     units_.push_back(std::move(u));
   };
   unit({0}, false, [](const at::Tensor& tokens, const std::vector<at::Tensor>& w) { return MambaLM::embed(w[0], tokens); });
+  units_.back()->weights_in_backward = false;
   for (int64_t b = 0; b < config_.n_layer; ++b) {
     std::vector<size_t> index;
     for (size_t k = 0; k < 10; ++k) index.push_back(1 + static_cast<size_t>(b) * 10 + k);

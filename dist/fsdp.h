@@ -12,7 +12,8 @@
 // gathers the weights again into that same storage before the unit's backward, which then runs
 // as it would unsharded (no recompute); the gradient node frees them again and reduce-scatters.
 // So whole weights are resident for one unit at a time (plus a prefetch), and activations for the
-// whole model, as without sharding. false (ZeRO-2): every unit's weights are gathered once per
+// whole model, as without sharding. The embedding unit is not gathered again: its backward needs
+// only the token ids. false (ZeRO-2): every unit's weights are gathered once per
 // step and kept; each micro batch's whole gradients are added in float32 into the step's whole
 // gradients (the tied embedding's two uses included), reduce-scattered once per step whatever the
 // gradient accumulation (finish_step()).

@@ -265,7 +265,7 @@ TEST(Fsdp, EveryModeMatchesOneProcessInBfloat16) {
 
 // Without checkpointing each unit's function runs once per micro batch (the backward uses the saved
 // activations); with it, each block runs twice (the recompute), the embedding and head once.
-// Without gradients (evaluation), once either way.
+// Without gradients (evaluation), once either way. The all-gathers a step takes, per mode.
 TEST(Fsdp, EachUnitRunsOncePerMicroBatchTwiceWhenCheckpointed) {
   auto comm = std::shared_ptr<Comm>(make_mpi_comm());
   const int r = comm->rank(), n = comm->size();
@@ -282,6 +282,10 @@ TEST(Fsdp, EachUnitRunsOncePerMicroBatchTwiceWhenCheckpointed) {
       EXPECT_EQ(runs.front(), m) << describe(fsdp.options());
       EXPECT_EQ(runs.back(), m) << describe(fsdp.options());
       for (size_t b = 1; b + 1 < runs.size(); ++b) EXPECT_EQ(runs[b], block) << describe(fsdp.options()) << " block " << b - 1;
+      // All-gathers: ZeRO-3 every unit before its forward and, but the embedding (its backward needs
+      // only the token ids), again before its backward, per micro batch; ZeRO-2 every unit once.
+      const int64_t units = tiny().n_layer + 2;
+      EXPECT_EQ(fsdp.stats().all_gathers, reshard ? m * (2 * units - 1) : units) << describe(fsdp.options());
       fsdp.reset_stats();
       {
         at::NoGradGuard no_grad;
