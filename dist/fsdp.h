@@ -13,16 +13,16 @@
 // as it would unsharded (no recompute); the gradient node frees them again and reduce-scatters.
 // So whole weights are resident for one unit at a time (plus a prefetch), and activations for the
 // whole model, as without sharding. The embedding unit is not gathered again: its backward needs
-// only the token ids. false (ZeRO-2): every unit's weights are gathered once per
-// step and kept; each micro batch's whole gradients are added in float32 into the step's whole
-// gradients (the tied embedding's two uses included), reduce-scattered once per step whatever the
-// gradient accumulation (finish_step()).
+// only the token ids. false (ZeRO-2): every unit's weights are gathered once per step and kept;
+// each micro batch's whole gradients are added in float32 into the step's whole gradients (the
+// tied embedding's two uses included), reduce-scattered once per step whatever the gradient
+// accumulation (finish_step()).
 //
 // Activation checkpointing (FsdpOptions::activation_checkpointing = full) is its own choice, in
 // either mode: each block unit's compute runs under model/activation_checkpointing.h (its input
 // and its whole-weight handles kept, the block recomputed in its backward, after the weights are
-// gathered again). FsdpStats::unit_forwards counts each unit's forward runs: 1 per step without,
-// 2 with.
+// gathered again). FsdpStats::unit_forwards counts each unit's forward runs: one per micro batch
+// without, two per block with.
 //
 // Mixed precision (FsdpOptions::compute_dtype = bfloat16): the shards stay float32 (the master
 // weights: the optimizer and its state see only them); each gather casts the shard to the compute
