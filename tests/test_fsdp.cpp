@@ -563,7 +563,8 @@ TEST(Fsdp, OverlapMatchesSynchronousOnDeferredComm) {
 // ---- On GPUs (skipped without CUDA). Test names with "Cuda" run in scripts/gpu-check. ----------
 
 // FSDP over NCCL, bf16 compute: overlapping the collectives with compute (prefetch, deferred
-// reduce-scatter on NCCL's stream) gives what the synchronous order gives; bf16 tracks float32.
+// reduce-scatter on NCCL's stream) gives what the synchronous order gives, with activation
+// checkpointing too; bf16 tracks float32.
 TEST(FsdpCuda, OverlapMatchesSynchronous) {
   if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no CUDA device";
   if (world().size > static_cast<int>(at::getNumGPUs())) GTEST_SKIP() << "more ranks than GPUs";
@@ -591,8 +592,12 @@ TEST(FsdpCuda, OverlapMatchesSynchronous) {
   FsdpOptions f32 = o;
   f32.compute_dtype = at::kFloat;
   const TrainRun full = train_sharded(nccl, f32, 4);
+  FsdpOptions recompute = o;  // whole weights freed on CUDA and gathered again for the recompute
+  recompute.activation_checkpointing = ActivationCheckpointing::full;
+  const TrainRun ckpt = train_sharded(nccl, recompute, 4);
   for (size_t s = 0; s < sync.losses.size(); ++s) {
     EXPECT_NEAR(over.losses[s], sync.losses[s], 1e-4 * sync.losses[s]) << "step " << s;
+    EXPECT_NEAR(ckpt.losses[s], over.losses[s], 1e-4 * over.losses[s]) << "checkpointing full, step " << s;
     EXPECT_NEAR(sync.losses[s], full.losses[s], 0.01 * full.losses[s]) << "bf16 vs float32, step " << s;
   }
   for (size_t i = 0; i < sync.whole.size(); ++i)
