@@ -2,6 +2,7 @@
 // step, measured in one run.
 //   bench_step [--preset 130m | --hf DIR] [--batch 1] [--seq-len 1024] [--reps 3] [--gemm 4096]
 //              [--device cpu|cuda] [--dtype float32|bfloat16] [--optimizer] [--fsdp]
+//              [--activation-checkpointing none|full]
 // Model FLOPs count the matrix products only (6 x tokens x matmul parameters, the LM head
 // included): the usual MFU convention; the scan, conv and norms come on top, uncounted.
 // The peak the MFU is taken against: on CUDA the datasheet's dense bf16 tensor-core peak
@@ -16,6 +17,7 @@
 // CPU operators by self time (bench/profile_table.h).
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <fmt/core.h>
 #include <torch/torch.h>
 
@@ -30,6 +32,7 @@
 #include "model/selective_scan.h"
 #include "optim/hybrid.h"
 #include "profile_table.h"
+#include "util/cpu_memory.h"
 
 namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -39,7 +42,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Mamba training-step benchmark"};
-  std::string preset = "130m", hf, device_name = "cpu", dtype_name = "float32";
+  std::string preset = "130m", hf, device_name = "cpu", dtype_name = "float32", checkpointing = "none";
   int64_t batch = 1, seq_len = 1024, gemm = 4096;
   int reps = 3;
   double peak_tflops = 989;
@@ -58,6 +61,8 @@ int main(int argc, char** argv) {
   app.add_flag("--optimizer", with_optimizer, "time the hybrid optimizer's step too");
   app.add_flag("--fsdp", fsdp_mode, "run under FsdpMamba, overlap off and on");
   app.add_option("--profile", profile_top, "print the top N kernels (CUDA) or operators (CPU) of one step");
+  app.add_option("--activation-checkpointing", checkpointing, "recompute each block in backward")
+      ->check(CLI::IsMember({"none", "full"}));
   CLI11_PARSE(app, argc, argv);
 
   const bool cuda = device_name == "cuda";
@@ -70,6 +75,7 @@ int main(int argc, char** argv) {
   auto sync = [&] {
     if (cuda) torch::cuda::synchronize();
   };
+  coil::CpuMemory& cpu_memory = coil::CpuMemory::install();  // CPU: the step's peak bytes
 
   coil::MambaLM model = hf.empty() ? coil::MambaLM(coil::MambaConfig::preset(preset)) : coil::load_hf(hf);
   const coil::MambaConfig& c = model.config();
@@ -84,6 +90,8 @@ int main(int argc, char** argv) {
   coil::dist::FsdpOptions fo;
   fo.compute_dtype = compute;
   fo.device = device;
+  fo.activation_checkpointing = coil::parse_activation_checkpointing(checkpointing, "--activation-checkpointing");
+  model.set_activation_checkpointing(fo.activation_checkpointing);
   if (fsdp_mode) {
     comm = coil::dist::make_comm(cuda);
     fsdp = std::make_unique<coil::dist::FsdpMamba>(model, comm, fo);
@@ -138,7 +146,15 @@ int main(int argc, char** argv) {
   };
 
   double t_opt_best = 0;
+  // The peak memory above what is held before the timed steps (the model state, the inputs): the
+  // activations, whole weights and gradients of a step.
+  sync();
+  cpu_memory.reset_peak();
+  const int64_t held_before = cuda ? c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current : cpu_memory.bytes();
+  if (cuda) c10::cuda::CUDACachingAllocator::resetPeakStats(0);
   double t_total = timed(&t_opt_best);
+  const int64_t step_peak =
+      (cuda ? c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak : cpu_memory.peak()) - held_before;
   const double t_step = t_total - t_opt_best;  // forward + backward
   if (profile_top > 0) coil::bench::print_profile([&] { step(), sync(); }, cuda, profile_top);
 
@@ -146,11 +162,12 @@ int main(int argc, char** argv) {
   const double matmul_params = double(c.n_layer) * (2 * I * H + (R + 2 * N) * I + I * R + H * I) + double(c.vocab_size) * H;
   const double tokens_per_step = double(batch) * seq_len;
   const double model_flops = 6.0 * matmul_params * tokens_per_step / t_step;
-  fmt::print("training step (forward+backward), {} x {} tokens, device {}, compute {}, {}\n", batch, seq_len,
-             device_name, dtype_name,
+  fmt::print("training step (forward+backward), {} x {} tokens, device {}, compute {}, activation checkpointing {}, {}\n",
+             batch, seq_len, device_name, dtype_name, checkpointing,
              cuda ? std::string("CUDA") : fmt::format("{} threads, scan kernel {}", at::get_num_threads(), coil::selective_scan_cpu_isa()));
   fmt::print("  model: {}\n", c.describe());
   fmt::print("  step time        : {:.4f} s  ({:.0f} tokens/s)\n", t_step, tokens_per_step / t_step);
+  fmt::print("  step peak memory : {:.1f} MB above the model state\n", static_cast<double>(step_peak) / 1e6);
   fmt::print("  achieved         : {:.1f} GFLOP/s (matmul FLOPs)\n", model_flops / 1e9);
   double peak = peak_tflops * 1e12;
   if (!cuda) {
@@ -190,8 +207,8 @@ int main(int argc, char** argv) {
                comm->asynchronous() ? "" : " (MPI is synchronous: the two runs differ by noise only)");
   }
   fmt::print("coil_step_seconds={:.6f} tokens_per_s={:.1f} model_gflops={:.3f} peak_gflops={:.3f} mfu={:.4f} "
-             "optimizer_share={:.4f} overlap_saved_s={:.6f}\n",
+             "optimizer_share={:.4f} overlap_saved_s={:.6f} step_peak_mb={:.1f}\n",
              t_step, tokens_per_step / t_step, model_flops / 1e9, peak / 1e9, model_flops / peak,
-             opt_share, saved);
+             opt_share, saved, static_cast<double>(step_peak) / 1e6);
   return 0;
 }

@@ -8,6 +8,9 @@
 
 #include <atomic>
 
+#include <ATen/core/ivalue.h>
+#include <c10/core/StorageImpl.h>
+
 #include "util/error.h"
 
 namespace coil::dist {
@@ -51,30 +54,70 @@ void count_gathered(int64_t n) {
   }
 }
 
-// Whole weights gathered for a unit; counted while alive.
-struct Gathered {
-  std::vector<at::Tensor> tensors;
-  int64_t numel = 0;
-  Gathered() = default;
-  Gathered(const Gathered&) = delete;
-  Gathered(Gathered&& o) noexcept : tensors(std::move(o.tensors)), numel(o.numel) { o.numel = 0; }
-  ~Gathered() { count_gathered(-numel); }
-};
-
 constexpr int64_t kAlign = 8;  // byte alignment of each parameter in a unit's flat buffer
 int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// A tensor's storage emptied (0 bytes) and allocated again by the allocator it came from (CPU or
+// CUDA caching). The TensorImpls on it stay, so autograd's saved tensors keep pointing at it: what
+// is written there before their backward is what backward reads. The version counter is not
+// touched (nothing is modified through autograd), so the saved tensors pass its check.
+void free_storage(const at::Tensor& t) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  s->set_data_ptr_noswap(at::DataPtr(nullptr, s->device()));
+  s->set_nbytes(0);
+}
+
+void allocate_storage(const at::Tensor& t) {
+  c10::StorageImpl* s = t.storage().unsafeGetStorageImpl();
+  const size_t bytes = static_cast<size_t>(t.numel()) * t.element_size();
+  s->set_data_ptr_noswap(s->allocator()->allocate(bytes));
+  s->set_nbytes(bytes);
+}
+
+// The whole tensor from every rank's rows (per_rank [ranks, rows_per_rank x row_numel]), padding
+// dropped, written into `whole` (contiguous): at most two copies.
+void assemble_into(const ShardLayout& l, const at::Tensor& per_rank, const at::Tensor& whole) {
+  const int64_t ranks = per_rank.size(0), k = l.rows_per_rank, rows = l.shape[0], rn = l.row_numel;
+  const at::Tensor out = whole.view({rows, rn});
+  const int64_t full = std::min(ranks, rows / k);  // ranks whose rows are all real
+  if (full > 0) out.narrow(0, 0, full * k).view({full, k * rn}).copy_(per_rank.narrow(0, 0, full));
+  const int64_t rest = rows - full * k;
+  if (rest > 0) out.narrow(0, full * k, rest).view({rest * rn}).copy_(per_rank[full].narrow(0, 0, rest * rn));
+}
 }  // namespace
 
 int64_t FsdpMamba::gathered_numel() { return g_gathered.load(); }
 int64_t FsdpMamba::gathered_peak() { return g_peak.load(); }
 void FsdpMamba::reset_gathered_peak() { g_peak = g_gathered.load(); }
 
+// A unit's whole weights for one forward and its backward (ZeRO-2: for a step), one storage per
+// tensor. release() frees the bytes and keeps the tensors; the next gather_into() fills the same
+// storage again. Counted (gathered_numel) while resident. Held by the unit's autograd node and by
+// its pre-backward hook (an IValue capsule), so it lives as long as the graph does.
+struct FsdpMamba::WholeWeights : torch::CustomClassHolder {
+  std::vector<at::Tensor> tensors;
+  int64_t numel = 0;
+  bool resident = false;
+  void release() {
+    if (!resident) return;
+    for (auto& t : tensors) free_storage(t);
+    count_gathered(-numel);
+    resident = false;
+  }
+  ~WholeWeights() override {
+    if (resident) count_gathered(-numel);
+  }
+};
+
 // An all-gather in flight (or done): the flat byte buffer of every rank's shards.
 struct PendingGather {
   std::unique_ptr<Work> work;
   at::Tensor all;
   bool master = false;  // float32 shards as they are, not cast to the compute dtype
-  Gathered counted;     // the elements it will hold, counted from the start
+  int64_t numel = 0;    // the whole elements it will give, counted from the start
+  PendingGather() = default;
+  PendingGather(const PendingGather&) = delete;
+  ~PendingGather() { count_gathered(-numel); }
 };
 
 struct FsdpMamba::PendingReduce {
@@ -88,9 +131,20 @@ struct FsdpMamba::Unit {
   size_t position;            // in units_ (the forward order)
   std::vector<size_t> index;  // the unit's parameters (into params_ / layouts_)
   std::function<at::Tensor(const at::Tensor& x, const std::vector<at::Tensor>& whole)> compute;
-  std::vector<at::Tensor> kept;  // reshard_after_forward = false: gathered leaves of the step
-  int64_t kept_numel = 0;
+  bool block = false;                          // a Mamba block: activation checkpointing applies
+  // Whether its backward reads the weights: the embedding's does not (its gradient needs only the
+  // token ids and the row count), so it is not gathered again for backward.
+  bool weights_in_backward = true;
+  c10::intrusive_ptr<WholeWeights> kept;       // reshard_after_forward = false: the step's weights
   std::unique_ptr<PendingGather> prefetched;
+
+  // The unit's function, counted (FsdpStats::unit_forwards).
+  at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& whole) const {
+    auto& n = owner->stats_.unit_forwards;
+    if (n.size() < owner->units_.size()) n.resize(owner->units_.size(), 0);
+    n[position] += 1;
+    return compute(x, whole);
+  }
 
   int64_t flat_numel() const {
     int64_t n = 0;
@@ -128,8 +182,8 @@ struct FsdpMamba::Unit {
     auto g = std::make_unique<PendingGather>();
     g->master = master;
     g->all = at::empty({ranks * bytes}, bytes_opts);
-    for (size_t i : index) g->counted.numel += c10::multiply_integers(owner->layouts_[i].shape);
-    count_gathered(g->counted.numel);
+    for (size_t i : index) g->numel += c10::multiply_integers(owner->layouts_[i].shape);
+    count_gathered(g->numel);
     owner->stats_.all_gathers += 1;
     owner->stats_.all_gather_bytes += g->all.numel();
     if (owner->overlapping()) {
@@ -140,31 +194,32 @@ struct FsdpMamba::Unit {
     return g;
   }
 
-  // The whole tensors of a finished all-gather.
-  Gathered finish_gather(PendingGather& g) const {
+  // Fills `w` with the unit's whole weights, the prefetched ones if there are, else gathered now:
+  // into new tensors the first time, into the same storage after a release().
+  void gather_into(WholeWeights& w, bool master = false) {
     c10::NoGradGuard no_grad;
-    if (g.work) g.work->wait();
-    int64_t bytes = 0;
-    const std::vector<int64_t> off = offsets(g.master, &bytes);
-    const int ranks = owner->comm_->size();
-    const at::Tensor all = g.all.view({ranks, bytes});
-    Gathered out;
-    for (size_t k = 0; k < index.size(); ++k) {
-      const ShardLayout& l = owner->layouts_[index[k]];
-      const at::ScalarType t = dtype(index[k], g.master);
-      const at::Tensor per_rank =
-          all.narrow(1, off[k], l.local_numel() * static_cast<int64_t>(c10::elementSize(t))).contiguous().view(t);
-      out.tensors.push_back(l.assemble(per_rank).contiguous());
-    }
-    std::swap(out.numel, g.counted.numel);  // the count moves over with the tensors
-    return out;
-  }
-
-  // The unit's whole weights: the prefetched ones if there are, else gathered now.
-  Gathered gather(bool master = false) {
+    COIL_CHECK(!w.resident, "FSDP: unit {}'s whole weights are gathered already", position);
     std::unique_ptr<PendingGather> g = std::move(prefetched);
     if (!g || g->master != master) g = start_gather(master);
-    return finish_gather(*g);
+    if (g->work) g->work->wait();
+    int64_t bytes = 0;
+    const std::vector<int64_t> off = offsets(g->master, &bytes);
+    const int ranks = owner->comm_->size();
+    const at::Tensor all = g->all.view({ranks, bytes});
+    const bool fresh = w.tensors.empty();
+    for (size_t k = 0; k < index.size(); ++k) {
+      const ShardLayout& l = owner->layouts_[index[k]];
+      const at::ScalarType t = dtype(index[k], g->master);
+      const at::Tensor per_rank = all.narrow(1, off[k], l.local_numel() * static_cast<int64_t>(c10::elementSize(t))).view(t);
+      if (fresh) w.tensors.push_back(at::empty(l.shape, all.options().dtype(t)));
+      else allocate_storage(w.tensors[k]);
+      // Written through a handle of its own: the tensors' version counter stays as autograd saw it.
+      const at::Tensor& dst = w.tensors[k];
+      assemble_into(l, per_rank, at::from_blob(dst.data_ptr(), dst.sizes(), dst.options()));
+    }
+    std::swap(w.numel, g->numel);  // the count moves over with the tensors
+    g->numel = 0;
+    w.resident = true;
   }
 };
 
@@ -175,7 +230,7 @@ at::ScalarType FsdpMamba::gather_dtype(size_t i) const {
 bool FsdpMamba::overlapping() const { return options_.overlap && comm_->asynchronous(); }
 
 void FsdpMamba::prefetch(size_t unit) {
-  if (!overlapping() || unit >= units_.size() || units_[unit]->prefetched) return;
+  if (!overlapping() || unit >= units_.size() || units_[unit]->prefetched || units_[unit]->kept) return;
   units_[unit]->prefetched = units_[unit]->start_gather(false);
 }
 
@@ -243,59 +298,107 @@ void FsdpMamba::finish_reduces() {
   }
 }
 
+// Before a unit's backward (a hook on its output's gradient): its weights gathered again into the
+// storage its saved tensors point at; the unit before it is prefetched.
+void FsdpMamba::before_unit_backward(size_t unit, WholeWeights& w) {
+  units_[unit]->gather_into(w);
+  if (unit > 0 && units_[unit - 1]->weights_in_backward) prefetch(unit - 1);
+}
+
+// After a unit's backward, with the whole gradients of its weights (in their compute dtype).
+// ZeRO-3: the weights' bytes go, then the gradients are reduce-scattered (the one of the unit after
+// it, queued beside this unit's backward, is finished first). ZeRO-2: they are added, in float32,
+// into the step's whole gradients (the tied embedding's two uses too: two units, one sum).
+void FsdpMamba::after_unit_backward(size_t unit, WholeWeights& w, const std::vector<at::Tensor>& grads) {
+  c10::NoGradGuard no_grad;
+  Unit& u = *units_[unit];
+  if (u.kept.get() == &w) {
+    for (size_t k = 0; k < u.index.size(); ++k) {
+      if (!grads[k].defined()) continue;
+      at::Tensor& acc = accum_[u.index[k]];
+      if (acc.defined()) {
+        acc.add_(grads[k]);  // bf16 + float32 -> float32: the sum is exact of the bf16 terms' values
+      } else {
+        acc = grads[k].to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+        count_gathered(acc.numel());
+      }
+    }
+    return;
+  }
+  // The whole gradients and the reduce-scatter's send buffer are what is alive now (counted as
+  // whole-unit memory).
+  const int64_t n = w.numel;
+  w.release();
+  count_gathered(2 * n);
+  finish_reduces();
+  reduce_scatter(unit, grads);
+  finish_reduces_when_backward_ends();
+  count_gathered(-2 * n);
+}
+
 namespace {
 
-// One unit as an autograd node: forward gathers, computes and frees; backward gathers again,
-// recomputes the unit's forward from its saved input, and reduce-scatters the weight gradients
-// into the shards' .grad itself (the node returns no gradient for the shards).
-struct UnitFunction : public torch::autograd::Function<UnitFunction> {
-  static variable_list forward(AutogradContext* ctx, at::Tensor x, int64_t unit, at::TensorList shards) {
-    auto* u = reinterpret_cast<FsdpMamba::Unit*>(unit);
+// A unit's whole weights as the outputs of one autograd node (handles on the unit's storage): its
+// backward gets their gradients together, once the unit's backward is done, and hands them to
+// the owner; the shards get no gradient through autograd (the owner accumulates into their .grad).
+struct GatherFunction : public torch::autograd::Function<GatherFunction> {
+  static variable_list forward(AutogradContext* ctx, int64_t unit, c10::intrusive_ptr<FsdpMamba::WholeWeights> w,
+                               at::TensorList shards) {
+    (void)shards;  // inputs for autograd's edges only
     ctx->saved_data["unit"] = unit;
-    ctx->save_for_backward({x});
-    Gathered whole = u->gather();
-    u->owner->prefetch(u->position + 1);  // runs while this unit computes
-    return {u->compute(x, whole.tensors)};
+    variable_list out;
+    for (const auto& t : w->tensors) out.push_back(t.detach());
+    ctx->saved_data["whole"] = c10::IValue::make_capsule(std::move(w));
+    return out;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto* u = reinterpret_cast<FsdpMamba::Unit*>(ctx->saved_data["unit"].toInt());
-    FsdpMamba& owner = *u->owner;
-    const at::Tensor x = ctx->get_saved_variables()[0];
-    Gathered whole = u->gather();
-    if (u->position > 0) owner.prefetch(u->position - 1);  // the unit whose backward comes next
-    c10::AutoGradMode grad_on(true);
-    std::vector<at::Tensor> inputs;
-    for (auto& t : whole.tensors) inputs.push_back(t.requires_grad_(true));
-    const bool dx = x.is_floating_point();
-    at::Tensor xin = dx ? x.detach().requires_grad_(true) : x;
-    if (dx) inputs.push_back(xin);
-    at::Tensor y = u->compute(xin, whole.tensors);
-    variable_list grads = torch::autograd::grad({y}, inputs, {grad_out[0]}, false, false, /*allow_unused=*/true);
-    std::vector<at::Tensor> weight_grads(grads.begin(), grads.begin() + static_cast<ptrdiff_t>(u->index.size()));
-    // The whole weights go before the reduce-scatter; the whole gradients and its send buffer are
-    // what is alive then (counted as whole-unit memory).
-    const int64_t n = whole.numel;
-    y.reset();
-    inputs.clear();
-    whole.tensors.clear();
-    count_gathered(-n);
-    whole.numel = 0;
-    Gathered transient;
-    transient.numel = 2 * n;
-    count_gathered(transient.numel);
-    // The reduce-scatter of the unit after this one has run beside this unit's backward: finish
-    // it, then queue this unit's (finished by the next unit's backward, or at the end).
-    owner.finish_reduces();
-    owner.reduce_scatter(u->position, weight_grads);
-    owner.finish_reduces_when_backward_ends();
-    variable_list out{dx ? grads.back() : at::Tensor(), at::Tensor()};
-    out.resize(out.size() + u->index.size());  // no gradient for the shards: accumulated above
-    return out;
+    const auto w = c10::static_intrusive_pointer_cast<FsdpMamba::WholeWeights>(ctx->saved_data["whole"].toCapsule());
+    u->owner->after_unit_backward(u->position, *w, grads);
+    return variable_list(2 + u->index.size());
   }
 };
 
 }  // namespace
+
+at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x) {
+  const bool grad = c10::GradMode::is_enabled();
+  const bool keep = grad && !options_.reshard_after_forward;  // ZeRO-2: gathered once per step
+  c10::intrusive_ptr<WholeWeights> w = keep ? u.kept : c10::intrusive_ptr<WholeWeights>();
+  if (!w) {
+    w = c10::make_intrusive<WholeWeights>();
+    u.gather_into(*w);
+    if (keep) u.kept = w;
+  }
+  prefetch(u.position + 1);  // runs while this unit computes
+  if (!grad) {
+    at::Tensor y = u.run(x, w->tensors);
+    w->release();
+    return y;
+  }
+  std::vector<at::Tensor> shards;
+  for (size_t i : u.index) shards.push_back(params_[i].tensor);
+  const variable_list whole = GatherFunction::apply(reinterpret_cast<int64_t>(&u), w, at::TensorList(shards));
+  at::Tensor y;
+  if (u.block && options_.activation_checkpointing == ActivationCheckpointing::full) {
+    std::vector<at::Tensor> inputs{x};
+    inputs.insert(inputs.end(), whole.begin(), whole.end());
+    const Unit* unit = &u;
+    y = checkpointed([unit](const std::vector<at::Tensor>& in) { return unit->run(in[0], {in.begin() + 1, in.end()}); },
+                     inputs);
+  } else {
+    y = u.run(x, whole);
+  }
+  if (keep) return y;
+  // ZeRO-3: the weights' bytes go now; the activations (and the handles on the weights) stay.
+  w->release();
+  if (y.requires_grad() && u.weights_in_backward) {
+    const size_t unit = u.position;
+    y.register_hook([this, unit, w](const at::Tensor&) { before_unit_backward(unit, *w); });
+  }
+  return y;
+}
 
 // ---- The model ------------------------------------------------------------------------------------
 
@@ -322,21 +425,29 @@ FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const Fsd
     at::Tensor shard = layouts_.back().slice(p.tensor.detach(), comm_->rank()).to(options.device, at::kFloat);
     params_.push_back({p.name, shard.requires_grad_(true)});
   }
+  accum_.resize(params_.size());
   const size_t last = params_.size() - 1;  // norm_f
   const MambaConfig cfg = config_;
   // Units: the embedding (used by embed and by the tied head), one per block, the head.
-  auto unit = [&](std::vector<size_t> index, auto compute) {
-    units_.push_back(std::make_unique<Unit>(Unit{this, units_.size(), std::move(index), compute, {}, 0, nullptr}));
+  auto unit = [&](std::vector<size_t> index, bool block, auto compute) {
+    auto u = std::make_unique<Unit>();
+    u->owner = this;
+    u->position = units_.size();
+    u->index = std::move(index);
+    u->compute = compute;
+    u->block = block;
+    units_.push_back(std::move(u));
   };
-  unit({0}, [](const at::Tensor& tokens, const std::vector<at::Tensor>& w) { return MambaLM::embed(w[0], tokens); });
+  unit({0}, false, [](const at::Tensor& tokens, const std::vector<at::Tensor>& w) { return MambaLM::embed(w[0], tokens); });
+  units_.back()->weights_in_backward = false;
   for (int64_t b = 0; b < config_.n_layer; ++b) {
     std::vector<size_t> index;
     for (size_t k = 0; k < 10; ++k) index.push_back(1 + static_cast<size_t>(b) * 10 + k);
-    unit(index, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
+    unit(index, true, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
       return MambaLM::block(MambaLM::block_weights(w), cfg, h);
     });
   }
-  unit({0, last}, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
+  unit({0, last}, false, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
     return MambaLM::head(w[0], w[1], cfg, h);
   });
 }
@@ -346,6 +457,8 @@ FsdpMamba::~FsdpMamba() {
     drop_prefetches();
     for (auto& r : reduces_)
       if (r->work) r->work->wait();
+    for (auto& a : accum_)
+      if (a.defined()) count_gathered(-a.numel());
   } catch (...) {
   }
 }
@@ -368,70 +481,49 @@ std::vector<std::vector<int64_t>> FsdpMamba::whole_shapes() const {
 at::Tensor FsdpMamba::forward(const at::Tensor& tokens) {
   drop_prefetches();  // none are left as a rule; one left by an error would hold stale weights
   finish_reduces();
-  if (options_.reshard_after_forward || !c10::GradMode::is_enabled()) {
-    at::Tensor h = tokens;
-    for (auto& u : units_) {
-      std::vector<at::Tensor> shards;
-      for (size_t i : u->index) shards.push_back(params_[i].tensor);
-      h = UnitFunction::apply(h, reinterpret_cast<int64_t>(u.get()), at::TensorList(shards))[0];
-    }
-    return h;
-  }
-  // ZeRO-2: every parameter gathered once per step, kept as a leaf until finish_step().
-  std::vector<at::Tensor> whole(params_.size());
-  for (auto& u : units_) {
-    if (u->kept.empty()) {
-      Gathered g = u->gather();
-      for (auto& t : g.tensors) u->kept.push_back(t.requires_grad_(true));
-      u->kept_numel = g.numel;  // still counted until finish_step()
-      g.numel = 0;
-    }
-    // The tied embedding is used as gathered by the first unit that has it (its gradient is taken
-    // from there in finish_step()).
-    for (size_t k = 0; k < u->index.size(); ++k)
-      if (!whole[u->index[k]].defined()) whole[u->index[k]] = u->kept[k];
-  }
-  at::Tensor h = units_.front()->compute(tokens, {whole[0]});
-  for (size_t b = 1; b + 1 < units_.size(); ++b) {
-    std::vector<at::Tensor> w;
-    for (size_t i : units_[b]->index) w.push_back(whole[i]);
-    h = units_[b]->compute(h, w);
-  }
-  return units_.back()->compute(h, {whole[0], whole.back()});
+  at::Tensor h = tokens;
+  for (auto& u : units_) h = run_unit(*u, h);
+  return h;
 }
 
 void FsdpMamba::finish_step() {
   finish_reduces();
   if (options_.reshard_after_forward) return;
   c10::NoGradGuard no_grad;
-  // The embedding appears in two units; its gradient is taken once, from the first (the head
-  // unit's copy of it is another leaf with no gradient). When overlapping, every unit's
-  // reduce-scatter is queued before the first is waited for.
+  // The float32 whole gradients of the step, each parameter's once (the embedding's sums both of
+  // its units). When overlapping, every unit's reduce-scatter is queued before the first is
+  // waited for.
   std::vector<bool> done(params_.size(), false);
   for (auto& u : units_) {
-    if (u->kept.empty()) continue;
+    if (!u->kept) continue;
     std::vector<at::Tensor> grads;
-    for (size_t k = 0; k < u->index.size(); ++k) {
-      grads.push_back(done[u->index[k]] ? at::Tensor() : u->kept[k].grad());
-      done[u->index[k]] = true;
+    for (size_t i : u->index) {
+      grads.push_back(done[i] ? at::Tensor() : accum_[i]);
+      done[i] = true;
     }
     reduce_scatter(u->position, grads);
-    u->kept.clear();
-    count_gathered(-u->kept_numel);
-    u->kept_numel = 0;
+    u->kept->release();
+    u->kept.reset();
   }
   finish_reduces();
+  for (auto& a : accum_)
+    if (a.defined()) {
+      count_gathered(-a.numel());
+      a.reset();
+    }
 }
 
 std::vector<NamedTensor> FsdpMamba::gather_whole() {
   c10::NoGradGuard no_grad;
   std::vector<NamedTensor> out(params_.size());
   for (size_t u = 0; u + 1 < units_.size(); ++u) {  // the head unit repeats the embedding
-    Gathered g = units_[u]->gather(/*master=*/true);
+    WholeWeights g;
+    units_[u]->gather_into(g, /*master=*/true);
     for (size_t k = 0; k < units_[u]->index.size(); ++k)
       out[units_[u]->index[k]] = {params_[units_[u]->index[k]].name, g.tensors[k]};
   }
-  Gathered g = units_.back()->gather(/*master=*/true);
+  WholeWeights g;
+  units_.back()->gather_into(g, /*master=*/true);
   out.back() = {params_.back().name, g.tensors[1]};
   return out;
 }

@@ -5,15 +5,29 @@
 // one collective over a flat buffer; after its backward, its gradient is reduce-scattered (summed:
 // the loss is already a mean over the whole global batch) into the shards' .grad.
 //
-// reshard_after_forward = true: a unit's gathered weights are freed after its forward, and the
-// unit's forward is run again in backward from its saved input (with the weights gathered again),
-// so one unit's weights and activations are whole at a time. false (ZeRO-2): every unit's weights
-// are gathered once per step and kept until the step's gradients are reduce-scattered, once per
-// step whatever the gradient accumulation (finish_step()).
+// A unit's whole weights are the outputs of one autograd node (GatherFunction): its backward gets
+// their gradients together once the unit's backward is done. reshard_after_forward = true (as
+// PyTorch's FSDP2): after its forward, the unit's whole weights' storage is freed (0 bytes) while
+// the tensors, and the activations autograd saved, stay; a hook on the unit's output gradient
+// gathers the weights again into that same storage before the unit's backward, which then runs
+// as it would unsharded (no recompute); the gradient node frees them again and reduce-scatters.
+// So whole weights are resident for one unit at a time (plus a prefetch), and activations for the
+// whole model, as without sharding. The embedding unit is not gathered again: its backward needs
+// only the token ids. false (ZeRO-2): every unit's weights are gathered once per step and kept;
+// each micro batch's whole gradients are added in float32 into the step's whole gradients (the
+// tied embedding's two uses included), reduce-scattered once per step whatever the gradient
+// accumulation (finish_step()).
 //
-// Mixed precision (FsdpOptions::compute_dtype = bfloat16): the shards stay float32 (the master
+// Activation checkpointing (FsdpOptions::activation_checkpointing = full) is its own choice, in
+// either mode: each block unit's compute runs under model/activation_checkpointing.h (its input
+// and its whole-weight handles kept, the block recomputed in its backward, after the weights are
+// gathered again). FsdpStats::unit_forwards counts each unit's forward runs: one per micro batch
+// without, two per block with.
+//
+// Mixed precision (FsdpOptions::compute_dtype = bfloat16, or float16 with the trainer's loss
+// scaling): the shards stay float32 (the master
 // weights: the optimizer and its state see only them); each gather casts the shard to the compute
-// dtype first, so the all-gather moves half the bytes and the unit computes with bf16 matrices.
+// dtype first, so the all-gather moves half the bytes and the unit computes with 16-bit matrices.
 // Parameters the model keeps in float32 (MambaLM::keeps_float32: norms, A_log, D, dt_proj.bias)
 // are gathered in float32. A unit's mixed dtypes travel in one all-gather, as bytes. The whole
 // gradients (in the dtype of the whole weights) are cast to reduce_dtype for the reduce-scatter
@@ -37,6 +51,7 @@
 #include <vector>
 
 #include "dist/comm.h"
+#include "model/activation_checkpointing.h"
 #include "model/mamba.h"
 #include "optim/muon.h"
 
@@ -57,16 +72,18 @@ struct ShardLayout {
 
 struct FsdpOptions {
   bool reshard_after_forward = true;
-  at::ScalarType compute_dtype = at::kFloat;  // of the gathered weights (float32 or bfloat16)
+  at::ScalarType compute_dtype = at::kFloat;  // of the gathered weights (float32, bfloat16 or float16)
   at::ScalarType reduce_dtype = at::kFloat;   // of the gradient reduce-scatter
   bool overlap = true;                        // prefetch / deferred reduce-scatter, when comm is asynchronous
   c10::Device device = c10::Device(c10::kCPU);  // where the shards live (the comm's device)
+  ActivationCheckpointing activation_checkpointing = ActivationCheckpointing::none;  // per block unit
 };
 
 // What the collectives of a FsdpMamba moved (bytes: of the whole buffers, this rank's view).
 struct FsdpStats {
   int64_t all_gathers = 0, all_gather_bytes = 0;          // bytes received (every rank's part)
   int64_t reduce_scatters = 0, reduce_scatter_bytes = 0;  // bytes of the send buffers
+  std::vector<int64_t> unit_forwards;  // runs of each unit's function (forward order), recomputes included
 };
 
 class FsdpMamba {
@@ -99,22 +116,27 @@ class FsdpMamba {
   // with one process's).
   std::vector<NamedTensor> gather_whole();
 
-  // Elements of whole (gathered) weights alive now, with the whole gradients and the send buffer
-  // of a unit's backward: for memory tests and benchmarks.
+  // Elements of whole (gathered) weights resident now, with the whole gradients and the send
+  // buffer of a unit's backward (ZeRO-2: the step's whole gradients): for memory tests and
+  // benchmarks.
   static int64_t gathered_numel();
   static int64_t gathered_peak();  // the most alive at once since reset_gathered_peak()
   static void reset_gathered_peak();
 
   struct Unit;
   struct PendingReduce;
+  struct WholeWeights;
 
-  // Used by the units' autograd functions.
+  // Used by the units' autograd node and hooks.
   void prefetch(size_t unit);  // queues unit's all-gather (overlap only)
+  void before_unit_backward(size_t unit, WholeWeights& whole);
+  void after_unit_backward(size_t unit, WholeWeights& whole, const std::vector<at::Tensor>& whole_grads);
   void reduce_scatter(size_t unit, const std::vector<at::Tensor>& whole_grads);
   void finish_reduces();  // waits for the queued reduce-scatters and accumulates them into .grad
   void finish_reduces_when_backward_ends();  // once per backward pass: an autograd final callback
 
  private:
+  at::Tensor run_unit(Unit& unit, const at::Tensor& x);
   bool overlapping() const;
   void accumulate(size_t param, const at::Tensor& grad);
   void drop_prefetches();
@@ -126,6 +148,7 @@ class FsdpMamba {
   std::vector<ShardLayout> layouts_;
   std::vector<std::unique_ptr<Unit>> units_;
   std::deque<std::unique_ptr<PendingReduce>> reduces_;
+  std::vector<at::Tensor> accum_;  // ZeRO-2: the step's whole gradients, float32, by parameter
   bool flush_queued_ = false;  // a final callback of the running backward will finish_reduces()
   FsdpStats stats_;
 };

@@ -83,6 +83,7 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "loss_scale_growth_interval", &c.loss_scale_growth_interval},
       {"train", "reduce_dtype", &c.reduce_dtype, {"float32", "bfloat16"}},
       {"train", "overlap_comm", &c.overlap_comm},
+      {"train", "activation_checkpointing", &c.activation_checkpointing, {"none", "full"}},
   };
 }
 

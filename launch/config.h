@@ -67,6 +67,7 @@ struct RunConfig {
   int64_t loss_scale_growth_interval = 2000;  // float16: finite steps in a row before the scale doubles
   std::string reduce_dtype = "float32";    // FSDP gradient reduce-scatter: "float32" or "bfloat16"
   bool overlap_comm = true;                // CUDA: prefetch all-gathers, overlap reduce-scatters with backward
+  std::string activation_checkpointing = "none";  // "full": each block recomputed in backward (sharded or not)
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);

@@ -6,6 +6,7 @@
 #include <functional>
 
 #include "dist/world.h"
+#include "model/activation_checkpointing.h"
 #include "util/error.h"
 
 namespace coil {
@@ -93,10 +94,12 @@ void Parallel::place(MambaLM& m, const RunConfig& c, const std::string& config_t
     fo.reduce_dtype = c.reduce_dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
     fo.overlap = c.overlap_comm;
     fo.device = device;
+    fo.activation_checkpointing = parse_activation_checkpointing(c.activation_checkpointing, "train.activation_checkpointing");
     fsdp = std::make_unique<dist::FsdpMamba>(m, data_comm, fo);
     params = fsdp->local_parameters();
   } else {
     m.to(device);
+    m.set_activation_checkpointing(parse_activation_checkpointing(c.activation_checkpointing, "train.activation_checkpointing"));
     params = m.named_parameters();
     for (auto& p : params) p.tensor.requires_grad_(true);
   }

@@ -158,11 +158,7 @@ Tensor MambaLM::block(const MambaBlockWeights& w, const MambaConfig& c, const Te
   return hidden + torch::linear(y.to(w.out_proj.scalar_type()), w.out_proj);  // the residual stays float32
 }
 
-Tensor MambaLM::forward(const Tensor& tokens) const {
-  Tensor h = embed(tokens);
-  for (const auto& w : layers) h = block(w, config_, h);
-  return head(h);
-}
+Tensor MambaLM::forward(const Tensor& tokens) const { return forward(tokens, embedding.scalar_type()); }
 
 bool MambaLM::keeps_float32(const std::string& name) {
   auto ends = [&](const std::string& tail) {
@@ -173,15 +169,24 @@ bool MambaLM::keeps_float32(const std::string& name) {
 }
 
 Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute) const {
-  if (compute == embedding.scalar_type()) return forward(tokens);
-  auto cast = [&](const std::string& name, const Tensor& t) { return keeps_float32(name) ? t : t.to(compute); };
-  const auto named = named_parameters();
-  std::vector<Tensor> w;
-  for (const auto& p : named) w.push_back(cast(p.name, p.tensor));
-  Tensor h = embed(w[0], tokens);
-  for (int64_t l = 0; l < config_.n_layer; ++l)
-    h = block(block_weights({w.begin() + 1 + l * 10, w.begin() + 11 + l * 10}), config_, h);
-  return head(w[0], w.back(), config_, h);
+  const Tensor emb = embedding.to(compute);  // a no-op in the weights' own dtype
+  Tensor h = embed(emb, tokens);
+  for (size_t l = 0; l < layers.size(); ++l) h = run_block(l, h, compute);
+  return head(emb, norm_f, config_, h);
+}
+
+Tensor MambaLM::run_block(size_t l, const Tensor& h, at::ScalarType compute) const {
+  const MambaConfig cfg = config_;
+  // inputs: the residual stream, then the block's 10 weights as stored; the casts happen inside.
+  auto f = [cfg, compute](const std::vector<Tensor>& in) {
+    std::vector<Tensor> w(in.begin() + 1, in.end());
+    for (size_t k = 0; k < w.size(); ++k)
+      if (!keeps_float32(kBlockNames[k])) w[k] = w[k].to(compute);
+    return block(block_weights(w), cfg, in[0]);
+  };
+  std::vector<Tensor> inputs{h};
+  for (const Tensor& t : block_tensors(layers[l])) inputs.push_back(t);
+  return checkpointing_ == ActivationCheckpointing::full ? checkpointed(f, inputs) : f(inputs);
 }
 
 void MambaLM::to(const at::Device& device) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "model/activation_checkpointing.h"
 #include "model/config.h"
 
 namespace coil {
@@ -71,6 +72,11 @@ class MambaLM {
   // x_proj, dt_proj.weight, out_proj) compute in the dtype they are given.
   static bool keeps_float32(const std::string& name);
 
+  // full: each block of forward() keeps only its input and recomputes its activations in backward
+  // (model/activation_checkpointing.h); the casts to the compute dtype are inside the recompute.
+  void set_activation_checkpointing(ActivationCheckpointing mode) { checkpointing_ = mode; }
+  ActivationCheckpointing activation_checkpointing() const { return checkpointing_; }
+
   // Moves every parameter to `device` (init() runs on CPU, so that a seed gives the same model).
   void to(const at::Device& device);
   // Stores the 2-D matrices (embedding, in_proj, x_proj, dt_proj.weight, out_proj: 99.3% of the
@@ -105,8 +111,11 @@ class MambaLM {
 
  private:
   at::Tensor decode_head(const at::Tensor& hidden) const;  // [B, H] -> float32 logits [B, V]
+  // Block l on the residual stream h, its matrices cast to `compute`, checkpointed or not.
+  at::Tensor run_block(size_t l, const at::Tensor& h, at::ScalarType compute) const;
 
   MambaConfig config_;
+  ActivationCheckpointing checkpointing_ = ActivationCheckpointing::none;
 };
 
 // RMSNorm as Hugging Face's MambaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float32.

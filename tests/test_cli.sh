@@ -91,6 +91,9 @@ expect bad_dtype 1 "--set train.dtype=float8: train.dtype must be \"float32\" or
 [ -e "$tmp/bad_dtype" ] && { failed=$((failed + 1)); echo "FAIL bad_dtype: the run directory was written"; }
 expect bad_device 1 "train.device must be \"auto\" or \"cpu\" or \"cuda\", not \"gpu\"" \
   -- pretrain --config /dev/null --set train.device=gpu --set "train.run_dir=$tmp/bad_device"
+printf '[train]\nmax_steps = 4\nactivation_checkpointing = "some"\n' >"$tmp/bad.toml"
+expect bad_checkpointing 1 "$tmp/bad.toml:3: train.activation_checkpointing must be \"none\" or \"full\", not \"some\"" -- \
+  pretrain --config "$tmp/bad.toml"
 train_args=(--config /dev/null --set "data.train=$tmp/s1" --set "data.val=$tmp/s2" --set "data.tokenizer=$tmp/tok.model"
   --set train.seq_len=32 --set train.global_batch_size=2 --set train.micro_batch_size=1 --set train.max_steps=30
   --set train.eval_interval=10 --set train.eval_batches=2 --set train.checkpoint_interval=2 --set train.threads=1

@@ -1,5 +1,6 @@
 // The Mamba model: the conv kernel against torch's conv1d, initialization, recurrent decoding against
-// the full forward, presets, and Hugging Face files (round trip and every kind of bad input).
+// the full forward, presets, activation checkpointing against keeping the activations, and Hugging
+// Face files (round trip and every kind of bad input).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -9,11 +10,13 @@
 #include <fstream>
 #include <functional>
 
+#include "model/activation_checkpointing.h"
 #include "model/config.h"
 #include "model/conv1d.h"
 #include "model/hf.h"
 #include "model/mamba.h"
 #include "model/safetensors.h"
+#include "util/cpu_memory.h"
 #include "util/error.h"
 
 namespace coil {
@@ -185,6 +188,77 @@ TEST(MambaLM, RecurrentStepsEqualTheFullForward) {
             << (step - full.select(1, t)).abs().max().item<float>();
       }
     }
+  }
+}
+
+// checkpointed(f, inputs) against f itself on random odd shapes: the same output and gradients,
+// none for inputs that need none (an integer index, a constant), and f run twice.
+TEST(ActivationCheckpointing, MatchesTheFunctionItself) {
+  torch::manual_seed(5);
+  int runs = 0;
+  auto f = [&](const std::vector<Tensor>& in) {
+    ++runs;
+    return torch::tanh(torch::matmul(in[0], in[1])).index_select(0, in[2]) * in[3] + in[0].sum();
+  };
+  for (auto [m, k, n] : {std::tuple<int64_t, int64_t, int64_t>{3, 5, 7}, {1, 1, 1}, {9, 4, 13}}) {
+    Tensor x = torch::randn({m, k}, torch::kDouble), w = torch::randn({k, n}, torch::kDouble);
+    Tensor idx = torch::randint(m, {m + 2}, torch::kLong), c = torch::randn({n}, torch::kDouble);
+    Tensor g = torch::randn({m + 2, n}, torch::kDouble);
+    std::vector<Tensor> grads[2];
+    Tensor out[2];
+    for (int ckpt : {0, 1}) {
+      Tensor xa = x.clone().requires_grad_(true), wa = w.clone().requires_grad_(true);
+      runs = 0;
+      out[ckpt] = ckpt ? checkpointed(f, {xa, wa, idx, c}) : f({xa, wa, idx, c});
+      out[ckpt].backward(g);
+      EXPECT_EQ(runs, ckpt ? 2 : 1);
+      grads[ckpt] = {xa.grad(), wa.grad()};
+    }
+    EXPECT_TRUE(torch::equal(out[0], out[1]));
+    EXPECT_TRUE(torch::allclose(grads[0][0], grads[1][0], 1e-12, 1e-12));
+    EXPECT_TRUE(torch::allclose(grads[0][1], grads[1][1], 1e-12, 1e-12));
+  }
+  {
+    torch::NoGradGuard no_grad;
+    runs = 0;
+    checkpointed(f, {torch::randn({2, 2}).requires_grad_(true), torch::randn({2, 2}), torch::zeros({1}, torch::kLong),
+                     torch::randn({2})});
+    EXPECT_EQ(runs, 1);
+  }
+  expect_error([] { parse_activation_checkpointing("selective", "train.activation_checkpointing"); },
+               "train.activation_checkpointing must be \"none\" or \"full\", not \"selective\"");
+  EXPECT_EQ(parse_activation_checkpointing("full", "x"), ActivationCheckpointing::full);
+  EXPECT_EQ(parse_activation_checkpointing("none", "x"), ActivationCheckpointing::none);
+}
+
+// The whole model with each block checkpointed: the same loss and gradients as keeping the
+// activations (float32 bit for bit; bf16 compute too), and far fewer bytes held after forward.
+TEST(MambaLM, ActivationCheckpointingGivesTheSameLossAndGradients) {
+  CpuMemory& mem = CpuMemory::install();
+  MambaConfig cfg = tiny();
+  cfg.n_layer = 3;
+  torch::manual_seed(9);
+  const Tensor tokens = torch::randint(cfg.vocab_size, {3, 19});
+  for (at::ScalarType compute : {at::kFloat, at::kBFloat16}) {
+    Tensor loss[2];
+    int64_t held[2];
+    std::vector<Tensor> grads[2];
+    for (int ckpt : {0, 1}) {
+      MambaLM model(cfg, 4);
+      model.set_activation_checkpointing(ckpt ? ActivationCheckpointing::full : ActivationCheckpointing::none);
+      auto params = model.named_parameters();
+      for (auto& p : params) p.tensor.requires_grad_(true);
+      const int64_t before = mem.bytes();
+      const Tensor logits = model.forward(tokens.narrow(1, 0, 18), compute);
+      held[ckpt] = mem.bytes() - before;
+      loss[ckpt] = lm_loss(logits, tokens.narrow(1, 1, 18));
+      loss[ckpt].backward();
+      for (auto& p : params) grads[ckpt].push_back(p.tensor.grad());
+    }
+    EXPECT_EQ(loss[0].item<double>(), loss[1].item<double>()) << c10::toString(compute);
+    for (size_t i = 0; i < grads[0].size(); ++i)
+      EXPECT_TRUE(torch::allclose(grads[0][i], grads[1][i], 1e-6, 1e-7)) << c10::toString(compute) << " parameter " << i;
+    EXPECT_LT(held[1], held[0] / 2) << c10::toString(compute);
   }
 }
 

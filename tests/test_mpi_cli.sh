@@ -54,10 +54,14 @@ ln -sfn step-00000004 three/checkpoints/latest
   fail "resume on 2 ranks: $(tail -3 resume.log)"
 grep -q "resuming" resume.log || fail "the 2-rank run did not resume"
 compare one three || fail "the run resumed on 2 ranks logs other losses"
-# ZeRO-2 (gathered weights kept for the step) gives the same losses too.
+# ZeRO-2 (gathered weights kept for the step) gives the same losses too; so does ZeRO-3 with each
+# block recomputed in backward (train.activation_checkpointing).
 "${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=zero2 --set train.reshard_after_forward=false \
   >zero2.log 2>&1 || fail "ZeRO-2 on 2 ranks: $(tail -3 zero2.log)"
 compare one zero2 || fail "ZeRO-2 on 2 ranks logs other losses than 1 process"
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=ckpt --set train.activation_checkpointing=full \
+  >ckpt.log 2>&1 || fail "activation checkpointing on 2 ranks: $(tail -3 ckpt.log)"
+compare one ckpt || fail "activation checkpointing on 2 ranks logs other losses than 1 process"
 # Streaming on 2 ranks: stopped at step 4 and resumed, the same losses as straight; resumed on 3
 # ranks from the 2 ranks' positions, it runs on.
 sargs=("${args[@]}" --set data.streaming=true --set data.train=c.jsonl)

@@ -158,6 +158,19 @@ TEST(Config, DeviceAndDtypeKeys) {
   std::remove(path.c_str());
 }
 
+// train.activation_checkpointing: "none" (the default) or "full"; anything else names the key
+// and file:line.
+TEST(Config, ActivationCheckpointingKey) {
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-ckpt-{}.toml", getpid());
+  write(path, "[train]\nmax_steps = 10\nactivation_checkpointing = \"selective\"\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
+                .find(path + ":3: train.activation_checkpointing must be \"none\" or \"full\", not \"selective\""),
+            std::string::npos);
+  EXPECT_EQ(RunConfig::load("", {}).activation_checkpointing, "none");
+  EXPECT_EQ(RunConfig::load("", {"train.activation_checkpointing=full"}).activation_checkpointing, "full");
+  std::remove(path.c_str());
+}
+
 TEST(Config, TheShippedConfigsParse) {
   for (const char* name : {"pretrain", "sft", "demo-pretrain", "demo-sft"}) {
     RunConfig c = RunConfig::load(fmt::format("{}/configs/{}.toml", COIL_SOURCE_DIR, name), {});
@@ -316,6 +329,18 @@ TEST_F(Train, NanLossStopsWithoutACheckpoint) {
 
 // Mixed precision on one process (bf16 compute, float32 master weights): trains, and its losses
 // track float32 training's step for step.
+// train.activation_checkpointing = "full" on one process recomputes each block in backward: the
+// same operations on the same values, so the same losses.
+TEST_F(Train, ActivationCheckpointingKeepsTheLosses) {
+  train(config(*dir_ + "/ac0", {"train.eval_interval=0", "train.max_steps=3"}), Phase::kPretrain);
+  train(config(*dir_ + "/ac1", {"train.eval_interval=0", "train.max_steps=3", "train.activation_checkpointing=full"}), Phase::kPretrain);
+  const auto m0 = metrics(*dir_ + "/ac0"), m1 = metrics(*dir_ + "/ac1");
+  ASSERT_EQ(m0.size(), m1.size());
+  ASSERT_FALSE(m0.empty());
+  for (size_t i = 0; i < m0.size(); ++i)
+    EXPECT_NEAR(m1[i]["loss"].get<double>(), m0[i]["loss"].get<double>(), 1e-6 * m0[i]["loss"].get<double>()) << "step " << i + 1;
+}
+
 TEST_F(Train, Bfloat16TracksFloat32) {
   const TrainResult f = train(config(*dir_ + "/mp32", {"train.eval_interval=0"}), Phase::kPretrain);
   const TrainResult b = train(config(*dir_ + "/mp16", {"train.eval_interval=0", "train.dtype=bfloat16"}), Phase::kPretrain);
