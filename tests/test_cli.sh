@@ -122,14 +122,27 @@ expect generate 0 "GNU" -- generate --checkpoint "$tmp/r1/checkpoints/final" --p
 # is finished, a checkpoint saved, exit 0; resumed, the run logs the losses of an unbroken run.
 chaos=("${train_args[@]}" --set train.max_steps=150 --set train.checkpoint_interval=1 --set train.keep_last_k=3)
 expect unbroken 0 "pretrain: done, 150 steps" -- pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c1"
+# Each kill waits for the run to commit a save of its own (latest moves on: progress, whatever the
+# machine's speed); kills 1, 3 and 5 then wait for the next save to be in flight (a .tmp folder) and
+# hit it, kills 2 and 4 come a moment later.
 cut=0
-for delay in 0.5 0.7 0.9 1.1 1.3; do
+for k in 1 2 3 4 5; do
+  before=$(readlink "$tmp/c2/checkpoints/latest" 2>/dev/null)
   "$coil" pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c2" >/dev/null 2>&1 &
   pid=$!
-  sleep $delay
+  for _ in $(seq 3000); do
+    now=$(readlink "$tmp/c2/checkpoints/latest" 2>/dev/null)
+    [ -n "$now" ] && [ "$now" != "$before" ] && break
+    sleep 0.01
+  done
+  if [ $((k % 2)) = 1 ]; then
+    for _ in $(seq 1000); do ls -d "$tmp"/c2/checkpoints/*.tmp >/dev/null 2>&1 && break; sleep 0.005; done
+  else
+    sleep 0.$((RANDOM % 3 + 1))
+  fi
   kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
   ls -d "$tmp"/c2/checkpoints/*.tmp >/dev/null 2>&1 && cut=$((cut + 1))
-  [ -e "$tmp/c2/checkpoints/latest" ] && expect "latest_after_kill_$delay" 0 "intact" -- ckpt verify "$tmp/c2/checkpoints/latest"
+  [ -e "$tmp/c2/checkpoints/latest" ] && expect "latest_after_kill_$k" 0 "intact" -- ckpt verify "$tmp/c2/checkpoints/latest"
 done
 if [ $cut -ge 1 ]; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL no kill landed in a save"; fi
 "$coil" pretrain "${chaos[@]}" --set "train.run_dir=$tmp/c2" >"$tmp/term.log" 2>&1 &
