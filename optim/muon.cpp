@@ -137,14 +137,7 @@ void Muon::step(double lr) {
     updates = at::_foreach_mul(grads, 1 - beta);
     at::_foreach_add_(updates, at::_foreach_mul(moms, beta));
   }
-  std::vector<at::Tensor> ortho;
-  if (orthogonalize_) {
-    ortho = orthogonalize_(slots, updates);
-    COIL_CHECK(ortho.size() == updates.size(), "the orthogonalization returned {} tensors for {}", ortho.size(),
-               updates.size());
-  } else {
-    ortho = newton_schulz_many(updates, config_.ns_steps);
-  }
+  const std::vector<at::Tensor> ortho = orthogonalized(slots, updates, /*batched=*/true);
   // Decay, then p += -lr s O: one foreach add per distinct scale s (one per whole shape, at most).
   std::vector<at::Tensor> decayed;
   std::vector<std::pair<double, std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>>>> by_alpha;
@@ -159,6 +152,20 @@ void Muon::step(double lr) {
   }
   if (config_.weight_decay != 0 && !decayed.empty()) at::_foreach_mul_(decayed, 1 - lr * config_.weight_decay);
   for (auto& [alpha, lists] : by_alpha) at::_foreach_add_(lists.first, lists.second, alpha);
+}
+
+std::vector<at::Tensor> Muon::orthogonalized(const std::vector<size_t>& slots, const std::vector<at::Tensor>& updates,
+                                             bool batched) const {
+  if (orthogonalize_) {
+    std::vector<at::Tensor> ortho = orthogonalize_(slots, updates);
+    COIL_CHECK(ortho.size() == updates.size(), "the orthogonalization returned {} tensors for {}", ortho.size(),
+               updates.size());
+    return ortho;
+  }
+  if (batched) return newton_schulz_many(updates, config_.ns_steps);
+  std::vector<at::Tensor> ortho;
+  for (const auto& u : updates) ortho.push_back(newton_schulz(u, config_.ns_steps));
+  return ortho;
 }
 
 void Muon::step_reference(double lr) {
@@ -177,14 +184,7 @@ void Muon::step_reference(double lr) {
     slots.push_back(i);
     updates.push_back(config_.nesterov ? g * (1 - beta) + s.momentum * beta : s.momentum.clone());
   }
-  std::vector<at::Tensor> ortho;
-  if (orthogonalize_) {
-    ortho = orthogonalize_(slots, updates);
-    COIL_CHECK(ortho.size() == updates.size(), "the orthogonalization returned {} tensors for {}", ortho.size(),
-               updates.size());
-  } else {
-    for (const auto& u : updates) ortho.push_back(newton_schulz(u, config_.ns_steps));
-  }
+  const std::vector<at::Tensor> ortho = orthogonalized(slots, updates, /*batched=*/false);
   for (size_t k = 0; k < slots.size(); ++k) {
     Slot& s = slots_[slots[k]];
     if (s.decay && config_.weight_decay != 0) s.param.mul_(1 - lr * config_.weight_decay);

@@ -99,6 +99,10 @@ class Muon {
   int64_t step_ = 0;
   bool reference_ = false;
   void step_reference(double lr);
+  // The orthogonalized updates: the plugged-in step, or Newton-Schulz here (batched by shape, or
+  // matrix by matrix for the reference).
+  std::vector<at::Tensor> orthogonalized(const std::vector<size_t>& slots, const std::vector<at::Tensor>& updates,
+                                         bool batched) const;
 };
 
 }  // namespace coil::optim
