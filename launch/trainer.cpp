@@ -183,12 +183,13 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
 
   if (par.root()) {
     fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));
-    fmt::print("{}: device {}{}, compute {}{}, master weights and optimizer state float32{}\n", what, par.device.str(),
+    fmt::print("{}: device {}{}, compute {}{}, master weights and optimizer state float32{}{}\n", what, par.device.str(),
                par.device_why.empty() ? "" : " (" + par.device_why + ")", c.dtype,
                scaler.enabled() ? fmt::format(" with dynamic loss scaling (scale {}, doubled after {} finite steps)",
                                               scaler.scale(), c.loss_scale_growth_interval)
                                 : "",
-               par.fsdp ? fmt::format(", gradient reduce-scatter {}", c.reduce_dtype) : "");
+               par.fsdp ? fmt::format(", gradient reduce-scatter {}", c.reduce_dtype) : "",
+               c.activation_checkpointing == "full" ? ", each block recomputed in backward (activation checkpointing)" : "");
     fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {} on each of {} rank(s)), {} threads{}\n",
                what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
                par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
