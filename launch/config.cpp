@@ -198,15 +198,16 @@ void apply(std::vector<Field>& all, const toml::table& doc, const std::string& p
 
 // Once every value is in: the [model] shape keys left unset take the preset's values (so that
 // config.toml names the whole shape), then every key is range-checked, then the checks between
-// keys. `legacy_zeros`: a checkpoint's config from before the shape was written out holds 0 for
-// "the preset's"; it is read as such.
-void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool legacy_zeros) {
+// keys. `checkpoint`: a checkpoint's config (it was checked when its run started): a shape key of 0
+// there (from before the shape was written out) is the preset's, and only the [model] keys are
+// checked (what its readers use; a rule about training added since must not lock its weights away).
+void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool checkpoint) {
   const MambaConfig preset = MambaConfig::preset(c.model_preset);
   const std::map<const void*, double> preset_value = {
       {&c.model_d_model, preset.d_model}, {&c.model_n_layer, preset.n_layer}, {&c.model_d_state, preset.d_state},
       {&c.model_d_conv, preset.d_conv},   {&c.model_expand, preset.expand},   {&c.model_rms_eps, preset.rms_eps}};
   for (const Field& f : all) {
-    if (!f.shape || (origins.has(f.section + "." + f.key) && !legacy_zeros)) continue;
+    if (!f.shape || (origins.has(f.section + "." + f.key) && !checkpoint)) continue;
     std::visit(
         [&](auto* p) {
           using T = std::remove_pointer_t<decltype(p)>;
@@ -216,6 +217,7 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
         f.target);
   }
   for (const Field& f : all) {
+    if (checkpoint && f.section != "model") continue;
     const std::string key = f.section + "." + f.key, where = origins.where(key);
     std::visit(
         [&](auto* p) {
@@ -232,6 +234,7 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
         },
         f.target);
   }
+  if (checkpoint) return;
   const double s = c.loss_scale_init;
   if (std::ldexp(1.0, std::ilogb(s)) != s)
     fail("{}: train.loss_scale_init must be a power of two (unscaling is then exact), not {}",
@@ -256,7 +259,7 @@ RunConfig RunConfig::parse(const std::string& text, const std::string& origin) {
   } catch (const toml::parse_error& e) {
     fail("{}:{}: {}", origin, e.source().begin.line, e.description());
   }
-  finish(c, all, origins, /*legacy_zeros=*/true);
+  finish(c, all, origins, /*checkpoint=*/true);
   return c;
 }
 
@@ -297,7 +300,7 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
     assign(*f, *t.get("v"), "--set " + o);
     origins.set(*f, "--set " + o);
   }
-  finish(c, all, origins, /*legacy_zeros=*/false);
+  finish(c, all, origins, /*checkpoint=*/false);
   return c;
 }
 

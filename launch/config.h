@@ -78,7 +78,8 @@ struct RunConfig {
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);
   // The same from TOML text (a checkpoint's config); origin names it in errors. A shape key of 0
-  // there (written before the shape was resolved) is the preset's.
+  // there (written before the shape was resolved) is the preset's; only the [model] keys are
+  // range-checked (the rest was checked when that run started).
   static RunConfig parse(const std::string& text, const std::string& origin);
   // Every key as TOML, with the values in force (written to <run_dir>/config.toml).
   std::string to_toml() const;
