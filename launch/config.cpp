@@ -4,8 +4,9 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
-
+#include <cmath>
 #include <functional>
+#include <map>
 #include <sstream>
 #include <toml++/toml.h>
 #include <variant>
@@ -17,70 +18,96 @@ namespace {
 
 using Target = std::variant<std::string*, int64_t*, double*, bool*>;
 
+// The values a numeric key may take: an interval (each end open or closed, or none), checked once
+// every file line and --set has been applied, so that an error names where the bad value came from.
+// Every number must also be finite (TOML reads inf and nan). A numeric key without a range says why.
+struct Range {
+  double lo = -HUGE_VAL, hi = HUGE_VAL;
+  bool lo_open = false, hi_open = false;
+  std::string note;  // what a special value means, e.g. "(0: no watchdog)"
+  bool any = false;  // unbounded on purpose (note says why)
+  bool contains(double v) const {
+    return (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  }
+  std::string words() const {
+    if (any) return "";
+    if (hi == HUGE_VAL) return fmt::format("{} {}", lo_open ? ">" : ">=", lo);
+    return fmt::format("in {}{}, {}{}", lo_open ? "(" : "[", lo, hi, hi_open ? ")" : "]");
+  }
+};
+Range at_least(double lo, std::string note = "") { return {lo, HUGE_VAL, false, false, std::move(note)}; }
+Range above(double lo, std::string note = "") { return {lo, HUGE_VAL, true, false, std::move(note)}; }
+Range between(double lo, double hi, bool lo_open, bool hi_open) { return {lo, hi, lo_open, hi_open, ""}; }
+Range unbounded(std::string why) { return {-HUGE_VAL, HUGE_VAL, false, false, std::move(why), true}; }
+
 struct Field {
   std::string section, key;
   Target target;
   std::vector<std::string> choices = {};  // the values a string key may take (empty: any)
+  Range range = unbounded("");            // numbers only
+  bool nonempty = false;                  // strings only: "" is an error
+  bool shape = false;                     // [model] shape key: unset means the preset's (resolved in finish())
 };
 
-// Every key of the configuration and where its value goes.
+// Every key of the configuration, where its value goes and the values it may take.
 std::vector<Field> fields(RunConfig& c) {
+  const std::vector<std::string> any;
   return {
-      {"model", "preset", &c.model_preset},
-      {"model", "vocab_size", &c.model_vocab_size},
-      {"model", "d_model", &c.model_d_model},
-      {"model", "n_layer", &c.model_n_layer},
-      {"model", "d_state", &c.model_d_state},
-      {"model", "d_conv", &c.model_d_conv},
-      {"model", "expand", &c.model_expand},
-      {"model", "dt_rank", &c.model_dt_rank},
-      {"model", "rms_eps", &c.model_rms_eps},
+      {"model", "preset", &c.model_preset, MambaConfig::preset_names()},
+      {"model", "vocab_size", &c.model_vocab_size, any, at_least(0, "(0: the tokenizer's)")},
+      {"model", "d_model", &c.model_d_model, any, at_least(1), false, true},
+      {"model", "n_layer", &c.model_n_layer, any, at_least(1), false, true},
+      {"model", "d_state", &c.model_d_state, any, at_least(1), false, true},
+      {"model", "d_conv", &c.model_d_conv, any, at_least(1), false, true},
+      {"model", "expand", &c.model_expand, any, at_least(1), false, true},
+      {"model", "dt_rank", &c.model_dt_rank, any, at_least(0, "(0: ceil(d_model / 16))")},
+      {"model", "rms_eps", &c.model_rms_eps, any, above(0), false, true},
       {"data", "train", &c.data_train},
       {"data", "val", &c.data_val},
       {"data", "tokenizer", &c.data_tokenizer},
       {"data", "streaming", &c.data_streaming},
-      {"data", "text_field", &c.data_text_field},
-      {"data", "max_bad_records", &c.data_max_bad_records},
-      {"optim", "learning_rate_muon", &c.learning_rate_muon},
-      {"optim", "learning_rate_adamw", &c.learning_rate_adamw},
+      {"data", "text_field", &c.data_text_field, any, {}, true},
+      {"data", "max_bad_records", &c.data_max_bad_records, any, at_least(0)},
+      {"optim", "learning_rate_muon", &c.learning_rate_muon, any, at_least(0)},
+      {"optim", "learning_rate_adamw", &c.learning_rate_adamw, any, at_least(0)},
       {"optim", "use_muon", &c.use_muon},
-      {"optim", "muon_scale", &c.muon_scale},
-      {"optim", "muon_momentum", &c.muon_momentum},
+      {"optim", "muon_scale", &c.muon_scale, {"keller", "moonlight"}},
+      {"optim", "muon_momentum", &c.muon_momentum, any, between(0, 1, false, true)},
       {"optim", "muon_nesterov", &c.muon_nesterov},
-      {"optim", "muon_ns_steps", &c.muon_ns_steps},
-      {"optim", "weight_decay", &c.weight_decay},
-      {"optim", "adam_beta1", &c.adam_beta1},
-      {"optim", "adam_beta2", &c.adam_beta2},
-      {"optim", "adam_eps", &c.adam_eps},
-      {"optim", "schedule", &c.schedule},
-      {"optim", "warmup_steps", &c.warmup_steps},
-      {"optim", "min_lr_ratio", &c.min_lr_ratio},
-      {"optim", "decay_fraction", &c.decay_fraction},
-      {"optim", "grad_clip", &c.grad_clip},
-      {"train", "run_dir", &c.run_dir},
-      {"train", "max_steps", &c.max_steps},
+      {"optim", "muon_ns_steps", &c.muon_ns_steps, any, at_least(1)},
+      {"optim", "weight_decay", &c.weight_decay, any, at_least(0)},
+      {"optim", "adam_beta1", &c.adam_beta1, any, between(0, 1, false, true)},
+      {"optim", "adam_beta2", &c.adam_beta2, any, between(0, 1, false, true)},
+      {"optim", "adam_eps", &c.adam_eps, any, above(0)},
+      {"optim", "schedule", &c.schedule, {"cosine", "wsd", "constant"}},
+      {"optim", "warmup_steps", &c.warmup_steps, any, at_least(0)},
+      {"optim", "min_lr_ratio", &c.min_lr_ratio, any, between(0, 1, false, false)},
+      {"optim", "decay_fraction", &c.decay_fraction, any, between(0, 1, true, false)},
+      {"optim", "grad_clip", &c.grad_clip, any, at_least(0, "(0: no clipping)")},
+      {"train", "run_dir", &c.run_dir, any, {}, true},
+      {"train", "max_steps", &c.max_steps, any, at_least(0, "(0: with train.train_by_epochs)")},
       {"train", "train_by_epochs", &c.train_by_epochs},
-      {"train", "num_epochs", &c.num_epochs},
-      {"train", "total_train_tokens", &c.total_train_tokens},
-      {"train", "seq_len", &c.seq_len},
-      {"train", "global_batch_size", &c.global_batch_size},
-      {"train", "micro_batch_size", &c.micro_batch_size},
-      {"train", "seed", &c.seed},
-      {"train", "eval_interval", &c.eval_interval},
-      {"train", "eval_batches", &c.eval_batches},
-      {"train", "checkpoint_interval", &c.checkpoint_interval},
-      {"train", "keep_last_k", &c.keep_last_k},
+      {"train", "num_epochs", &c.num_epochs, any, at_least(1)},
+      {"train", "total_train_tokens", &c.total_train_tokens, any, at_least(0, "(0: from train.num_epochs)")},
+      {"train", "seq_len", &c.seq_len, any, at_least(2)},
+      {"train", "global_batch_size", &c.global_batch_size, any, at_least(1)},
+      {"train", "micro_batch_size", &c.micro_batch_size, any, at_least(1)},
+      {"train", "seed", &c.seed, any, unbounded("any integer: its 64 bits seed the generators")},
+      {"train", "eval_interval", &c.eval_interval, any, at_least(0, "(0: no evaluation)")},
+      {"train", "eval_batches", &c.eval_batches, any, at_least(1)},
+      {"train", "checkpoint_interval", &c.checkpoint_interval, any, at_least(0, "(0: at the end only)")},
+      {"train", "keep_last_k", &c.keep_last_k, any, at_least(0, "(0: all)")},
       {"train", "async_checkpoint", &c.async_checkpoint},
-      {"train", "watchdog_timeout", &c.watchdog_timeout},
-      {"train", "log_interval", &c.log_interval},
+      {"train", "watchdog_timeout", &c.watchdog_timeout, any, at_least(0, "(0: no watchdog)")},
+      {"train", "log_interval", &c.log_interval, any, at_least(1)},
       {"train", "pretrained_checkpoint_path", &c.pretrained_checkpoint_path},
-      {"train", "nan_policy", &c.nan_policy},
-      {"train", "threads", &c.threads},
+      {"train", "nan_policy", &c.nan_policy, {"stop", "skip"}},
+      {"train", "threads", &c.threads, any, at_least(0, "(0: all cores)")},
       {"train", "reshard_after_forward", &c.reshard_after_forward},
       {"train", "device", &c.device, {"auto", "cpu", "cuda"}},
       {"train", "dtype", &c.dtype, {"float32", "bfloat16", "float16"}},
-      {"train", "loss_scale_init", &c.loss_scale_init},
-      {"train", "loss_scale_growth_interval", &c.loss_scale_growth_interval},
+      {"train", "loss_scale_init", &c.loss_scale_init, any, at_least(1, "(a power of two)")},
+      {"train", "loss_scale_growth_interval", &c.loss_scale_growth_interval, any, at_least(1)},
       {"train", "reduce_dtype", &c.reduce_dtype, {"float32", "bfloat16"}},
       {"train", "overlap_comm", &c.overlap_comm},
       {"train", "activation_checkpointing", &c.activation_checkpointing, {"none", "full"}},
@@ -133,8 +160,23 @@ std::string location(const std::string& path, const toml::node& node) {
 
 namespace {
 
+// Where each key got its value: "<file>:<line>" or "--set <override>" (the last one applied), and
+// in which order, so that a check between two keys names the one set last.
+struct Origins {
+  std::map<std::string, std::pair<int, std::string>> of;
+  int count = 0;
+  void set(const Field& f, const std::string& where) { of[f.section + "." + f.key] = {++count, where}; }
+  bool has(const std::string& key) const { return of.count(key) > 0; }
+  std::string where(const std::string& key) const { return has(key) ? of.at(key).second : "the defaults"; }
+  // Of two keys, where the later-set one was set.
+  std::string where(const std::string& a, const std::string& b) const {
+    const int ia = has(a) ? of.at(a).first : 0, ib = has(b) ? of.at(b).first : 0;
+    return where(ia >= ib ? a : b);
+  }
+};
+
 // Sets the fields named in a parsed TOML document; `origin` names it in errors (a path).
-void apply(std::vector<Field>& all, const toml::table& doc, const std::string& path) {
+void apply(std::vector<Field>& all, const toml::table& doc, const std::string& path, Origins& origins) {
   auto find = [&](const std::string& section, const std::string& key) -> const Field* {
     for (const Field& f : all)
       if (f.section == section && f.key == key) return &f;
@@ -149,8 +191,61 @@ void apply(std::vector<Field>& all, const toml::table& doc, const std::string& p
       const Field* f = find(s, std::string(key.str()));
       if (!f) fail("{}: unknown key {}.{}", location(path, value), s, key.str());
       assign(*f, value, location(path, value));
+      origins.set(*f, location(path, value));
     }
   }
+}
+
+// Once every value is in: the [model] shape keys left unset take the preset's values (so that
+// config.toml names the whole shape), then every key is range-checked, then the checks between
+// keys. `checkpoint`: a checkpoint's config (it was checked when its run started): a shape key of 0
+// there (from before the shape was written out) is the preset's, and only the [model] keys are
+// checked (what its readers use; a rule about training added since must not lock its weights away).
+void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool checkpoint) {
+  const MambaConfig preset = MambaConfig::preset(c.model_preset);
+  const std::map<const void*, double> preset_value = {
+      {&c.model_d_model, preset.d_model}, {&c.model_n_layer, preset.n_layer}, {&c.model_d_state, preset.d_state},
+      {&c.model_d_conv, preset.d_conv},   {&c.model_expand, preset.expand},   {&c.model_rms_eps, preset.rms_eps}};
+  for (const Field& f : all) {
+    if (!f.shape || (origins.has(f.section + "." + f.key) && !checkpoint)) continue;
+    std::visit(
+        [&](auto* p) {
+          using T = std::remove_pointer_t<decltype(p)>;
+          if constexpr (std::is_same_v<T, int64_t> || std::is_same_v<T, double>)
+            if (*p == 0) *p = static_cast<T>(preset_value.at(p));
+        },
+        f.target);
+  }
+  for (const Field& f : all) {
+    if (checkpoint && f.section != "model") continue;
+    const std::string key = f.section + "." + f.key, where = origins.where(key);
+    std::visit(
+        [&](auto* p) {
+          using T = std::remove_pointer_t<decltype(p)>;
+          if constexpr (std::is_same_v<T, std::string>) {
+            if (f.nonempty && p->empty()) fail("{}: {} must not be empty", where, key);
+          } else if constexpr (!std::is_same_v<T, bool>) {
+            const double v = static_cast<double>(*p);
+            if (!std::isfinite(v)) fail("{}: {} must be a finite number, not {}", where, key, v);
+            if (!f.range.contains(v))
+              fail("{}: {} must be {}{}, not {}", where, key, f.range.words(),
+                   f.range.note.empty() ? "" : " " + f.range.note, *p);
+          }
+        },
+        f.target);
+  }
+  if (checkpoint) return;
+  const double s = c.loss_scale_init;
+  if (std::ldexp(1.0, std::ilogb(s)) != s)
+    fail("{}: train.loss_scale_init must be a power of two (unscaling is then exact), not {}",
+         origins.where("train.loss_scale_init"), s);
+  if (c.global_batch_size % c.micro_batch_size != 0)
+    fail("{}: train.global_batch_size ({}) must be a multiple of train.micro_batch_size ({})",
+         origins.where("train.global_batch_size", "train.micro_batch_size"), c.global_batch_size, c.micro_batch_size);
+  // With train.train_by_epochs the steps are known once the data is open (Schedule::validate).
+  if (!c.train_by_epochs && c.max_steps > 0 && c.warmup_steps > c.max_steps)
+    fail("{}: optim.warmup_steps ({}) must be <= train.max_steps ({})",
+         origins.where("optim.warmup_steps", "train.max_steps"), c.warmup_steps, c.max_steps);
 }
 
 }  // namespace
@@ -158,17 +253,20 @@ void apply(std::vector<Field>& all, const toml::table& doc, const std::string& p
 RunConfig RunConfig::parse(const std::string& text, const std::string& origin) {
   RunConfig c;
   std::vector<Field> all = fields(c);
+  Origins origins;
   try {
-    apply(all, toml::parse(text, origin), origin);
+    apply(all, toml::parse(text, origin), origin, origins);
   } catch (const toml::parse_error& e) {
     fail("{}:{}: {}", origin, e.source().begin.line, e.description());
   }
+  finish(c, all, origins, /*checkpoint=*/true);
   return c;
 }
 
 RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
   RunConfig c;
   std::vector<Field> all = fields(c);
+  Origins origins;
   auto find = [&](const std::string& section, const std::string& key) -> const Field* {
     for (const Field& f : all)
       if (f.section == section && f.key == key) return &f;
@@ -182,7 +280,7 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
       if (e.source().begin.line == 0) fail("cannot read config {}: {}", path, e.description());
       fail("{}:{}: {}", path, e.source().begin.line, e.description());
     }
-    apply(all, doc, path);
+    apply(all, doc, path, origins);
   }
   for (const std::string& o : overrides) {
     const size_t eq = o.find('='), dot = o.find('.');
@@ -200,8 +298,24 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
     }
     if (std::holds_alternative<std::string*>(f->target) && !t["v"].is_string()) t = toml::table{{"v", value}};
     assign(*f, *t.get("v"), "--set " + o);
+    origins.set(*f, "--set " + o);
   }
+  finish(c, all, origins, /*checkpoint=*/false);
   return c;
+}
+
+std::vector<RunConfig::Key> RunConfig::keys() {
+  RunConfig c;
+  std::vector<Key> out;
+  for (const Field& f : fields(c)) {
+    Key k{f.section + "." + f.key, type_name(f.target), "", f.choices};
+    if (std::holds_alternative<int64_t*>(f.target) || std::holds_alternative<double*>(f.target))
+      k.range = f.range.any ? "any: " + f.range.note : f.range.words();
+    else if (f.nonempty)
+      k.range = "not empty";
+    out.push_back(k);
+  }
+  return out;
 }
 
 MambaConfig RunConfig::model_config(int64_t vocab_size) const {
@@ -210,7 +324,7 @@ MambaConfig RunConfig::model_config(int64_t vocab_size) const {
                                                {model_d_state, &m.d_state}, {model_d_conv, &m.d_conv},
                                                {model_expand, &m.expand},   {model_dt_rank, &m.dt_rank}};
   for (const auto& [value, field] : keys) {
-    COIL_CHECK(value >= 0, "model: shape keys must be >= 0 (0: the preset's), got {}", value);
+    COIL_CHECK(value >= 0, "model: shape keys must be >= 0 (0: the preset's), not {}", value);
     if (value > 0) *field = value;
   }
   COIL_CHECK(model_rms_eps >= 0, "model.rms_eps must be >= 0 (0: the preset's), got {}", model_rms_eps);

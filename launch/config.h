@@ -1,7 +1,12 @@
 // Run configuration: TOML files with sections [model], [data], [optim], [train], overridden by
 // `--set section.key=value`. Key names follow the seed project's (train.max_steps,
-// optim.learning_rate_muon, ...). An unknown key or a wrong type is an error naming the key and
-// file:line; the resolved configuration is written into the run directory.
+// optim.learning_rate_muon, ...). An unknown key, a wrong type or a value out of its range
+// (model.d_state >= 1, optim.adam_beta1 in [0, 1), train.seq_len >= 2, ...: each key's range sits
+// beside it in the key table, launch/config.cpp) is an error naming the key and where its value came
+// from ("<file>:<line>: ..." or "--set key=value: ..."), raised by load() before anything starts;
+// so are the checks between keys (warmup <= max_steps, global batch a multiple of the micro batch).
+// The [model] shape keys left unset take the preset's values, so the resolved configuration,
+// written into the run directory, names the whole shape.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +21,8 @@ struct RunConfig {
   // [model]
   std::string model_preset = "tiny";
   int64_t model_vocab_size = 0;  // 0: the tokenizer's, padded to a multiple of 8
-  // The preset's shape, unless set here (0: the preset's): e.g. a model imported from Hugging Face.
+  // The preset's shape, unless set here (load() fills in the preset's; an explicit 0 is an error):
+  // e.g. a model imported from Hugging Face. dt_rank 0: ceil(d_model / 16), as mamba_ssm's "auto".
   int64_t model_d_model = 0, model_n_layer = 0, model_d_state = 0, model_d_conv = 0, model_expand = 0,
           model_dt_rank = 0;
   double model_rms_eps = 0;
@@ -71,12 +77,24 @@ struct RunConfig {
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);
-  // The same from TOML text (a checkpoint's config); origin names it in errors.
+  // The same from TOML text (a checkpoint's config); origin names it in errors. A shape key of 0
+  // there (written before the shape was resolved) is the preset's; only the [model] keys are
+  // range-checked (the rest was checked when that run started).
   static RunConfig parse(const std::string& text, const std::string& origin);
   // Every key as TOML, with the values in force (written to <run_dir>/config.toml).
   std::string to_toml() const;
   // The model's shape: the preset with the [model] keys set here, and `vocab_size` rows.
   MambaConfig model_config(int64_t vocab_size) const;
+
+  // The key table, for documentation and tests: "section.key", its type ("an integer", "a number",
+  // "a string", "true or false"), the range of a number in words (">= 1", "in [0, 1)", or
+  // "any: <why>" when unbounded on purpose; "not empty" for a string that must be set), the choices
+  // of a string.
+  struct Key {
+    std::string name, type, range;
+    std::vector<std::string> choices;
+  };
+  static std::vector<Key> keys();
 };
 
 }  // namespace coil

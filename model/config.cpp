@@ -3,6 +3,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <cmath>
+
 #include "util/error.h"
 
 namespace coil {
@@ -24,10 +26,13 @@ void MambaConfig::validate() const {
   positive("d_state", d_state);
   positive("d_conv", d_conv);
   positive("expand", expand);
-  COIL_CHECK(dt_rank >= 0, "model config: dt_rank must be >= 0 (0 = auto), got {}", dt_rank);
-  COIL_CHECK(rms_eps > 0, "model config: rms_eps must be positive, got {}", rms_eps);
-  COIL_CHECK(dt_min > 0 && dt_min <= dt_max, "model config: need 0 < dt_min <= dt_max, got {} and {}",
-             dt_min, dt_max);
+  positive("pad_vocab_multiple", pad_vocab_multiple);
+  COIL_CHECK(dt_rank >= 0, "model config: dt_rank must be >= 0 (0: ceil(d_model / 16)), got {}", dt_rank);
+  COIL_CHECK(std::isfinite(rms_eps) && rms_eps > 0, "model config: rms_eps must be > 0, got {}", rms_eps);
+  COIL_CHECK(std::isfinite(dt_max) && dt_min > 0 && dt_min <= dt_max,
+             "model config: need 0 < dt_min <= dt_max, got {} and {}", dt_min, dt_max);
+  COIL_CHECK(std::isfinite(dt_init_floor) && dt_init_floor >= 0, "model config: dt_init_floor must be >= 0, got {}",
+             dt_init_floor);
 }
 
 int64_t MambaConfig::num_parameters() const {

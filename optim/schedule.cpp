@@ -12,6 +12,10 @@ void Schedule::validate() const {
              "optim.schedule must be cosine, wsd or constant, not '{}'", kind);
   COIL_CHECK(total_steps >= 1, "the run has {} steps; it needs at least 1", total_steps);
   COIL_CHECK(warmup_steps >= 0, "optim.warmup_steps must be >= 0, not {}", warmup_steps);
+  // launch/config.cpp checks this against train.max_steps; with train.train_by_epochs the steps
+  // are derived from the data, and this is where it is checked (still before the first step).
+  COIL_CHECK(warmup_steps <= total_steps, "optim.warmup_steps ({}) must be <= the run's steps ({})", warmup_steps,
+             total_steps);
   COIL_CHECK(min_lr_ratio >= 0 && min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1], not {}", min_lr_ratio);
   COIL_CHECK(decay_fraction > 0 && decay_fraction <= 1, "optim.decay_fraction must be in (0, 1], not {}", decay_fraction);
 }

@@ -7,6 +7,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -20,6 +22,7 @@
 #include "launch/trainer.h"
 #include "model/mamba.h"
 #include "optim/loss_scale.h"
+#include "optim/schedule.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
@@ -187,6 +190,189 @@ TEST(Config, TheShippedConfigsParse) {
   }
 }
 
+// Every key of the four sections, walked from the config's own key table: each one with a bad
+// value (in a file: "<file>:3: <key> ...", and as --set: "--set <key>=<value>: <key> ..."), or
+// listed here as taking any value, with the reason. A new key without either fails this test.
+TEST(Config, EveryKeyIsRangeChecked) {
+  struct Bad {
+    const char* key;
+    const char* value;    // as TOML
+    const char* message;  // what follows "<where>: <key> "
+  };
+  const Bad bad[] = {
+      {"model.preset", "\"huge\"", "must be \"tiny\" or \"130m\""},
+      {"model.vocab_size", "-1", "must be >= 0 (0: the tokenizer's), not -1"},
+      {"model.d_model", "0", "must be >= 1, not 0"},
+      {"model.n_layer", "0", "must be >= 1, not 0"},
+      {"model.d_state", "0", "must be >= 1, not 0"},
+      {"model.d_conv", "0", "must be >= 1, not 0"},
+      {"model.expand", "-2", "must be >= 1, not -2"},
+      {"model.dt_rank", "-1", "must be >= 0 (0: ceil(d_model / 16)), not -1"},
+      {"model.rms_eps", "0.0", "must be > 0, not 0"},
+      {"model.rms_eps", "nan", "must be a finite number, not nan"},
+      {"data.streaming", "\"yes\"", "must be true or false"},
+      {"data.text_field", "\"\"", "must not be empty"},
+      {"data.max_bad_records", "-1", "must be >= 0, not -1"},
+      {"optim.learning_rate_muon", "-0.1", "must be >= 0, not -0.1"},
+      {"optim.learning_rate_adamw", "inf", "must be a finite number, not inf"},
+      {"optim.learning_rate_adamw", "-3e-3", "must be >= 0, not -0.003"},
+      {"optim.use_muon", "1", "must be true or false"},
+      {"optim.muon_scale", "\"bogus\"", "must be \"keller\" or \"moonlight\", not \"bogus\""},
+      {"optim.muon_momentum", "1.0", "must be in [0, 1), not 1"},
+      {"optim.muon_nesterov", "\"no\"", "must be true or false"},
+      {"optim.muon_ns_steps", "0", "must be >= 1, not 0"},
+      {"optim.weight_decay", "-0.1", "must be >= 0, not -0.1"},
+      {"optim.adam_beta1", "1.0", "must be in [0, 1), not 1"},
+      {"optim.adam_beta2", "-0.5", "must be in [0, 1), not -0.5"},
+      {"optim.adam_eps", "0.0", "must be > 0, not 0"},
+      {"optim.schedule", "\"linear\"", "must be \"cosine\" or \"wsd\" or \"constant\", not \"linear\""},
+      {"optim.warmup_steps", "-1", "must be >= 0, not -1"},
+      {"optim.min_lr_ratio", "1.5", "must be in [0, 1], not 1.5"},
+      {"optim.decay_fraction", "0.0", "must be in (0, 1], not 0"},
+      {"optim.grad_clip", "-1.0", "must be >= 0 (0: no clipping), not -1"},
+      {"train.run_dir", "\"\"", "must not be empty"},
+      {"train.max_steps", "-1", "must be >= 0 (0: with train.train_by_epochs), not -1"},
+      {"train.train_by_epochs", "1", "must be true or false"},
+      {"train.num_epochs", "0", "must be >= 1, not 0"},
+      {"train.total_train_tokens", "-5", "must be >= 0 (0: from train.num_epochs), not -5"},
+      {"train.seq_len", "1", "must be >= 2, not 1"},
+      {"train.global_batch_size", "0", "must be >= 1, not 0"},
+      {"train.micro_batch_size", "0", "must be >= 1, not 0"},
+      {"train.eval_interval", "-1", "must be >= 0 (0: no evaluation), not -1"},
+      {"train.eval_batches", "0", "must be >= 1, not 0"},
+      {"train.checkpoint_interval", "-1", "must be >= 0 (0: at the end only), not -1"},
+      {"train.keep_last_k", "-1", "must be >= 0 (0: all), not -1"},
+      {"train.async_checkpoint", "\"x\"", "must be true or false"},
+      {"train.watchdog_timeout", "-1.0", "must be >= 0 (0: no watchdog), not -1"},
+      {"train.log_interval", "0", "must be >= 1, not 0"},
+      {"train.nan_policy", "\"ignore\"", "must be \"stop\" or \"skip\", not \"ignore\""},
+      {"train.threads", "-1", "must be >= 0 (0: all cores), not -1"},
+      {"train.reshard_after_forward", "0", "must be true or false"},
+      {"train.device", "\"tpu\"", "must be \"auto\" or \"cpu\" or \"cuda\", not \"tpu\""},
+      {"train.dtype", "\"fp8\"", "must be \"float32\" or \"bfloat16\" or \"float16\", not \"fp8\""},
+      {"train.loss_scale_init", "0.5", "must be >= 1 (a power of two), not 0.5"},
+      {"train.loss_scale_init", "3.0", "must be a power of two (unscaling is then exact), not 3"},
+      {"train.loss_scale_growth_interval", "0", "must be >= 1, not 0"},
+      {"train.reduce_dtype", "\"float16\"", "must be \"float32\" or \"bfloat16\", not \"float16\""},
+      {"train.overlap_comm", "\"x\"", "must be true or false"},
+      {"train.activation_checkpointing", "\"some\"", "must be \"none\" or \"full\", not \"some\""},
+  };
+  // Keys that take any value of their type, and why.
+  const std::map<std::string, std::string> any = {
+      {"data.train", "a path or glob: opened (and checked) when the run starts"},
+      {"data.val", "a path or glob, or empty: no evaluation"},
+      {"data.tokenizer", "a path: opened (and checked) when the run starts"},
+      {"train.seed", "any integer: its 64 bits seed the generators"},
+      {"train.pretrained_checkpoint_path", "a path, needed by SFT only: verified when the run starts"},
+  };
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-keys-{}.toml", getpid());
+  std::set<std::string> covered;
+  for (const Bad& b : bad) {
+    const std::string key = b.key, section = key.substr(0, key.find('.')), name = key.substr(key.find('.') + 1);
+    covered.insert(key);
+    write(path, fmt::format("# one bad value\n[{}]\n{} = {}\n", section, name, b.value));
+    const std::string from_file = error_of([&] { RunConfig::load(path, {}); });
+    EXPECT_NE(from_file.find(fmt::format("{}:3: {} {}", path, key, b.message)), std::string::npos) << from_file;
+    const std::string set = fmt::format("{}={}", key, b.value);
+    const std::string from_set = error_of([&] { RunConfig::load("", {set}); });
+    EXPECT_NE(from_set.find(fmt::format("--set {}: {} {}", set, key, b.message)), std::string::npos) << from_set;
+    EXPECT_EQ(from_set.find('\n'), std::string::npos) << from_set;  // one line
+  }
+  std::set<std::string> table;
+  for (const RunConfig::Key& k : RunConfig::keys()) {
+    table.insert(k.name);
+    const bool number = k.type == "an integer" || k.type == "a number";
+    if (any.count(k.name)) {
+      EXPECT_FALSE(covered.count(k.name)) << k.name << " is both bounded and not";
+      EXPECT_TRUE(k.choices.empty()) << k.name;
+      // A number unbounded on purpose says so in the key table; a free string has no range.
+      EXPECT_EQ(k.range, number ? "any: " + any.at(k.name) : "") << k.name;
+    } else {
+      EXPECT_TRUE(covered.count(k.name)) << k.name << " has no bad value here and is not listed as taking any";
+      if (number) {
+        EXPECT_EQ(k.range.rfind("any", 0), std::string::npos) << k.name << " has no range: " << k.range;
+      }
+    }
+  }
+  for (const std::string& k : covered) EXPECT_TRUE(table.count(k)) << k << " is no key";
+  for (const auto& [k, why] : any) EXPECT_TRUE(table.count(k)) << k << " is no key";
+  // Every value in the table is bad on its own: the same keys with the defaults load.
+  EXPECT_NO_THROW(RunConfig::load("", {}));
+  fs::remove(path);
+}
+
+// The checks between keys name where the later of the two was set.
+TEST(Config, ChecksBetweenKeys) {
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-cross-{}.toml", getpid());
+  write(path, "[optim]\nwarmup_steps = 50\n\n[train]\nmax_steps = 40\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
+                .find(path + ":5: optim.warmup_steps (50) must be <= train.max_steps (40)"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {"optim.warmup_steps=41"}); })
+                .find("--set optim.warmup_steps=41: optim.warmup_steps (41) must be <= train.max_steps (40)"),
+            std::string::npos);
+  EXPECT_EQ(RunConfig::load(path, {"optim.warmup_steps=40"}).warmup_steps, 40);  // <= is fine
+  // With train_by_epochs the steps are not known yet: the schedule checks it (Schedule::validate).
+  EXPECT_EQ(RunConfig::load(path, {"train.train_by_epochs=true"}).warmup_steps, 50);
+  optim::Schedule s{"cosine", 50, 40, 0.1, 0.2};
+  EXPECT_NE(error_of([&] { s.validate(); }).find("optim.warmup_steps (50) must be <= the run's steps (40)"),
+            std::string::npos);
+  s.total_steps = 50;
+  EXPECT_NO_THROW(s.validate());
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"train.global_batch_size=12", "train.micro_batch_size=5"}); })
+                .find("--set train.micro_batch_size=5: train.global_batch_size (12) must be a multiple of "
+                      "train.micro_batch_size (5)"),
+            std::string::npos);
+  EXPECT_EQ(RunConfig::load("", {"train.global_batch_size=12", "train.micro_batch_size=3"}).micro_batch_size, 3);
+  fs::remove(path);
+}
+
+// The shape keys left unset are the preset's, written out; an explicit 0 is an error; a checkpoint's
+// config from before (0: the preset's) still reads.
+TEST(Config, ModelShapeResolvesToThePreset) {
+  const RunConfig tiny = RunConfig::load("", {});
+  const MambaConfig preset = MambaConfig::preset("tiny");
+  EXPECT_EQ(tiny.model_d_model, preset.d_model);
+  EXPECT_EQ(tiny.model_n_layer, preset.n_layer);
+  EXPECT_EQ(tiny.model_d_state, preset.d_state);
+  EXPECT_EQ(tiny.model_d_conv, preset.d_conv);
+  EXPECT_EQ(tiny.model_expand, preset.expand);
+  EXPECT_EQ(tiny.model_rms_eps, preset.rms_eps);
+  EXPECT_EQ(tiny.model_dt_rank, 0);  // auto
+  EXPECT_NE(tiny.to_toml().find("d_state = 16"), std::string::npos);
+  const RunConfig big = RunConfig::load("", {"model.preset=130m", "model.d_state=8"});
+  EXPECT_EQ(big.model_d_model, 768);
+  EXPECT_EQ(big.model_d_state, 8);
+  EXPECT_EQ(big.model_config(50280).d_state, 8);
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"model.d_state=0"}); })
+                .find("--set model.d_state=0: model.d_state must be >= 1, not 0"),
+            std::string::npos);
+  const RunConfig old = RunConfig::parse("[model]\npreset = \"130m\"\nd_model = 0\nd_state = 0\nrms_eps = 0.0\n", "old");
+  EXPECT_EQ(old.model_d_model, 768);
+  EXPECT_EQ(old.model_d_state, 16);
+  EXPECT_EQ(old.model_rms_eps, 1e-5);
+  EXPECT_NE(error_of([&] { RunConfig::parse("[model]\nd_conv = -1\n", "ck: config"); })
+                .find("ck: config:2: model.d_conv must be >= 1, not -1"),
+            std::string::npos);
+  // A checkpoint's training keys are not held to today's rules (its run was checked when it started).
+  EXPECT_EQ(RunConfig::parse("[optim]\nwarmup_steps = 20\n[train]\nmax_steps = 5\n", "ck").warmup_steps, 20);
+}
+
+TEST(Config, MambaConfigValidation) {
+  auto bad = [](auto change, const char* message) {
+    MambaConfig c = MambaConfig::preset("tiny");
+    change(c);
+    EXPECT_NE(error_of([&] { c.validate(); }).find(message), std::string::npos) << message;
+  };
+  bad([](MambaConfig& c) { c.d_conv = 0; }, "model config: d_conv must be positive, got 0");
+  bad([](MambaConfig& c) { c.pad_vocab_multiple = 0; }, "model config: pad_vocab_multiple must be positive, got 0");
+  bad([](MambaConfig& c) { c.dt_rank = -1; }, "model config: dt_rank must be >= 0 (0: ceil(d_model / 16)), got -1");
+  bad([](MambaConfig& c) { c.rms_eps = std::numeric_limits<double>::infinity(); }, "model config: rms_eps must be > 0, got inf");
+  bad([](MambaConfig& c) { c.dt_max = c.dt_min / 2; }, "model config: need 0 < dt_min <= dt_max");
+  bad([](MambaConfig& c) { c.dt_init_floor = -1; }, "model config: dt_init_floor must be >= 0, got -1");
+  EXPECT_NO_THROW(MambaConfig::preset("tiny").validate());
+}
+
 TEST_F(Train, ResumeIsBitExact) {
   const std::string straight = *dir_ + "/straight", resumed = *dir_ + "/resumed";
   TrainResult a = train(config(straight), Phase::kPretrain);
@@ -253,7 +439,7 @@ TEST_F(Train, ResumingFallsBackPastADamagedCheckpoint) {
 
 TEST_F(Train, CheckpointOfAnotherShapeIsRefusedByName) {
   const std::string run = *dir_ + "/shape";
-  train(config(run, {"train.max_steps=1", "train.eval_interval=0"}), Phase::kPretrain);
+  train(config(run, {"train.max_steps=1", "optim.warmup_steps=1", "train.eval_interval=0"}), Phase::kPretrain);
   MambaConfig mc = MambaConfig::preset("tiny");
   mc.d_model = 32;
   mc.vocab_size = 300;
@@ -288,7 +474,8 @@ TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
 
 TEST_F(Train, BadSettingsAreErrors) {
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b1", {"train.global_batch_size=5"}), Phase::kPretrain); })
-                .find("must be a multiple of ranks x train.micro_batch_size"),
+                .find("--set train.global_batch_size=5: train.global_batch_size (5) must be a multiple of "
+                      "train.micro_batch_size (2)"),
             std::string::npos);
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b2", {"model.vocab_size=100"}), Phase::kPretrain); })
                 .find("has 300 ids but the model's vocabulary has 104 rows"),
@@ -303,12 +490,20 @@ TEST_F(Train, BadSettingsAreErrors) {
               std::string::npos);
   }
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b7", {"train.dtype=float16", "train.loss_scale_init=1000"}), Phase::kPretrain); })
-                .find("train.loss_scale_init must be a power of two >= 1"),
+                .find("--set train.loss_scale_init=1000: train.loss_scale_init must be a power of two"),
             std::string::npos);
   EXPECT_NE(error_of([&] { train(config(*dir_ + "/b8", {"train.loss_scale_growth_interval=0"}), Phase::kPretrain); })
                 .find("train.loss_scale_growth_interval must be >= 1, not 0"),
             std::string::npos);
   EXPECT_FALSE(fs::exists(*dir_ + "/b7"));  // nothing written
+  // train_by_epochs: the warmup is checked against the steps once they are derived, before any write.
+  EXPECT_NE(error_of([&] {
+              train(config(*dir_ + "/b9", {"train.train_by_epochs=true", "train.total_train_tokens=256",
+                                          "optim.warmup_steps=3"}),
+                    Phase::kPretrain);
+            }).find("optim.warmup_steps (3) must be <= the run's steps (2)"),
+            std::string::npos);
+  EXPECT_FALSE(fs::exists(*dir_ + "/b9"));
   // train_by_epochs: one epoch of the shards, in steps.
   RunConfig c = config(*dir_ + "/b4", {"train.train_by_epochs=true", "train.total_train_tokens=1000", "train.eval_interval=0"});
   EXPECT_EQ(train(c, Phase::kPretrain).steps, (1000 + 4 * 32 - 1) / (4 * 32));
