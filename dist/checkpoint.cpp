@@ -702,7 +702,9 @@ std::string Checkpoint::tokenizer() const {
 
 void consolidate(const Checkpoint& ck, const std::string& out) {
   const std::string tmp = out + ".tmp";
-  {
+  try {
+    const at::Tensor rng = ck.rank_rng(0);
+    const std::string tok = ck.tokenizer();
     int64_t bytes = 0;
     size_t attr_bytes = 0;
     const std::vector<TensorInfo> tensors = ck.tensors();
@@ -712,7 +714,8 @@ void consolidate(const Checkpoint& ck, const std::string& out) {
       bytes += n;
     }
     for (const auto& [k, v] : ck.strings()) attr_bytes += k.size() + v.size();
-    WriteFile f(tmp, bytes + (int64_t{16} << 20) + metadata_reserve(tensors.size() + ck.strings().size() + 8, attr_bytes));
+    bytes += static_cast<int64_t>(tok.size()) + (rng.defined() ? rng.nbytes() : 0);
+    WriteFile f(tmp, bytes + metadata_reserve(tensors.size() + ck.strings().size() + 8, attr_bytes));
     write_string_attr(f, "format", kFormat);
     write_int_attr(f, "version", kVersion);
     write_int_attr(f, "step", ck.step());
@@ -728,13 +731,18 @@ void consolidate(const Checkpoint& ck, const std::string& out) {
       H5 ds(H5Dopen2(f, info.name.c_str(), H5P_DEFAULT), H5Dclose);
       write_int_attr(ds, "crc32", crc_of(t.data_ptr(), static_cast<size_t>(t.nbytes())));
     }
-    if (at::Tensor rng = ck.rank_rng(0); rng.defined()) write_dataset(f, "rng/cpu", rng);
-    if (std::string tok = ck.tokenizer(); !tok.empty())
-      write_dataset(f, "tokenizer/model", at::from_blob(tok.data(), {static_cast<int64_t>(tok.size())}, at::kByte));
+    if (rng.defined()) write_dataset(f, "rng/cpu", rng);
+    if (!tok.empty())
+      write_dataset(f, "tokenizer/model",
+                    at::from_blob(const_cast<char*>(tok.data()), {static_cast<int64_t>(tok.size())}, at::kByte));
     f.close();
+    checksum_file(tmp, /*sync=*/true);
+    rename_or_fail(tmp, out);
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);  // no half-written file is left
+    throw;
   }
-  checksum_file(tmp, /*sync=*/true);
-  rename_or_fail(tmp, out);
   fsync_dir(fs::absolute(out).parent_path());
 }
 

@@ -9,6 +9,7 @@
 #   - a rename that the file system refuses: the step folders step-N that a save renames its
 #     step-N.tmp onto are made mount points while the run is stopped (SIGSTOP), so rename(2)
 #     fails with EBUSY ("Device or resource busy"), one of them the final step's.
+#   - coil ckpt consolidate onto a full disk.
 # Each time: no crash (exit status 1, never a signal), no HDF5 error stack, every stderr line a
 # one-line Coil warning or error that names the file and the system's reason, no .tmp left, and
 # `latest` still verifies (coil ckpt verify).
@@ -85,6 +86,13 @@ for async in false true; do
     "step-0000000[0-9].tmp/rank-00000-of-00001.h5: .*No space left on device); the next checkpoint saves again" \
     "$m/run/checkpoints"
   grep -q "step 8/8" "$tmp/out" && pass || flunk "full_disk_async_$async: training did not go on to step 8" "$tmp/out"
+  if [ $async = false ]; then  # coil ckpt consolidate onto a disk too small for it: one line, nothing left
+    mkdir "$tmp/small" && mount -t tmpfs -o size=600k tmpfs "$tmp/small"
+    "$coil" ckpt consolidate "$m/run/checkpoints/latest" "$tmp/small/one.h5" >"$tmp/out" 2>"$tmp/err"
+    check consolidate_full_disk $? 1 "$tmp/err" "$tmp/small/one.h5.tmp: cannot reserve [0-9]* bytes for it: No space left on device" ""
+    [ -z "$(ls -A "$tmp/small")" ] && pass || flunk "consolidate_full_disk: left $(ls "$tmp/small")"
+    umount "$tmp/small" && rmdir "$tmp/small"
+  fi
   umount "$m" && rmdir "$m"
 done
 
