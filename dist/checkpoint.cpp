@@ -133,28 +133,25 @@ class WriteFile {
     const int fd = descriptor();
     if (fd >= 0 && ::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, reserve) != 0) {
       const int err = errno;
-      if (err != EOPNOTSUPP && err != ENOSYS && err != EINVAL)
+      if (err != EOPNOTSUPP && err != ENOSYS && err != EINVAL) {
+        abandon();  // a throwing constructor runs no destructor
         fail("{}: cannot reserve {} bytes for it: {}", path, reserve, std::strerror(err));
+      }
       reserve_ = 0;
     }
   }
   WriteFile(const WriteFile&) = delete;
   ~WriteFile() {
-    if (id_ < 0) return;
-    const int fd = descriptor();
-    const int sink = fd >= 0 ? ::memfd_create("coil-discarded-h5", MFD_CLOEXEC) : -1;
-    if (sink >= 0) {
-      ::dup2(sink, fd);
-      ::close(sink);
-    }
-    H5Fclose(id_);
-    H5Eclear2(H5E_DEFAULT);
+    if (id_ >= 0) abandon();
   }
   operator hid_t() const { return id_; }
   void close() {
-    const hid_t id = id_;
-    id_ = -1;  // a file whose close failed is not closed again (see above)
-    if (H5Fclose(id) < 0) fail("{}: writing failed: {}", path_, reason());
+    if (H5Fclose(id_) < 0) {
+      const std::string why = reason();
+      abandon();  // its descriptor is still open: let go of the file's blocks
+      fail("{}: writing failed: {}", path_, why);
+    }
+    id_ = -1;
     struct stat st {};
     if (reserve_ > 0 && ::stat(path_.c_str(), &st) == 0 && st.st_size < reserve_) {  // give back the rest
       const int fd = ::open(path_.c_str(), O_WRONLY);
@@ -166,6 +163,18 @@ class WriteFile {
   }
 
  private:
+  // Drops the file (see above): its descriptor onto a memory file, then closed as far as HDF5 can.
+  void abandon() {
+    const int fd = descriptor();
+    const int sink = fd >= 0 ? ::memfd_create("coil-discarded-h5", MFD_CLOEXEC) : -1;
+    if (sink >= 0) {
+      ::dup2(sink, fd);
+      ::close(sink);
+    }
+    H5Fclose(id_);
+    H5Eclear2(H5E_DEFAULT);
+    id_ = -1;
+  }
   int descriptor() const {  // the sec2 (POSIX) driver's file descriptor
     void* handle = nullptr;
     return H5Fget_vfd_handle(id_, H5P_DEFAULT, &handle) >= 0 && handle ? *static_cast<int*>(handle) : -1;
