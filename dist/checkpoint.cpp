@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <fmt/ranges.h>
 #include <hdf5.h>
@@ -41,18 +42,62 @@ struct H5 {
   operator hid_t() const { return id; }
 };
 
+// HDF5 reports an error by pushing a stack of messages and, by default, printing it to stderr.
+// This build of HDF5 is thread-safe, and then each thread has its own stack and its own printing
+// switch: every entry point below calls quiet() first (the background writer and verifier are
+// other threads), so HDF5 never prints; failures become coil::Errors built from reason().
+void quiet() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    setenv("HDF5_USE_FILE_LOCKING", "FALSE", 0);  // also for the files a virtual dataset opens
+    H5dont_atexit();  // before the library starts: no clean-up at exit (see WriteFile)
+  });
+  thread_local bool done = false;
+  if (!done) H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  done = true;
+}
+
+// Why the last HDF5 call on this thread failed, in a few words: the system's reason when a read,
+// write or open failed in the file driver (its message records errno: "No space left on device"),
+// else HDF5's own innermost message. The stack is cleared.
+std::string reason() {
+  struct Found {
+    int err = 0;
+    std::string innermost;
+  } found;
+  auto one = [](unsigned n, const H5E_error2_t* e, void* arg) -> herr_t {
+    auto* f = static_cast<Found*>(arg);
+    const std::string desc = e->desc ? e->desc : "";
+    if (n == 0) {
+      char minor[128] = "";
+      H5Eget_msg(e->min_num, nullptr, minor, sizeof minor);
+      f->innermost = minor[0] ? minor : desc;
+    }
+    const size_t at = desc.find("errno = ");
+    if (!f->err && at != std::string::npos) f->err = std::atoi(desc.c_str() + at + 8);
+    return 0;
+  };
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, one, &found);
+  H5Eclear2(H5E_DEFAULT);
+  if (found.err > 0) return std::strerror(found.err);
+  return found.innermost.empty() ? "HDF5 gave no reason" : found.innermost;
+}
+
+// `what` (e.g. "<file>: writing model/x") failed: one line with the reason.
 void check(herr_t rc, const std::string& what) {
-  if (rc < 0) fail("HDF5: {} failed", what);
+  if (rc < 0) fail("{} failed: {}", what, reason());
+}
+
+// The name of the file that HDF5 object `obj` lives in.
+std::string file_of(hid_t obj) {
+  char name[4096] = "";
+  return H5Fget_name(obj, name, sizeof name) > 0 ? name : "?";
 }
 
 // File access: no HDF5 file locking (Coil's own write-then-rename protocol makes it unnecessary,
-// and flock fails on some network file systems), and errors reported by us, not printed by HDF5.
+// and flock fails on some network file systems).
 hid_t file_access() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    setenv("HDF5_USE_FILE_LOCKING", "FALSE", 0);  // also for the source files a virtual dataset opens
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  });
+  quiet();
   hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
   H5Pset_file_locking(fapl, false, true);
   // The 1.10 file format: its superblock, object headers and B-trees carry checksums, so damaged
@@ -64,6 +109,85 @@ hid_t file_access() {
 hid_t open_file(const std::string& path) {
   H5 fapl(file_access(), H5Pclose);
   return H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
+}
+
+// A file being written, with its disk space reserved first. HDF5 1.10 cannot recover a file whose
+// metadata flush failed (say on a full disk): every later close of it fails ("slist already
+// enabled?") and its clean-up at exit crashes on it. So a file is never left to fail there:
+//   - before HDF5 writes anything, `reserve` bytes (the tensors' bytes and a margin for metadata,
+//     estimated by the caller) are allocated to the file (fallocate, the size unchanged): a full
+//     disk or quota is then this one clean error, and the writes that follow land in allocated
+//     blocks; after the close the unused rest is released (where the file system cannot
+//     fallocate, e.g. NFS, nothing is reserved);
+//   - a file abandoned on an error (the destructor, while the error propagates) has its descriptor
+//     pointed at an anonymous memory file (memfd) first, so that its last writes succeed and the
+//     real file's blocks are freed once the caller removes it; should HDF5 still refuse to close
+//     it, its handle is left, and the library's clean-up at exit is off (quiet()), so that it
+//     cannot crash the process on the way out.
+class WriteFile {
+ public:
+  WriteFile(const std::string& path, int64_t reserve) : path_(path), reserve_(reserve) {
+    H5 fapl(file_access(), H5Pclose);
+    id_ = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    if (id_ < 0) fail("cannot create {}: {}", path, reason());
+    const int fd = descriptor();
+    if (fd >= 0 && ::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, reserve) != 0) {
+      const int err = errno;
+      if (err != EOPNOTSUPP && err != ENOSYS && err != EINVAL) {
+        abandon();  // a throwing constructor runs no destructor
+        fail("{}: cannot reserve {} bytes for it: {}", path, reserve, std::strerror(err));
+      }
+      reserve_ = 0;
+    }
+  }
+  WriteFile(const WriteFile&) = delete;
+  ~WriteFile() {
+    if (id_ >= 0) abandon();
+  }
+  operator hid_t() const { return id_; }
+  void close() {
+    if (H5Fclose(id_) < 0) {
+      const std::string why = reason();
+      abandon();  // its descriptor is still open: let go of the file's blocks
+      fail("{}: writing failed: {}", path_, why);
+    }
+    id_ = -1;
+    struct stat st {};
+    if (reserve_ > 0 && ::stat(path_.c_str(), &st) == 0 && st.st_size < reserve_) {  // give back the rest
+      const int fd = ::open(path_.c_str(), O_WRONLY);
+      if (fd >= 0) {
+        ::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, st.st_size, reserve_ - st.st_size);
+        ::close(fd);
+      }
+    }
+  }
+
+ private:
+  // Drops the file (see above): its descriptor onto a memory file, then closed as far as HDF5 can.
+  void abandon() {
+    const int fd = descriptor();
+    const int sink = fd >= 0 ? ::memfd_create("coil-discarded-h5", MFD_CLOEXEC) : -1;
+    if (sink >= 0) {
+      ::dup2(sink, fd);
+      ::close(sink);
+    }
+    H5Fclose(id_);
+    H5Eclear2(H5E_DEFAULT);
+    id_ = -1;
+  }
+  int descriptor() const {  // the sec2 (POSIX) driver's file descriptor
+    void* handle = nullptr;
+    return H5Fget_vfd_handle(id_, H5P_DEFAULT, &handle) >= 0 && handle ? *static_cast<int*>(handle) : -1;
+  }
+  std::string path_;
+  int64_t reserve_;
+  hid_t id_ = -1;
+};
+
+// Room for a file's metadata besides its tensors' bytes: object headers, attributes, link heaps
+// (a few hundred bytes each in practice; reserved generously, the rest is given back).
+int64_t metadata_reserve(size_t objects, size_t attr_bytes) {
+  return (int64_t{64} << 10) + static_cast<int64_t>(objects) * 4096 + 2 * static_cast<int64_t>(attr_bytes);
 }
 
 hid_t h5_type(at::ScalarType t) {
@@ -100,8 +224,9 @@ void write_dataset(hid_t file, const std::string& name, const at::Tensor& t, hid
   H5 space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
   H5 lcpl(make_groups(), H5Pclose);
   H5 ds(H5Dcreate2(file, name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
-  if (ds < 0) fail("cannot create dataset {}", name);
-  if (t.numel() > 0) check(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.contiguous().data_ptr()), "writing " + name);
+  if (ds < 0) fail("{}: cannot create dataset {}: {}", file_of(file), name, reason());
+  if (t.numel() > 0)
+    check(H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.contiguous().data_ptr()), file_of(file) + ": writing " + name);
 }
 
 void write_string_attr(hid_t obj, const std::string& name, const std::string& value) {
@@ -111,13 +236,15 @@ void write_string_attr(hid_t obj, const std::string& name, const std::string& va
   H5Tset_cset(type, H5T_CSET_UTF8);
   H5 space(H5Screate(H5S_SCALAR), H5Sclose);
   H5 attr(H5Acreate2(obj, name.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  check(H5Awrite(attr, type, value.data()), "writing attribute " + name);
+  check(attr < 0 ? -1 : 0, file_of(obj) + ": creating attribute " + name);
+  check(H5Awrite(attr, type, value.data()), file_of(obj) + ": writing attribute " + name);
 }
 
 void write_int_attr(hid_t obj, const std::string& name, int64_t value) {
   H5 space(H5Screate(H5S_SCALAR), H5Sclose);
   H5 attr(H5Acreate2(obj, name.c_str(), H5T_NATIVE_INT64, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-  check(H5Awrite(attr, H5T_NATIVE_INT64, &value), "writing attribute " + name);
+  check(attr < 0 ? -1 : 0, file_of(obj) + ": creating attribute " + name);
+  check(H5Awrite(attr, H5T_NATIVE_INT64, &value), file_of(obj) + ": writing attribute " + name);
 }
 
 // Every attribute of an object: strings as they are, integers in decimal.
@@ -247,9 +374,11 @@ FileRecord write_rank_file(const std::string& dir, const RankPart& part) noexcep
   try {
     const std::string path = dir + "/" + rec.name;
     {
-      H5 fapl(file_access(), H5Pclose);
-      H5 f(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
-      if (f < 0) fail("cannot create {}", path);
+      int64_t bytes = part.rng.defined() ? part.rng.nbytes() : 0;
+      size_t attr_bytes = 0;
+      for (const auto& t : part.tensors) bytes += t.rows.nbytes();
+      for (const auto& [k, v] : part.strings) attr_bytes += k.size() + v.size();
+      WriteFile f(path, bytes + metadata_reserve(part.tensors.size() + part.strings.size() + 8, attr_bytes));
       write_string_attr(f, "format", std::string(kFormat) + ".rank");
       write_int_attr(f, "version", kVersion);
       write_int_attr(f, "rank", part.rank);
@@ -261,9 +390,7 @@ FileRecord write_rank_file(const std::string& dir, const RankPart& part) noexcep
         write_dataset(f, t.name, t.rows);
       }
       if (part.rng.defined()) write_dataset(f, "rng/cpu", part.rng);
-      check(H5Fflush(f, H5F_SCOPE_GLOBAL), "flushing " + path);
-      if (H5Fclose(f.id) < 0) fail("closing {} failed", path);
-      f.id = -1;
+      f.close();
     }
     std::tie(rec.bytes, rec.crc32) = checksum_file(path, /*sync=*/true);
   } catch (const std::exception& e) {
@@ -275,9 +402,12 @@ FileRecord write_rank_file(const std::string& dir, const RankPart& part) noexcep
 void write_index(const std::string& dir, const RankPart& layout, const IndexInfo& info) {
   const std::string path = dir + "/" + kIndex;
   {
-    H5 fapl(file_access(), H5Pclose);
-    H5 f(H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
-    if (f < 0) fail("cannot create {}", path);
+    size_t attr_bytes = info.tokenizer.size() + info.files.size() * 128;
+    for (const auto& [k, v] : info.strings) attr_bytes += k.size() + v.size();
+    const size_t mappings = layout.tensors.size() * static_cast<size_t>(info.world);
+    WriteFile f(path, static_cast<int64_t>(info.tokenizer.size()) +
+                          metadata_reserve(layout.tensors.size() + mappings / 8 + info.strings.size() + 8,
+                                           attr_bytes + mappings * 256));
     write_string_attr(f, "format", kFormat);
     write_int_attr(f, "version", kVersion);
     write_int_attr(f, "step", info.step);
@@ -310,13 +440,12 @@ void write_index(const std::string& dir, const RankPart& layout, const IndexInfo
       H5 space(H5Screate_simple(nd, dims.data(), nullptr), H5Sclose);
       H5 lcpl(make_groups(), H5Pclose);
       H5 ds(H5Dcreate2(f, t.name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
-      if (ds < 0) fail("{}: cannot create the virtual dataset {}", path, t.name);
+      if (ds < 0) fail("{}: cannot create the virtual dataset {}: {}", path, t.name, reason());
     }
     if (!info.tokenizer.empty())
       write_dataset(f, "tokenizer/model",
                     at::from_blob(const_cast<char*>(info.tokenizer.data()), {static_cast<int64_t>(info.tokenizer.size())}, at::kByte));
-    if (H5Fclose(f.id) < 0) fail("closing {} failed", path);
-    f.id = -1;
+    f.close();
   }
   checksum_file(path, /*sync=*/true);
 }
@@ -330,25 +459,36 @@ void fsync_dir(const fs::path& dir) {
 }
 }  // namespace
 
+namespace {
+// rename(2), or one line naming both paths and the system's reason (EXDEV, EBUSY, EROFS, ...).
+void rename_or_fail(const fs::path& from, const fs::path& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0)
+    fail("cannot rename {} to {}: {}", from.string(), to.string(), std::strerror(errno));
+}
+}  // namespace
+
 void commit_directory(const std::string& from, const std::string& to) {
   fsync_dir(from);
   if (fs::exists(to)) {  // a checkpoint of that name (a damaged one, or "best" of old): replace it
     const std::string old = to + ".old";
-    fs::remove_all(old);
-    fs::rename(to, old);
-    fs::rename(from, to);
-    fs::remove_all(old);
+    std::error_code ignored;
+    fs::remove_all(old, ignored);
+    rename_or_fail(to, old);
+    rename_or_fail(from, to);
+    fs::remove_all(old, ignored);
   } else {
-    fs::rename(from, to);
+    rename_or_fail(from, to);
   }
   fsync_dir(fs::path(to).parent_path());
 }
 
 void point_link(const std::string& parent, const std::string& link, const std::string& target) {
   const fs::path tmp = fs::path(parent) / (link + ".tmp-link");
-  fs::remove(tmp);
-  fs::create_directory_symlink(target, tmp);
-  fs::rename(tmp, fs::path(parent) / link);  // rename(2) replaces the old link atomically
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  fs::create_directory_symlink(target, tmp, ec);
+  if (ec) fail("cannot create the link {}: {}", tmp.string(), ec.message());
+  rename_or_fail(tmp, fs::path(parent) / link);  // rename(2) replaces the old link atomically
   fsync_dir(parent);
 }
 
@@ -386,6 +526,7 @@ Checkpoint::Checkpoint(const std::string& path) : path_(path) {
 }
 
 Checkpoint::~Checkpoint() {
+  quiet();
   for (int64_t f : rank_files_)
     if (f >= 0) H5Fclose(f);
   if (file_id_ >= 0) H5Fclose(file_id_);
@@ -414,6 +555,7 @@ std::string Checkpoint::string(const std::string& key) const {
 }
 
 std::vector<TensorInfo> Checkpoint::tensors() const {
+  quiet();
   std::vector<TensorInfo> out;
   for (const auto& name : list_datasets(file_id_)) {
     H5 ds(H5Dopen2(file_id_, name.c_str(), H5P_DEFAULT), H5Dclose);
@@ -429,9 +571,13 @@ int64_t Checkpoint::total_bytes() const {
   return n;
 }
 
-bool Checkpoint::has(const std::string& name) const { return H5Lexists(file_id_, name.c_str(), H5P_DEFAULT) > 0; }
+bool Checkpoint::has(const std::string& name) const {
+  quiet();
+  return H5Lexists(file_id_, name.c_str(), H5P_DEFAULT) > 0;
+}
 
 std::vector<std::string> Checkpoint::verify(int part, int parts) const {
+  quiet();
   std::vector<std::string> problems;
   if (consolidated_) {
     if (part != 0) return problems;
@@ -479,6 +625,7 @@ std::vector<std::string> Checkpoint::verify(int part, int parts) const {
 }
 
 void Checkpoint::read(const std::string& name, at::Tensor dst, int64_t row_begin) const {
+  quiet();
   if (!has(name)) fail("{}: no tensor {}", path_, name);
   H5 ds(H5Dopen2(file_id_, name.c_str(), H5P_DEFAULT), H5Dclose);
   const std::vector<int64_t> shape = dataset_shape(ds);
@@ -531,6 +678,7 @@ void Checkpoint::read(const std::string& name, at::Tensor dst, int64_t row_begin
 }
 
 std::string Checkpoint::rank_string(int rank, const std::string& key) const {
+  quiet();
   if (consolidated_) return string(fmt::format("rank{}.{}", rank, key));
   const std::string file = (fs::path(path_) / rank_file_name(rank, world_)).string();
   H5 f(open_file(file), H5Fclose);
@@ -543,6 +691,7 @@ std::string Checkpoint::rank_string(int rank, const std::string& key) const {
 }
 
 at::Tensor Checkpoint::rank_rng(int rank) const {
+  quiet();
   if (consolidated_) return has("rng/cpu") ? read_whole(file_id_, "rng/cpu") : at::Tensor();
   const std::string file = (fs::path(path_) / rank_file_name(rank, world_)).string();
   H5 f(open_file(file), H5Fclose);
@@ -552,6 +701,7 @@ at::Tensor Checkpoint::rank_rng(int rank) const {
 }
 
 std::string Checkpoint::tokenizer() const {
+  quiet();
   if (!has("tokenizer")) return {};
   at::Tensor t = read_whole(file_id_, "tokenizer/model");
   return {static_cast<const char*>(t.data_ptr()), static_cast<size_t>(t.numel())};
@@ -561,10 +711,20 @@ std::string Checkpoint::tokenizer() const {
 
 void consolidate(const Checkpoint& ck, const std::string& out) {
   const std::string tmp = out + ".tmp";
-  {
-    H5 fapl(file_access(), H5Pclose);
-    H5 f(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
-    if (f < 0) fail("cannot create {}", tmp);
+  try {
+    const at::Tensor rng = ck.rank_rng(0);
+    const std::string tok = ck.tokenizer();
+    int64_t bytes = 0;
+    size_t attr_bytes = 0;
+    const std::vector<TensorInfo> tensors = ck.tensors();
+    for (const auto& info : tensors) {
+      int64_t n = info.dtype == "float64" ? 8 : info.dtype == "uint8" ? 1 : 4;
+      for (int64_t d : info.shape) n *= d;
+      bytes += n;
+    }
+    for (const auto& [k, v] : ck.strings()) attr_bytes += k.size() + v.size();
+    bytes += static_cast<int64_t>(tok.size()) + (rng.defined() ? rng.nbytes() : 0);
+    WriteFile f(tmp, bytes + metadata_reserve(tensors.size() + ck.strings().size() + 8, attr_bytes));
     write_string_attr(f, "format", kFormat);
     write_int_attr(f, "version", kVersion);
     write_int_attr(f, "step", ck.step());
@@ -573,21 +733,25 @@ void consolidate(const Checkpoint& ck, const std::string& out) {
     for (const auto& [k, v] : ck.strings()) write_string_attr(f, k, v);
     for (int r = 0; r < ck.world_size() && !ck.consolidated(); ++r)
       write_string_attr(f, fmt::format("rank{}.loader_state", r), ck.rank_string(r, "loader_state"));
-    for (const auto& info : ck.tensors()) {
+    for (const auto& info : tensors) {
       at::Tensor t = at::empty(info.shape, info.dtype == "float64" ? at::kDouble : info.dtype == "uint8" ? at::kByte : at::kFloat);
       ck.read(info.name, t);
       write_dataset(f, info.name, t);
       H5 ds(H5Dopen2(f, info.name.c_str(), H5P_DEFAULT), H5Dclose);
       write_int_attr(ds, "crc32", crc_of(t.data_ptr(), static_cast<size_t>(t.nbytes())));
     }
-    if (at::Tensor rng = ck.rank_rng(0); rng.defined()) write_dataset(f, "rng/cpu", rng);
-    if (std::string tok = ck.tokenizer(); !tok.empty())
-      write_dataset(f, "tokenizer/model", at::from_blob(tok.data(), {static_cast<int64_t>(tok.size())}, at::kByte));
-    if (H5Fclose(f.id) < 0) fail("closing {} failed", tmp);
-    f.id = -1;
+    if (rng.defined()) write_dataset(f, "rng/cpu", rng);
+    if (!tok.empty())
+      write_dataset(f, "tokenizer/model",
+                    at::from_blob(const_cast<char*>(tok.data()), {static_cast<int64_t>(tok.size())}, at::kByte));
+    f.close();
+    checksum_file(tmp, /*sync=*/true);
+    rename_or_fail(tmp, out);
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove(tmp, ignored);  // no half-written file is left
+    throw;
   }
-  checksum_file(tmp, /*sync=*/true);
-  fs::rename(tmp, out);
   fsync_dir(fs::absolute(out).parent_path());
 }
 

@@ -158,6 +158,7 @@ struct SaveRequest {
   std::map<std::string, std::string> strings;  // the run's (rank 0's are written)
   std::string tokenizer;                       // rank 0's is written
   bool best = false, final = false;            // also point `best` / `final` at it
+  bool last = false;  // the run ends after it: a failure is not warned about (the caller reports error())
 };
 
 // Saves checkpoints into a run's checkpoints/ folder. Every call is collective (all ranks, in the
@@ -171,7 +172,9 @@ struct SaveRequest {
 //   finish()  waits for all of it; returns whether the checkpoint was saved.
 // At most one save is in flight: save() finishes the one before. A failed save is reported (a
 // warning naming the rank and the error), its .tmp removed, and the run goes on: the next
-// checkpoint saves again. Without async every stage runs on the calling thread.
+// checkpoint saves again. Every failure of the file system (a full disk, a read-only or vanished
+// folder, a refused rename) is such a failure, one line: the file, the tensor, the system's reason.
+// Without async every stage runs on the calling thread.
 class CheckpointSaver {
  public:
   CheckpointSaver(std::string dir, std::shared_ptr<Comm> comm, bool async, int64_t keep_last_k);
@@ -185,6 +188,8 @@ class CheckpointSaver {
   bool awaiting_commit() const;  // a save is in flight and not yet committed
   void commit();
   bool finish();
+  // Why the last save that finish() found failed, the same on every rank ("" when it was saved).
+  const std::string& error() const { return error_; }
   // Seconds the calling (training) thread spent in stage(), save(), commit() and finish(), summed.
   double stall_seconds() const { return stall_s_; }
 
@@ -197,6 +202,7 @@ class CheckpointSaver {
   std::unique_ptr<Pending> pending_;
   std::map<std::string, at::Tensor> staging_;
   double stall_s_ = 0;
+  std::string error_;
 };
 
 // Reads a checkpoint with `read` (which reads what it needs, e.g. this rank's rows of every tensor)

@@ -84,6 +84,7 @@ struct CheckpointSaver::Pending {
   bool exchanged = false;        // the ranks' records gathered; rank 0 commits
   std::thread committer;         // rank 0: index, rename, links (in the background when async)
   bool committed = false;
+  std::string error;             // rank 0: why it was not committed
 };
 
 CheckpointSaver::CheckpointSaver(std::string dir, std::shared_ptr<Comm> comm, bool async, int64_t keep_last_k)
@@ -119,9 +120,12 @@ void CheckpointSaver::save(SaveRequest request) {
   const int rank = comm_ ? comm_->rank() : 0;
   auto p = std::make_unique<Pending>();
   p->tmp = (fs::path(dir_) / (request.name + ".tmp")).string();
+  std::string mkdir_error;  // rank 0 could not make the folder (a read-only or full file system)
   if (rank == 0) {
-    fs::remove_all(p->tmp);
-    fs::create_directories(p->tmp);
+    std::error_code ec;
+    fs::remove_all(p->tmp, ec);
+    if (!ec) fs::create_directories(p->tmp, ec);
+    if (ec) mkdir_error = fmt::format("cannot create {}: {}", p->tmp, ec.message());
   }
   if (comm_) comm_->barrier();  // the folder exists before any rank writes into it
   p->layout.rank = request.part.rank;
@@ -134,10 +138,15 @@ void CheckpointSaver::save(SaveRequest request) {
   }
   p->request = std::move(request);
   Pending* raw = p.get();
-  auto work = [raw, async = async_] {
+  auto work = [raw, async = async_, mkdir_error] {
     // A background writer yields the cores to training (Linux: nice applies per thread).
     if (async) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
-    raw->record = write_rank_file(raw->tmp, raw->request.part);
+    if (mkdir_error.empty()) {
+      raw->record = write_rank_file(raw->tmp, raw->request.part);
+    } else {
+      raw->record.name = rank_file_name(raw->request.part.rank, raw->request.part.world);
+      raw->record.error = mkdir_error;
+    }
     raw->request.part = RankPart{};  // let go of the host copy
     raw->written = true;
   };
@@ -172,18 +181,24 @@ void CheckpointSaver::commit() {
           point_link(dir_, "latest", p.request.name);
           if (p.request.best) point_link(dir_, "best", p.request.name);
           if (p.request.final) point_link(dir_, "final", p.request.name);
-          prune(dir_, keep_last_k_);
         } catch (const std::exception& e) {
           why = e.what();
         }
       }
       if (why.empty()) {
         p.committed = true;
+        try {  // the checkpoint is in place: a folder that cannot be deleted is only a warning
+          prune(dir_, keep_last_k_);
+        } catch (const std::exception& e) {
+          fmt::print(stderr, "coil: warning: old checkpoints were not deleted ({})\n", e.what());
+        }
       } else {
         std::error_code ignored;
         fs::remove_all(p.tmp, ignored);
-        fmt::print(stderr, "coil: warning: checkpoint {} was not saved ({}); the next checkpoint saves again\n",
-                   p.request.name, why);
+        p.error = why;
+        if (!p.request.last)
+          fmt::print(stderr, "coil: warning: checkpoint {} was not saved ({}); the next checkpoint saves again\n",
+                     p.request.name, why);
       }
     };
     if (async_) p.committer = std::thread(work);
@@ -198,6 +213,8 @@ bool CheckpointSaver::finish() {
   const double t0 = now_s();
   if (pending_->committer.joinable()) pending_->committer.join();
   const bool saved = agree(comm_.get(), pending_->committed);
+  error_.clear();
+  if (!saved) error_ = all_gather_strings(comm_.get(), pending_->error).front();  // rank 0's
   pending_.reset();
   stall_s_ += now_s() - t0;
   return saved;

@@ -116,18 +116,28 @@ void import_hf(const std::string& hf_dir, const std::string& out, const std::str
   for (const auto& p : model.named_parameters())
     part.tensors.push_back({"model/" + p.name, p.tensor.sizes().vec(), 0, p.tensor.contiguous()});
   const std::string tmp = out + ".tmp";
-  fs::remove_all(tmp);
-  fs::create_directories(tmp);
-  const dist::FileRecord record = dist::write_rank_file(tmp, part);
-  COIL_CHECK(record.error.empty(), "import-hf: {}", record.error);
-  dist::IndexInfo info;
-  info.files = {record};
-  info.strings = {{"config", c.to_toml()}, {"phase", "import-hf"},   {"tokens_seen", "0"},
-                  {"best_val_loss", "inf"}, {"elapsed_s", "0"},       {"schedule", ""},
-                  {"loader_state", ""},     {"source", fs::absolute(hf_dir).string()}};
-  info.tokenizer = tokenizer;
-  dist::write_index(tmp, part, info);
-  dist::commit_directory(tmp, out);
+  try {
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    const dist::FileRecord record = dist::write_rank_file(tmp, part);
+    COIL_CHECK(record.error.empty(), "import-hf: {}", record.error);
+    dist::IndexInfo info;
+    info.files = {record};
+    info.strings = {{"config", c.to_toml()}, {"phase", "import-hf"},   {"tokens_seen", "0"},
+                    {"best_val_loss", "inf"}, {"elapsed_s", "0"},       {"schedule", ""},
+                    {"loader_state", ""},     {"source", fs::absolute(hf_dir).string()}};
+    info.tokenizer = tokenizer;
+    dist::write_index(tmp, part, info);
+    dist::commit_directory(tmp, out);
+  } catch (const fs::filesystem_error& e) {
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);
+    fail("import-hf: {}: {}", e.path1().string(), e.code().message());
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);  // no half-written checkpoint is left
+    throw;
+  }
   fmt::print("{} -> {}: {}; {}\n", hf_dir, out, mc.describe(), tokenizer_note);
   const std::string toml = c.to_toml();
   const size_t section = toml.find("[model]"), next = toml.find("\n[", section);

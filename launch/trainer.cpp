@@ -200,12 +200,13 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   // training thread's time in it (the copy and the saver's calls) is reported at the end.
   dist::CheckpointSaver saver(ckpt_dir.string(), par.comm, c.async_checkpoint, c.keep_last_k);
   const std::string tokenizer_bytes = par.root() ? read_file(tok.path()) : std::string();
-  auto save = [&](int64_t done, double elapsed, bool best, bool final) {
+  auto save = [&](int64_t done, double elapsed, bool best, bool final, bool last) {
     saver.finish();  // the one before (long written, as a rule): its host buffers are reused
     dist::SaveRequest r;
     r.name = fmt::format("step-{:08d}", done);
     r.best = best;
     r.final = final;
+    r.last = last;
     r.part.rank = par.rank;
     r.part.world = par.world;
     r.part.step = done;
@@ -337,11 +338,11 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     // when a signal asks to stop (SIGTERM, SIGUSR1: preemption, a time limit coming).
     watchdog.mark("saving a checkpoint");
     if ((c.checkpoint_interval > 0 && done % c.checkpoint_interval == 0) || done == steps || best || stop)
-      save(done, elapsed, best, done == steps);
+      save(done, elapsed, best, done == steps, done == steps || stop);
     if (stop) {
       watchdog.mark("writing the checkpoint of a stop");
-      COIL_CHECK(saver.finish(), "{}: stopping at step {} on a signal, and its checkpoint could not be saved (see above)",
-                 what, done);
+      COIL_CHECK(saver.finish(), "{}: stopping at step {} on a signal, and its checkpoint could not be saved ({})",
+                 what, done, saver.error());
       if (par.root())
         fmt::print("{}: stopped by a signal after step {} of {}; checkpoint {} saved; run again to resume\n", what,
                    done, steps, (ckpt_dir / fmt::format("step-{:08d}", done)).string());
@@ -352,7 +353,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   }
   // The final checkpoint must be on disk before the run reports success.
   watchdog.mark("writing the final checkpoint");
-  COIL_CHECK(saver.finish(), "{}: the final checkpoint could not be saved (see above)", what);
+  COIL_CHECK(saver.finish(), "{}: the final checkpoint could not be saved ({})", what, saver.error());
   result.steps = steps;
   if (par.root())
     fmt::print("{}: done, {} steps in {} ({} skipped{}); checkpoints in {} (the training thread waited {:.2f} s for them)\n",

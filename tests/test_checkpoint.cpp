@@ -2,7 +2,8 @@
 // back on this run's M ranks bit for bit (each rank its FSDP rows, and whole tensors); the
 // collective saver (async) writes every rank's rows, keeps the last k, and survives a failed save;
 // truncated, flipped, missing rank files and a missing index are detected, and resuming falls back
-// to the previous intact checkpoint.
+// to the previous intact checkpoint; failed writes, opens and renames are one-line errors naming the
+// file and the system's reason, with nothing from HDF5 on stderr (from any thread).
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -16,6 +17,7 @@
 #include "dist/comm.h"
 #include "dist/fsdp.h"
 #include "dist/world.h"
+#include "util/error.h"
 
 using namespace coil;
 using namespace coil::dist;
@@ -277,4 +279,61 @@ TEST(Checkpoint, DamageIsDetectedAndResumingFallsBack) {
   EXPECT_EQ(find_intact_checkpoint(base + "/nothing", nullptr, &warnings), "");
   EXPECT_TRUE(warnings.empty());
   fs::remove_all(base);
+}
+
+// Failing I/O is one line naming the file and the system's reason, from any thread (HDF5's error
+// printing is per thread: the background writer's too stays off), and nothing reaches stderr but
+// the saver's one warning. (The full-disk, read-only and refused-rename cases on real file
+// systems are tests/test_io_faults.sh.)
+TEST(Checkpoint, FailedIoIsOneLineAndHdf5StaysSilent) {
+  if (comm()->size() > 1) GTEST_SKIP() << "one process is enough";
+  const fs::path root = fs::temp_directory_path() / fmt::format("coil-io-{}", ::getpid());
+  fs::remove_all(root);
+  fs::create_directories(root);
+  const std::string not_a_dir = (root / "file").string();
+  std::ofstream(not_a_dir) << "not a folder, not HDF5";
+
+  testing::internal::CaptureStderr();
+  FileRecord rec;
+  std::string open_error;
+  std::thread([&] {
+    rec = write_rank_file((root / "missing").string(), part_of(0, 1, 1));
+    try {
+      Checkpoint ck(not_a_dir);
+    } catch (const coil::Error& e) {
+      open_error = e.what();
+    }
+  }).join();
+  EXPECT_EQ(rec.error, fmt::format("cannot create {}/missing/rank-00000-of-00001.h5: No such file or directory", root.string()));
+  EXPECT_EQ(open_error, not_a_dir + ": not an HDF5 file (truncated or damaged?)");
+  EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+
+  try {
+    commit_directory((root / "missing").string(), (root / "to").string());
+    ADD_FAILURE() << "no error";
+  } catch (const coil::Error& e) {
+    EXPECT_EQ(std::string(e.what()), fmt::format("cannot rename {0}/missing to {0}/to: No such file or directory", root.string()));
+  }
+
+  // A saver whose checkpoints folder cannot be made (a file is in the way): a warning, one line,
+  // for a save during the run; for the last save none, and error() says why.
+  for (bool async : {false, true}) {
+    CheckpointSaver saver(not_a_dir + "/checkpoints", nullptr, async, 0);
+    for (bool last : {false, true}) {
+      SaveRequest r;
+      r.name = "step-00000001";
+      r.part = part_of(0, 1, 1);
+      r.last = last;
+      testing::internal::CaptureStderr();
+      saver.save(std::move(r));
+      EXPECT_FALSE(saver.finish());
+      const std::string err = testing::internal::GetCapturedStderr();
+      const std::string why =
+          fmt::format("rank 0: cannot create {}/checkpoints/step-00000001.tmp: Not a directory", not_a_dir);
+      EXPECT_EQ(saver.error(), why);
+      EXPECT_EQ(err, last ? "" : "coil: warning: checkpoint step-00000001 was not saved (" + why +
+                                     "); the next checkpoint saves again\n");
+    }
+  }
+  fs::remove_all(root);
 }
