@@ -136,7 +136,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
              "{} holds no intact checkpoint to resume from (see above); move the damaged ones away to start afresh",
              ckpt_dir.string());
   if (par.root()) {
-    fs::create_directories(ckpt_dir);
+    std::error_code ec;
+    fs::create_directories(ckpt_dir, ec);
+    COIL_CHECK(!ec, "train.run_dir: cannot create {}: {}", ckpt_dir.string(), ec.message());
     dist::remove_interrupted_saves(ckpt_dir.string());
   }
   if (resume_from.empty() && must_resume) fail("--resume: no checkpoint to resume from in {}", ckpt_dir.string());
