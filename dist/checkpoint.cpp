@@ -106,6 +106,14 @@ hid_t file_access() {
   return fapl;
 }
 
+// File creation without modification times in the object headers: identical runs write
+// byte-identical checkpoint files (a byte comparison of two runs' files is then a test).
+hid_t file_create() {
+  hid_t fcpl = H5Pcreate(H5P_FILE_CREATE);
+  H5Pset_obj_track_times(fcpl, false);
+  return fcpl;
+}
+
 hid_t open_file(const std::string& path) {
   H5 fapl(file_access(), H5Pclose);
   return H5Fopen(path.c_str(), H5F_ACC_RDONLY, fapl);
@@ -128,7 +136,8 @@ class WriteFile {
  public:
   WriteFile(const std::string& path, int64_t reserve) : path_(path), reserve_(reserve) {
     H5 fapl(file_access(), H5Pclose);
-    id_ = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5 fcpl(file_create(), H5Pclose);
+    id_ = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl);
     if (id_ < 0) fail("cannot create {}: {}", path, reason());
     const int fd = descriptor();
     if (fd >= 0 && ::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, reserve) != 0) {
@@ -209,6 +218,19 @@ const char* dtype_name(at::ScalarType t) {
   return t == at::kFloat ? "float32" : t == at::kDouble ? "float64" : "uint8";
 }
 
+// The groups above `name` ("model" of "model/<name>"), made without times (see file_create): the
+// groups a link creation list makes on the way would record them.
+void make_parent_groups(hid_t file, const std::string& name) {
+  for (size_t slash = name.find('/', 1); slash != std::string::npos; slash = name.find('/', slash + 1)) {
+    const std::string group = name.substr(0, slash);
+    if (H5Lexists(file, group.c_str(), H5P_DEFAULT) > 0) continue;
+    H5 gcpl(H5Pcreate(H5P_GROUP_CREATE), H5Pclose);
+    H5Pset_obj_track_times(gcpl, false);
+    H5 g(H5Gcreate2(file, group.c_str(), H5P_DEFAULT, gcpl, H5P_DEFAULT), H5Gclose);
+    if (g < 0) fail("cannot create group {}", group);
+  }
+}
+
 // Link creation that makes the groups of "model/<name>" on the way.
 hid_t make_groups() {
   hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
@@ -218,10 +240,13 @@ hid_t make_groups() {
 
 std::vector<hsize_t> hdims(const std::vector<int64_t>& shape) { return {shape.begin(), shape.end()}; }
 
-void write_dataset(hid_t file, const std::string& name, const at::Tensor& t, hid_t dcpl = H5P_DEFAULT) {
+void write_dataset(hid_t file, const std::string& name, const at::Tensor& t) {
+  H5 dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+  H5Pset_obj_track_times(dcpl, false);  // no times: see file_create
   const hid_t type = h5_type(t.scalar_type());
   const std::vector<hsize_t> dims = hdims(t.sizes().vec());
   H5 space(H5Screate_simple(static_cast<int>(dims.size()), dims.data(), nullptr), H5Sclose);
+  make_parent_groups(file, name);
   H5 lcpl(make_groups(), H5Pclose);
   H5 ds(H5Dcreate2(file, name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
   if (ds < 0) fail("{}: cannot create dataset {}: {}", file_of(file), name, reason());
@@ -423,6 +448,7 @@ void write_index(const std::string& dir, const RankPart& layout, const IndexInfo
       const hid_t type = h5_type(t.rows.scalar_type());
       H5 vspace(H5Screate_simple(nd, dims.data(), nullptr), H5Sclose);
       H5 dcpl(H5Pcreate(H5P_DATASET_CREATE), H5Pclose);
+      H5Pset_obj_track_times(dcpl, false);
       const double nan = std::nan("");
       const float nanf = std::nanf("");
       if (type != H5T_NATIVE_UINT8) check(H5Pset_fill_value(dcpl, type, type == H5T_NATIVE_FLOAT ? static_cast<const void*>(&nanf) : &nan), "fill value");
@@ -438,6 +464,7 @@ void write_index(const std::string& dir, const RankPart& layout, const IndexInfo
               "mapping " + t.name);
       }
       H5 space(H5Screate_simple(nd, dims.data(), nullptr), H5Sclose);
+      make_parent_groups(f, t.name);
       H5 lcpl(make_groups(), H5Pclose);
       H5 ds(H5Dcreate2(f, t.name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
       if (ds < 0) fail("{}: cannot create the virtual dataset {}: {}", path, t.name, reason());

@@ -1,9 +1,11 @@
 #include "launch/parallel.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <functional>
+#include <mutex>
 
 #include "dist/world.h"
 #include "model/activation_checkpointing.h"
@@ -54,12 +56,19 @@ at::ScalarType compute_dtype(const std::string& setting, const at::Device& devic
   return at::kHalf;
 }
 
+void seed_cpu_generator(int64_t seed, int rank) {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_current_seed(static_cast<uint64_t>(seed) + static_cast<uint64_t>(rank));
+}
+
 Parallel Parallel::start(const RunConfig& c) {
   Parallel par;
   if (dist::launched_by_mpi()) {
     par.rank = dist::world().rank;
     par.world = dist::world().size;
   }
+  seed_cpu_generator(c.seed, par.rank);
   if (c.threads > 0) at::set_num_threads(static_cast<int>(c.threads));
   else if (par.world > 1) at::set_num_threads(dist::cores_per_rank());
   const bool mpi = dist::launched_by_mpi();

@@ -5,6 +5,11 @@
 // collectives on CUDA), and the model itself: whole on one process, or sharded FSDP-style. The
 // loop is the same either way: it calls forward, sums doubles over the ranks, and saves / reads
 // each rank's rows of every tensor through the layouts kept here.
+//
+// Seeds: the model's initialization and the data order take train.seed themselves; LibTorch's
+// default CPU generator (saved in each checkpoint as /rng/cpu, restored on resume) is seeded here
+// with train.seed + rank, since LibTorch seeds it at random otherwise and two identical runs
+// would then write different checkpoints.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,6 +40,9 @@ at::Device pick_device(const std::string& setting, int local_rank, int local_siz
 // train.dtype as a compute dtype; an error names the key, or the device that cannot compute in it.
 at::ScalarType compute_dtype(const std::string& setting, const at::Device& device);
 
+// LibTorch's default CPU generator seeded with seed + rank (each rank its own stream).
+void seed_cpu_generator(int64_t seed, int rank);
+
 struct Parallel {
   int rank = 0, world = 1;
   std::shared_ptr<dist::Comm> comm;       // null on one process; MPI (CPU tensors): sums, checkpoints
@@ -48,7 +56,8 @@ struct Parallel {
   std::map<std::string, size_t> index;    // parameter name -> position
   std::vector<dist::ShardLayout> layouts; // how each parameter is split over the ranks (one rank: whole)
 
-  // Ranks, threads, device and compute dtype from the configuration (before the model exists).
+  // Ranks, threads, device and compute dtype from the configuration (before the model exists);
+  // seeds the CPU generator (seed_cpu_generator).
   static Parallel start(const RunConfig& c);
   // Puts the model on the ranks: the communicators (checking that every rank runs config_text),
   // then FSDP shards or the whole model on this rank's device.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `coil pretrain` under mpirun: 3 ranks log the same losses as 1 process (within 1e-5 relative),
 # a 3-rank checkpoint resumes on 2 ranks to the same losses, checkpoints saved on N ranks resume
-# on M (every N, M in 1..4), SIGUSR1 stops a run with a checkpoint, and ranks started with
-# different configurations stop at once with a non-zero exit.
+# on M (every N, M in 1..4), SIGUSR1 stops a run with a checkpoint, two identical 2-rank runs write
+# byte-identical rank files, and ranks started with different configurations stop at once with a
+# non-zero exit.
 #   tests/test_mpi_cli.sh path/to/coil
 set -u
 coil=$(realpath "$1")
@@ -116,6 +117,17 @@ stop_step=$(sed -n 's/.*stopped by a signal after step \([0-9]*\).*/\1/p' usr1.l
 [ -n "$stop_step" ] && [ "$(readlink usr1/checkpoints/latest)" = "$(printf 'step-%08d' "$stop_step")" ] ||
   fail "SIGUSR1: latest is not the stop step's checkpoint"
 "$coil" ckpt verify usr1/checkpoints/latest >/dev/null || fail "SIGUSR1: the checkpoint does not verify"
+# Two identical 2-rank runs write byte-identical rank files (each rank's CPU generator is seeded
+# with train.seed + rank; HDF5 records no times); test_train's IdenticalRunsWriteIdenticalCheckpoints
+# compares index.h5 too (equal but for elapsed_s).
+for k in same1 same2; do
+  "${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=same >$k.log 2>&1 || fail "$k: $(tail -3 $k.log)"
+  mv same $k
+done
+for f in same1/checkpoints/step-0000000{4,8}/rank-*.h5; do
+  cmp -s "$f" "same2/${f#same1/}" || fail "identical 2-rank runs: ${f#same1/} differs"
+done
+[ "$(ls same1/checkpoints/step-00000008/rank-*.h5 | wc -l)" -eq 2 ] || fail "identical 2-rank runs: not 2 rank files"
 # Different configurations on different ranks: every rank stops, non-zero, quickly.
 timeout 60 "${mpirun[@]}" -np 2 sh -c "exec \"$coil\" pretrain ${args[*]} --set train.run_dir=mixed --set train.seed=\$OMPI_COMM_WORLD_RANK" \
   >mixed.log 2>&1

@@ -1,7 +1,8 @@
 // The training loop end to end on a tiny model and tiny data: config errors, bit-exact resume,
-// checkpoints (shapes checked by name), SFT from a pretrained checkpoint, NaN handling, float16
+// checkpoints (shapes checked by name; identical runs write identical files), SFT from a pretrained checkpoint, NaN handling, float16
 // with dynamic loss scaling; and its components: the device choice, micro batches to the device,
 // the loss scaler.
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -31,6 +32,12 @@ using namespace coil;
 namespace {
 
 void write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  EXPECT_TRUE(in.good()) << path;
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
 
 std::string error_of(const std::function<void()>& f) {
   try {
@@ -409,6 +416,49 @@ TEST_F(Train, ResumeIsBitExact) {
   for (const char* name : {"latest", "best", "final", "step-00000003", "step-00000006"})
     EXPECT_TRUE(fs::exists(straight + "/checkpoints/" + name + "/index.h5")) << name;
   EXPECT_EQ(RunConfig::load(straight + "/config.toml", {}).to_toml(), config(straight).to_toml());
+}
+
+// Two identical runs, each started with the process's CPU generator somewhere else (as LibTorch
+// seeds it at random in every process), write byte-identical rank files (weights, optimizer
+// state, /rng/cpu, the loader state) and index.h5 files that differ in the run's elapsed_s only
+// (the one time field: wall-clock seconds, for the totals of a resumed run).
+TEST_F(Train, IdenticalRunsWriteIdenticalCheckpoints) {
+  const std::string run = *dir_ + "/same";  // one run_dir for both: the config (saved) names it
+  std::random_device urandom;
+  for (const char* keep : {"/same-a", "/same-b"}) {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    gen.set_current_seed((static_cast<uint64_t>(urandom()) << 32) | urandom());
+    train(config(run, {"train.seed=7"}), Phase::kPretrain);
+    fs::rename(run, *dir_ + keep);
+  }
+  const std::string a = *dir_ + "/same-a/checkpoints/", b = *dir_ + "/same-b/checkpoints/";
+  for (const char* step : {"step-00000003", "step-00000006"}) {
+    std::set<std::string> names;
+    for (const auto& e : fs::directory_iterator(a + step)) names.insert(e.path().filename().string());
+    EXPECT_EQ(names, (std::set<std::string>{"index.h5", "rank-00000-of-00001.h5"})) << step;
+    const std::string rank_file = std::string(step) + "/rank-00000-of-00001.h5";
+    const std::string ra = file_bytes(a + rank_file), rb = file_bytes(b + rank_file);
+    EXPECT_GT(ra.size(), 100000u);
+    EXPECT_TRUE(ra == rb) << rank_file << " differs between identical runs";
+    dist::Checkpoint ca(a + step), cb(b + step);
+    // The generator saved is the one train.seed + rank (0) makes: nothing drew from it.
+    at::Generator seeded = at::detail::createCPUGenerator(7);
+    EXPECT_TRUE(torch::equal(ca.rank_rng(0), seeded.get_state())) << step;
+    std::map<std::string, std::string> sa = ca.strings(), sb = cb.strings();
+    EXPECT_NO_THROW(std::stod(sa.at("elapsed_s")));
+    sa.erase("elapsed_s");
+    sb.erase("elapsed_s");
+    EXPECT_EQ(sa, sb) << step;
+    ASSERT_EQ(ca.files().size(), cb.files().size());
+    for (size_t i = 0; i < ca.files().size(); ++i) EXPECT_EQ(ca.files()[i].to_json(), cb.files()[i].to_json());
+    EXPECT_EQ(ca.tokenizer(), cb.tokenizer());
+    const std::vector<dist::TensorInfo> ta = ca.tensors(), tb = cb.tensors();
+    ASSERT_EQ(ta.size(), tb.size());
+    for (size_t i = 0; i < ta.size(); ++i) {
+      EXPECT_EQ(ta[i].name, tb[i].name);
+      EXPECT_EQ(ta[i].shape, tb[i].shape) << ta[i].name;
+    }
+  }
 }
 
 TEST_F(Train, ResumingFallsBackPastADamagedCheckpoint) {
