@@ -279,8 +279,10 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     // One all-reduce for the loss, the gradient norm, a stop signal on any rank, and whether any
     // rank is still writing the checkpoint in flight.
     watchdog.mark("the all-reduce of the loss and gradient norm");
-    const std::vector<double> sums =
-        par.sum({local_loss.item<double>(), optim::grad_sq_norm(params), stop_signal() != 0 ? 1.0 : 0.0, saver.busy()});
+    // The loss and the squared gradient norm come to the host together: one sync per step.
+    const at::Tensor local = at::stack({local_loss, optim::grad_sq_norm_tensor(params).to(local_loss.device())}).cpu();
+    const std::vector<double> sums = par.sum({local[0].item<double>(), local[1].item<double>(),
+                                              stop_signal() != 0 ? 1.0 : 0.0, saver.busy()});
     const double loss = sums[0], grad_norm = scaler.unscaled_norm(sums[1]);
     const bool stop = sums[2] > 0;
     watchdog.mark("committing a checkpoint");

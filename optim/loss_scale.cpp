@@ -45,11 +45,10 @@ LossScaler::Verdict LossScaler::judge(double loss, double grad_norm) const {
 void LossScaler::unscale(const std::vector<NamedTensor>& params) const {
   if (scale_ == 1) return;
   c10::NoGradGuard no_grad;
-  const double inv = 1.0 / scale_;  // exact: S is a power of two
-  for (const auto& p : params) {
-    at::Tensor g = p.tensor.grad();
-    if (g.defined()) g.mul_(inv);
-  }
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params)
+    if (p.tensor.grad().defined()) grads.push_back(p.tensor.grad());
+  if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / scale_);  // exact: S is a power of two
 }
 
 void LossScaler::update(Verdict v) {
