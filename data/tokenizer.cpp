@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "data/bpe.h"
 #include "data/sft.h"
 #include "util/error.h"
 
@@ -141,36 +142,99 @@ void train_tokenizer(const TokenizerTrainOptions& o) {
              "byte fallback", o.vocab_size, lines.stats().summary());
 }
 
+// The two kinds behind Tokenizer.
 struct Tokenizer::Impl {
-  sentencepiece::SentencePieceProcessor sp;
+  virtual ~Impl() = default;
+  virtual void encode(std::string_view text, std::vector<int32_t>& out) const = 0;
+  virtual void encode_with_specials(std::string_view text, std::vector<int32_t>& out) const { encode(text, out); }
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  virtual std::string piece(int32_t id) const = 0;
+  virtual int32_t vocab_size() const = 0;
+  virtual bool bpe_json() const = 0;
+  int32_t bos = -1, eos = -1, pad = -1;
 };
 
-Tokenizer::Tokenizer(const std::string& model_path) : impl_(std::make_unique<Impl>()), path_(model_path) {
+namespace {
+
+struct SentencepieceImpl : Tokenizer::Impl {
+  sentencepiece::SentencePieceProcessor sp;
+  std::string origin;
+  SentencepieceImpl(const std::string& bytes, const std::string& origin_) : origin(origin_) {
+    auto status = sp.LoadFromSerializedProto(bytes);
+    if (!status.ok()) fail("{}: not a sentencepiece model or a tokenizer.json ({})", origin, status.message());
+    COIL_CHECK(sp.eos_id() >= 0, "{}: the tokenizer has no EOS token", origin);
+    bos = sp.bos_id();
+    eos = sp.eos_id();
+    pad = sp.pad_id();
+  }
+  void encode(std::string_view text, std::vector<int32_t>& out) const override {
+    thread_local std::vector<int> ids;
+    auto status = sp.Encode(text, &ids);
+    if (!status.ok()) fail("tokenizer {}: {}", origin, status.message());
+    out.insert(out.end(), ids.begin(), ids.end());
+  }
+  std::string decode(const std::vector<int32_t>& ids) const override {
+    std::vector<int> v(ids.begin(), ids.end());
+    const int n = sp.GetPieceSize();
+    for (int id : v) COIL_CHECK(id >= 0 && id < n, "token id {} is outside the vocabulary (0..{})", id, n - 1);
+    std::string text;
+    auto status = sp.Decode(v, &text);
+    if (!status.ok()) fail("tokenizer {}: {}", origin, status.message());
+    return text;
+  }
+  std::string piece(int32_t id) const override { return sp.IdToPiece(id); }
+  int32_t vocab_size() const override { return sp.GetPieceSize(); }
+  bool bpe_json() const override { return false; }
+};
+
+struct BpeImpl : Tokenizer::Impl {
+  std::unique_ptr<BpeTokenizer> bpe;
+  BpeImpl(const std::string& bytes, const std::string& origin) : bpe(BpeTokenizer::parse(bytes, origin)) {
+    COIL_CHECK(bpe->eos() >= 0, "{}: the tokenizer.json names no EOS token (see data/bpe.h for the names Coil looks for)",
+               origin);
+    bos = bpe->bos();
+    eos = bpe->eos();
+    pad = bpe->pad();
+  }
+  void encode(std::string_view text, std::vector<int32_t>& out) const override { bpe->encode(text, out); }
+  void encode_with_specials(std::string_view text, std::vector<int32_t>& out) const override {
+    bpe->encode_with_specials(text, out);
+  }
+  std::string decode(const std::vector<int32_t>& ids) const override { return bpe->decode(ids); }
+  std::string piece(int32_t id) const override { return bpe->piece(id); }
+  int32_t vocab_size() const override { return bpe->vocab_size(); }
+  bool bpe_json() const override { return true; }
+};
+
+bool looks_like_json(const std::string& bytes) {
+  const size_t i = bytes.find_first_not_of(" \t\r\n");
+  return i != std::string::npos && bytes[i] == '{';
+}
+
+}  // namespace
+
+Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path) {
   if (!fs::exists(model_path)) fail("no tokenizer at {}", model_path);
-  auto status = impl_->sp.Load(model_path);
-  if (!status.ok()) fail("{}: not a sentencepiece model ({})", model_path, status.message());
-  init();
-  sha256_ = sha256_file(model_path);
+  std::ifstream in(model_path, std::ios::binary);
+  if (!in) fail("cannot read {}", model_path);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  load(bytes);
 }
 
 Tokenizer Tokenizer::from_bytes(const std::string& model, const std::string& origin) {
   Tokenizer t;
-  t.impl_ = std::make_unique<Impl>();
   t.path_ = origin;
-  auto status = t.impl_->sp.LoadFromSerializedProto(model);
-  if (!status.ok()) fail("{}: not a sentencepiece model ({})", origin, status.message());
-  t.init();
-  unsigned char digest[32];
-  unsigned int len = 0;
-  EVP_Digest(model.data(), model.size(), digest, &len, EVP_sha256(), nullptr);
-  for (unsigned i = 0; i < len; ++i) t.sha256_ += fmt::format("{:02x}", digest[i]);
+  t.load(model);
   return t;
 }
 
-void Tokenizer::init() {
-  COIL_CHECK(impl_->sp.eos_id() >= 0, "{}: the tokenizer has no EOS token", path_);
-  eos_ = impl_->sp.eos_id();
-  pad_ = impl_->sp.pad_id() >= 0 ? impl_->sp.pad_id() : eos_;
+void Tokenizer::load(const std::string& bytes) {
+  if (looks_like_json(bytes)) impl_ = std::make_unique<BpeImpl>(bytes, path_);
+  else impl_ = std::make_unique<SentencepieceImpl>(bytes, path_);
+  bos_ = impl_->bos;
+  eos_ = impl_->eos;
+  pad_ = impl_->pad >= 0 ? impl_->pad : eos_;
+  sha256_ = sha256_bytes(bytes);
 }
 
 Tokenizer::Tokenizer() = default;
@@ -178,12 +242,7 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
-void Tokenizer::encode(std::string_view text, std::vector<int32_t>& out) const {
-  thread_local std::vector<int> ids;
-  auto status = impl_->sp.Encode(text, &ids);
-  if (!status.ok()) fail("tokenizer {}: {}", path_, status.message());
-  out.insert(out.end(), ids.begin(), ids.end());
-}
+void Tokenizer::encode(std::string_view text, std::vector<int32_t>& out) const { impl_->encode(text, out); }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
   std::vector<int32_t> out;
@@ -191,18 +250,28 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
   return out;
 }
 
-std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
-  std::vector<int> v(ids.begin(), ids.end());
-  for (int id : v) COIL_CHECK(id >= 0 && id < vocab_size(), "token id {} is outside the vocabulary (0..{})", id, vocab_size() - 1);
-  std::string text;
-  auto status = impl_->sp.Decode(v, &text);
-  if (!status.ok()) fail("tokenizer {}: {}", path_, status.message());
-  return text;
+std::vector<int32_t> Tokenizer::encode_with_specials(std::string_view text) const {
+  std::vector<int32_t> out;
+  impl_->encode_with_specials(text, out);
+  return out;
 }
 
-std::string Tokenizer::piece(int32_t id) const { return impl_->sp.IdToPiece(id); }
+std::string Tokenizer::decode(const std::vector<int32_t>& ids) const { return impl_->decode(ids); }
 
-int32_t Tokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
+std::string Tokenizer::piece(int32_t id) const { return impl_->piece(id); }
+
+int32_t Tokenizer::vocab_size() const { return impl_->vocab_size(); }
+
+bool Tokenizer::is_bpe_json() const { return impl_->bpe_json(); }
+
+std::string sha256_bytes(const std::string& bytes) {
+  unsigned char digest[32];
+  unsigned int len = 0;
+  EVP_Digest(bytes.data(), bytes.size(), digest, &len, EVP_sha256(), nullptr);
+  std::string hex;
+  for (unsigned i = 0; i < len; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
 
 void check_vocab_fits(int64_t vocab_size, int64_t model_vocab, const std::string& tokenizer_path) {
   COIL_CHECK(vocab_size <= model_vocab,

@@ -1,0 +1,893 @@
+#include "data/bpe.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+#include <utf8proc.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <deque>
+#include <nlohmann/json.hpp>
+#include <queue>
+#include <unordered_map>
+
+#include "util/error.h"
+
+namespace coil::data {
+
+using json = nlohmann::json;
+
+bool replace_invalid_utf8(std::string_view s, std::string& out) {
+  // Fast path: find the first invalid byte, if any.
+  auto seq_len = [&](size_t i) -> size_t {  // length of the valid sequence at i, 0 when invalid
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) return 1;
+    size_t need;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) need = 1;
+    else if (c >= 0xE0 && c <= 0xEF) need = 2, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4) need = 3, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    else return 0;
+    for (size_t k = 1; k <= need; ++k) {
+      if (i + k >= s.size()) return 0;
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if (k == 1 ? (d < lo || d > hi) : (d < 0x80 || d > 0xBF)) return 0;
+    }
+    return need + 1;
+  };
+  size_t i = 0;
+  while (i < s.size()) {
+    size_t n = seq_len(i);
+    if (n == 0) break;
+    i += n;
+  }
+  if (i == s.size()) return false;
+  out.assign(s.data(), i);
+  while (i < s.size()) {
+    size_t n = seq_len(i);
+    if (n) {
+      out.append(s.data() + i, n);
+      i += n;
+      continue;
+    }
+    // The maximal subpart: a lead byte followed by the continuation bytes it allows.
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t need = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) need = 1;
+    else if (c >= 0xE0 && c <= 0xEF) need = 2, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4) need = 3, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    size_t k = 1;
+    for (; k <= need && i + k < s.size(); ++k) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if (k == 1 ? (d < lo || d > hi) : (d < 0x80 || d > 0xBF)) break;
+    }
+    out += "\xEF\xBF\xBD";
+    i += k;
+  }
+  return true;
+}
+
+namespace {
+
+// GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for 256 + n.
+struct ByteMap {
+  std::string utf8[256];                        // byte -> the UTF-8 of its code point
+  std::unordered_map<uint32_t, uint8_t> byte;   // code point -> byte
+  ByteMap() {
+    int n = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+      const uint32_t cp = printable ? static_cast<uint32_t>(b) : static_cast<uint32_t>(256 + n++);
+      utf8_encode(cp, utf8[b]);
+      byte[cp] = static_cast<uint8_t>(b);
+    }
+  }
+  static void utf8_encode(uint32_t cp, std::string& out) {
+    utf8proc_uint8_t buf[4];
+    out.assign(reinterpret_cast<char*>(buf), static_cast<size_t>(utf8proc_encode_char(static_cast<int32_t>(cp), buf)));
+  }
+};
+const ByteMap& byte_map() {
+  static const ByteMap m;
+  return m;
+}
+
+// Decodes the code points of valid UTF-8; false at the first invalid one.
+template <typename F>
+bool for_each_cp(std::string_view s, F f) {
+  const auto* p = reinterpret_cast<const utf8proc_uint8_t*>(s.data());
+  utf8proc_ssize_t left = static_cast<utf8proc_ssize_t>(s.size());
+  while (left > 0) {
+    utf8proc_int32_t cp;
+    const utf8proc_ssize_t n = utf8proc_iterate(p, left, &cp);
+    if (n <= 0) return false;
+    f(static_cast<uint32_t>(cp));
+    p += n;
+    left -= n;
+  }
+  return true;
+}
+
+// A compiled PCRE2 pattern (UTF, UCP, JIT) and the per-thread state that matching needs.
+class Regex {
+ public:
+  Regex(const std::string& pattern, const std::string& where) {
+    int err = 0;
+    PCRE2_SIZE at = 0;
+    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &err,
+                          &at, nullptr);
+    if (!code_) {
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(err, msg, sizeof msg);
+      fail("{}: regex does not compile at offset {}: {}", where, at, reinterpret_cast<char*>(msg));
+    }
+    jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;
+  }
+  ~Regex() { pcre2_code_free(code_); }
+  Regex(const Regex&) = delete;
+  Regex& operator=(const Regex&) = delete;
+
+  // The matches in s, as the Rust onig crate's find_iter gives them: after an empty match the
+  // search moves one character on, and an empty match right at the end of the previous match is
+  // skipped. f(start, end) for each.
+  template <typename F>
+  void find_iter(std::string_view s, F f) const {
+    State& st = state();
+    const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
+    size_t pos = 0;
+    bool have_last = false;
+    size_t last_end = 0;
+    while (pos <= s.size()) {
+      const int rc = jit_ ? pcre2_jit_match(code_, subject, s.size(), pos, 0, st.md, st.mctx)
+                          : pcre2_match(code_, subject, s.size(), pos, PCRE2_NO_UTF_CHECK, st.md, st.mctx);
+      if (rc == PCRE2_ERROR_NOMATCH) return;
+      if (rc < 0) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(rc, msg, sizeof msg);
+        fail("tokenizer regex: matching failed: {}", reinterpret_cast<char*>(msg));
+      }
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(st.md);
+      const size_t b = ov[0], e = ov[1];
+      if (b == e && have_last && last_end == e) {
+        pos = next_char(s, pos);
+        continue;
+      }
+      pos = b == e ? next_char(s, e) : e;
+      have_last = true;
+      last_end = e;
+      f(b, e);
+    }
+  }
+
+ private:
+  static size_t next_char(std::string_view s, size_t i) {
+    if (i >= s.size()) return s.size() + 1;
+    ++i;
+    while (i < s.size() && (static_cast<unsigned char>(s[i]) & 0xC0) == 0x80) ++i;
+    return i;
+  }
+  struct State {
+    pcre2_match_data* md = pcre2_match_data_create(8, nullptr);
+    pcre2_match_context* mctx = pcre2_match_context_create(nullptr);
+    pcre2_jit_stack* stack = pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, nullptr);
+    State() { pcre2_jit_stack_assign(mctx, nullptr, stack); }
+    ~State() {
+      pcre2_jit_stack_free(stack);
+      pcre2_match_context_free(mctx);
+      pcre2_match_data_free(md);
+    }
+  };
+  static State& state() {
+    thread_local State s;
+    return s;
+  }
+  pcre2_code* code_ = nullptr;
+  bool jit_ = false;
+};
+
+// Oniguruma's \s (which `tokenizers` runs) also matches U+0085; PCRE2's \s with UCP does not.
+std::string onig_compatible(const std::string& p, const std::string& where) {
+  std::string out;
+  bool in_class = false;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const char c = p[i];
+    if (c == '\\' && i + 1 < p.size()) {
+      const char n = p[++i];
+      if (n == 's') out += in_class ? "\\s\\x{85}" : "[\\s\\x{85}]";
+      else if (n == 'S' && !in_class) out += "[^\\s\\x{85}]";
+      else if (n == 'S') fail("{}: \\S inside a character class is not implemented", where);
+      else out += c, out += n;
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out += c;
+      if (i + 1 < p.size() && p[i + 1] == '^') out += p[++i];
+      if (i + 1 < p.size() && p[i + 1] == ']') out += p[++i];  // a leading ] is literal
+      continue;
+    }
+    if (in_class && c == '[') fail("{}: nested character classes are not implemented", where);
+    if (in_class && c == ']') in_class = false;
+    out += c;
+  }
+  return out;
+}
+
+std::string escape_literal(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    if (u < 0x80 && !std::isalnum(u)) out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+const char* kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+
+enum class Behavior { Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous };
+
+struct PreStep {
+  bool byte_level = false;
+  bool add_prefix_space = false;
+  std::unique_ptr<Regex> regex;  // ByteLevel with use_regex, or Split
+  Behavior behavior = Behavior::Isolated;
+  bool invert = false;
+};
+
+// A byte trie of the added tokens, for leftmost-longest matching.
+struct Trie {
+  struct Node {
+    std::unordered_map<unsigned char, int> next;
+    int token = -1;  // index into the added tokens
+  };
+  std::vector<Node> nodes{1};
+  bool first[256] = {};
+  bool empty() const { return nodes.size() == 1; }
+  void add(std::string_view s, int token) {
+    int n = 0;
+    for (char ch : s) {
+      const auto c = static_cast<unsigned char>(ch);
+      auto it = nodes[n].next.find(c);
+      if (it == nodes[n].next.end()) {
+        nodes.emplace_back();
+        const int k = static_cast<int>(nodes.size()) - 1;
+        nodes[n].next[c] = k;
+        n = k;
+      } else {
+        n = it->second;
+      }
+    }
+    nodes[n].token = token;
+    first[static_cast<unsigned char>(s[0])] = true;
+  }
+  // The leftmost-longest match at or after `from`: (start, end, token), or token -1.
+  void find(std::string_view s, size_t from, size_t& start, size_t& end, int& token) const {
+    for (size_t i = from; i < s.size(); ++i) {
+      if (!first[static_cast<unsigned char>(s[i])]) continue;
+      int n = 0, best = -1;
+      size_t best_end = 0;
+      for (size_t j = i; j < s.size(); ++j) {
+        auto it = nodes[n].next.find(static_cast<unsigned char>(s[j]));
+        if (it == nodes[n].next.end()) break;
+        n = it->second;
+        if (nodes[n].token >= 0) best = nodes[n].token, best_end = j + 1;
+      }
+      if (best >= 0) {
+        start = i, end = best_end, token = best;
+        return;
+      }
+    }
+    token = -1;
+  }
+};
+
+struct AddedToken {
+  std::string content;
+  int32_t id;
+  bool single_word, lstrip, rstrip, normalized, special;
+};
+
+std::atomic<uint64_t> g_serial{1};
+
+}  // namespace
+
+struct BpeTokenizer::Impl {
+  std::string origin;
+  uint64_t serial = g_serial++;
+  // Model.
+  std::unordered_map<std::string, int32_t> vocab;      // as the file writes the tokens
+  std::unordered_map<std::string, int32_t> raw_vocab;  // the same tokens as bytes (ignore_merges)
+  std::vector<std::string> id_to_token;                // vocabulary and added tokens
+  std::vector<std::string> id_to_bytes;                // what the ByteLevel decoder makes of each
+  std::vector<uint8_t> is_special, assigned;
+  int32_t byte_id[256];
+  struct Merge {
+    int32_t rank, new_id;
+  };
+  std::unordered_map<uint64_t, Merge> merges;
+  int32_t unk = -1;
+  bool fuse_unk = false, ignore_merges = false;
+  // Pipeline.
+  std::vector<AddedToken> added;
+  Trie raw_trie, norm_trie;
+  std::vector<int> normalizer_options;  // utf8proc options, applied in order
+  std::vector<PreStep> steps;
+  std::vector<int32_t> prefix, suffix;  // the post-processor's single template
+  int32_t bos = -1, eos = -1, pad = -1;
+  std::unique_ptr<Regex> white_space, word_char;  // Rust regex's \s and \w (single_word, lstrip, rstrip)
+
+  static uint64_t key(int32_t a, int32_t b) { return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b); }
+
+  void normalize(std::string_view s, std::string& out) const {
+    out.assign(s);
+    bool ascii = true;
+    for (char c : s) ascii &= static_cast<unsigned char>(c) < 0x80;
+    if (ascii) return;  // every normalization form leaves ASCII as it is
+    for (int opt : normalizer_options) {
+      utf8proc_uint8_t* dst = nullptr;
+      const utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(out.data()),
+                                              static_cast<utf8proc_ssize_t>(out.size()), &dst, static_cast<utf8proc_option_t>(opt));
+      if (n < 0) fail("{}: normalization failed: {}", origin, utf8proc_errmsg(n));
+      out.assign(reinterpret_cast<char*>(dst), static_cast<size_t>(n));
+      std::free(dst);
+    }
+  }
+
+  bool char_is(const Regex& re, std::string_view s, bool last) const {
+    if (s.empty()) return false;
+    size_t b = 0;
+    if (last) {
+      b = s.size() - 1;
+      while (b > 0 && (static_cast<unsigned char>(s[b]) & 0xC0) == 0x80) --b;
+    } else {
+      size_t e = 1;
+      while (e < s.size() && (static_cast<unsigned char>(s[e]) & 0xC0) == 0x80) ++e;
+      s = s.substr(0, e);
+    }
+    bool hit = false;
+    re.find_iter(s.substr(b), [&](size_t x, size_t) { hit |= x == 0; });
+    return hit;
+  }
+
+  // tokenizers' AddedVocabulary::find_matches: pieces of s as (added token index or -1, start, end).
+  template <typename F>
+  void split_added(std::string_view s, const Trie& trie, F f) const {
+    size_t start_offset = 0, from = 0;
+    while (true) {
+      size_t start = 0, stop = 0;
+      int t = -1;
+      trie.find(s, from, start, stop, t);
+      if (t < 0) break;
+      from = stop;
+      const AddedToken& a = added[static_cast<size_t>(t)];
+      if (a.single_word) {
+        const bool start_space = start == 0 || !char_is(*word_char, s.substr(0, start), true);
+        const bool stop_space = stop == s.size() || !char_is(*word_char, s.substr(stop), false);
+        if (!start_space || !stop_space) continue;
+      }
+      if (a.lstrip) {
+        size_t b = start;
+        while (b > 0) {
+          size_t c = b - 1;
+          while (c > 0 && (static_cast<unsigned char>(s[c]) & 0xC0) == 0x80) --c;
+          if (!char_is(*white_space, s.substr(c, b - c), false)) break;
+          b = c;
+        }
+        start = std::max(b, start_offset);
+      }
+      if (a.rstrip) {
+        while (stop < s.size() && char_is(*white_space, s.substr(stop), false)) {
+          ++stop;
+          while (stop < s.size() && (static_cast<unsigned char>(s[stop]) & 0xC0) == 0x80) ++stop;
+        }
+      }
+      if (start_offset < start) f(-1, start_offset, start);
+      f(t, start, stop);
+      start_offset = stop;
+    }
+    if (start_offset != s.size()) f(-1, start_offset, s.size());
+  }
+
+  // The pre-tokenizer's words of one piece, to f(word).
+  template <typename F>
+  void pre_tokenize(std::string_view piece, F f) const {
+    thread_local std::vector<std::string_view> cur, next;
+    thread_local std::deque<std::string> owned;
+    thread_local std::vector<std::tuple<size_t, size_t, bool>> parts, merged;
+    cur.clear();
+    owned.clear();
+    cur.push_back(piece);
+    for (const PreStep& st : steps) {
+      next.clear();
+      for (std::string_view s : cur) {
+        if (st.byte_level && st.add_prefix_space && !s.empty() && s[0] != ' ') {
+          owned.emplace_back(" ");
+          owned.back().append(s);
+          s = owned.back();
+        }
+        if (!st.regex) {
+          if (!s.empty()) next.push_back(s);
+          continue;
+        }
+        parts.clear();
+        size_t prev = 0;
+        st.regex->find_iter(s, [&](size_t b, size_t e) {
+          if (prev != b) parts.emplace_back(prev, b, false);
+          parts.emplace_back(b, e, true);
+          prev = e;
+        });
+        if (prev != s.size()) parts.emplace_back(prev, s.size(), false);
+        if (st.invert)
+          for (auto& p : parts) std::get<2>(p) = !std::get<2>(p);
+        merged.clear();
+        bool previous = false;
+        switch (st.behavior) {
+          case Behavior::Isolated:
+            merged = parts;
+            break;
+          case Behavior::Removed:
+            for (auto& p : parts)
+              if (!std::get<2>(p)) merged.push_back(p);
+            break;
+          case Behavior::MergedWithPrevious:
+            for (auto& p : parts) {
+              if (std::get<2>(p) && !previous && !merged.empty()) std::get<1>(merged.back()) = std::get<1>(p);
+              else merged.push_back(p);
+              previous = std::get<2>(p);
+            }
+            break;
+          case Behavior::MergedWithNext:
+            for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+              if (std::get<2>(*it) && !previous && !merged.empty()) std::get<0>(merged.back()) = std::get<0>(*it);
+              else merged.push_back(*it);
+              previous = std::get<2>(*it);
+            }
+            std::reverse(merged.begin(), merged.end());
+            break;
+          case Behavior::Contiguous:
+            for (auto& p : parts) {
+              if (std::get<2>(p) == previous && !merged.empty()) std::get<1>(merged.back()) = std::get<1>(p);
+              else merged.push_back(p);
+              previous = std::get<2>(p);
+            }
+            break;
+        }
+        for (auto& [b, e, m] : merged)
+          if (e > b) next.push_back(s.substr(b, e - b));
+      }
+      std::swap(cur, next);
+    }
+    for (std::string_view w : cur) f(w);
+  }
+
+  // The BPE model on one word (bytes), as tokenizers' BPE::merge_word + Word::merge_all.
+  void bpe_word(std::string_view w, std::vector<int32_t>& out) const {
+    struct Cache {
+      uint64_t serial = 0;
+      std::unordered_map<std::string, std::vector<int32_t>> map;
+    };
+    thread_local Cache cache;
+    if (cache.serial != serial) cache.map.clear(), cache.serial = serial;
+    thread_local std::string key_buf;
+    key_buf.assign(w);
+    auto hit = cache.map.find(key_buf);
+    if (hit != cache.map.end()) {
+      out.insert(out.end(), hit->second.begin(), hit->second.end());
+      return;
+    }
+    std::vector<int32_t> ids;
+    if (ignore_merges) {
+      auto it = raw_vocab.find(key_buf);
+      if (it != raw_vocab.end()) ids.push_back(it->second);
+    }
+    if (ids.empty()) merge_word(w, ids);
+    out.insert(out.end(), ids.begin(), ids.end());
+    if (cache.map.size() > 500000) cache.map.clear();
+    cache.map.emplace(key_buf, std::move(ids));
+  }
+
+  void merge_word(std::string_view w, std::vector<int32_t>& ids) const {
+    struct Sym {
+      int32_t c;
+      int prev, next, len;
+    };
+    thread_local std::vector<Sym> sym;
+    sym.clear();
+    int32_t pending_unk = -1;
+    int pending_len = 0;
+    auto add = [&](int32_t c, int len) {
+      const int n = static_cast<int>(sym.size());
+      sym.push_back({c, n - 1, -1, len});
+      if (n > 0) sym[static_cast<size_t>(n - 1)].next = n;
+    };
+    for (char ch : w) {
+      const int32_t id = byte_id[static_cast<unsigned char>(ch)];
+      if (id >= 0) {
+        if (pending_unk >= 0) add(pending_unk, pending_len), pending_unk = -1;
+        add(id, 1);
+      } else if (unk >= 0) {
+        if (pending_unk >= 0 && fuse_unk) {
+          pending_len += 1;
+        } else {
+          if (pending_unk >= 0) add(pending_unk, pending_len);
+          pending_unk = unk, pending_len = 1;
+        }
+      }
+    }
+    if (pending_unk >= 0) add(pending_unk, pending_len);
+    struct Item {
+      int32_t rank;
+      int pos;
+      int32_t new_id;
+      bool operator<(const Item& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+    };
+    thread_local std::vector<Item> heap;
+    heap.clear();
+    auto push = [&](int pos, int32_t a, int32_t b) {
+      auto it = merges.find(key(a, b));
+      if (it == merges.end()) return;
+      heap.push_back({it->second.rank, pos, it->second.new_id});
+      std::push_heap(heap.begin(), heap.end());
+    };
+    for (size_t i = 0; i + 1 < sym.size(); ++i) push(static_cast<int>(i), sym[i].c, sym[i + 1].c);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end());
+      const Item top = heap.back();
+      heap.pop_back();
+      Sym& s = sym[static_cast<size_t>(top.pos)];
+      if (s.len == 0 || s.next == -1) continue;
+      const Sym right = sym[static_cast<size_t>(s.next)];
+      auto it = merges.find(key(s.c, right.c));
+      if (it == merges.end() || it->second.new_id != top.new_id) continue;
+      sym[static_cast<size_t>(s.next)].len = 0;
+      s.c = top.new_id;
+      s.len += right.len;
+      s.next = right.next;
+      if (right.next >= 0) sym[static_cast<size_t>(right.next)].prev = top.pos;
+      if (s.prev >= 0) push(s.prev, sym[static_cast<size_t>(s.prev)].c, s.c);
+      if (s.next >= 0) push(top.pos, s.c, sym[static_cast<size_t>(s.next)].c);
+    }
+    for (const Sym& s : sym)
+      if (s.len) ids.push_back(s.c);
+  }
+
+  void encode_normalizable(std::string_view piece, std::vector<int32_t>& out) const {
+    std::string normed;
+    if (!normalizer_options.empty()) {
+      normalize(piece, normed);
+      piece = normed;
+    }
+    auto words = [&](std::string_view p) { pre_tokenize(p, [&](std::string_view w) { bpe_word(w, out); }); };
+    if (norm_trie.empty()) return words(piece);
+    split_added(piece, norm_trie, [&](int t, size_t b, size_t e) {
+      if (t >= 0) out.push_back(added[static_cast<size_t>(t)].id);
+      else words(piece.substr(b, e - b));
+    });
+  }
+
+  void encode(std::string_view text, std::vector<int32_t>& out) const {
+    std::string fixed;
+    if (replace_invalid_utf8(text, fixed)) text = fixed;
+    if (raw_trie.empty()) return encode_normalizable(text, out);
+    split_added(text, raw_trie, [&](int t, size_t b, size_t e) {
+      if (t >= 0) out.push_back(added[static_cast<size_t>(t)].id);
+      else encode_normalizable(text.substr(b, e - b), out);
+    });
+  }
+
+  // ---- Parsing ----
+
+  const json& need(const json& o, const char* k, const std::string& where) const {
+    if (!o.is_object() || !o.contains(k)) fail("{}: {} has no \"{}\"", origin, where, k);
+    return o.at(k);
+  }
+  bool flag(const json& o, const char* k, bool dflt, const std::string& where) const {
+    if (!o.contains(k) || o.at(k).is_null()) return dflt;
+    if (!o.at(k).is_boolean()) fail("{}: {}.{} is not true or false", origin, where, k);
+    return o.at(k).get<bool>();
+  }
+  std::string type_of(const json& o, const std::string& where) const {
+    const json& t = need(o, "type", where);
+    if (!t.is_string()) fail("{}: {}.type is not a string", origin, where);
+    return t.get<std::string>();
+  }
+
+  void parse_model(const json& m) {
+    const std::string type = type_of(m, "model");
+    if (type != "BPE") fail("{}: model type {} is not implemented (Coil reads byte-level BPE)", origin, type);
+    if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() != 0.0)
+      fail("{}: model.dropout is not implemented", origin);
+    for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
+      if (m.contains(k) && !m[k].is_null() && !m[k].get<std::string>().empty())
+        fail("{}: model.{} is not implemented", origin, k);
+    if (flag(m, "byte_fallback", false, "model")) fail("{}: model.byte_fallback is not implemented", origin);
+    fuse_unk = flag(m, "fuse_unk", false, "model");
+    ignore_merges = flag(m, "ignore_merges", false, "model");
+    const json& v = need(m, "vocab", "model");
+    if (!v.is_object()) fail("{}: model.vocab is not an object", origin);
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      if (!it.value().is_number_integer()) fail("{}: model.vocab[\"{}\"] is not an integer id", origin, it.key());
+      const int64_t id = it.value().get<int64_t>();
+      if (id < 0 || id >= (1 << 24)) fail("{}: model.vocab[\"{}\"] = {} is out of range", origin, it.key(), id);
+      vocab[it.key()] = static_cast<int32_t>(id);
+      set_token(static_cast<int32_t>(id), it.key());
+    }
+    if (m.contains("unk_token") && !m["unk_token"].is_null()) {
+      auto it = vocab.find(m["unk_token"].get<std::string>());
+      if (it == vocab.end()) fail("{}: model.unk_token {} is not in the vocabulary", origin, m["unk_token"].dump());
+      unk = it->second;
+    }
+    const json& mg = need(m, "merges", "model");
+    if (!mg.is_array()) fail("{}: model.merges is not an array", origin);
+    int32_t rank = 0;
+    for (const json& e : mg) {
+      std::string a, b;
+      if (e.is_string()) {
+        const std::string s = e.get<std::string>();
+        const size_t sp = s.find(' ');
+        if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos)
+          fail("{}: merge {} at rank {} is not two tokens", origin, e.dump(), rank);
+        a = s.substr(0, sp), b = s.substr(sp + 1);
+      } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
+        a = e[0].get<std::string>(), b = e[1].get<std::string>();
+      } else {
+        fail("{}: merge {} at rank {} is not two tokens", origin, e.dump(), rank);
+      }
+      auto ia = vocab.find(a), ib = vocab.find(b), iab = vocab.find(a + b);
+      if (ia == vocab.end() || ib == vocab.end() || iab == vocab.end())
+        fail("{}: merge {} at rank {}: a token is not in the vocabulary", origin, e.dump(), rank);
+      merges.emplace(key(ia->second, ib->second), Merge{rank, iab->second});  // the first rank wins
+      ++rank;
+    }
+  }
+
+  void set_token(int32_t id, const std::string& s) {
+    const size_t n = static_cast<size_t>(id) + 1;
+    if (id_to_token.size() < n) id_to_token.resize(n), is_special.resize(n), assigned.resize(n);
+    id_to_token[static_cast<size_t>(id)] = s;
+    assigned[static_cast<size_t>(id)] = 1;
+  }
+
+  void parse_normalizer(const json& n) {
+    if (n.is_null()) return;
+    const std::string t = type_of(n, "normalizer");
+    if (t == "Sequence") {
+      for (const json& x : need(n, "normalizers", "normalizer")) parse_normalizer(x);
+    } else if (t == "NFC") {
+      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+    } else if (t == "NFD") {
+      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_DECOMPOSE);
+    } else if (t == "NFKC") {
+      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT);
+    } else if (t == "NFKD") {
+      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT);
+    } else {
+      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD and Sequence)", origin, t);
+    }
+  }
+
+  void parse_pre_tokenizer(const json& p) {
+    if (p.is_null()) fail("{}: no pre_tokenizer: Coil reads byte-level BPE (a ByteLevel pre-tokenizer)", origin);
+    const std::string t = type_of(p, "pre_tokenizer");
+    if (!steps.empty() && steps.back().byte_level)
+      fail("{}: pre-tokenizer {} after ByteLevel is not implemented", origin, t);
+    if (t == "Sequence") {
+      for (const json& x : need(p, "pretokenizers", "pre_tokenizer")) parse_pre_tokenizer(x);
+    } else if (t == "ByteLevel") {
+      PreStep s;
+      s.byte_level = true;
+      s.add_prefix_space = flag(p, "add_prefix_space", true, "ByteLevel");
+      if (flag(p, "use_regex", true, "ByteLevel")) s.regex = std::make_unique<Regex>(onig_compatible(kGpt2Pattern, origin), origin);
+      steps.push_back(std::move(s));
+    } else if (t == "Split") {
+      PreStep s;
+      const json& pat = need(p, "pattern", "Split");
+      if (pat.contains("Regex")) {
+        s.regex = std::make_unique<Regex>(onig_compatible(pat["Regex"].get<std::string>(), origin + ": Split"), origin + ": Split");
+      } else if (pat.contains("String")) {
+        const std::string lit = pat["String"].get<std::string>();
+        if (lit.empty()) fail("{}: Split with an empty String pattern is not implemented", origin);
+        s.regex = std::make_unique<Regex>(escape_literal(lit), origin + ": Split");
+      } else {
+        fail("{}: Split.pattern is neither Regex nor String", origin);
+      }
+      const std::string b = need(p, "behavior", "Split").get<std::string>();
+      if (b == "Removed") s.behavior = Behavior::Removed;
+      else if (b == "Isolated") s.behavior = Behavior::Isolated;
+      else if (b == "MergedWithPrevious") s.behavior = Behavior::MergedWithPrevious;
+      else if (b == "MergedWithNext") s.behavior = Behavior::MergedWithNext;
+      else if (b == "Contiguous") s.behavior = Behavior::Contiguous;
+      else fail("{}: Split.behavior {} is not one of tokenizers' behaviors", origin, b);
+      s.invert = flag(p, "invert", false, "Split");
+      steps.push_back(std::move(s));
+    } else {
+      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split and Sequence)", origin, t);
+    }
+  }
+
+  void parse_post_processor(const json& p) {
+    if (p.is_null()) return;
+    const std::string t = type_of(p, "post_processor");
+    if (t == "Sequence") {
+      for (const json& x : need(p, "processors", "post_processor")) parse_post_processor(x);
+    } else if (t == "ByteLevel") {
+      // Offsets only: no tokens added.
+    } else if (t == "TemplateProcessing") {
+      const json& specials = need(p, "special_tokens", "TemplateProcessing");
+      bool seen_a = false;
+      for (const json& piece : need(p, "single", "TemplateProcessing")) {
+        if (piece.contains("Sequence")) {
+          const std::string id = piece["Sequence"].value("id", "");
+          if (id != "A") fail("{}: TemplateProcessing.single with sequence {} is not implemented", origin, id);
+          if (seen_a) fail("{}: TemplateProcessing.single has sequence A twice", origin);
+          seen_a = true;
+        } else if (piece.contains("SpecialToken")) {
+          const std::string name = piece["SpecialToken"].value("id", "");
+          if (!specials.contains(name)) fail("{}: TemplateProcessing: special token {} is not in special_tokens", origin, name);
+          for (const json& id : need(specials[name], "ids", "TemplateProcessing.special_tokens"))
+            (seen_a ? suffix : prefix).push_back(id.get<int32_t>());
+        } else {
+          fail("{}: TemplateProcessing.single has a piece that is neither Sequence nor SpecialToken", origin);
+        }
+      }
+      if (!seen_a) fail("{}: TemplateProcessing.single has no sequence A", origin);
+    } else {
+      fail("{}: post-processor {} is not implemented (Coil has TemplateProcessing, ByteLevel and Sequence)", origin, t);
+    }
+  }
+
+  void parse_decoder(const json& d) {
+    if (d.is_null()) fail("{}: no decoder: Coil decodes byte-level BPE (the ByteLevel decoder)", origin);
+    const std::string t = type_of(d, "decoder");
+    if (t == "Sequence") {
+      const json& ds = need(d, "decoders", "decoder");
+      if (ds.size() != 1) fail("{}: a decoder Sequence other than [ByteLevel] is not implemented", origin);
+      parse_decoder(ds[0]);
+    } else if (t != "ByteLevel") {
+      fail("{}: decoder {} is not implemented (Coil has ByteLevel)", origin, t);
+    }
+  }
+
+  void parse(std::string_view text) {
+    json j;
+    try {
+      j = json::parse(text.begin(), text.end());
+    } catch (const json::exception& e) {
+      fail("{}: not a tokenizer.json ({})", origin, e.what());
+    }
+    try {
+      parse_json(j);
+    } catch (const json::exception& e) {
+      fail("{}: malformed tokenizer.json ({})", origin, e.what());
+    }
+  }
+
+  void parse_json(const json& j) {
+    if (!j.is_object()) fail("{}: not a tokenizer.json (not a JSON object)", origin);
+    for (const char* k : {"truncation", "padding"})
+      if (j.contains(k) && !j[k].is_null()) fail("{}: \"{}\" is set: not implemented (set it to null)", origin, k);
+    const std::string model_where = "tokenizer.json";
+    parse_model(need(j, "model", model_where));
+    parse_normalizer(j.value("normalizer", json()));
+    parse_pre_tokenizer(j.value("pre_tokenizer", json()));
+    if (steps.empty() || !steps.back().byte_level)
+      fail("{}: the pre-tokenizer has no ByteLevel: Coil reads byte-level BPE only", origin);
+    for (size_t i = 0; i + 1 < steps.size(); ++i)
+      if (steps[i].byte_level) fail("{}: more than one ByteLevel pre-tokenizer is not implemented", origin);
+    parse_post_processor(j.value("post_processor", json()));
+    parse_decoder(j.value("decoder", json()));
+    white_space = std::make_unique<Regex>("\\p{White_Space}", origin);
+    word_char = std::make_unique<Regex>("[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}]", origin);
+    // Added tokens.
+    if (j.contains("added_tokens")) {
+      for (const json& a : j["added_tokens"]) {
+        AddedToken t{need(a, "content", "added_tokens").get<std::string>(),
+                     need(a, "id", "added_tokens").get<int32_t>(),
+                     flag(a, "single_word", false, "added_tokens"),
+                     flag(a, "lstrip", false, "added_tokens"),
+                     flag(a, "rstrip", false, "added_tokens"),
+                     flag(a, "normalized", true, "added_tokens"),
+                     flag(a, "special", false, "added_tokens")};
+        if (t.id < 0 || t.id >= (1 << 24)) fail("{}: added token {} has id {} out of range", origin, t.content, t.id);
+        if (t.content.empty()) fail("{}: added token {} is empty", origin, t.id);
+        set_token(t.id, t.content);
+        is_special[static_cast<size_t>(t.id)] = t.special;
+        added.push_back(std::move(t));
+      }
+    }
+    for (size_t i = 0; i < added.size(); ++i) {
+      const AddedToken& t = added[i];
+      if (!t.normalized) {
+        raw_trie.add(t.content, static_cast<int>(i));
+      } else {
+        std::string n;
+        normalize(t.content, n);
+        if (!n.empty()) norm_trie.add(n, static_cast<int>(i));
+      }
+    }
+    // Bytes: the vocabulary as bytes, and the decoder's bytes of every id.
+    const ByteMap& bm = byte_map();
+    for (int b = 0; b < 256; ++b) {
+      auto it = vocab.find(bm.utf8[b]);
+      byte_id[b] = it == vocab.end() ? -1 : it->second;
+    }
+    id_to_bytes.resize(id_to_token.size());
+    for (size_t id = 0; id < id_to_token.size(); ++id) {
+      bool all = for_each_cp(id_to_token[id], [](uint32_t) {});
+      for_each_cp(id_to_token[id], [&](uint32_t cp) { all &= bm.byte.count(cp) > 0; });
+      if (all) {
+        std::string bytes;
+        for_each_cp(id_to_token[id], [&](uint32_t cp) { bytes += static_cast<char>(bm.byte.at(cp)); });
+        id_to_bytes[id] = bytes;
+      } else {
+        id_to_bytes[id] = id_to_token[id];
+      }
+    }
+    if (ignore_merges)
+      for (const auto& [tok, id] : vocab) raw_vocab[id_to_bytes[static_cast<size_t>(id)]] = id;
+    // Special ids.
+    auto named = [&](std::initializer_list<const char*> names) {
+      for (const char* n : names)
+        for (const AddedToken& t : added)
+          if (t.special && t.content == n) return t.id;
+      return -1;
+    };
+    bos = !prefix.empty() ? prefix.front() : named({"<|begin_of_text|>", "<s>", "<|startoftext|>", "<bos>"});
+    eos = !suffix.empty() ? suffix.back()
+                          : named({"<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "<|eot_id|>"});
+    pad = named({"<|padding|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>"});
+  }
+};
+
+BpeTokenizer::BpeTokenizer() : impl_(std::make_unique<Impl>()) {}
+BpeTokenizer::~BpeTokenizer() = default;
+
+std::unique_ptr<BpeTokenizer> BpeTokenizer::parse(std::string_view json_text, const std::string& origin) {
+  std::unique_ptr<BpeTokenizer> t(new BpeTokenizer());
+  t->impl_->origin = origin;
+  t->impl_->parse(json_text);
+  return t;
+}
+
+void BpeTokenizer::encode(std::string_view text, std::vector<int32_t>& out) const { impl_->encode(text, out); }
+
+void BpeTokenizer::encode_with_specials(std::string_view text, std::vector<int32_t>& out) const {
+  out.insert(out.end(), impl_->prefix.begin(), impl_->prefix.end());
+  impl_->encode(text, out);
+  out.insert(out.end(), impl_->suffix.begin(), impl_->suffix.end());
+}
+
+std::string BpeTokenizer::decode(const std::vector<int32_t>& ids) const {
+  std::string bytes;
+  for (int32_t id : ids) {
+    COIL_CHECK(id >= 0 && id < vocab_size() && impl_->assigned[static_cast<size_t>(id)],
+               "token id {} is not in the vocabulary of {}", id, impl_->origin);
+    if (impl_->is_special[static_cast<size_t>(id)]) continue;
+    bytes += impl_->id_to_bytes[static_cast<size_t>(id)];
+  }
+  std::string fixed;
+  return replace_invalid_utf8(bytes, fixed) ? fixed : bytes;
+}
+
+std::string BpeTokenizer::piece(int32_t id) const {
+  COIL_CHECK(id >= 0 && id < vocab_size(), "token id {} is not in the vocabulary of {}", id, impl_->origin);
+  return impl_->id_to_token[static_cast<size_t>(id)];
+}
+
+int32_t BpeTokenizer::vocab_size() const { return static_cast<int32_t>(impl_->id_to_token.size()); }
+
+int32_t BpeTokenizer::token_id(std::string_view token) const {
+  for (const AddedToken& t : impl_->added)
+    if (t.content == token) return t.id;
+  auto it = impl_->vocab.find(std::string(token));
+  return it == impl_->vocab.end() ? -1 : it->second;
+}
+
+int32_t BpeTokenizer::bos() const { return impl_->bos; }
+int32_t BpeTokenizer::eos() const { return impl_->eos; }
+int32_t BpeTokenizer::pad() const { return impl_->pad; }
+
+}  // namespace coil::data
