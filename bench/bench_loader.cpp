@@ -3,7 +3,7 @@
 //              >= 5M tokens/s. Random sequences of seq_len + 1 tokens from memory-mapped shards.
 //   streaming: JSONL(.zst) read, parsed and tokenized on the fly by 2 tokenizer threads:
 //              >= 1M tokens/s.
-//   bench_loader [--shards DIR] [--stream GLOB --tokenizer MODEL] [--seq-len 2048] [--batch 8]
+//   bench_loader [--shards DIR] [--stream GLOB --tokenizer MODEL|tokenizer.json] [--seq-len 2048] [--batch 8]
 // Without --shards, a synthetic 128M-token data set is written to a temporary directory first.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
   int threads = 2;
   app.add_option("--shards", shards_dir, "a prepared directory (default: synthetic)");
   app.add_option("--stream", stream, "JSONL files to stream (with --tokenizer)");
-  app.add_option("--tokenizer", tokenizer, "a sentencepiece .model");
+  app.add_option("--tokenizer", tokenizer, "a sentencepiece .model or a tokenizer.json");
   app.add_option("--threads", threads, "streaming tokenizer threads")->capture_default_str();
   app.add_option("--seq-len", seq_len)->capture_default_str();
   app.add_option("--batch", batch, "sequences per micro batch")->capture_default_str();

@@ -1,0 +1,319 @@
+// Byte-level BPE from tokenizer.json (data/bpe.h) on small hand-made files: the merges, added
+// tokens and their flags, the template, the special ids, invalid UTF-8, the Tokenizer facade, SFT
+// and prepare with a tokenizer.json, and a one-line error for each bad or unimplemented input.
+// Parity with `tokenizers` on real-sized files: tests/python/test_tokenizer_json_parity.py.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "data/bpe.h"
+#include "data/shards.h"
+#include "data/sft.h"
+#include "data/tokenizer.h"
+#include "util/error.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace coil::data;
+
+namespace {
+
+// GPT-2's bytes_to_unicode, written out here independently of data/bpe.cpp.
+std::string byte_char(int b) {
+  int cp = b, n = 0;
+  const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+  if (!printable) {
+    for (int x = 0; x < b; ++x)
+      if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || (x >= 174 && x <= 255))) ++n;
+    cp = 256 + n;
+  }
+  std::string s;
+  if (cp < 0x80) s += static_cast<char>(cp);
+  else s += static_cast<char>(0xC0 | (cp >> 6)), s += static_cast<char>(0x80 | (cp & 0x3F));
+  return s;
+}
+
+const std::string G = byte_char(' ');  // "Ġ"
+
+// Bytes 0..255 are ids 0..255; then the merges' tokens from 256 on, in order.
+json base(const std::vector<std::pair<std::string, std::string>>& merges, bool array_merges = true) {
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) vocab[byte_char(b)] = b;
+  json m = json::array();
+  int id = 256;
+  for (const auto& [a, b] : merges) {
+    if (!vocab.contains(a + b)) vocab[a + b] = id++;
+    if (array_merges) m.push_back({a, b});
+    else m.push_back(a + " " + b);
+  }
+  return {{"version", "1.0"},
+          {"truncation", nullptr},
+          {"padding", nullptr},
+          {"added_tokens", json::array()},
+          {"normalizer", nullptr},
+          {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}}},
+          {"post_processor", {{"type", "ByteLevel"}, {"trim_offsets", false}}},
+          {"decoder", {{"type", "ByteLevel"}}},
+          {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"fuse_unk", false},
+                     {"byte_fallback", false}, {"ignore_merges", false}, {"vocab", vocab}, {"merges", m}}}};
+}
+
+void add_token(json& j, const std::string& content, int id, bool special, bool lstrip = false, bool rstrip = false,
+               bool single_word = false, bool normalized = false) {
+  j["added_tokens"].push_back({{"id", id}, {"content", content}, {"single_word", single_word}, {"lstrip", lstrip},
+                               {"rstrip", rstrip}, {"normalized", normalized}, {"special", special}});
+}
+
+std::unique_ptr<BpeTokenizer> parse(const json& j) { return BpeTokenizer::parse(j.dump(), "test.json"); }
+
+std::vector<int32_t> enc(const BpeTokenizer& t, std::string_view s) {
+  std::vector<int32_t> out;
+  t.encode(s, out);
+  return out;
+}
+
+std::string error_of(const std::string& text) {
+  try {
+    BpeTokenizer::parse(text, "bad.json");
+  } catch (const coil::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string error_of(const json& j) { return error_of(j.dump()); }
+
+std::vector<std::pair<std::string, std::string>> good_merges() {
+  return {{G, "t"}, {"h", "e"}, {G + "t", "he"}, {"t", "he"}, {"c", "o"}, {"i", "l"}, {"co", "il"}};
+}
+
+}  // namespace
+
+TEST(Bpe, MergesByRankInBothFileFormats) {
+  for (bool arrays : {true, false}) {
+    auto t = parse(base(good_merges(), arrays));
+    // "the" -> t,h,e -> t,he -> the; " the" -> Ġ,t,h,e -> Ġt,h,e -> Ġt,he -> Ġthe.
+    EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{259, 258}));
+    EXPECT_EQ(enc(*t, "coil"), (std::vector<int32_t>{262}));  // c,o,i,l -> co,i,l -> co,il -> coil
+    EXPECT_EQ(t->token_id("coil"), 262);
+    EXPECT_EQ(enc(*t, "x!"), (std::vector<int32_t>{'x', '!'}));  // printable bytes are their own ids here
+    EXPECT_EQ(enc(*t, "\n"), (std::vector<int32_t>{'\n'}));
+    EXPECT_EQ(t->decode(enc(*t, "the coil\n\tx y")), "the coil\n\tx y");
+    EXPECT_EQ(t->piece(258), G + "the");
+    EXPECT_EQ(t->vocab_size(), 263);
+  }
+  // The leftmost of two equal-rank merges goes first: "hehe" -> he,he (not h,eh,e).
+  auto t = parse(base(good_merges()));
+  EXPECT_EQ(enc(*t, "hehe"), (std::vector<int32_t>{257, 257}));
+  // Pre-tokens never merge across the regex's splits: "the1" -> the, 1.
+  EXPECT_EQ(enc(*t, "the1"), (std::vector<int32_t>{259, '1'}));
+}
+
+TEST(Bpe, AddedTokensSpecialIdsAndTemplate) {
+  json j = base(good_merges());
+  add_token(j, "<|endoftext|>", 263, true);
+  add_token(j, "<|padding|>", 264, true);
+  add_token(j, "<sep>", 265, true, /*lstrip=*/true, /*rstrip=*/true);
+  add_token(j, "[w]", 266, false, false, false, /*single_word=*/true);
+  auto t = parse(j);
+  EXPECT_EQ(t->eos(), 263);
+  EXPECT_EQ(t->pad(), 264);
+  EXPECT_EQ(t->bos(), -1);
+  EXPECT_EQ(enc(*t, "the<|endoftext|>the"), (std::vector<int32_t>{259, 263, 259}));
+  EXPECT_EQ(t->decode({259, 263, 259}), "thethe");  // special tokens are skipped, as tokenizers' decode
+  // lstrip and rstrip take the spaces around <sep> into the token.
+  EXPECT_EQ(enc(*t, "the  <sep>  the"), (std::vector<int32_t>{259, 265, 259}));
+  // single_word: only between non-word characters.
+  EXPECT_EQ(enc(*t, "[w] x"), (std::vector<int32_t>{266, ' ', 'x'}));  // the byte ' ' is id 32 (Ġ)
+  EXPECT_EQ(enc(*t, "a[w]"), (std::vector<int32_t>{'a', '[', 'w', ']'}));
+  // A template: BOS before, EOS after.
+  j["post_processor"] = {{"type", "Sequence"},
+                         {"processors",
+                          {{{"type", "ByteLevel"}, {"trim_offsets", false}},
+                           {{"type", "TemplateProcessing"},
+                            {"single", {{{"SpecialToken", {{"id", "<|padding|>"}, {"type_id", 0}}}},
+                                        {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                                        {{"SpecialToken", {{"id", "<|endoftext|>"}, {"type_id", 0}}}}}},
+                            {"pair", json::array()},
+                            {"special_tokens",
+                             {{"<|padding|>", {{"id", "<|padding|>"}, {"ids", {264}}, {"tokens", {"<|padding|>"}}}},
+                              {"<|endoftext|>", {{"id", "<|endoftext|>"}, {"ids", {263}}, {"tokens", {"<|endoftext|>"}}}}}}}}}};
+  t = parse(j);
+  std::vector<int32_t> ids;
+  t->encode_with_specials("the", ids);
+  EXPECT_EQ(ids, (std::vector<int32_t>{264, 259, 263}));
+  EXPECT_EQ(t->bos(), 264);
+  EXPECT_EQ(t->eos(), 263);
+}
+
+TEST(Bpe, InvalidUtf8IsReplacedAsPythonDoes) {
+  std::string out;
+  EXPECT_FALSE(replace_invalid_utf8("ok \xe2\x82\xac", out));
+  // Python: bytes.decode("utf-8", errors="replace") of the same bytes.
+  ASSERT_TRUE(replace_invalid_utf8("\xe2\x82 a\xff\xf0\x9f\x98", out));
+  EXPECT_EQ(out, "\xef\xbf\xbd a\xef\xbf\xbd\xef\xbf\xbd");
+  ASSERT_TRUE(replace_invalid_utf8("\xed\xa0\x80x", out));
+  EXPECT_EQ(out, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbdx");
+  ASSERT_TRUE(replace_invalid_utf8("\xc0\xaf", out));
+  EXPECT_EQ(out, "\xef\xbf\xbd\xef\xbf\xbd");
+  ASSERT_TRUE(replace_invalid_utf8("\xf4\x90\x80\x80", out));
+  EXPECT_EQ(out, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+  auto t = parse(base(good_merges()));
+  EXPECT_EQ(enc(*t, "the\xff"), enc(*t, "the\xef\xbf\xbd"));
+}
+
+TEST(Bpe, NormalizerAndSplitPreTokenizer) {
+  json j = base(good_merges());
+  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFC"}}}}};
+  auto t = parse(j);
+  EXPECT_EQ(enc(*t, "e\xcc\x81"), enc(*t, "\xc3\xa9"));  // e + combining acute -> é
+  // Split on "e", isolated, then ByteLevel without its regex: "the the" -> th, e, " th", e.
+  auto split = [&](const json& pattern, const char* behavior, bool prefix) {
+    j["pre_tokenizer"] = {{"type", "Sequence"},
+                          {"pretokenizers",
+                           {{{"type", "Split"}, {"pattern", pattern}, {"behavior", behavior}, {"invert", false}},
+                            {{"type", "ByteLevel"}, {"add_prefix_space", prefix}, {"use_regex", false}}}}};
+    return parse(j);
+  };
+  t = split({{"Regex", "e"}}, "Isolated", false);
+  EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{'t', 'h', 'e', 256, 'h', 'e'}));
+  t = split({{"String", " "}}, "Removed", false);
+  EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{259, 259}));
+  t = split({{"String", " "}}, "Removed", true);  // add_prefix_space: each piece gets its space
+  EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{258, 258}));
+  t = split({{"Regex", "e"}}, "MergedWithPrevious", false);  // "the", " the" as the GPT-2 regex would
+  EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{259, 258}));
+  t = split({{"Regex", "t"}}, "MergedWithNext", false);  // "the ", "the"
+  EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{259, ' ', 259}));
+}
+
+TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
+  auto expect = [](const std::string& what, const std::string& part) {
+    EXPECT_NE(what.find(part), std::string::npos) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    EXPECT_EQ(what.rfind("bad.json", 0), 0u) << what;
+  };
+  expect(error_of(std::string("not json")), "not a tokenizer.json");
+  expect(error_of(std::string("{}")), "has no \"model\"");
+  json j = base(good_merges());
+  j["normalizer"] = {{"type", "Lowercase"}};
+  expect(error_of(j), "normalizer Lowercase is not implemented");
+  j = base(good_merges());
+  j["pre_tokenizer"] = {{"type", "Whitespace"}};
+  expect(error_of(j), "pre-tokenizer Whitespace is not implemented");
+  j = base(good_merges());
+  j["pre_tokenizer"] = nullptr;
+  expect(error_of(j), "no pre_tokenizer");
+  j = base(good_merges());
+  j["decoder"] = {{"type", "Metaspace"}};
+  expect(error_of(j), "decoder Metaspace is not implemented");
+  j = base(good_merges());
+  j["post_processor"] = {{"type", "RobertaProcessing"}};
+  expect(error_of(j), "post-processor RobertaProcessing is not implemented");
+  j = base(good_merges());
+  j["model"]["type"] = "WordPiece";
+  expect(error_of(j), "model type WordPiece is not implemented");
+  j = base(good_merges());
+  j["model"]["dropout"] = 0.1;
+  expect(error_of(j), "model.dropout is not implemented");
+  j = base(good_merges());
+  j["model"]["byte_fallback"] = true;
+  expect(error_of(j), "byte_fallback is not implemented");
+  j = base(good_merges());
+  j["truncation"] = {{"max_length", 10}};
+  expect(error_of(j), "\"truncation\" is set");
+  j = base(good_merges());
+  j["model"]["merges"].push_back({"zz", "q"});
+  expect(error_of(j), "a token is not in the vocabulary");
+  j = base(good_merges());
+  j["model"]["merges"].push_back("a b c");
+  expect(error_of(j), "is not two tokens");
+  j = base(good_merges());
+  j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", "(unclosed"}}}, {"behavior", "Isolated"}};
+  expect(error_of(j), "regex does not compile");
+  j = base(good_merges());
+  j["model"]["vocab"]["x"] = "seven";
+  expect(error_of(j), "is not an integer id");
+}
+
+TEST(Bpe, TokenizerFacadeFileBytesAndThreads) {
+  const fs::path dir = fs::temp_directory_path() / fmt::format("coil-test-bpe-{}", getpid());
+  fs::create_directories(dir);
+  json j = base(good_merges());
+  add_token(j, "<|endoftext|>", 263, true);
+  std::ofstream(dir / "tokenizer.json") << j.dump(1);
+  const Tokenizer a((dir / "tokenizer.json").string());
+  std::ifstream in(dir / "tokenizer.json");
+  const Tokenizer b = Tokenizer::from_bytes(std::string(std::istreambuf_iterator<char>(in), {}), "ckpt: tokenizer");
+  EXPECT_TRUE(a.is_bpe_json());
+  EXPECT_TRUE(b.is_bpe_json());
+  EXPECT_EQ(a.sha256(), b.sha256());
+  EXPECT_EQ(a.sha256(), sha256_file((dir / "tokenizer.json").string()));
+  EXPECT_EQ(a.eos(), 263);
+  EXPECT_EQ(a.pad(), 263);  // no PAD: EOS pads
+  EXPECT_EQ(a.vocab_size(), 264);
+  const std::string text = "the coil the coil\nhe said: 'the' 123";
+  EXPECT_EQ(a.encode(text), b.encode(text));
+  EXPECT_EQ(a.decode(a.encode(text)), text);
+  EXPECT_THROW(a.decode({999}), coil::Error);
+  // Many threads at once give the same ids.
+  std::vector<std::vector<int32_t>> got(4);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i)
+    threads.emplace_back([&, i] {
+      for (int k = 0; k < 200; ++k) got[static_cast<size_t>(i)] = a.encode(text + std::to_string(k % 7));
+    });
+  for (auto& th : threads) th.join();
+  for (const auto& g : got) EXPECT_EQ(g, a.encode(text + "3"));
+  // A JSON that is not a tokenizer is an error naming it.
+  std::ofstream(dir / "junk.json") << "{\"model\": 3}";
+  EXPECT_THROW(Tokenizer((dir / "junk.json").string()), coil::Error);
+  fs::remove_all(dir);
+}
+
+TEST(Bpe, SftMaskIsExactWithATokenizerJson) {
+  json j = base(good_merges());
+  add_token(j, "<|endoftext|>", 263, true);
+  add_token(j, "### Response:", 264, false);  // one marker as an added token, the others as text
+  const Tokenizer t = Tokenizer::from_bytes(j.dump(), "sft.json");
+  AlpacaExample ex{"Name the coil.", "the coil", "The coil is the coil."};
+  const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
+  EXPECT_NE(std::find(prompt.begin(), prompt.end(), 264), prompt.end());
+  const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
+  SftSample s;
+  ASSERT_TRUE(make_sft_sample(t, ex, p + n + 3, s));
+  ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 4);
+  for (int64_t i = 0; i < p + n + 4; ++i) {
+    const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : 263;  // EOS, then EOS as PAD
+    EXPECT_EQ(s.tokens[i], expected) << i;
+    EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;  // the response and its EOS, never the padding
+  }
+  EXPECT_EQ(t.decode(std::vector<int32_t>(s.tokens.begin() + p, s.tokens.begin() + p + n)), ex.output);
+}
+
+TEST(Bpe, PrepareWithATokenizerJson) {
+  const fs::path dir = fs::temp_directory_path() / fmt::format("coil-test-bpe-prep-{}", getpid());
+  fs::create_directories(dir);
+  json j = base(good_merges());
+  add_token(j, "<|endoftext|>", 263, true);
+  std::ofstream(dir / "tokenizer.json") << j.dump();
+  std::ofstream(dir / "docs.jsonl") << "{\"text\": \"the coil\"}\n{\"text\": \"he\\u00e9 the\"}\n";
+  PrepareOptions o;
+  o.inputs = {(dir / "docs.jsonl").string()};
+  o.tokenizer = (dir / "tokenizer.json").string();
+  o.output = (dir / "out").string();
+  o.threads = 2;
+  prepare_shards(o);
+  const Tokenizer t(o.tokenizer);
+  TokenShards shards((dir / "out").string());
+  ASSERT_EQ(shards.documents(), 2);
+  EXPECT_EQ(shards.document(0), t.encode("the coil"));
+  EXPECT_EQ(shards.document(1), t.encode("he\xc3\xa9 the"));
+  EXPECT_EQ(shards.eos(), 263);
+  EXPECT_EQ(shards.tokenizer_sha256(), t.sha256());
+  fs::remove_all(dir);
+}
