@@ -73,17 +73,20 @@ void export_hf(const std::string& path, const std::string& out) {
   LoadedModel m = load_model(path, "", /*need_tokenizer=*/false);
   save_hf(*m.model, out);
   const std::string tok = dist::Checkpoint(path).tokenizer();
-  if (!tok.empty()) std::ofstream(fs::path(out) / "tokenizer.model", std::ios::binary) << tok;
+  const bool json = !tok.empty() && tok[tok.find_first_not_of(" \t\r\n")] == '{';
+  const std::string tok_name = json ? "tokenizer.json" : "tokenizer.model";
+  if (!tok.empty()) std::ofstream(fs::path(out) / tok_name, std::ios::binary) << tok;
   fmt::print("{} -> {}: config.json, model.safetensors (transformers' MambaForCausalLM){}\n", path, out,
-             tok.empty() ? "; the checkpoint holds no tokenizer" : ", tokenizer.model (sentencepiece)");
+             tok.empty() ? "; the checkpoint holds no tokenizer"
+                         : ", " + tok_name + (json ? " (byte-level BPE)" : " (sentencepiece)"));
 }
 
 // A Hugging Face Mamba folder (config.json + model.safetensors) -> a Coil checkpoint folder (one
 // rank file + index.h5, step 0) that SFT (train.pretrained_checkpoint_path) and generate load. Its
-// [model] config names the nearest preset and sets every shape key. The tokenizer: a sentencepiece
-// model (--tokenizer, or a tokenizer.model in the folder, as export-hf writes) is stored inside;
-// Hugging Face's tokenizer.json (e.g. the GPT-NeoX BPE of state-spaces/mamba-*-hf) is not
-// sentencepiece and is not converted: the checkpoint then has no tokenizer (see the README).
+// [model] config names the nearest preset and sets every shape key. The tokenizer (--tokenizer, else
+// the folder's tokenizer.json, e.g. the GPT-NeoX BPE of state-spaces/mamba-*-hf, else its
+// tokenizer.model, as export-hf writes) is stored inside, as the file's bytes (data/tokenizer.h
+// reads either kind); without one the checkpoint has no tokenizer.
 void import_hf(const std::string& hf_dir, const std::string& out, const std::string& tokenizer_path) {
   COIL_CHECK(!fs::exists(out), "{} exists; remove it first or choose another name", out);
   const MambaLM model = load_hf(hf_dir);
@@ -98,18 +101,16 @@ void import_hf(const std::string& hf_dir, const std::string& out, const std::str
 
   std::string tokenizer, tokenizer_note;
   std::string tok_file = tokenizer_path;
-  if (tok_file.empty() && fs::exists(fs::path(hf_dir) / "tokenizer.model")) tok_file = (fs::path(hf_dir) / "tokenizer.model").string();
+  for (const char* name : {"tokenizer.json", "tokenizer.model"})
+    if (tok_file.empty() && fs::exists(fs::path(hf_dir) / name)) tok_file = (fs::path(hf_dir) / name).string();
   if (!tok_file.empty()) {
-    const data::Tokenizer tok(tok_file);  // a sentencepiece model, or an error naming the file
+    const data::Tokenizer tok(tok_file);  // either kind, or an error naming the file
     data::check_vocab_fits(tok.vocab_size(), mc.vocab_size, tok_file);
     std::ifstream in(tok_file, std::ios::binary);
     tokenizer.assign(std::istreambuf_iterator<char>(in), {});
     tokenizer_note = "tokenizer " + tok_file;
   } else {
-    tokenizer_note = fs::exists(fs::path(hf_dir) / "tokenizer.json")
-                         ? "no tokenizer: tokenizer.json is not a sentencepiece model (pass --tokenizer FILE.model, "
-                           "or use generate --prompt-ids)"
-                         : "no tokenizer (pass --tokenizer FILE.model)";
+    tokenizer_note = "no tokenizer (pass --tokenizer FILE.model or tokenizer.json)";
   }
 
   dist::RankPart part;
@@ -169,7 +170,7 @@ void add_ckpt_command(CLI::App& app) {
   c->add_option("out", *out, "the .h5 file to write")->required();
   on_run(c, [path, out] { consolidate(*path, *out); });
 
-  c = ckpt->add_subcommand("export-hf", "Write a Hugging Face model folder (config.json, model.safetensors, tokenizer.model)");
+  c = ckpt->add_subcommand("export-hf", "Write a Hugging Face model folder (config.json, model.safetensors, the tokenizer)");
   c->add_option("checkpoint", *path, "a checkpoint folder or .h5")->required();
   c->add_option("out", *out, "the folder to write")->required();
   on_run(c, [path, out] { export_hf(*path, *out); });
@@ -178,9 +179,10 @@ void add_ckpt_command(CLI::App& app) {
   c = ckpt->add_subcommand("import-hf", "A Hugging Face Mamba folder (config.json, model.safetensors) as a Coil checkpoint");
   c->add_option("hf_dir", *path, "the folder (e.g. a download of state-spaces/mamba-130m-hf)")->required();
   c->add_option("out", *out, "the checkpoint folder to write")->required();
-  c->add_option("--tokenizer", *tokenizer, "a sentencepiece .model to store inside (default: the folder's tokenizer.model)");
-  c->footer("Hugging Face's tokenizer.json (GPT-NeoX BPE) is not sentencepiece: such a checkpoint holds no tokenizer;\n"
-            "decode token ids with `coil generate --prompt-ids`, or pass --tokenizer.");
+  c->add_option("--tokenizer", *tokenizer, "a sentencepiece .model or a tokenizer.json to store inside (default: the folder's tokenizer.json, "
+                "else its tokenizer.model)");
+  c->footer("A byte-level BPE tokenizer.json (GPT-2, GPT-NeoX, Llama-3 style) goes in as it is: generate, chat and sft\n"
+            "take and give text with it. Without a tokenizer, `coil generate --prompt-ids` takes and prints ids.");
   on_run(c, [path, out, tokenizer] { import_hf(*path, *out, *tokenizer); });
 }
 

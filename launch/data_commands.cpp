@@ -69,7 +69,7 @@ void run_inspect(const Inspect& in) {
 }  // namespace
 
 void add_tokenizer_command(CLI::App& app) {
-  CLI::App* tok = app.add_subcommand("tokenizer", "Train a sentencepiece tokenizer, or encode text with one");
+  CLI::App* tok = app.add_subcommand("tokenizer", "Train a sentencepiece tokenizer, or encode text with one (or with a tokenizer.json)");
   tok->require_subcommand(1);
 
   auto t = std::make_shared<TokenizerTrain>();
@@ -93,7 +93,7 @@ void add_tokenizer_command(CLI::App& app) {
 
   auto e = std::make_shared<Encode>();
   CLI::App* enc = tok->add_subcommand("encode", "Print the tokens of a text");
-  enc->add_option("--model", e->model, "a sentencepiece .model")->required();
+  enc->add_option("--model", e->model, "a sentencepiece .model or a tokenizer.json")->required();
   enc->add_option("text", e->text, "the text")->required();
   on_run(enc, [e] {
     data::Tokenizer tk(e->model);
@@ -113,7 +113,7 @@ void add_data_command(CLI::App& app) {
       "Tokenize documents (JSONL, JSONL.gz/.zst, text) into shards with a manifest; the same inputs give "
       "byte-identical output");
   prep->add_option("--input", p->input, "files: comma-separated globs, files or directories")->required();
-  prep->add_option("--tokenizer", p->o.tokenizer, "a sentencepiece .model (coil tokenizer train)")->required();
+  prep->add_option("--tokenizer", p->o.tokenizer, "a sentencepiece .model (coil tokenizer train) or a byte-level BPE tokenizer.json")->required();
   prep->add_option("--output", p->o.output, "output directory")->required();
   prep->add_option("--threads", p->o.threads, "tokenizer threads (0: all cores)")->capture_default_str();
   prep->add_option("--shard-tokens", p->o.shard_tokens, "tokens per shard")->capture_default_str();
@@ -124,7 +124,7 @@ void add_data_command(CLI::App& app) {
   auto in = std::make_shared<Inspect>();
   CLI::App* insp = data->add_subcommand("inspect", "Print a prepared data set's counts and its first documents");
   insp->add_option("dir", in->dir, "a directory made by coil data prepare")->required();
-  insp->add_option("--tokenizer", in->tokenizer, "decode documents with this .model");
+  insp->add_option("--tokenizer", in->tokenizer, "decode documents with this .model or tokenizer.json");
   insp->add_option("--documents", in->documents, "documents to print (with --tokenizer)")->capture_default_str();
   on_run(insp, [in] { run_inspect(*in); });
 }

@@ -33,7 +33,7 @@ struct GenerateOptions {
 
 void add_sampling_options(CLI::App* cmd, GenerateOptions& o) {
   cmd->add_option("--checkpoint", o.checkpoint, "a checkpoint (e.g. runs/x/checkpoints/final, or a consolidated .h5)")->required();
-  cmd->add_option("--tokenizer", o.tokenizer, "a sentencepiece .model (default: the copy inside the checkpoint)");
+  cmd->add_option("--tokenizer", o.tokenizer, "a sentencepiece .model or a tokenizer.json (default: the copy inside the checkpoint)");
   cmd->add_option("--max-new-tokens", o.max_new_tokens, "tokens to generate at most (fewer when EOS comes)")->capture_default_str();
   cmd->add_option("--temperature", o.temperature, "0: greedy, deterministic; > 0: sample")->capture_default_str();
   cmd->add_option("--top-k", o.top_k, "when sampling: only the k most likely tokens (0: all)")->capture_default_str();

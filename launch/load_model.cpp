@@ -26,8 +26,8 @@ LoadedModel load_model(const std::string& checkpoint, const std::string& tokeniz
   } else if (const std::string bytes = ck.tokenizer(); !bytes.empty()) {
     out.tokenizer = std::make_unique<data::Tokenizer>(data::Tokenizer::from_bytes(bytes, checkpoint + ": tokenizer/model"));
   } else {
-    COIL_CHECK(!need_tokenizer, "{} holds no tokenizer (imported from Hugging Face?); pass --tokenizer FILE.model, "
-               "or token ids (--prompt-ids)", checkpoint);
+    COIL_CHECK(!need_tokenizer, "{} holds no tokenizer (imported from Hugging Face?); pass --tokenizer FILE.model or "
+               "tokenizer.json, or token ids (--prompt-ids)", checkpoint);
     return out;
   }
   data::check_vocab_fits(out.tokenizer->vocab_size(), mc.vocab_size, out.tokenizer->path());

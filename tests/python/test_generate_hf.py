@@ -3,15 +3,23 @@ own config) saved with save_pretrained becomes a Coil checkpoint with `coil ckpt
 greedy decoding from it equals transformers' greedy `generate`, token for token, for prompts
 shorter and longer than the conv window; `coil ckpt export-hf` gives back the same weights bit for
 bit; decoding with the matrices in bfloat16 (--dtype) equals transformers on the rounded weights; a
-GPT-NeoX-style tokenizer.json is reported, not converted; bad folders are one-line errors."""
+GPT-NeoX-style tokenizer.json made here with `tokenizers` goes into the checkpoint, and Coil's
+greedy text equals transformers' greedy `generate` decoded by `tokenizers`; bad folders are one-line
+errors."""
 import json
 import os
 import subprocess
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import MambaConfig, MambaForCausalLM
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tokenizer_json_cases as cases  # noqa: E402
 
 COIL = os.environ["COIL"]
 ENV = dict(os.environ, OMP_NUM_THREADS="2")
@@ -36,15 +44,36 @@ def hf(tmp_path_factory):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(tmp / "hf", safe_serialization=True)
-    with open(tmp / "hf" / "tokenizer.json", "w") as f:  # what state-spaces/mamba-*-hf ships
-        json.dump({"model": {"type": "BPE"}}, f)
-    r = coil("ckpt", "import-hf", tmp / "hf", tmp / "ck")
-    return tmp, model, r.stdout
+    r = coil("ckpt", "import-hf", tmp / "hf", tmp / "ck")  # no tokenizer: ids in, ids out
+    # The same model with a GPT-NeoX-style tokenizer.json of the model's 320 ids, as
+    # state-spaces/mamba-*-hf ships one.
+    (tmp / "hf-text").mkdir()
+    for f in ("config.json", "model.safetensors"):
+        os.symlink(tmp / "hf" / f, tmp / "hf-text" / f)
+    tok = neox_tokenizer(cases.corpus_texts(300_000), 320)
+    assert tok.get_vocab_size() == 320
+    tok.save(str(tmp / "hf-text" / "tokenizer.json"))
+    r_text = coil("ckpt", "import-hf", tmp / "hf-text", tmp / "ck-text")
+    return tmp, model, r.stdout + r_text.stdout
+
+
+def neox_tokenizer(texts, vocab_size):
+    """GPT-NeoX's pipeline (NFC, ByteLevel without a prefix space, <|endoftext|> 0, <|padding|> 1)."""
+    t = Tokenizer(models.BPE())
+    t.normalizer = normalizers.NFC()
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.post_processor = processors.ByteLevel(trim_offsets=True)
+    t.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return t
 
 
 def test_import_reports_tokenizer_and_model_keys(hf):
     tmp, _, out = hf
-    assert "no tokenizer: tokenizer.json is not a sentencepiece model" in out
+    assert "no tokenizer (pass --tokenizer" in out
+    assert f"tokenizer {tmp / 'hf-text' / 'tokenizer.json'}" in out
     assert "d_state = 8" in out and "n_layer = 3" in out
     coil("ckpt", "verify", tmp / "ck")
 
@@ -61,6 +90,36 @@ def test_greedy_equals_transformers(hf, prompt):
     got = list(map(int, r.stdout.split()))
     assert got == want
     assert len(set(got)) > 3  # a real sequence, not one token repeated
+
+
+def test_greedy_text_equals_transformers_decoded_by_tokenizers(hf):
+    """Text in, text out with the imported tokenizer.json: Coil's completion of each prompt equals
+    transformers' greedy generate from `tokenizers`' ids, decoded by `tokenizers` (EOS <|endoftext|>
+    ends both)."""
+    tmp, model, _ = hf
+    tok = Tokenizer.from_file(str(tmp / "hf-text" / "tokenizer.json"))
+    prompts = ["the snake", "Rain falls on green hills and", "12 numbers: 3 4 5", "'quotes' é ü 日本",
+               "a warm stone\nand"]
+    with open(tmp / "prompts.jsonl", "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    new = 24
+    r = coil("generate", "--checkpoint", tmp / "ck-text", "--prompts", tmp / "prompts.jsonl", "--max-new-tokens", new)
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [g["prompt"] for g in got] == prompts
+    texts = []
+    for p, g in zip(prompts, got):
+        ids = tok.encode(p).ids
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=0,
+                                 pad_token_id=1)[0, len(ids):].tolist()
+        assert g["completion"] == tok.decode(out), p
+        texts.append(g["completion"])
+    assert len(set(texts)) > 2  # real completions, not one string
+    # `coil tokenizer encode` with the tokenizer.json prints tokenizers' ids.
+    r = coil("tokenizer", "encode", "--model", tmp / "hf-text" / "tokenizer.json", prompts[1])
+    ids = [int(line.split("\t")[0]) for line in r.stdout.splitlines()[:-1]]
+    assert ids == tok.encode(prompts[1]).ids
 
 
 def test_bfloat16_decoding_equals_transformers_on_the_rounded_weights(hf):
@@ -113,22 +172,19 @@ def test_bad_input(hf, tmp_path):
 
 
 def test_sft_from_an_imported_model(hf, tmp_path):
-    """An imported model fine-tunes with Coil's SFT (the [model] keys that import-hf prints, a
-    sentencepiece tokenizer that fits its 320-row embedding) and generates after."""
+    """An imported model fine-tunes with Coil's SFT (the [model] keys that import-hf prints, the
+    tokenizer.json it came with) and generates after."""
     tmp, _, out = hf
     words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
-    with open(tmp_path / "c.jsonl", "w") as f:
-        for d in range(100):
-            f.write(json.dumps({"text": " ".join(words[(d * 7 + i) % len(words)] for i in range(40))}) + "\n")
     with open(tmp_path / "alpaca.jsonl", "w") as f:
         for d in range(40):
             f.write(json.dumps({"instruction": f"Say {words[d % len(words)]}.", "input": "",
                                 "output": " ".join(words[(d + i) % len(words)] for i in range(6))}) + "\n")
-    coil("tokenizer", "train", "--input", tmp_path / "c.jsonl", "--vocab-size", 300, "--output", tmp_path / "tok")
-    model_keys = [line.replace(" ", "") for line in out.split("[model]\n")[1].splitlines() if "=" in line]
+    model_keys = [line.replace(" ", "") for line in out.split("[model]\n")[-1].splitlines() if "=" in line]
     sets = [a for kv in model_keys for a in ("--set", "model." + kv)]
     r = coil("sft", "--config", "/dev/null", *sets, "--set", f"data.train={tmp_path / 'alpaca.jsonl'}",
-             "--set", f"data.tokenizer={tmp_path / 'tok.model'}", "--set", f"train.pretrained_checkpoint_path={tmp / 'ck'}",
+             "--set", f"data.tokenizer={tmp / 'hf-text' / 'tokenizer.json'}",
+             "--set", f"train.pretrained_checkpoint_path={tmp / 'ck-text'}",
              "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.max_steps=4", "--set", "train.seq_len=256",
              "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=0")
     assert "starting from the pretrained weights of" in r.stdout and "sft: done, 4 steps" in r.stdout
