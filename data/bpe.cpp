@@ -284,6 +284,62 @@ struct Trie {
   }
 };
 
+// The per-thread word cache (pre-tokenized word -> ids), as `tokenizers` keeps one: open addressing
+// over flat arenas, so that a hit costs one hash and about one cache miss.
+class WordCache {
+ public:
+  // The ids of w, or nullptr; n gets their count.
+  const int32_t* find(std::string_view w, uint64_t h, size_t& n) const {
+    if (slots_.empty()) return nullptr;
+    for (size_t i = h & mask_;; i = (i + 1) & mask_) {
+      const Slot& s = slots_[i];
+      if (s.key_len == kEmpty) return nullptr;
+      if (s.hash == h && s.key_len == w.size() && std::memcmp(keys_.data() + s.key_off, w.data(), w.size()) == 0) {
+        n = s.ids_len;
+        return ids_.data() + s.ids_off;
+      }
+    }
+  }
+  void insert(std::string_view w, uint64_t h, const int32_t* ids, size_t n) {
+    if (keys_.size() + w.size() > (1u << 30) || ids_.size() + n > (1u << 30)) clear();
+    if ((count_ + 1) * 2 > slots_.size()) {
+      if (slots_.size() >= kMaxSlots) clear();
+      grow();
+    }
+    size_t i = h & mask_;
+    while (slots_[i].key_len != kEmpty) i = (i + 1) & mask_;
+    slots_[i] = {h, static_cast<uint32_t>(keys_.size()), static_cast<uint32_t>(w.size()),
+                 static_cast<uint32_t>(ids_.size()), static_cast<uint32_t>(n)};
+    keys_.append(w);
+    ids_.insert(ids_.end(), ids, ids + n);
+    ++count_;
+  }
+  void clear() { slots_.clear(), keys_.clear(), ids_.clear(), count_ = 0; }
+
+ private:
+  static constexpr uint32_t kEmpty = ~uint32_t{0};
+  static constexpr size_t kMaxSlots = size_t{1} << 20;  // at most half full: ~500k words, then it starts again
+  struct Slot {
+    uint64_t hash = 0;
+    uint32_t key_off = 0, key_len = kEmpty, ids_off = 0, ids_len = 0;
+  };
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    slots_.assign(old.empty() ? 4096 : old.size() * 2, Slot{});
+    mask_ = slots_.size() - 1;
+    for (const Slot& s : old) {
+      if (s.key_len == kEmpty) continue;
+      size_t i = s.hash & mask_;
+      while (slots_[i].key_len != kEmpty) i = (i + 1) & mask_;
+      slots_[i] = s;
+    }
+  }
+  std::vector<Slot> slots_;
+  std::string keys_;
+  std::vector<int32_t> ids_;
+  size_t mask_ = 0, count_ = 0;
+};
+
 struct AddedToken {
   std::string content;
   int32_t id;
@@ -291,6 +347,56 @@ struct AddedToken {
 };
 
 std::atomic<uint64_t> g_serial{1};
+
+// The merges: (left id, right id) -> (rank, merged id), in an open-addressing table (the merge
+// loop's one hot lookup; std::unordered_map's modulo and node hops cost twice as much).
+class MergeTable {
+ public:
+  struct Merge {
+    int32_t rank, new_id;
+  };
+  static uint64_t key(int32_t a, int32_t b) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+  }
+  // Keeps the first (lowest-rank) entry of a pair listed twice, as tokenizers does.
+  void insert(int32_t a, int32_t b, Merge m) {
+    if ((size_ + 1) * 2 > slots_.size()) grow();
+    Slot& s = find_slot(key(a, b));
+    if (s.key != kEmpty) return;
+    s = {key(a, b), m};
+    ++size_;
+  }
+  const Merge* find(int32_t a, int32_t b) const {
+    if (slots_.empty()) return nullptr;
+    const Slot& s = const_cast<MergeTable*>(this)->find_slot(key(a, b));
+    return s.key == kEmpty ? nullptr : &s.merge;
+  }
+
+ private:
+  static constexpr uint64_t kEmpty = ~uint64_t{0};
+  struct Slot {
+    uint64_t key = kEmpty;
+    Merge merge{0, 0};
+  };
+  Slot& find_slot(uint64_t k) {
+    const size_t mask = slots_.size() - 1;
+    size_t i = static_cast<size_t>((k * 0x9E3779B97F4A7C15ull) >> shift_) & mask;
+    while (slots_[i].key != kEmpty && slots_[i].key != k) i = (i + 1) & mask;
+    return slots_[i];
+  }
+  void grow() {
+    std::vector<Slot> old = std::move(slots_);
+    const size_t n = old.empty() ? 1024 : old.size() * 2;
+    slots_.assign(n, Slot{});
+    shift_ = 64;
+    for (size_t x = n; x > 1; x >>= 1) --shift_;
+    for (const Slot& s : old)
+      if (s.key != kEmpty) find_slot(s.key) = s;
+  }
+  std::vector<Slot> slots_;
+  size_t size_ = 0;
+  int shift_ = 64;
+};
 
 }  // namespace
 
@@ -304,10 +410,7 @@ struct BpeTokenizer::Impl {
   std::vector<std::string> id_to_bytes;                // what the ByteLevel decoder makes of each
   std::vector<uint8_t> is_special, assigned;
   int32_t byte_id[256];
-  struct Merge {
-    int32_t rank, new_id;
-  };
-  std::unordered_map<uint64_t, Merge> merges;
+  MergeTable merges;
   int32_t unk = -1;
   bool fuse_unk = false, ignore_merges = false;
   // Pipeline.
@@ -318,8 +421,6 @@ struct BpeTokenizer::Impl {
   std::vector<int32_t> prefix, suffix;  // the post-processor's single template
   int32_t bos = -1, eos = -1, pad = -1;
   std::unique_ptr<Regex> white_space, word_char;  // Rust regex's \s and \w (single_word, lstrip, rstrip)
-
-  static uint64_t key(int32_t a, int32_t b) { return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b); }
 
   void normalize(std::string_view s, std::string& out) const {
     out.assign(s);
@@ -422,11 +523,15 @@ struct BpeTokenizer::Impl {
         if (prev != s.size()) parts.emplace_back(prev, s.size(), false);
         if (st.invert)
           for (auto& p : parts) std::get<2>(p) = !std::get<2>(p);
+        if (st.behavior == Behavior::Isolated) {
+          for (auto& [b, e, m] : parts)
+            if (e > b) next.push_back(s.substr(b, e - b));
+          continue;
+        }
         merged.clear();
         bool previous = false;
         switch (st.behavior) {
           case Behavior::Isolated:
-            merged = parts;
             break;
           case Behavior::Removed:
             for (auto& p : parts)
@@ -467,26 +572,25 @@ struct BpeTokenizer::Impl {
   void bpe_word(std::string_view w, std::vector<int32_t>& out) const {
     struct Cache {
       uint64_t serial = 0;
-      std::unordered_map<std::string, std::vector<int32_t>> map;
+      WordCache words;
     };
     thread_local Cache cache;
-    if (cache.serial != serial) cache.map.clear(), cache.serial = serial;
-    thread_local std::string key_buf;
-    key_buf.assign(w);
-    auto hit = cache.map.find(key_buf);
-    if (hit != cache.map.end()) {
-      out.insert(out.end(), hit->second.begin(), hit->second.end());
+    if (cache.serial != serial) cache.words.clear(), cache.serial = serial;
+    const uint64_t h = std::hash<std::string_view>()(w);
+    size_t n = 0;
+    if (const int32_t* hit = cache.words.find(w, h, n)) {
+      out.insert(out.end(), hit, hit + n);
       return;
     }
-    std::vector<int32_t> ids;
+    thread_local std::vector<int32_t> ids;
+    ids.clear();
     if (ignore_merges) {
-      auto it = raw_vocab.find(key_buf);
+      auto it = raw_vocab.find(std::string(w));
       if (it != raw_vocab.end()) ids.push_back(it->second);
     }
     if (ids.empty()) merge_word(w, ids);
     out.insert(out.end(), ids.begin(), ids.end());
-    if (cache.map.size() > 500000) cache.map.clear();
-    cache.map.emplace(key_buf, std::move(ids));
+    cache.words.insert(w, h, ids.data(), ids.size());
   }
 
   void merge_word(std::string_view w, std::vector<int32_t>& ids) const {
@@ -527,9 +631,9 @@ struct BpeTokenizer::Impl {
     thread_local std::vector<Item> heap;
     heap.clear();
     auto push = [&](int pos, int32_t a, int32_t b) {
-      auto it = merges.find(key(a, b));
-      if (it == merges.end()) return;
-      heap.push_back({it->second.rank, pos, it->second.new_id});
+      const MergeTable::Merge* m = merges.find(a, b);
+      if (!m) return;
+      heap.push_back({m->rank, pos, m->new_id});
       std::push_heap(heap.begin(), heap.end());
     };
     for (size_t i = 0; i + 1 < sym.size(); ++i) push(static_cast<int>(i), sym[i].c, sym[i + 1].c);
@@ -540,8 +644,8 @@ struct BpeTokenizer::Impl {
       Sym& s = sym[static_cast<size_t>(top.pos)];
       if (s.len == 0 || s.next == -1) continue;
       const Sym right = sym[static_cast<size_t>(s.next)];
-      auto it = merges.find(key(s.c, right.c));
-      if (it == merges.end() || it->second.new_id != top.new_id) continue;
+      const MergeTable::Merge* m = merges.find(s.c, right.c);
+      if (!m || m->new_id != top.new_id) continue;
       sym[static_cast<size_t>(s.next)].len = 0;
       s.c = top.new_id;
       s.len += right.len;
@@ -639,7 +743,7 @@ struct BpeTokenizer::Impl {
       auto ia = vocab.find(a), ib = vocab.find(b), iab = vocab.find(a + b);
       if (ia == vocab.end() || ib == vocab.end() || iab == vocab.end())
         fail("{}: merge {} at rank {}: a token is not in the vocabulary", origin, e.dump(), rank);
-      merges.emplace(key(ia->second, ib->second), Merge{rank, iab->second});  // the first rank wins
+      merges.insert(ia->second, ib->second, {rank, iab->second});
       ++rank;
     }
   }
