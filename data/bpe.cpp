@@ -699,6 +699,8 @@ struct BpeTokenizer::Impl {
     return t.get<std::string>();
   }
 
+  int64_t max_id = 1 << 24;  // ids are dense in real files; this bounds memory for any input
+
   void parse_model(const json& m) {
     const std::string type = type_of(m, "model");
     if (type != "BPE") fail("{}: model type {} is not implemented (Coil reads byte-level BPE)", origin, type);
@@ -715,7 +717,7 @@ struct BpeTokenizer::Impl {
     for (auto it = v.begin(); it != v.end(); ++it) {
       if (!it.value().is_number_integer()) fail("{}: model.vocab[\"{}\"] is not an integer id", origin, it.key());
       const int64_t id = it.value().get<int64_t>();
-      if (id < 0 || id >= (1 << 24)) fail("{}: model.vocab[\"{}\"] = {} is out of range", origin, it.key(), id);
+      if (id < 0 || id >= max_id) fail("{}: model.vocab[\"{}\"] = {} is out of range", origin, it.key(), id);
       vocab[it.key()] = static_cast<int32_t>(id);
       set_token(static_cast<int32_t>(id), it.key());
     }
@@ -747,6 +749,8 @@ struct BpeTokenizer::Impl {
       ++rank;
     }
   }
+
+  int32_t vocab_size_now() const { return static_cast<int32_t>(id_to_token.size()); }
 
   void set_token(int32_t id, const std::string& s) {
     const size_t n = static_cast<size_t>(id) + 1;
@@ -831,8 +835,11 @@ struct BpeTokenizer::Impl {
         } else if (piece.contains("SpecialToken")) {
           const std::string name = piece["SpecialToken"].value("id", "");
           if (!specials.contains(name)) fail("{}: TemplateProcessing: special token {} is not in special_tokens", origin, name);
-          for (const json& id : need(specials[name], "ids", "TemplateProcessing.special_tokens"))
-            (seen_a ? suffix : prefix).push_back(id.get<int32_t>());
+          for (const json& id : need(specials[name], "ids", "TemplateProcessing.special_tokens")) {
+            const int64_t v = id.get<int64_t>();
+            if (v < 0 || v >= max_id) fail("{}: TemplateProcessing: id {} of {} is out of range", origin, v, name);
+            (seen_a ? suffix : prefix).push_back(static_cast<int32_t>(v));
+          }
         } else {
           fail("{}: TemplateProcessing.single has a piece that is neither Sequence nor SpecialToken", origin);
         }
@@ -874,7 +881,11 @@ struct BpeTokenizer::Impl {
     for (const char* k : {"truncation", "padding"})
       if (j.contains(k) && !j[k].is_null()) fail("{}: \"{}\" is set: not implemented (set it to null)", origin, k);
     const std::string model_where = "tokenizer.json";
-    parse_model(need(j, "model", model_where));
+    const json& model = need(j, "model", model_where);
+    const size_t n_added = j.contains("added_tokens") && j["added_tokens"].is_array() ? j["added_tokens"].size() : 0;
+    const size_t n_vocab = model.is_object() && model.contains("vocab") ? model["vocab"].size() : 0;
+    max_id = static_cast<int64_t>(std::min<size_t>(2 * (n_vocab + n_added) + 1024, size_t{1} << 24));
+    parse_model(model);
     parse_normalizer(j.value("normalizer", json()));
     parse_pre_tokenizer(j.value("pre_tokenizer", json()));
     if (steps.empty() || !steps.back().byte_level)
@@ -888,14 +899,15 @@ struct BpeTokenizer::Impl {
     // Added tokens.
     if (j.contains("added_tokens")) {
       for (const json& a : j["added_tokens"]) {
+        const int64_t id = need(a, "id", "added_tokens").get<int64_t>();
+        if (id < 0 || id >= max_id) fail("{}: added token id {} is out of range", origin, id);
         AddedToken t{need(a, "content", "added_tokens").get<std::string>(),
-                     need(a, "id", "added_tokens").get<int32_t>(),
+                     static_cast<int32_t>(id),
                      flag(a, "single_word", false, "added_tokens"),
                      flag(a, "lstrip", false, "added_tokens"),
                      flag(a, "rstrip", false, "added_tokens"),
                      flag(a, "normalized", true, "added_tokens"),
                      flag(a, "special", false, "added_tokens")};
-        if (t.id < 0 || t.id >= (1 << 24)) fail("{}: added token {} has id {} out of range", origin, t.content, t.id);
         if (t.content.empty()) fail("{}: added token {} is empty", origin, t.id);
         set_token(t.id, t.content);
         is_special[static_cast<size_t>(t.id)] = t.special;
@@ -932,6 +944,10 @@ struct BpeTokenizer::Impl {
     }
     if (ignore_merges)
       for (const auto& [tok, id] : vocab) raw_vocab[id_to_bytes[static_cast<size_t>(id)]] = id;
+    for (const auto* ids : {&prefix, &suffix})
+      for (int32_t id : *ids)
+        if (id >= vocab_size_now() || !assigned[static_cast<size_t>(id)])
+          fail("{}: TemplateProcessing id {} is not a token", origin, id);
     // Special ids.
     auto named = [&](std::initializer_list<const char*> names) {
       for (const char* n : names)

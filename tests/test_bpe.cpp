@@ -317,3 +317,31 @@ TEST(Bpe, PrepareWithATokenizerJson) {
   EXPECT_EQ(shards.tokenizer_sha256(), t.sha256());
   fs::remove_all(dir);
 }
+
+TEST(Bpe, HostileFilesAreErrorsNotCrashes) {
+  // Ids far beyond the vocabulary, wrong types where objects are expected: errors, bounded memory.
+  json j = base(good_merges());
+  j["model"]["vocab"]["huge"] = 1 << 23;
+  EXPECT_THROW(parse(j), coil::Error);
+  j = base(good_merges());
+  add_token(j, "<x>", 0, true);
+  j["added_tokens"][0]["id"] = 5'000'000'000LL;
+  EXPECT_THROW(parse(j), coil::Error);
+  j = base(good_merges());
+  j["added_tokens"] = "nope";
+  EXPECT_THROW(parse(j), coil::Error);
+  j = base(good_merges());
+  j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", 7}, {"behavior", "Isolated"}};
+  EXPECT_THROW(parse(j), coil::Error);
+  j = base(good_merges());
+  j["post_processor"] = {{"type", "TemplateProcessing"},
+                         {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}}}}}},
+                         {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {100000}}}}}}};
+  EXPECT_THROW(parse(j), coil::Error);
+  j = base(good_merges());
+  j["model"]["merges"] = {{1, 2}};
+  EXPECT_THROW(parse(j), coil::Error);
+  for (const char* text : {"", "[", "{\"model\": {\"type\": \"BPE\", \"vocab\": [], \"merges\": []}}", "{\"model\": null}",
+                           "\xff\xfe{}"})
+    EXPECT_THROW(BpeTokenizer::parse(text, "bad.json"), coil::Error) << text;
+}
