@@ -173,11 +173,15 @@ def test_bad_input(hf, tmp_path):
 
 def test_sft_from_an_imported_model(hf, tmp_path):
     """An imported model fine-tunes with Coil's SFT (the [model] keys that import-hf prints, the
-    tokenizer.json it came with) and generates after."""
+    tokenizer.json it came with), its val loss falls, and it generates after."""
     tmp, _, out = hf
     words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
     with open(tmp_path / "alpaca.jsonl", "w") as f:
         for d in range(40):
+            f.write(json.dumps({"instruction": f"Say {words[d % len(words)]}.", "input": "",
+                                "output": " ".join(words[(d + i) % len(words)] for i in range(6))}) + "\n")
+    with open(tmp_path / "alpaca-val.jsonl", "w") as f:
+        for d in range(40, 48):
             f.write(json.dumps({"instruction": f"Say {words[d % len(words)]}.", "input": "",
                                 "output": " ".join(words[(d + i) % len(words)] for i in range(6))}) + "\n")
     model_keys = [line.replace(" ", "") for line in out.split("[model]\n")[-1].splitlines() if "=" in line]
@@ -185,9 +189,12 @@ def test_sft_from_an_imported_model(hf, tmp_path):
     r = coil("sft", "--config", "/dev/null", *sets, "--set", f"data.train={tmp_path / 'alpaca.jsonl'}",
              "--set", f"data.tokenizer={tmp / 'hf-text' / 'tokenizer.json'}",
              "--set", f"train.pretrained_checkpoint_path={tmp / 'ck-text'}",
-             "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.max_steps=4", "--set", "train.seq_len=256",
-             "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=0")
-    assert "starting from the pretrained weights of" in r.stdout and "sft: done, 4 steps" in r.stdout
+             "--set", f"data.val={tmp_path / 'alpaca-val.jsonl'}",
+             "--set", f"train.run_dir={tmp_path / 'run'}", "--set", "train.max_steps=12", "--set", "train.seq_len=256",
+             "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=4")
+    assert "starting from the pretrained weights of" in r.stdout and "sft: done, 12 steps" in r.stdout, r.stdout
+    vals = [float(line.split("val loss ")[1].split()[0]) for line in r.stdout.splitlines() if "| val loss " in line]
+    assert len(vals) >= 2 and vals[-1] < vals[0], r.stdout
     r = coil("generate", "--checkpoint", tmp_path / "run" / "checkpoints" / "final", "--instruction", "Say snake.",
              "--max-new-tokens", 5)
     assert r.returncode == 0
