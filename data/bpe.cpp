@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <nlohmann/json.hpp>
-#include <queue>
+#include <tuple>
 #include <unordered_map>
 
 #include "util/error.h"
