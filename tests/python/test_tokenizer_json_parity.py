@@ -114,3 +114,21 @@ def test_unimplemented_component_is_one_line_error(setup, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0
     assert "normalizer Lowercase is not implemented" in r.stderr
+
+
+@pytest.mark.parametrize("pattern", [{"Regex": "\\s+"}, {"String": "e"}, {"Regex": "x*"}])
+def test_split_behaviors(setup, tmp_path, pattern):
+    """Split with every behavior, inverted or not, and a pattern with empty matches, as in tokenizers."""
+    import json
+    d, paths, _ = setup
+    texts = cases.hard_texts(20000, seed=9)
+    base = json.load(open(paths["llama3"]))
+    for behavior in ["Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"]:
+        for invert in (False, True):
+            base["pre_tokenizer"]["pretokenizers"][0] = {"type": "Split", "pattern": pattern, "behavior": behavior,
+                                                         "invert": invert}
+            path = tmp_path / "split.json"
+            path.write_text(json.dumps(base))
+            want = [e.ids for e in Tokenizer.from_file(str(path)).encode_batch(texts, add_special_tokens=False)]
+            got, _ = probe(str(path), texts, d)
+            assert got == want, f"{pattern} {behavior} invert={invert}"
