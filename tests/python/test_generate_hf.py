@@ -155,6 +155,14 @@ def test_export_gives_back_the_weights(hf):
         assert torch.equal(back[k], v), k
 
 
+def test_export_writes_the_tokenizer_json_back(hf):
+    tmp, _, _ = hf
+    r = coil("ckpt", "export-hf", tmp / "ck-text", tmp / "back-text")
+    assert "tokenizer.json (byte-level BPE)" in r.stdout
+    assert (tmp / "back-text" / "tokenizer.json").read_bytes() == (tmp / "hf-text" / "tokenizer.json").read_bytes()
+    assert not (tmp / "back-text" / "tokenizer.model").exists()
+
+
 def test_bad_input(hf, tmp_path):
     tmp, _, _ = hf
     r = coil("ckpt", "import-hf", tmp_path / "none", tmp_path / "x", check=False)
