@@ -9,6 +9,7 @@
 #include <fstream>
 #include <thread>
 
+#include "data/progress.h"
 #include "data/sft.h"
 #include "util/error.h"
 
@@ -39,6 +40,7 @@ class LineIterator : public sentencepiece::SentenceIterator {
       }
       if (!next_document()) {
         done_ = true;
+        if (options_.progress) options_.progress->finish();  // reading is over; training starts
         return;
       }
     }
@@ -70,6 +72,7 @@ class LineIterator : public sentencepiece::SentenceIterator {
         ++stats_.empty;
       } else {
         ++stats_.documents;
+        if (options_.progress) options_.progress->add_documents(1);
         pos_ = 0;
         return true;
       }
