@@ -4,8 +4,8 @@
 // files have) and row groups of --group rows; the JSONL.zst holds the same rows as JSON objects,
 // at zstd level 3. With --tokenizer, the streaming loader (2 tokenizer threads) on both as well.
 //   bench_parquet [--from GLOB] [--mb 200] [--group 10000] [--tokenizer MODEL]
-// --from takes the documents of existing files (e.g. data/demo/fineweb/train-*); by default they
-// are made of random words. Both files are written to a temporary directory and read twice (the
+// --from takes the documents of existing files (e.g. data/demo/fineweb/train-*), repeated up to
+// --mb; by default they are made of random words. Both files are written to a temporary directory and read twice (the
 // first pass warms the page cache); the figures are the second pass.
 #include <arrow/api.h>
 #include <arrow/io/file.h>
@@ -35,10 +35,12 @@ double now() { return std::chrono::duration<double>(std::chrono::steady_clock::n
 std::vector<std::string> make_documents(const std::string& from, int64_t bytes) {
   std::vector<std::string> docs;
   int64_t have = 0;
-  if (!from.empty()) {
+  if (!from.empty()) {  // the files' documents, again and again until there are `bytes` of text
     for_each_document(expand_inputs(from), {}, [&](std::string&& t) {
       if (have < bytes) have += static_cast<int64_t>(t.size()), docs.push_back(std::move(t));
     });
+    COIL_CHECK(!docs.empty(), "no document in {}", from);
+    for (size_t i = 0; have < bytes; ++i) have += static_cast<int64_t>(docs[i].size()), docs.push_back(docs[i]);
     return docs;
   }
   static const char* words[] = {"the", "model", "of", "state", "space", "selective", "scan", "and", "a", "is",
