@@ -107,6 +107,8 @@ function(coil_find_arrow)
     else()
       list(APPEND _looked "${COIL_PYTHON} cannot import pyarrow")
     endif()
+  elseif(NOT COIL_ARROW_FOUND)
+    list(APPEND _looked "no Python at COIL_PYTHON=${COIL_PYTHON}")
   endif()
 
   # 3. The system.

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -54,7 +55,7 @@ Progress::Progress(std::string what, int64_t total_bytes, bool with_tokens, std:
       interval_(interval_from_env()),
       t0_(std::chrono::steady_clock::now()) {
   // A terminal is redrawn a few times a second; a log gets a line per interval.
-  const double first = tty_ ? 0.25 : interval_;
+  const double first = tty_ ? std::min(0.25, interval_) : interval_;
   next_due_ns_ = static_cast<int64_t>(first * 1e9);
 }
 
@@ -82,7 +83,7 @@ void Progress::maybe_print() {
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_).count();
   int64_t due = next_due_ns_.load(std::memory_order_relaxed);
   if (now < std::abs(due)) return;
-  const double step = tty_ ? 0.25 : interval_;
+  const double step = tty_ ? std::min(0.25, interval_) : interval_;
   // Negative once something was drawn on a terminal (the destructor then ends the line).
   const int64_t next = now + static_cast<int64_t>(step * 1e9);
   if (!next_due_ns_.compare_exchange_strong(due, tty_ ? -next : next)) return;  // another thread prints

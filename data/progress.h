@@ -2,8 +2,8 @@
 // documents, tokens and tokens/s (or MB/s when the job makes no tokens) and, when the size of the
 // input is known, the share read and an ETA.
 //
-// On a terminal it is one line, rewritten in place a few times a second and ended when the job
-// ends; otherwise (a log file, a pipe, a batch job) a whole line every few seconds, as the training
+// On a terminal it is one line, rewritten in place four times a second (or every interval, if
+// shorter) and ended when the job ends; otherwise (a log file, a pipe, a batch job) a whole line every few seconds, as the training
 // loop logs: COIL_PROGRESS_INTERVAL_S seconds, 10 by default (0: at every update, for tests).
 // Whatever the mode, finish() writes the final line.
 //

@@ -138,6 +138,37 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert len(progress_lines(r.stderr, "prepare")) == 1
 
 
+def test_progress_on_a_terminal_is_one_line_rewritten_in_place(tmp_path):
+    import pty
+    write_both(tmp_path, [("a", fineweb_rows(400, 6), "snappy")])
+    coil("tokenizer", "train", "--input", tmp_path / "js", "--output", tmp_path / "tok", "--vocab-size", 300)
+    master, slave = pty.openpty()
+    p = subprocess.Popen([COIL, "data", "prepare", "--input", tmp_path / "pq", "--tokenizer", tmp_path / "tok.model",
+                          "--output", tmp_path / "out", "--threads", "1"], stdout=subprocess.DEVNULL, stderr=slave,
+                         env=dict(os.environ, COIL_PROGRESS_INTERVAL_S="0"))
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(timeout=120) == 0
+    text = out.decode()
+    # Every line of progress starts with a carriage return and clears the rest of the line; only
+    # the last one ends with a line end.
+    draws = text.split("\r")
+    updates = [d for d in draws if d.startswith("prepare: ")]
+    assert len(updates) > 10, text[:500]
+    assert all(d.endswith("\x1b[K") and LINE.match(d[:-3]) for d in updates), updates[:3]
+    assert draws[-1] == "\n" and text.count("\n") == 1  # the pty writes the last line end as \r\n
+    assert "100.0% of" in updates[-1]
+
+
 def test_bad_files_are_one_line_errors(tmp_path):
     write_both(tmp_path, [("a", fineweb_rows(200, 5), "snappy")])
     coil("tokenizer", "train", "--input", tmp_path / "js", "--output", tmp_path / "tok", "--vocab-size", 300)
