@@ -117,8 +117,12 @@ struct ParquetRows::Impl {
     groups = meta->num_row_groups();
     total = meta->num_rows();
     std::shared_ptr<arrow::Schema> schema;
-    arrow::Status st = reader->GetSchema(&schema);
-    if (!st.ok()) fail("{}: cannot read its schema ({})", path, one_line(st.message()));
+    try {
+      arrow::Status st = reader->GetSchema(&schema);
+      if (!st.ok()) fail("{}: cannot read its schema ({})", path, one_line(st.message()));
+    } catch (const parquet::ParquetException& e) {
+      fail("{}: cannot read its schema ({})", path, one_line(e.what()));
+    }
     const auto& fields = reader->manifest().schema_fields;
     leaf.assign(names.size(), -1);
     for (size_t i = 0; i < names.size(); ++i) {

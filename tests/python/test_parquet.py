@@ -41,12 +41,17 @@ def fineweb_rows(n, seed):
 
 
 def write_both(tmp_path, files):
-    """Each (name, rows, compression) as name.parquet (row groups of 40) and as name.jsonl."""
+    """Each (name, rows, compression[, text type]) as name.parquet (row groups of 40) and as name.jsonl."""
     (tmp_path / "pq").mkdir()
     (tmp_path / "js").mkdir()
-    for name, rows, compression in files:
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pq" / f"{name}.parquet", row_group_size=40,
-                       compression=compression)
+    for name, rows, compression, *text_type in files:
+        table = pa.Table.from_pylist(rows)
+        if text_type:  # large_string, or dictionary<string> as pyarrow writes a categorical column
+            i = table.schema.get_field_index("text")
+            column = table.column(i)
+            column = column.dictionary_encode() if text_type[0] == "dictionary" else column.cast(text_type[0])
+            table = table.set_column(i, "text", column)
+        pq.write_table(table, tmp_path / "pq" / f"{name}.parquet", row_group_size=40, compression=compression)
         with open(tmp_path / "js" / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -62,7 +67,10 @@ def coil(*args, env=None, check=True, cwd=None):
 
 
 def test_round_trip_gives_the_same_tokenizer_and_shards(tmp_path):
-    write_both(tmp_path, [("a", fineweb_rows(300, 1), "snappy"), ("b", fineweb_rows(170, 2), "zstd")])
+    write_both(tmp_path, [("a", fineweb_rows(300, 1), "snappy"), ("b", fineweb_rows(170, 2), "zstd"),
+                          ("c", fineweb_rows(90, 3), "snappy", pa.large_string()),
+                          ("d", fineweb_rows(60, 4), "none", "dictionary")])
+    assert pq.read_schema(tmp_path / "pq" / "d.parquet").field("text").type == pa.dictionary(pa.int32(), pa.string())
     for kind in ("pq", "js"):  # the same relative output prefix: the model records it
         (tmp_path / f"tok-{kind}").mkdir()
         coil("tokenizer", "train", "--input", tmp_path / kind, "--output", "tok", "--vocab-size", 300,
@@ -80,10 +88,9 @@ def test_round_trip_gives_the_same_tokenizer_and_shards(tmp_path):
     m_pq = json.loads((tmp_path / "out-pq" / "manifest.json").read_text())
     m_js = json.loads((tmp_path / "out-js" / "manifest.json").read_text())
     assert (m_pq["tokens"], m_pq["documents"], m_pq["shards"]) == (m_js["tokens"], m_js["documents"], m_js["shards"])
-    nulls = sum(1 for i in range(300) if i % 37 == 5) + sum(1 for i in range(170) if i % 37 == 5)
-    assert m_pq["documents"] == 470 - nulls
     # A null text is an empty document in Parquet (a nullable column); JSONL's "text": null is malformed.
-    per_file = [sum(1 for i in range(n) if i % 37 == 5) for n in (300, 170)]
+    per_file = [sum(1 for i in range(n) if i % 37 == 5) for n in (300, 170, 90, 60)]
+    assert m_pq["documents"] == 620 - sum(per_file)
     assert [i["skipped_empty"] for i in m_pq["inputs"]] == per_file
     assert [i["skipped_malformed"] for i in m_js["inputs"]] == per_file
 
