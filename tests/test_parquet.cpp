@@ -203,6 +203,37 @@ TEST(Parquet, SkipPassesWholeRowGroupsUnread) {
   EXPECT_FALSE(reader.is_json());
 }
 
+TEST(Parquet, MemoryIsBoundedByARowGroupNotTheFile) {
+  TempDir dir;
+  // 8 row groups of about 1 MB of text each (random letters: snappy cannot shrink them away).
+  std::mt19937 rng(5);
+  Strings texts;
+  for (int i = 0; i < 160; ++i) {
+    std::string t(50'000, ' ');
+    for (char& c : t) c = static_cast<char>('a' + rng() % 26);
+    texts.push_back(t);
+  }
+  write_parquet(dir / "big.parquet", {{"text", texts}}, 20);
+  ASSERT_GT(fs::file_size(dir / "big.parquet"), 7'000'000u);
+  arrow::MemoryPool* pool = arrow::default_memory_pool();  // the pool parquet.cpp reads into
+  const int64_t before = pool->bytes_allocated();
+  int64_t peak = 0, rows = 0;
+  {
+    ParquetRows reader(dir / "big.parquet", {"text"});
+    std::vector<std::string_view> v;
+    std::vector<bool> null;
+    while (reader.next(v, null)) {
+      ++rows;
+      peak = std::max(peak, pool->bytes_allocated() - before);
+    }
+    EXPECT_EQ(reader.row_groups_read(), 8);
+  }
+  EXPECT_EQ(rows, 160);
+  // One row group decoded (1 MB of text) plus its compressed pages, never the 8 MB of the file.
+  EXPECT_GT(peak, 1'000'000);
+  EXPECT_LT(peak, 3'500'000) << "peak " << peak;
+}
+
 TEST(Parquet, BadFilesAreOneLineErrorsNamingTheFile) {
   TempDir dir;
   write_parquet(dir / "good.parquet", fineweb(numbered(30)), 10, {"token_count"});
