@@ -95,7 +95,8 @@ std::string Progress::line() const {
   const auto docs = documents_.load(), toks = tokens_.load(), bytes = bytes_.load();
   std::string s = fmt::format("{}: {} documents", what_, count(static_cast<double>(docs)));
   if (with_tokens_)
-    s += fmt::format(", {} tokens, {} tokens/s", count(static_cast<double>(toks)), count(static_cast<double>(toks) / dt));
+    s += fmt::format(", {} tokens, {} tokens/s", count(static_cast<double>(toks)),
+                     count(static_cast<double>(toks) / dt));
   else
     s += fmt::format(", {:.1f} MB/s", static_cast<double>(bytes) / dt / 1e6);
   if (total_ > 0) {

@@ -3,8 +3,9 @@
 // input is known, the share read and an ETA.
 //
 // On a terminal it is one line, rewritten in place four times a second (or every interval, if
-// shorter) and ended when the job ends; otherwise (a log file, a pipe, a batch job) a whole line every few seconds, as the training
-// loop logs: COIL_PROGRESS_INTERVAL_S seconds, 10 by default (0: at every update, for tests).
+// shorter) and ended when the job ends; otherwise (a log file, a pipe, a batch job) a whole line
+// every few seconds, as the training loop logs: COIL_PROGRESS_INTERVAL_S seconds, 10 by default
+// (0: at every update, for tests).
 // Whatever the mode, finish() writes the final line.
 //
 // The share read is in input bytes: readers (data/reader.h) add the bytes of the files they have

@@ -17,7 +17,8 @@ namespace {
 
 // Options every reading command shares.
 void add_read_options(CLI::App* cmd, data::ReadOptions& o) {
-  cmd->add_option("--text-field", o.text_field, "the JSON field (Parquet column) that holds a document's text")->capture_default_str();
+  cmd->add_option("--text-field", o.text_field, "the JSON field (Parquet column) that holds a document's text")
+      ->capture_default_str();
   cmd->add_option("--max-bad-records", o.max_bad_records,
                   "malformed records skipped (with a warning) before the command fails; 0: fail at the first")
       ->capture_default_str();
