@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "data/parquet.h"
+#include "data/progress.h"
 #include "util/error.h"
 
 namespace coil::data {
@@ -28,6 +30,7 @@ class Source {
   virtual ~Source() = default;
   // Reads up to n bytes; 0 at the end. Throws on a read error or a corrupt or truncated stream.
   virtual size_t read(char* out, size_t n) = 0;
+  virtual int64_t consumed() const = 0;  // bytes of the file read so far (compressed ones)
 };
 
 class FileSource : public Source {
@@ -39,12 +42,15 @@ class FileSource : public Source {
   size_t read(char* out, size_t n) override {
     size_t got = std::fread(out, 1, n, f_);
     if (got < n && std::ferror(f_)) fail("cannot read {}: {}", path_, std::strerror(errno));
+    consumed_ += static_cast<int64_t>(got);
     return got;
   }
+  int64_t consumed() const override { return consumed_; }
 
  private:
   std::string path_;
   FILE* f_;
+  int64_t consumed_ = 0;
 };
 
 constexpr size_t kChunk = size_t{1} << 18;
@@ -79,6 +85,7 @@ class GzipSource : public Source {
     }
     return n - z_.avail_out;
   }
+  int64_t consumed() const override { return file_.consumed(); }
 
  private:
   std::string path_;
@@ -111,6 +118,7 @@ class ZstdSource : public Source {
     }
     return output.pos;
   }
+  int64_t consumed() const override { return file_.consumed(); }
 
  private:
   std::string path_;
@@ -146,10 +154,39 @@ std::string json_reason(const std::exception& e) {
 // ---- RecordReader ---------------------------------------------------------------------------------
 
 struct RecordReader::Impl {
-  enum class Mode { kLines, kArray, kWhole } mode = Mode::kLines;
+  enum class Mode { kLines, kArray, kWhole, kParquet } mode = Mode::kLines;
   std::string path;
   ReadOptions options;
   std::unique_ptr<Source> source;
+  // A Parquet file: its text column, row by row.
+  std::unique_ptr<ParquetRows> parquet;
+  std::vector<std::string_view> values;
+  std::vector<bool> nulls;
+  // Progress: the file's size and the bytes of it reported so far.
+  int64_t file_bytes = 0, reported = 0;
+
+  void report(bool at_end) {
+    if (!options.progress) return;
+    int64_t now = at_end ? file_bytes
+                 : parquet ? static_cast<int64_t>(parquet->fraction() * static_cast<double>(file_bytes))
+                           : std::min(file_bytes, source->consumed());
+    if (now > reported) {
+      options.progress->add_bytes(now - reported);
+      reported = now;
+    }
+  }
+
+  bool next_row(Record& r) {
+    if (!parquet->next(values, nulls)) return false;
+    line = parquet->row() + 1;
+    // A null is no text: an empty document (skipped and counted as empty).
+    const std::string_view text = nulls[0] ? std::string_view() : values[0];
+    if (static_cast<int64_t>(text.size()) > options.max_record_bytes)
+      r = Record{{}, line, true};
+    else
+      r = Record{text, line, false};
+    return true;
+  }
   std::string buf;       // bytes read but not yet returned
   size_t begin = 0;      // start of the unreturned bytes in buf
   bool eof = false;
@@ -248,6 +285,16 @@ RecordReader::RecordReader(const std::string& path, const ReadOptions& options) 
   m.path = path;
   m.options = options;
   if (fs::is_directory(path)) fail("{} is a directory, not a data file", path);
+  if (options.progress) {
+    std::error_code ec;
+    m.file_bytes = static_cast<int64_t>(fs::file_size(path, ec));
+    if (ec) m.file_bytes = 0;
+  }
+  if (is_parquet_path(path)) {
+    m.mode = Impl::Mode::kParquet;
+    m.parquet = std::make_unique<ParquetRows>(path, std::vector<std::string>{options.text_field});
+    return;
+  }
   m.source = open_source(path);
   const std::string base = strip_compression(path);
   if (ends_with(base, ".jsonl") || ends_with(base, ".ndjson")) {
@@ -278,15 +325,31 @@ RecordReader::RecordReader(const std::string& path, const ReadOptions& options) 
 RecordReader::~RecordReader() = default;
 RecordReader::RecordReader(RecordReader&&) noexcept = default;
 
-bool RecordReader::is_json() const { return impl_->mode != Impl::Mode::kWhole; }
+bool RecordReader::is_json() const { return impl_->mode == Impl::Mode::kLines || impl_->mode == Impl::Mode::kArray; }
 
 bool RecordReader::next(Record& record) {
+  bool got = false;
   switch (impl_->mode) {
-    case Impl::Mode::kLines: return impl_->next_line(record);
-    case Impl::Mode::kArray: return impl_->next_item(record);
-    case Impl::Mode::kWhole: return impl_->next_whole(record);
+    case Impl::Mode::kLines: got = impl_->next_line(record); break;
+    case Impl::Mode::kArray: got = impl_->next_item(record); break;
+    case Impl::Mode::kWhole: got = impl_->next_whole(record); break;
+    case Impl::Mode::kParquet: got = impl_->next_row(record); break;
   }
-  return false;
+  impl_->report(!got);
+  return got;
+}
+
+int64_t RecordReader::skip(int64_t n) {
+  if (impl_->mode == Impl::Mode::kParquet) {
+    const int64_t done = impl_->parquet->skip(n);
+    impl_->line = impl_->parquet->row() + 1;
+    impl_->report(false);
+    return done;
+  }
+  int64_t done = 0;
+  Record r;
+  while (done < n && next(r)) ++done;
+  return done;
 }
 
 // ---- Records to documents -------------------------------------------------------------------------
@@ -401,10 +464,14 @@ std::string ReadStats::summary() const {
   return s;
 }
 
+std::string record_place(const std::string& file, int64_t line) {
+  return is_parquet_path(file) ? fmt::format("{}: row {}", file, line - 1) : fmt::format("{}:{}", file, line);
+}
+
 void skip_record(const std::string& file, int64_t line, const std::string& why, const ReadOptions& options,
                  ReadStats& stats, bool too_long) {
   (too_long ? stats.too_long : stats.malformed) += 1;
-  const std::string where = fmt::format("{}:{}", file, line);
+  const std::string where = record_place(file, line);
   if (stats.bad() > options.max_bad_records)
     fail("{}: {} (more than {} malformed records; raise data.max_bad_records to go on)", where, why,
          options.max_bad_records);
@@ -430,6 +497,7 @@ void for_each_document(const std::vector<std::string>& files, const ReadOptions&
         ++stats.empty;
       } else {
         ++stats.documents;
+        if (options.progress) options.progress->add_documents(1);
         fn(std::move(text));
       }
     }
@@ -437,14 +505,56 @@ void for_each_document(const std::vector<std::string>& files, const ReadOptions&
   if (stats_out) stats_out->add(stats);
 }
 
+namespace {
+
+// The instruction, input (optional, a null or missing column is no input) and output columns of a
+// Parquet file, as Hugging Face's Alpaca sets have them (their "text" column is not read).
+void read_alpaca_parquet(const std::string& file, const ReadOptions& options, ReadStats& stats,
+                         std::vector<AlpacaExample>& out) {
+  static const std::vector<std::string> names = {"instruction", "input", "output"};
+  ParquetRows rows(file, names, {false, true, false});
+  std::vector<std::string_view> v;
+  std::vector<bool> null;
+  while (rows.next(v, null)) {
+    ++stats.records;
+    const int64_t line = rows.row() + 1;
+    if (null[0] || null[2]) {
+      skip_record(file, line, fmt::format("\"{}\" is null", null[0] ? "instruction" : "output"), options, stats);
+      continue;
+    }
+    if (static_cast<int64_t>(v[0].size() + v[1].size() + v[2].size()) > options.max_record_bytes) {
+      skip_record(file, line, fmt::format("record longer than {} bytes", options.max_record_bytes), options, stats,
+                  true);
+      continue;
+    }
+    size_t bad = 0;
+    int invalid = -1;
+    for (int i = 0; i < 3 && invalid < 0; ++i)
+      if (!valid_utf8(v[static_cast<size_t>(i)], &bad)) invalid = i;
+    if (invalid >= 0) {
+      skip_record(file, line, fmt::format("\"{}\": invalid UTF-8 at byte {}", names[static_cast<size_t>(invalid)], bad),
+                  options, stats);
+      continue;
+    }
+    ++stats.documents;
+    out.push_back(AlpacaExample{std::string(v[0]), null[1] ? std::string() : std::string(v[1]), std::string(v[2])});
+  }
+}
+
+}  // namespace
+
 std::vector<AlpacaExample> read_alpaca(const std::vector<std::string>& files, const ReadOptions& options,
                                        ReadStats* stats_out) {
   ReadStats stats;
   std::vector<AlpacaExample> out;
   std::string why;
   for (const auto& file : files) {
+    if (is_parquet_path(file)) {
+      read_alpaca_parquet(file, options, stats, out);
+      continue;
+    }
     RecordReader reader(file, options);
-    if (!reader.is_json()) fail("{}: an Alpaca file must be JSON (an array) or JSONL", file);
+    if (!reader.is_json()) fail("{}: an Alpaca file must be JSON (an array), JSONL or Parquet", file);
     Record r;
     AlpacaExample ex;
     while (reader.next(r)) {

@@ -1,15 +1,19 @@
-// Reading text corpora from files: FineWeb-style JSONL (plain, .gz or .zst), plain text, and Alpaca
-// instruction sets (a JSON array or JSONL of {instruction, input, output}).
+// Reading text corpora from files: FineWeb-style JSONL (plain, .gz or .zst) or Parquet, plain text,
+// and Alpaca instruction sets (a JSON array, JSONL or Parquet of {instruction, input, output}).
 //
 // A file is read as a sequence of records:
 //   *.jsonl, *.jsonl.gz, *.jsonl.zst, *.json.gz, *.json.zst  one JSON object per line
 //   *.json                                                     a JSON array of objects (Alpaca's
 //                                                              alpaca_data.json), or JSONL
+//   *.parquet                                                  one row per record: the text_field
+//                                                              column (data/parquet.h), a row group
+//                                                              at a time; `line` is the row + 1
 //   anything else (*.txt, *.md, ...)                           the whole file is one record
 // A record that cannot be used (not JSON, no such field, not a string, invalid UTF-8, longer than
 // max_record_bytes) is reported with file:line and skipped, and counted; past max_bad_records
 // skipped records the read fails. Empty documents are skipped and counted, and never fatal.
-// A truncated or corrupt .gz or .zst file is always an error.
+// A truncated or corrupt .gz, .zst or .parquet file is always an error, as is a Parquet file without
+// the column (or with one that does not hold strings); a null in the column is an empty document.
 #pragma once
 
 #include <cstdint>
@@ -21,10 +25,13 @@
 
 namespace coil::data {
 
+class Progress;  // data/progress.h
+
 struct ReadOptions {
   std::string text_field = "text";          // the JSON field that holds a document's text
   int64_t max_bad_records = 1000;           // skipped malformed records allowed before failing (0: fail at once)
   int64_t max_record_bytes = int64_t{64} << 20;  // longer lines are skipped (and counted), never buffered
+  Progress* progress = nullptr;  // when set, readers add the input bytes they consume, and documents
 };
 
 // What was skipped, so that a run can report it (and a test can check it).
@@ -55,6 +62,9 @@ class RecordReader {
   RecordReader(RecordReader&&) noexcept;
   // The next record, or false at the end of the file. Throws coil::Error on I/O or a corrupt stream.
   bool next(Record& record);
+  // Passes over the next n records (a Parquet file's whole row groups without decoding them);
+  // returns how many were passed, fewer at the end of the file.
+  int64_t skip(int64_t n);
   bool is_json() const;  // records are JSON objects (JSONL or a JSON array)
 
  private:
@@ -84,6 +94,9 @@ void for_each_document(const std::vector<std::string>& files, const ReadOptions&
 // Reads every Alpaca example of the files, in order.
 std::vector<AlpacaExample> read_alpaca(const std::vector<std::string>& files, const ReadOptions& options,
                                        ReadStats* stats = nullptr);
+
+// "file:line", or "file: row N" (from 0) for a Parquet file: where a record is, in messages.
+std::string record_place(const std::string& file, int64_t line);
 
 // Counts a skipped record, warns with file:line, and fails past options.max_bad_records.
 // Shared by every reader so that the policy is the same everywhere.

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "data/progress.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
 
@@ -121,8 +122,11 @@ PrepareResult prepare_shards(const PrepareOptions& o) {
   std::vector<std::string> batch;
   std::vector<std::vector<int32_t>> ids;
   size_t batch_bytes = 0;
-  double next_report = 10;  // seconds
   const int32_t vocab = tokenizer.vocab_size();
+  // Documents, tokens and the share of the input bytes read, on stderr (data/progress.h).
+  Progress progress("prepare", total_file_bytes(o.inputs), /*with_tokens=*/true);
+  ReadOptions read = o.read;
+  read.progress = &progress;
 
   // Tokenizes a batch of documents in parallel threads and appends them in their order.
   auto flush = [&] {
@@ -140,23 +144,18 @@ PrepareResult prepare_shards(const PrepareOptions& o) {
       for (int32_t id : doc) COIL_CHECK(id >= 0 && id < vocab, "token id {} outside the vocabulary", id);
       writer.add(doc);
       result.tokens += static_cast<int64_t>(doc.size());
+      progress.add_tokens(static_cast<int64_t>(doc.size()));
       ++result.documents;
       if (static_cast<int64_t>(writer.offsets.back()) >= o.shard_tokens) writer.close();
     }
     batch.clear();
     batch_bytes = 0;
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (dt >= next_report) {
-      fmt::print(stderr, "prepare: {} documents, {} tokens, {:.2f}M tokens/s\n", result.documents, result.tokens,
-                 result.tokens / dt / 1e6);
-      next_report = dt + 10;
-    }
   };
 
   for (const std::string& file : o.inputs) {
     ReadStats stats;
     for_each_document(
-        {file}, o.read,
+        {file}, read,
         [&](std::string&& text) {
           batch_bytes += text.size();
           batch.push_back(std::move(text));
@@ -170,6 +169,7 @@ PrepareResult prepare_shards(const PrepareOptions& o) {
   }
   flush();
   writer.close();
+  progress.finish();
   if (result.documents == 0) fail("no document in the {} input file(s) ({})", o.inputs.size(), result.stats.summary());
 
   json manifest = {{"format", "coil.tokens"},

@@ -241,6 +241,9 @@ class StreamingLoader : public Loader {
       for (size_t f = 0; f < o_.files.size(); ++f) {
         const int file = static_cast<int>(order(f));
         RecordReader reader(o_.files[static_cast<size_t>(file)], o_.read);
+        // A resumed epoch passes over the records before its start unparsed (a Parquet file's
+        // whole row groups unread).
+        if (record < skip_below) record += reader.skip(skip_below - record);
         Record r;
         while (reader.next(r)) {
           const int64_t k = record++;

@@ -1,5 +1,5 @@
-// Streaming pretraining data: JSONL shards read and tokenized on the fly, with no prepare step (as
-// `load_dataset(..., streaming=True)` in Python).
+// Streaming pretraining data: JSONL or Parquet shards read and tokenized on the fly, with no prepare
+// step (as `load_dataset(..., streaming=True)` in Python).
 //
 // Order. In epoch e the files are taken in a seeded order (a permutation of the sorted list, new
 // every epoch) and their records numbered 0, 1, 2, ... across files. Rank r of N owns the records
@@ -9,10 +9,12 @@
 //
 // Resume. The state of a rank is where its next row starts: (epoch, record, offset), offset being
 // the tokens of that record's document already used. Restoring it on the same rank of the same
-// number of ranks gives exactly the same rows again. When the number of ranks changes, every rank
-// of the new run starts at the smallest (epoch, record) of the old ranks' states (see
-// merge_streaming_states): no document is skipped; documents that a rank ahead of the others had
-// already used may be seen a second time (at most about N rows' worth).
+// number of ranks gives exactly the same rows again. A Parquet file's records are its rows: a
+// resumed reader passes the row groups before its record by the row counts in the file's footer,
+// without decoding them, and starts at the row group that holds the record. When the number of
+// ranks changes, every rank of the new run starts at the smallest (epoch, record) of the old ranks'
+// states (see merge_streaming_states): no document is skipped; documents that a rank ahead of the
+// others had already used may be seen a second time (at most about N rows' worth).
 //
 // For large runs on many nodes, prepared shards (data/shards.h) read less: each rank reads only the
 // sequences it trains on, and their order does not depend on the number of ranks.

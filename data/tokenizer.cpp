@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "data/bpe.h"
+#include "data/progress.h"
 #include "data/sft.h"
 #include "util/error.h"
 
@@ -40,6 +41,7 @@ class LineIterator : public sentencepiece::SentenceIterator {
       }
       if (!next_document()) {
         done_ = true;
+        if (options_.progress) options_.progress->finish();  // reading is over; training starts
         return;
       }
     }
@@ -71,6 +73,7 @@ class LineIterator : public sentencepiece::SentenceIterator {
         ++stats_.empty;
       } else {
         ++stats_.documents;
+        if (options_.progress) options_.progress->add_documents(1);
         pos_ = 0;
         return true;
       }

@@ -5,6 +5,7 @@
 #include <memory>
 #include <thread>
 
+#include "data/progress.h"
 #include "data/reader.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
@@ -16,7 +17,8 @@ namespace {
 
 // Options every reading command shares.
 void add_read_options(CLI::App* cmd, data::ReadOptions& o) {
-  cmd->add_option("--text-field", o.text_field, "the JSON field that holds a document's text")->capture_default_str();
+  cmd->add_option("--text-field", o.text_field, "the JSON field (Parquet column) that holds a document's text")
+      ->capture_default_str();
   cmd->add_option("--max-bad-records", o.max_bad_records,
                   "malformed records skipped (with a warning) before the command fails; 0: fail at the first")
       ->capture_default_str();
@@ -75,7 +77,7 @@ void add_tokenizer_command(CLI::App& app) {
   auto t = std::make_shared<TokenizerTrain>();
   CLI::App* train = tok->add_subcommand(
       "train",
-      "Train a sentencepiece tokenizer (byte fallback, lossless) on the documents of JSONL/text files; writes "
+      "Train a sentencepiece tokenizer (byte fallback, lossless) on the documents of JSONL/Parquet/text files; writes "
       "PREFIX.model and PREFIX.vocab");
   train->add_option("--input", t->input, "files: comma-separated globs, files or directories")->required();
   train->add_option("--output", t->o.output_prefix, "output prefix (PREFIX.model, PREFIX.vocab)")->required();
@@ -88,6 +90,9 @@ void add_tokenizer_command(CLI::App& app) {
   add_read_options(train, t->o.read);
   on_run(train, [t] {
     t->o.inputs = data::expand_inputs(t->input);
+    // Documents read and the share of the input, on stderr, until sentencepiece starts training.
+    data::Progress progress("tokenizer", data::total_file_bytes(t->o.inputs), /*with_tokens=*/false);
+    t->o.read.progress = &progress;
     data::train_tokenizer(t->o);
   });
 
@@ -110,7 +115,7 @@ void add_data_command(CLI::App& app) {
   auto p = std::make_shared<Prepare>();
   CLI::App* prep = data->add_subcommand(
       "prepare",
-      "Tokenize documents (JSONL, JSONL.gz/.zst, text) into shards with a manifest; the same inputs give "
+      "Tokenize documents (JSONL, JSONL.gz/.zst, Parquet, text) into shards with a manifest; the same inputs give "
       "byte-identical output");
   prep->add_option("--input", p->input, "files: comma-separated globs, files or directories")->required();
   prep->add_option("--tokenizer", p->o.tokenizer, "a sentencepiece .model (coil tokenizer train) or a byte-level BPE tokenizer.json")->required();

@@ -13,6 +13,7 @@
 #include <set>
 
 #include "data/loader.h"
+#include "data/parquet.h"
 #include "data/reader.h"
 #include "data/sft.h"
 #include "data/shards.h"
@@ -355,6 +356,24 @@ TEST(Reader, AlpacaJsonArrayAndJsonlAgree) {
   } catch (const coil::Error& e) {
     EXPECT_NE(std::string(e.what()).find("broken.json:3: not a valid JSON array"), std::string::npos) << e.what();
   }
+}
+
+// Built with Arrow (tests/test_parquet.cpp has the rest) or without it (-DCOIL_PARQUET=OFF): a
+// .parquet input is read as Parquet, or refused with one line saying why, never read as text.
+TEST(Reader, ParquetIsReadOrRefusedNeverTakenForText) {
+  TempDir dir;
+  write_file(dir / "x.parquet", "{\"text\": \"not parquet\"}\n");
+  std::string e;
+  try {
+    documents({dir / "x.parquet"});
+  } catch (const coil::Error& err) {
+    e = err.what();
+  }
+  const std::string want = parquet_supported() ? "x.parquet: not a Parquet file (it does not start with PAR1)"
+                                               : "x.parquet: this Coil was built without Parquet support";
+  EXPECT_NE(e.find(want), std::string::npos) << e;
+  EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  EXPECT_THROW(read_alpaca({dir / "x.parquet"}, {}), coil::Error);
 }
 
 TEST(Reader, ExpandInputs) {
