@@ -8,12 +8,14 @@
 namespace coil {
 namespace fs = std::filesystem;
 
-MetricsLog::MetricsLog(const std::string& run_dir, bool root, int64_t resume_step) {
+MetricsLog::MetricsLog(const std::string& run_dir, bool root, int64_t resume_step, const WandbOptions& wandb) {
   if (!root) return;
   const std::string path = (fs::path(run_dir) / "metrics.jsonl").string();
   if (resume_step > 0) trim_metrics(path, resume_step);
   out_.open(path, resume_step > 0 ? std::ios::app : std::ios::trunc);
   tb_ = std::make_unique<TensorBoardWriter>((fs::path(run_dir) / "tb").string());
+  out_.flush();  // the trimmed file, for the sidecar to read from its start
+  if (!wandb.project.empty()) wandb_ = std::make_unique<WandbSidecar>(wandb, run_dir, resume_step);
 }
 
 void MetricsLog::write(const nlohmann::json& line) { out_ << line.dump() << "\n" << std::flush; }
@@ -36,6 +38,7 @@ void MetricsLog::eval(int64_t step, double val_loss) {
 
 void MetricsLog::flush() {
   if (tb_) tb_->flush();
+  if (wandb_) wandb_->check();
 }
 
 void trim_metrics(const std::string& path, int64_t step) {
