@@ -36,6 +36,8 @@ def records(path):
         if kind == 0 and length == 0:  # zero padding to the end of a block
             pos += left
             continue
+        if pos + 7 + length > len(data):
+            break  # a file still being written ends in a part of a chunk
         chunk = data[pos + 7:pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
@@ -166,3 +168,42 @@ def test_follower_reads_appended_lines_and_starts_over_on_a_trimmed_file(tmp_pat
     assert len(f.lines()) == 2
     path.write_bytes(b'{"step": 1}\n{"step": 7}\n{"step": 8}\n{"step": 9}\n')
     assert f.lines() == [b'{"step": 1}', b'{"step": 7}', b'{"step": 8}', b'{"step": 9}']
+
+
+def test_a_killed_run_leaves_a_sidecar_that_sends_what_was_written_and_finishes(tmp_path):
+    """coil killed (SIGKILL: no destructor runs): the kernel closes the sidecar's pipe; the sidecar,
+    in a process group of its own, sends the lines written so far, finishes the W&B run and exits."""
+    import time
+    corpus(tmp_path)
+    run_dir = tmp_path / "killed"
+    args = ["pretrain", "--config", "/dev/null", "--set", f"data.train={tmp_path / 'shards'}",
+            "--set", f"data.tokenizer={tmp_path / 'tok.model'}", "--set", f"train.run_dir={run_dir}",
+            "--set", "train.max_steps=100000", "--set", "train.seq_len=32", "--set", "train.global_batch_size=2",
+            "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=0", "--set", "train.threads=1",
+            "--set", "metrics.wandb_project=coil-test", "--set", "metrics.wandb_mode=offline"]
+    p = subprocess.Popen([COIL, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(open(run_dir / "metrics.jsonl").readlines()) >= 3:
+            break
+        time.sleep(0.1)
+    p.kill()
+    p.wait()
+    run_id = open(run_dir / "wandb_run_id").read().strip()
+    steps = set()
+    for line in open(run_dir / "metrics.jsonl"):
+        try:
+            steps.add(json.loads(line)["step"])
+        except ValueError:
+            pass  # a line cut by the kill
+    assert len(steps) >= 3
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the sidecar finishing on its own
+        files = glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+        if files and any(r.WhichOneof("record_type") == "exit" for r in records(files[0])):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the sidecar did not finish the W&B run after coil was killed")
+    _, _, history = read_run(files[0])
+    assert set(history) == steps
