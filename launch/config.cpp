@@ -120,6 +120,7 @@ std::vector<Field> fields(RunConfig& c) {
       {"metrics", "wandb_run_name", &c.wandb_run_name},
       {"metrics", "wandb_mode", &c.wandb_mode, {"online", "offline", "disabled"}},
       {"metrics", "wandb_python", &c.wandb_python},
+      {"metrics", "peak_tflops", &c.peak_tflops, any, at_least(0, "(0: not known, no MFU)")},
   };
 }
 

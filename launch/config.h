@@ -84,6 +84,9 @@ struct RunConfig {
   std::string wandb_run_name;               // "": the run directory's name
   std::string wandb_mode = "online";        // "offline": written under <run_dir>/wandb for `wandb sync`
   std::string wandb_python;                 // the python with wandb; "": $COIL_PYTHON, else the venv's
+  // The dense peak of one device in TFLOP/s for the compute dtype (H100/H200 SXM bf16: 989), for
+  // the MFU in metrics.jsonl, TensorBoard and W&B; 0: not known, no MFU.
+  double peak_tflops = 0;
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);

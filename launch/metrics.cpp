@@ -53,6 +53,13 @@ void trim_metrics(const std::string& path, int64_t step) {
   std::ofstream(path, std::ios::trunc) << kept;
 }
 
+double train_flops_per_token(const MambaConfig& c) {
+  const double H = static_cast<double>(c.d_model), I = static_cast<double>(c.d_inner()),
+               N = static_cast<double>(c.d_state), R = static_cast<double>(c.rank());
+  const double per_layer = 2 * I * H + (R + 2 * N) * I + I * R + H * I;
+  return 6 * (static_cast<double>(c.n_layer) * per_layer + static_cast<double>(c.vocab_size) * H);
+}
+
 std::string human_time(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
   const auto t = static_cast<int64_t>(s + 0.5);

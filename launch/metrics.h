@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "launch/tensorboard.h"
+#include "model/config.h"
 #include "launch/wandb.h"
 
 namespace coil {
@@ -37,6 +38,12 @@ class MetricsLog {
   std::ofstream out_;
   std::unique_ptr<TensorBoardWriter> tb_;
 };
+
+// The model FLOPs of training on one token: 6 x the parameters of the matrix products (in_proj,
+// x_proj, dt_proj, out_proj of every layer and the LM head), forward and backward, the usual MFU
+// convention (bench/bench_step.cpp's); the scan, convolution and norms come on top, uncounted.
+// MFU = this x tokens/s / (metrics.peak_tflops x 1e12 x devices).
+double train_flops_per_token(const MambaConfig& c);
 
 // metrics.jsonl of a resumed run keeps the lines up to the step it resumes from.
 void trim_metrics(const std::string& path, int64_t step);

@@ -19,6 +19,7 @@
 #include "dist/checkpoint.h"
 #include "launch/batch.h"
 #include "launch/config.h"
+#include "launch/metrics.h"
 #include "launch/parallel.h"
 #include "launch/run_data.h"
 #include "launch/trainer.h"
@@ -271,6 +272,8 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"metrics.wandb_project", "\"team/run\"", "must be a W&B name (none of / \\ # ? % :), not \"team/run\""},
       {"metrics.wandb_entity", "\"a:b\"", "must be a W&B name (none of / \\ # ? % :), not \"a:b\""},
       {"metrics.wandb_mode", "\"cloud\"", "must be \"online\" or \"offline\" or \"disabled\", not \"cloud\""},
+      {"metrics.peak_tflops", "-1.0", "must be >= 0 (0: not known, no MFU), not -1"},
+      {"metrics.peak_tflops", "inf", "must be a finite number, not inf"},
   };
   // Keys that take any value of their type, and why.
   const std::map<std::string, std::string> any = {
@@ -354,6 +357,19 @@ TEST(Config, SftTemplatesAreChecked) {
   EXPECT_EQ(back.data_sft_template, c.data_sft_template);
   EXPECT_EQ(back.data_sft_template_no_input, c.data_sft_template_no_input);
   fs::remove(path);
+}
+
+// The MFU's FLOPs: 6 x the matrices' parameters (A_log is a 2-D parameter but no matrix product).
+TEST(Metrics, TrainFlopsPerTokenCountsTheMatrixProducts) {
+  const RunConfig c = RunConfig::load("", {"model.d_model=48", "model.n_layer=3", "model.d_state=8", "model.dt_rank=5"});
+  const MambaConfig mc = c.model_config(104);
+  const MambaLM m(mc, 0);
+  double params = 0;
+  int matrices = 0;
+  for (const NamedTensor& p : m.named_parameters())
+    if (p.tensor.dim() == 2 && p.name.find("A_log") == std::string::npos) params += static_cast<double>(p.tensor.numel()), ++matrices;
+  EXPECT_EQ(matrices, 3 * 4 + 1);  // in_proj, x_proj, dt_proj, out_proj per layer; the tied embedding
+  EXPECT_EQ(train_flops_per_token(mc), 6 * params);
 }
 
 // The checks between keys name where the later of the two was set.

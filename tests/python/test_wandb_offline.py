@@ -100,7 +100,7 @@ def test_offline_run_holds_every_step_and_a_resumed_run_continues_it(tmp_path):
     corpus(tmp_path)
     run_dir = tmp_path / "run"
     wandb = ["metrics.wandb_project=coil-test", "metrics.wandb_mode=offline", "metrics.wandb_run_name=tiny"]
-    first = pretrain(tmp_path, run_dir, 4, *wandb)
+    first = pretrain(tmp_path, run_dir, 4, *wandb, "metrics.peak_tflops=0.001")  # an MFU, for the first 4 steps
     assert "warning" not in first.stderr, first.stderr
     run_id = open(run_dir / "wandb_run_id").read().strip()
     assert len(run_id) == 8 and run_id.isalnum()
@@ -126,6 +126,7 @@ def test_offline_run_holds_every_step_and_a_resumed_run_continues_it(tmp_path):
     assert history == want  # the same numbers, bit for bit
     assert {"train/loss", "train/lr_muon", "train/lr_adamw", "train/grad_norm", "train/tokens_per_sec"} <= set(history[3])
     assert {"val/loss", "val/ppl"} <= set(history[6])
+    assert "train/mfu" in history[3] and "train/mfu" not in history[6]  # the second run knows no peak
     # The resolved configuration is the run's hyperparameters, the same as config.toml's.
     assert configs[0]["train"]["max_steps"] == 4 and configs[1]["train"]["max_steps"] == 6
     assert configs[1]["metrics"]["wandb_project"] == "coil-test" and configs[1]["train"]["seq_len"] == 32
