@@ -7,6 +7,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -109,11 +111,29 @@ WandbSidecar::WandbSidecar(const WandbOptions& o, const std::string& run_dir, in
              o.project, pid_, log_);
 }
 
+namespace {
+
+// The last line of the sidecar's log (a traceback's last line names the error), at most 300 bytes.
+std::string last_log_line(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) return "";
+  const std::streamoff size = in.tellg(), from = std::max<std::streamoff>(0, size - 4096);
+  in.seekg(from);
+  std::string tail((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  while (!tail.empty() && std::isspace(static_cast<unsigned char>(tail.back()))) tail.pop_back();
+  std::string line = tail.substr(tail.find_last_of('\n') == std::string::npos ? 0 : tail.find_last_of('\n') + 1);
+  return line.size() > 300 ? line.substr(0, 300) + "..." : line;
+}
+
+}  // namespace
+
 void WandbSidecar::warn_exit(int status) {
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return;
   const std::string how = WIFEXITED(status) ? fmt::format("exited with status {}", WEXITSTATUS(status))
                                             : fmt::format("was ended by signal {}", WTERMSIG(status));
-  fmt::print(stderr, "coil: warning: the W&B sidecar {} (see {}); the run goes on without W&B\n", how, log_);
+  const std::string why = last_log_line(log_);
+  fmt::print(stderr, "coil: warning: the W&B sidecar {}{} (see {}); the run goes on without W&B\n", how,
+             why.empty() ? "" : ": " + why, log_);
 }
 
 void WandbSidecar::check() {

@@ -8,7 +8,10 @@ import json
 import os
 import struct
 import subprocess
+import sys
+import time
 
+import pytest
 from wandb.proto import wandb_internal_pb2
 
 COIL = os.environ["COIL"]
@@ -77,7 +80,10 @@ def expected(metrics):
     return out
 
 
-def corpus(tmp_path):
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tokenizer and prepared shards, made once for the tests of this file."""
+    tmp_path = tmp_path_factory.mktemp("data")
     words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
     with open(tmp_path / "c.jsonl", "w") as f:
         for d in range(200):
@@ -85,28 +91,28 @@ def corpus(tmp_path):
     run("tokenizer", "train", "--input", tmp_path / "c.jsonl", "--vocab-size", 300, "--output", tmp_path / "tok")
     run("data", "prepare", "--input", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "tok.model",
         "--output", tmp_path / "shards")
+    return tmp_path
 
 
-def pretrain(tmp_path, run_dir, steps, *sets):
-    return run("pretrain", "--config", "/dev/null", "--set", f"data.train={tmp_path / 'shards'}",
-               "--set", f"data.val={tmp_path / 'shards'}", "--set", f"data.tokenizer={tmp_path / 'tok.model'}",
+def pretrain(data, run_dir, steps, *sets):
+    return run("pretrain", "--config", "/dev/null", "--set", f"data.train={data / 'shards'}",
+               "--set", f"data.val={data / 'shards'}", "--set", f"data.tokenizer={data / 'tok.model'}",
                "--set", f"train.run_dir={run_dir}", "--set", f"train.max_steps={steps}", "--set", "train.seq_len=32",
                "--set", "train.global_batch_size=2", "--set", "train.micro_batch_size=2",
                "--set", "train.eval_interval=2", "--set", "train.eval_batches=1", "--set", "train.threads=2",
                *[x for s in sets for x in ("--set", s)])
 
 
-def test_offline_run_holds_every_step_and_a_resumed_run_continues_it(tmp_path):
-    corpus(tmp_path)
+def test_offline_run_holds_every_step_and_a_resumed_run_continues_it(data, tmp_path):
     run_dir = tmp_path / "run"
     wandb = ["metrics.wandb_project=coil-test", "metrics.wandb_mode=offline", "metrics.wandb_run_name=tiny"]
-    first = pretrain(tmp_path, run_dir, 4, *wandb, "metrics.peak_tflops=0.001")  # an MFU, for the first 4 steps
+    first = pretrain(data, run_dir, 4, *wandb, "metrics.peak_tflops=0.001")  # an MFU, for the first 4 steps
     assert "warning" not in first.stderr, first.stderr
     run_id = open(run_dir / "wandb_run_id").read().strip()
     assert len(run_id) == 8 and run_id.isalnum()
     first_metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     # The resumption: 2 more steps from the checkpoint of step 4, into the same W&B run.
-    second = pretrain(tmp_path, run_dir, 6, *wandb)
+    second = pretrain(data, run_dir, 6, *wandb)
     assert "resuming" in second.stdout and "warning" not in second.stderr, second.stderr
     assert open(run_dir / "wandb_run_id").read().strip() == run_id
     metrics = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -133,18 +139,26 @@ def test_offline_run_holds_every_step_and_a_resumed_run_continues_it(tmp_path):
     assert configs[1]["model"]["d_model"] > 0
 
 
-def test_a_sidecar_that_cannot_run_is_one_warning(tmp_path):
-    corpus(tmp_path)
+def test_a_sidecar_that_cannot_run_is_one_warning(data, tmp_path):
     offline = ["metrics.wandb_project=coil-test", "metrics.wandb_mode=offline"]
-    missing = pretrain(tmp_path, tmp_path / "a", 2, *offline, "metrics.wandb_python=/nonexistent/python")
+    missing = pretrain(data, tmp_path / "a", 2, *offline, "metrics.wandb_python=/nonexistent/python")
     warnings = [line for line in missing.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "cannot start /nonexistent/python" in warnings[0], missing.stderr
     assert "done, 2 steps" in missing.stdout
     # A python that is there but the sidecar dies in it (here: a shell that rejects -c's script).
-    dies = pretrain(tmp_path, tmp_path / "b", 2, *offline, "metrics.wandb_python=/bin/false")
+    dies = pretrain(data, tmp_path / "b", 2, *offline, "metrics.wandb_python=/bin/false")
     warnings = [line for line in dies.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "the W&B sidecar exited with status 1" in warnings[0], dies.stderr
     assert "done, 2 steps" in dies.stdout
+    # A python without wandb (this one with its site-packages off): the warning names the error.
+    bare = tmp_path / "python-without-site"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    no_wandb = pretrain(data, tmp_path / "c", 2, *offline, f"metrics.wandb_python={bare}")
+    warnings = [line for line in no_wandb.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, no_wandb.stderr
+    assert "exited with status 1: ModuleNotFoundError: No module named 'wandb'" in warnings[0], warnings[0]
+    assert "done, 2 steps" in no_wandb.stdout
 
 
 def test_follower_reads_appended_lines_and_starts_over_on_a_trimmed_file(tmp_path):
@@ -171,14 +185,12 @@ def test_follower_reads_appended_lines_and_starts_over_on_a_trimmed_file(tmp_pat
     assert f.lines() == [b'{"step": 1}', b'{"step": 7}', b'{"step": 8}', b'{"step": 9}']
 
 
-def test_a_killed_run_leaves_a_sidecar_that_sends_what_was_written_and_finishes(tmp_path):
+def test_a_killed_run_leaves_a_sidecar_that_sends_what_was_written_and_finishes(data, tmp_path):
     """coil killed (SIGKILL: no destructor runs): the kernel closes the sidecar's pipe; the sidecar,
     in a process group of its own, sends the lines written so far, finishes the W&B run and exits."""
-    import time
-    corpus(tmp_path)
     run_dir = tmp_path / "killed"
-    args = ["pretrain", "--config", "/dev/null", "--set", f"data.train={tmp_path / 'shards'}",
-            "--set", f"data.tokenizer={tmp_path / 'tok.model'}", "--set", f"train.run_dir={run_dir}",
+    args = ["pretrain", "--config", "/dev/null", "--set", f"data.train={data / 'shards'}",
+            "--set", f"data.tokenizer={data / 'tok.model'}", "--set", f"train.run_dir={run_dir}",
             "--set", "train.max_steps=100000", "--set", "train.seq_len=32", "--set", "train.global_batch_size=2",
             "--set", "train.micro_batch_size=2", "--set", "train.eval_interval=0", "--set", "train.threads=1",
             "--set", "metrics.wandb_project=coil-test", "--set", "metrics.wandb_mode=offline"]
