@@ -13,6 +13,7 @@ nor fails because of it (launch/wandb.h starts it; it is compiled into coil and 
   replaced (a resumed run trims it) is read again from its start. Steps up to the last one sent
   (run_dir/wandb_last_step, kept by this script) are not sent again, so a resumed run sends only
   what W&B lacks (a step redone after a crash keeps the values sent first).
+- CPU: the sidecar and wandb's service process run at nice 10, below training.
 - The end: when stdin reaches its end (coil closes the pipe, or coil is gone, however it ended)
   or the parent process changes, the lines written so far are sent, the run is finished, and the
   script exits 0. Any failure (wandb missing, init refused) is a traceback and a non-zero exit;
@@ -86,6 +87,7 @@ def main(argv=None):
     p.add_argument("--mode", default="online", choices=["online", "offline", "disabled"])
     p.add_argument("--poll", type=float, default=0.5, help="seconds between reads of metrics.jsonl")
     a = p.parse_args(argv)
+    os.nice(10)  # below training, with wandb's own service process (it inherits this): CPU goes to the ranks first
     parent = os.getppid()
     run_dir = a.run_dir
     with open(os.path.join(run_dir, "wandb_run_id")) as f:
