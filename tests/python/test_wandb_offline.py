@@ -120,6 +120,10 @@ def test_offline_run_holds_every_step_and_a_resumed_run_continues_it(data, tmp_p
 
     files = sorted(glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb")))
     assert len(files) == 2, files  # one per start, both of the run id
+    # wandb's own command line sees both as runs to sync.
+    dry = subprocess.run([os.path.join(os.path.dirname(sys.executable), "wandb"), "sync", "--dry-run",
+                          *[os.path.dirname(f) for f in files]], capture_output=True, text=True, check=True)
+    assert "Would sync 2 run(s)" in dry.stdout + dry.stderr and all(f in dry.stdout + dry.stderr for f in files), dry
     history, configs = {}, []
     for path in files:
         rid, config, h = read_run(path)
