@@ -23,10 +23,9 @@
 // variant for examples without an input (no {input} slot) is used for those; without one, such an
 // example's {input} is empty. The prompt is the template up to {response}, filled in.
 //
-// A sample is tokens(prompt) + tokens(output) + EOS: the
-// prompt and the response are tokenized apart, so the boundary is exact. The mask is 1 on the
-// response tokens and the EOS (the tokens the model learns to produce) and 0 on the prompt and the
-// padding. A sample longer than seq_len + 1 is cut at the end, which keeps the prompt and the start
+// A sample is tokens(prompt) + tokens(output) + EOS: the prompt and the response are tokenized
+// apart, so the boundary is exact whatever the markers tokenize to. The mask is 1 on the response
+// tokens and the EOS (the tokens the model learns to produce) and 0 on the prompt and the padding. A sample longer than seq_len + 1 is cut at the end, which keeps the prompt and the start
 // of the response; a sample left without any response token is dropped (and counted).
 #pragma once
 
