@@ -1,6 +1,8 @@
 #include "data/sft.h"
 
 #include <algorithm>
+#include <cctype>
+#include <map>
 #include <thread>
 
 #include "data/tokenizer.h"
@@ -13,20 +15,99 @@ const std::vector<std::string>& sft_markers() {
   return m;
 }
 
-std::string alpaca_prompt(const AlpacaExample& e) {
-  if (e.input.empty())
-    return "Below is an instruction that describes a task. Write a response that appropriately completes "
-           "the request.\n\n### Instruction:\n" +
-           e.instruction + "\n\n### Response:\n";
-  return "Below is an instruction that describes a task, paired with an input that provides further context. "
-         "Write a response that appropriately completes the request.\n\n### Instruction:\n" +
-         e.instruction + "\n\n### Input:\n" + e.input + "\n\n### Response:\n";
+namespace {
+const char* const kAlpaca =
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n### Response:\n{response}";
+const char* const kAlpacaNoInput =
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{response}";
+const char* const kSlots[] = {"instruction", "input", "response"};
+
+bool name_char(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; }
+
+// Calls on_slot(name, at) for every "{name}" (a name of letters, digits and '_') in text; other
+// braces are text.
+template <typename F>
+void for_each_slot(const std::string& text, F on_slot) {
+  for (size_t i = text.find('{'); i != std::string::npos; i = text.find('{', i + 1)) {
+    size_t j = i + 1;
+    while (j < text.size() && name_char(text[j])) ++j;
+    if (j > i + 1 && j < text.size() && text[j] == '}') on_slot(text.substr(i + 1, j - i - 1), i);
+  }
+}
+}  // namespace
+
+std::string SftTemplate::problem(const std::string& text, bool no_input) {
+  std::map<std::string, int> count;
+  std::string unknown;
+  size_t response_at = std::string::npos;
+  for_each_slot(text, [&](const std::string& name, size_t at) {
+    if (std::find(std::begin(kSlots), std::end(kSlots), name) == std::end(kSlots)) {
+      if (unknown.empty()) unknown = name;
+      return;
+    }
+    ++count[name];
+    if (name == "response") response_at = at;
+  });
+  if (!unknown.empty()) return fmt::format("has an unknown slot {{{}}} (slots: {{instruction}}, {{input}}, {{response}})", unknown);
+  if (count["instruction"] != 1) return fmt::format("must have one {{instruction}} slot, not {}", count["instruction"]);
+  if (count["response"] != 1) return fmt::format("must have one {{response}} slot, not {}", count["response"]);
+  if (response_at + std::string("{response}").size() != text.size()) return "must end with {response}";
+  if (no_input && count["input"] > 0) return "is for examples without an input: it must have no {input} slot";
+  if (!no_input && count["input"] != 1) return fmt::format("must have one {{input}} slot, not {}", count["input"]);
+  return "";
 }
 
-bool make_sft_sample(const Tokenizer& tokenizer, const AlpacaExample& example, int64_t seq_len, SftSample& out) {
+std::vector<SftTemplate::Piece> SftTemplate::parse(const std::string& text) {
+  std::vector<Piece> out;
+  size_t from = 0;
+  for_each_slot(text, [&](const std::string& name, size_t at) {
+    if (at < from) return;
+    out.push_back({text.substr(from, at - from)});
+    from = at + name.size() + 2;
+    if (name != "response") out.push_back({"", name == "instruction" ? 0 : 1});
+  });
+  out.erase(std::remove_if(out.begin(), out.end(), [](const Piece& p) { return p.slot < 0 && p.text.empty(); }), out.end());
+  return out;  // the text after {response} is empty: problem() saw to it
+}
+
+SftTemplate::SftTemplate() : SftTemplate(kAlpaca, kAlpacaNoInput) { id_.clear(); }
+
+SftTemplate::SftTemplate(const std::string& prompt, const std::string& prompt_no_input) {
+  if (const std::string p = problem(prompt, false); !p.empty()) fail("the SFT template {}", p);
+  if (const std::string p = prompt_no_input.empty() ? "" : problem(prompt_no_input, true); !p.empty())
+    fail("the SFT template for examples without an input {}", p);
+  with_ = parse(prompt);
+  without_ = parse(prompt_no_input.empty() ? prompt : prompt_no_input);
+  uint64_t h = 1469598103934665603ull;  // FNV-1a of both texts, for the data's fingerprint
+  for (char c : prompt + '\0' + prompt_no_input) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+  id_ = fmt::format("{:016x}", h);
+}
+
+SftTemplate SftTemplate::from_config(const std::string& templ, const std::string& no_input) {
+  if (templ != "alpaca") return {templ, no_input};
+  COIL_CHECK(no_input.empty(), "data.sft_template_no_input is for a template of one's own (data.sft_template is \"alpaca\")");
+  return {};
+}
+
+std::string SftTemplate::prompt(const AlpacaExample& e) const {
+  std::string out;
+  for (const Piece& p : e.input.empty() ? without_ : with_) out += p.slot < 0 ? p.text : p.slot == 0 ? e.instruction : e.input;
+  return out;
+}
+
+std::string alpaca_prompt(const AlpacaExample& e) {
+  static const SftTemplate alpaca;
+  return alpaca.prompt(e);
+}
+
+bool make_sft_sample(const Tokenizer& tokenizer, const AlpacaExample& example, int64_t seq_len, SftSample& out,
+                     const SftTemplate& templ) {
   const size_t cols = static_cast<size_t>(seq_len + 1);
   out.tokens.clear();
-  tokenizer.encode(alpaca_prompt(example), out.tokens);
+  tokenizer.encode(templ.prompt(example), out.tokens);
   const size_t prompt = out.tokens.size();
   tokenizer.encode(example.output, out.tokens);
   out.tokens.push_back(tokenizer.eos());
@@ -39,7 +120,7 @@ bool make_sft_sample(const Tokenizer& tokenizer, const AlpacaExample& example, i
 }
 
 SftDataset::SftDataset(const std::vector<std::string>& files, const Tokenizer& tokenizer, int64_t seq_len,
-                       const ReadOptions& options, int threads)
+                       const ReadOptions& options, int threads, const SftTemplate& templ)
     : seq_len_(seq_len) {
   COIL_CHECK(seq_len >= 1, "seq_len must be >= 1, not {}", seq_len);
   std::vector<AlpacaExample> examples = read_alpaca(files, options, &stats_);
@@ -51,7 +132,7 @@ SftDataset::SftDataset(const std::vector<std::string>& files, const Tokenizer& t
   for (int t = 0; t < threads; ++t)
     workers.emplace_back([&, t] {
       for (size_t i = static_cast<size_t>(t); i < examples.size(); i += static_cast<size_t>(threads))
-        kept[i] = make_sft_sample(tokenizer, examples[i], seq_len, all[i]);
+        kept[i] = make_sft_sample(tokenizer, examples[i], seq_len, all[i], templ);
     });
   for (auto& w : workers) w.join();
   for (size_t i = 0; i < all.size(); ++i) {
@@ -66,6 +147,7 @@ SftDataset::SftDataset(const std::vector<std::string>& files, const Tokenizer& t
     fail("every one of the {} SFT examples was dropped: no response token fits in seq_len {}", examples.size(),
          seq_len);
   fingerprint_ = fmt::format("sft:{}:{}:{}:{}", samples_.size(), response_tokens_, seq_len, tokenizer.sha256().substr(0, 16));
+  if (!templ.id().empty()) fingerprint_ += ":template-" + templ.id();  // Alpaca's: as before templates
 }
 
 void SftDataset::fill(int64_t i, int32_t* tokens, uint8_t* mask) const {

@@ -11,6 +11,7 @@
 #include <toml++/toml.h>
 #include <variant>
 
+#include "data/sft.h"
 #include "util/error.h"
 
 namespace coil {
@@ -47,6 +48,7 @@ struct Field {
   Range range = unbounded("");            // numbers only
   bool nonempty = false;                  // strings only: "" is an error
   bool shape = false;                     // [model] shape key: unset means the preset's (resolved in finish())
+  bool wandb_name = false;                // strings only: a W&B project or entity (none of / \ # ? % :)
 };
 
 // Every key of the configuration, where its value goes and the values it may take.
@@ -68,6 +70,8 @@ std::vector<Field> fields(RunConfig& c) {
       {"data", "streaming", &c.data_streaming},
       {"data", "text_field", &c.data_text_field, any, {}, true},
       {"data", "max_bad_records", &c.data_max_bad_records, any, at_least(0)},
+      {"data", "sft_template", &c.data_sft_template, any, {}, true},
+      {"data", "sft_template_no_input", &c.data_sft_template_no_input},
       {"optim", "learning_rate_muon", &c.learning_rate_muon, any, at_least(0)},
       {"optim", "learning_rate_adamw", &c.learning_rate_adamw, any, at_least(0)},
       {"optim", "use_muon", &c.use_muon},
@@ -111,6 +115,12 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "reduce_dtype", &c.reduce_dtype, {"float32", "bfloat16"}},
       {"train", "overlap_comm", &c.overlap_comm},
       {"train", "activation_checkpointing", &c.activation_checkpointing, {"none", "full"}},
+      {"metrics", "wandb_project", &c.wandb_project, any, {}, false, false, true},
+      {"metrics", "wandb_entity", &c.wandb_entity, any, {}, false, false, true},
+      {"metrics", "wandb_run_name", &c.wandb_run_name},
+      {"metrics", "wandb_mode", &c.wandb_mode, {"online", "offline", "disabled"}},
+      {"metrics", "wandb_python", &c.wandb_python},
+      {"metrics", "peak_tflops", &c.peak_tflops, any, at_least(0, "(0: not known, no MFU)")},
   };
 }
 
@@ -184,9 +194,10 @@ void apply(std::vector<Field>& all, const toml::table& doc, const std::string& p
   };
   for (auto&& [section, node] : doc) {
     const std::string s(section.str());
-    if (!node.is_table()) fail("{}: {} is not a section ([model], [data], [optim], [train])", location(path, node), s);
-    if (s != "model" && s != "data" && s != "optim" && s != "train")
-      fail("{}: unknown section [{}] (sections: model, data, optim, train)", location(path, node), s);
+    if (!node.is_table())
+      fail("{}: {} is not a section ([model], [data], [optim], [train], [metrics])", location(path, node), s);
+    if (s != "model" && s != "data" && s != "optim" && s != "train" && s != "metrics")
+      fail("{}: unknown section [{}] (sections: model, data, optim, train, metrics)", location(path, node), s);
     for (auto&& [key, value] : *node.as_table()) {
       const Field* f = find(s, std::string(key.str()));
       if (!f) fail("{}: unknown key {}.{}", location(path, value), s, key.str());
@@ -224,6 +235,10 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
           using T = std::remove_pointer_t<decltype(p)>;
           if constexpr (std::is_same_v<T, std::string>) {
             if (f.nonempty && p->empty()) fail("{}: {} must not be empty", where, key);
+            if (f.wandb_name && p->find_first_of("/\\#?%:") != std::string::npos)
+              fail("{}: {} must be a W&B name (none of / \\ # ? % :), not \"{}\"", where, key, *p);
+            if (f.wandb_name && p->size() > 128)
+              fail("{}: {} must be a W&B name (at most 128 characters), not {} characters", where, key, p->size());
           } else if constexpr (!std::is_same_v<T, bool>) {
             const double v = static_cast<double>(*p);
             if (!std::isfinite(v)) fail("{}: {} must be a finite number, not {}", where, key, v);
@@ -235,6 +250,17 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
         f.target);
   }
   if (checkpoint) return;
+  if (c.data_sft_template != "alpaca")
+    if (const std::string p = data::SftTemplate::problem(c.data_sft_template, false); !p.empty())
+      fail("{}: data.sft_template {} (it is \"alpaca\" or a template with the slots {{instruction}}, {{input}}, "
+           "{{response}})", origins.where("data.sft_template"), p);
+  if (!c.data_sft_template_no_input.empty()) {
+    const std::string where = origins.where("data.sft_template_no_input");
+    if (c.data_sft_template == "alpaca")
+      fail("{}: data.sft_template_no_input is for a template of one's own (data.sft_template is \"alpaca\")", where);
+    if (const std::string p = data::SftTemplate::problem(c.data_sft_template_no_input, true); !p.empty())
+      fail("{}: data.sft_template_no_input {}", where, p);
+  }
   const double s = c.loss_scale_init;
   if (std::ldexp(1.0, std::ilogb(s)) != s)
     fail("{}: train.loss_scale_init must be a power of two (unscaling is then exact), not {}",
@@ -313,6 +339,8 @@ std::vector<RunConfig::Key> RunConfig::keys() {
       k.range = f.range.any ? "any: " + f.range.note : f.range.words();
     else if (f.nonempty)
       k.range = "not empty";
+    else if (f.wandb_name)
+      k.range = "a W&B name: none of / \\ # ? % :, at most 128 characters";
     out.push_back(k);
   }
   return out;

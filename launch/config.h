@@ -1,4 +1,4 @@
-// Run configuration: TOML files with sections [model], [data], [optim], [train], overridden by
+// Run configuration: TOML files with sections [model], [data], [optim], [train], [metrics], overridden by
 // `--set section.key=value`. Key names follow the seed project's (train.max_steps,
 // optim.learning_rate_muon, ...). An unknown key, a wrong type or a value out of its range
 // (model.d_state >= 1, optim.adam_beta1 in [0, 1), train.seq_len >= 2, ...: each key's range sits
@@ -32,6 +32,9 @@ struct RunConfig {
   bool data_streaming = false;
   std::string data_text_field = "text";
   int64_t data_max_bad_records = 1000;
+  // SFT: "alpaca", or a template of one's own with {instruction}, {input}, {response} slots, and
+  // its variant for examples without an input ("": the template, {input} empty); data/sft.h.
+  std::string data_sft_template = "alpaca", data_sft_template_no_input;
 
   // [optim]
   double learning_rate_muon = 0.02, learning_rate_adamw = 3e-3;
@@ -74,6 +77,16 @@ struct RunConfig {
   std::string reduce_dtype = "float32";    // FSDP gradient reduce-scatter: "float32" or "bfloat16"
   bool overlap_comm = true;                // CUDA: prefetch all-gathers, overlap reduce-scatters with backward
   std::string activation_checkpointing = "none";  // "full": each block recomputed in backward (sharded or not)
+
+  // [metrics]: Weights & Biases, next to metrics.jsonl and TensorBoard (launch/wandb.h). An empty
+  // project: no W&B.
+  std::string wandb_project, wandb_entity;  // entity "": the account's default
+  std::string wandb_run_name;               // "": the run directory's name
+  std::string wandb_mode = "online";        // "offline": written under <run_dir>/wandb for `wandb sync`
+  std::string wandb_python;                 // the python with wandb; "": $COIL_PYTHON, else the venv's
+  // The dense peak of one device in TFLOP/s for the compute dtype (H100/H200 SXM bf16: 989), for
+  // the MFU in metrics.jsonl, TensorBoard and W&B; 0: not known, no MFU.
+  double peak_tflops = 0;
 
   // Reads a TOML file (its defaults are the ones above) and applies the overrides in order.
   static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);

@@ -17,6 +17,7 @@
 #include "data/tokenizer.h"
 #include "launch/commands.h"
 #include "launch/load_model.h"
+#include "launch/run_data.h"
 #include "model/generate.h"
 #include "model/mamba.h"
 #include "util/error.h"
@@ -120,8 +121,8 @@ std::vector<int32_t> parse_ids(const std::string& text) {
 }
 
 // --prompts FILE: one prompt per line: plain text, or a JSON object with "prompt", or with
-// "instruction" (and "input") for the Alpaca template.
-std::vector<std::string> read_prompts(const std::string& path) {
+// "instruction" (and "input") for the SFT template.
+std::vector<std::string> read_prompts(const std::string& path, const data::SftTemplate& templ) {
   std::ifstream in(path);
   COIL_CHECK(in.good(), "--prompts: cannot read {}", path);
   std::vector<std::string> prompts;
@@ -140,7 +141,7 @@ std::vector<std::string> read_prompts(const std::string& path) {
       COIL_CHECK(j.contains("instruction") && j["instruction"].is_string(),
                  "{}:{}: a JSON line needs a string \"prompt\" or \"instruction\"", path, n);
       const std::string input = j.contains("input") && j["input"].is_string() ? j["input"].get<std::string>() : "";
-      prompts.push_back(data::alpaca_prompt({j["instruction"].get<std::string>(), input, ""}));
+      prompts.push_back(templ.prompt({j["instruction"].get<std::string>(), input, ""}));
     }
   }
   COIL_CHECK(!prompts.empty(), "--prompts: {} holds no prompt", path);
@@ -169,7 +170,7 @@ void run_generate(const GenerateOptions& o) {
     return;
   }
   if (!o.prompts_file.empty()) {  // a batch: one JSON line per prompt, in order, when its batch is done
-    const std::vector<std::string> prompts = read_prompts(o.prompts_file);
+    const std::vector<std::string> prompts = read_prompts(o.prompts_file, sft_template(loaded.config));
     for (size_t first = 0; first < prompts.size(); first += static_cast<size_t>(o.batch_size)) {
       const size_t count = std::min(prompts.size() - first, static_cast<size_t>(o.batch_size));
       r.prompts.clear();
@@ -188,7 +189,7 @@ void run_generate(const GenerateOptions& o) {
     }
     return;
   }
-  const std::string prompt = o.prompt.empty() ? data::alpaca_prompt({o.instruction, o.input, ""}) : o.prompt;
+  const std::string prompt = o.prompt.empty() ? sft_template(loaded.config).prompt({o.instruction, o.input, ""}) : o.prompt;
   r.prompts = {tok->encode(prompt)};
   COIL_CHECK(!r.prompts[0].empty(), "the prompt is empty");
   if (!o.prompt.empty()) fmt::print("{}", prompt);  // a continuation is shown after its prompt
@@ -198,12 +199,14 @@ void run_generate(const GenerateOptions& o) {
   fmt::print("\n");
 }
 
-// `coil chat`: each line read is an instruction, answered with the SFT template (one turn: the
-// Alpaca format has no conversation history). In a terminal a "> " prompt is shown; piped input
-// gets one answer per line. Ends at end of input, or at "/quit".
+// `coil chat`: each line read is an instruction, answered with the SFT template the checkpoint's
+// run was trained with (data.sft_template; one turn: the template has no conversation history).
+// In a terminal a "> " prompt is shown; piped input gets one answer per line. Ends at end of
+// input, or at "/quit".
 void run_chat(const GenerateOptions& o) {
   LoadedModel loaded = load_for_decoding(o, /*need_tokenizer=*/true);
   const data::Tokenizer& tok = *loaded.tokenizer;
+  const data::SftTemplate templ = sft_template(loaded.config);
   GenerateRequest r = request_for(o, tok.vocab_size(), tok.eos());
   const bool terminal = isatty(STDIN_FILENO) != 0;
   if (terminal)
@@ -216,7 +219,7 @@ void run_chat(const GenerateOptions& o) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line == "/quit" || line == "/exit") break;
     if (line.find_first_not_of(" \t") == std::string::npos) continue;
-    r.prompts = {tok.encode(data::alpaca_prompt({line, "", ""}))};
+    r.prompts = {tok.encode(templ.prompt({line, "", ""}))};
     r.seed = o.seed + turn;
     TextStream stream(tok, stdout);
     generate(*loaded.model, r, [&](size_t, int32_t t) { stream.add(t); });
@@ -235,7 +238,8 @@ void add_generate_command(CLI::App& app) {
       "generate", "Generate text from a checkpoint: continue a prompt, answer an instruction, or a file of prompts");
   add_sampling_options(cmd, *o);
   cmd->add_option("--prompt", o->prompt, "text to continue (printed, then the continuation as it comes)");
-  cmd->add_option("--instruction", o->instruction, "an instruction, put in the Alpaca template (SFT models)");
+  cmd->add_option("--instruction", o->instruction,
+                  "an instruction, put in the SFT template of the checkpoint's run (data.sft_template; Alpaca's by default)");
   cmd->add_option("--input", o->input, "the instruction's input, if any");
   cmd->add_option("--prompts", o->prompts_file,
                   "a file with one prompt per line (text, or JSON with \"prompt\" or \"instruction\"/\"input\"), "

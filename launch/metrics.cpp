@@ -8,12 +8,14 @@
 namespace coil {
 namespace fs = std::filesystem;
 
-MetricsLog::MetricsLog(const std::string& run_dir, bool root, int64_t resume_step) {
+MetricsLog::MetricsLog(const std::string& run_dir, bool root, int64_t resume_step, const WandbOptions& wandb) {
   if (!root) return;
   const std::string path = (fs::path(run_dir) / "metrics.jsonl").string();
   if (resume_step > 0) trim_metrics(path, resume_step);
   out_.open(path, resume_step > 0 ? std::ios::app : std::ios::trunc);
   tb_ = std::make_unique<TensorBoardWriter>((fs::path(run_dir) / "tb").string());
+  out_.flush();  // the trimmed file, for the sidecar to read from its start
+  if (!wandb.project.empty()) wandb_ = std::make_unique<WandbSidecar>(wandb, run_dir, resume_step);
 }
 
 void MetricsLog::write(const nlohmann::json& line) { out_ << line.dump() << "\n" << std::flush; }
@@ -36,6 +38,7 @@ void MetricsLog::eval(int64_t step, double val_loss) {
 
 void MetricsLog::flush() {
   if (tb_) tb_->flush();
+  if (wandb_) wandb_->check();
 }
 
 void trim_metrics(const std::string& path, int64_t step) {
@@ -48,6 +51,13 @@ void trim_metrics(const std::string& path, int64_t step) {
   }
   in.close();
   std::ofstream(path, std::ios::trunc) << kept;
+}
+
+double train_flops_per_token(const MambaConfig& c) {
+  const double H = static_cast<double>(c.d_model), I = static_cast<double>(c.d_inner()),
+               N = static_cast<double>(c.d_state), R = static_cast<double>(c.rank());
+  const double per_layer = 2 * I * H + (R + 2 * N) * I + I * R + H * I;
+  return 6 * (static_cast<double>(c.n_layer) * per_layer + static_cast<double>(c.vocab_size) * H);
 }
 
 std::string human_time(double s) {

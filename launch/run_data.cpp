@@ -13,6 +13,10 @@
 namespace coil {
 namespace fs = std::filesystem;
 
+data::SftTemplate sft_template(const RunConfig& c) {
+  return data::SftTemplate::from_config(c.data_sft_template, c.data_sft_template_no_input);
+}
+
 RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, const data::BatchGeometry& geo) {
   RunData d;
   data::ReadOptions read;
@@ -20,12 +24,13 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   read.max_bad_records = c.data_max_bad_records;
   const data::BatchGeometry eval_geo{c.seq_len, c.micro_batch_size, c.micro_batch_size, 0, 1};
   if (phase == Phase::kSft) {
-    auto ds = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_train), tok, c.seq_len, read);
+    const data::SftTemplate templ = sft_template(c);
+    auto ds = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_train), tok, c.seq_len, read, 0, templ);
     d.summary = fmt::format("SFT data {}: {} examples ({} dropped: no response token fits in {}), {} response tokens",
                             c.data_train, ds->size(), ds->dropped(), c.seq_len, ds->response_tokens());
     d.train = data::make_indexed_loader(ds, geo, static_cast<uint64_t>(c.seed));
     if (!c.data_val.empty()) {
-      auto val = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_val), tok, c.seq_len, read);
+      auto val = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_val), tok, c.seq_len, read, 0, templ);
       d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
     }
     return d;

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "data/loader.h"
+#include "data/sft.h"
 #include "data/tokenizer.h"
 #include "launch/batch.h"
 #include "launch/config.h"
@@ -21,6 +22,10 @@ struct RunData {
   std::function<std::unique_ptr<data::Loader>()> val;  // a fresh loader from the start of the val data
   std::string summary;                                 // one line for the start-up message
 };
+
+// The SFT prompt template of data.sft_template (Alpaca's, or the config's own): SFT data, and
+// `coil generate` / `coil chat` with a checkpoint's config.
+data::SftTemplate sft_template(const RunConfig& c);
 
 RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, const data::BatchGeometry& geo);
 

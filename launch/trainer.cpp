@@ -180,7 +180,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   }
   // Only rank 0 writes files.
   if (par.root()) std::ofstream(run_dir / "config.toml") << config_text;
-  MetricsLog metrics(run_dir.string(), par.root(), step);
+  MetricsLog metrics(run_dir.string(), par.root(), step, wandb_options(c));
   const Forward forward = [&](const at::Tensor& tokens) { return par.forward(tokens); };
 
   if (par.root()) {
@@ -323,6 +323,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     nlohmann::json line{{"step", done},           {"loss", loss},           {"lr_muon", lr_muon},
                         {"lr_adamw", lr_adamw},   {"grad_norm", grad_norm}, {"tokens", tokens_seen},
                         {"tokens_per_sec", tok_s}, {"elapsed_s", elapsed},   {"batch_hash", fmt::format("{:016x}", hash)}};
+    if (c.peak_tflops > 0) line["mfu"] = train_flops_per_token(mc) * tok_s / (c.peak_tflops * 1e12 * par.world);
     if (scaler.enabled()) line["loss_scale"] = scale, line["skipped"] = verdict != optim::LossScaler::Verdict::kStep;
     metrics.step(done, line);
     if (par.root() && (done % c.log_interval == 0 || done == steps)) {

@@ -677,6 +677,30 @@ TEST(Order, ResumeGivesTheSameBatchesOnAnyNumberOfRanks) {
 
 // ---- SFT ------------------------------------------------------------------------------------------
 
+// The sample of an example: tokens(prompt) + tokens(response) + EOS + padding, the mask 1 exactly on
+// the response and its EOS; cut inside the response; dropped when no response token fits.
+static void expect_exact_sample(const Tokenizer& t, const SftTemplate& templ, const AlpacaExample& ex) {
+  const std::vector<int32_t> prompt = t.encode(templ.prompt(ex)), response = t.encode(ex.output);
+  const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
+  // Room for everything and padding.
+  SftSample s;
+  ASSERT_TRUE(make_sft_sample(t, ex, p + n + 4, s, templ));
+  ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 5);
+  for (int64_t i = 0; i < p + n + 5; ++i) {
+    const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : i == p + n ? t.eos() : t.pad();
+    EXPECT_EQ(s.tokens[i], expected) << i;
+    EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;  // the response and its EOS
+  }
+  // Cut inside the response: the prompt and the start of the response stay.
+  ASSERT_TRUE(make_sft_sample(t, ex, p, s, templ));  // p + 1 tokens: one response token
+  EXPECT_EQ(std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + p), prompt);
+  EXPECT_EQ(s.tokens[p], response[0]);
+  EXPECT_EQ(std::count(s.mask.begin(), s.mask.end(), 1), 1);
+  EXPECT_EQ(s.mask[p], 1);
+  // No room for a response token: dropped.
+  EXPECT_FALSE(make_sft_sample(t, ex, p - 1, s, templ));
+}
+
 TEST_F(Corpus, SftTemplateAndMaskAreExact) {
   AlpacaExample with{"Add the numbers.", "2 and 3", "The sum is 5."};
   AlpacaExample without{"Name a snake.", "", "A coil."};
@@ -687,28 +711,63 @@ TEST_F(Corpus, SftTemplateAndMaskAreExact) {
   EXPECT_EQ(alpaca_prompt(without),
             "Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.\n\n### Instruction:\nName a snake.\n\n### Response:\n");
+  const SftTemplate alpaca;
+  EXPECT_EQ(alpaca.prompt(with), alpaca_prompt(with));
+  EXPECT_EQ(alpaca.id(), "");
+  for (const AlpacaExample& ex : {with, without}) expect_exact_sample(*tokenizer_, alpaca, ex);
+}
+
+// A template of one's own, with markers that are several tokens each, and its no-input variant.
+TEST_F(Corpus, SftTemplateOfOnesOwnKeepsTheMaskExact) {
   const Tokenizer& t = *tokenizer_;
-  for (const AlpacaExample& ex : {with, without}) {
-    const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
-    const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
-    // Room for everything and padding.
-    SftSample s;
-    ASSERT_TRUE(make_sft_sample(t, ex, p + n + 4, s));
-    ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 5);
-    for (int64_t i = 0; i < p + n + 5; ++i) {
-      const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : i == p + n ? t.eos() : t.pad();
-      EXPECT_EQ(s.tokens[i], expected) << i;
-      EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;  // the response and its EOS
+  const SftTemplate chat("<|user|>\n{instruction}\n<|context|>\n{input}\n<|assistant|>\n{response}",
+                         "<|user|>\n{instruction}\n<|assistant|>\n{response}");
+  for (const char* marker : {"<|user|>\n", "\n<|assistant|>\n", "<|context|>"})
+    EXPECT_GT(t.encode(marker).size(), 2u) << marker << " should be several tokens";
+  AlpacaExample with{"Add the numbers.", "2 and 3", "The sum is 5."};
+  AlpacaExample without{"Name a snake {input}.", "", "A coil."};  // a slot in the data is text
+  EXPECT_EQ(chat.prompt(with), "<|user|>\nAdd the numbers.\n<|context|>\n2 and 3\n<|assistant|>\n");
+  EXPECT_EQ(chat.prompt(without), "<|user|>\nName a snake {input}.\n<|assistant|>\n");
+  for (const AlpacaExample& ex : {with, without}) expect_exact_sample(t, chat, ex);
+  // Without a no-input variant, {input} is empty; literal braces stay text.
+  const SftTemplate plain("Q{ {instruction} [{input}] {not a slot}\nA: {response}", "");
+  EXPECT_EQ(plain.prompt(without), "Q{ Name a snake {input}. [] {not a slot}\nA: ");
+  expect_exact_sample(t, plain, without);
+  EXPECT_NE(plain.id(), chat.id());
+  EXPECT_EQ(plain.id().size(), 16u);
+  // The data's fingerprint names the template (a resume with another template is other data).
+  TempDir dir;
+  write_file(dir / "sft.jsonl", "{\"instruction\": \"Say hi.\", \"input\": \"\", \"output\": \"hi\"}\n");
+  const std::vector<std::string> files{dir / "sft.jsonl"};
+  EXPECT_NE(SftDataset(files, t, 256, {}, 1, chat).fingerprint(), SftDataset(files, t, 256, {}, 1).fingerprint());
+  EXPECT_EQ(SftDataset(files, t, 256, {}, 1, chat)[0].tokens[0], t.encode("<|user|>")[0]);
+}
+
+TEST(SftTemplate, BadTemplatesAreErrors) {
+  const std::pair<const char*, const char*> bad[] = {
+      {"{instruction} {input}", "must have one {response} slot, not 0"},
+      {"{input} {response}", "must have one {instruction} slot, not 0"},
+      {"{instruction} {input} {response}.", "must end with {response}"},
+      {"{instruction} {output} {response}", "has an unknown slot {output}"},
+      {"{instruction} {instruction} {input} {response}", "must have one {instruction} slot, not 2"},
+      {"{instruction} {response} {response}", "must have one {response} slot, not 2"},
+      {"{instruction}: {response}", "must have one {input} slot, not 0"},
+  };
+  for (const auto& [text, message] : bad) {
+    EXPECT_NE(SftTemplate::problem(text, false).find(message), std::string::npos) << text;
+    try {
+      SftTemplate(text, "");
+      ADD_FAILURE() << text << " was accepted";
+    } catch (const coil::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("the SFT template ") + message), std::string::npos) << e.what();
     }
-    // Cut inside the response: the prompt and the start of the response stay.
-    ASSERT_TRUE(make_sft_sample(t, ex, p, s));  // p + 1 tokens: one response token
-    EXPECT_EQ(std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + p), prompt);
-    EXPECT_EQ(s.tokens[p], response[0]);
-    EXPECT_EQ(std::count(s.mask.begin(), s.mask.end(), 1), 1);
-    EXPECT_EQ(s.mask[p], 1);
-    // No room for a response token: dropped.
-    EXPECT_FALSE(make_sft_sample(t, ex, p - 1, s));
   }
+  EXPECT_EQ(SftTemplate::problem("{instruction} {input} {response}", false), "");
+  EXPECT_EQ(SftTemplate::problem("{instruction} {response}", true), "");
+  EXPECT_NE(SftTemplate::problem("{instruction} {input} {response}", true).find("must have no {input} slot"), std::string::npos);
+  EXPECT_THROW(SftTemplate("{instruction} {input} {response}", "{instruction} {input} {response}"), coil::Error);
+  EXPECT_THROW(SftTemplate::from_config("alpaca", "{instruction} {response}"), coil::Error);
+  EXPECT_EQ(SftTemplate::from_config("alpaca", "").id(), "");
 }
 
 TEST_F(Corpus, SftDatasetDropsAndCountsAndOrdersIndependentlyOfRanks) {

@@ -19,7 +19,9 @@
 #include "dist/checkpoint.h"
 #include "launch/batch.h"
 #include "launch/config.h"
+#include "launch/metrics.h"
 #include "launch/parallel.h"
+#include "launch/run_data.h"
 #include "launch/trainer.h"
 #include "model/mamba.h"
 #include "optim/loss_scale.h"
@@ -220,6 +222,10 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"data.streaming", "\"yes\"", "must be true or false"},
       {"data.text_field", "\"\"", "must not be empty"},
       {"data.max_bad_records", "-1", "must be >= 0, not -1"},
+      {"data.sft_template", "\"\"", "must not be empty"},
+      {"data.sft_template", "\"chatml\"", "must have one {instruction} slot, not 0 (it is \"alpaca\" or a template"},
+      {"data.sft_template_no_input", "\"{instruction} {response}\"",
+       "is for a template of one's own (data.sft_template is \"alpaca\")"},
       {"optim.learning_rate_muon", "-0.1", "must be >= 0, not -0.1"},
       {"optim.learning_rate_adamw", "inf", "must be a finite number, not inf"},
       {"optim.learning_rate_adamw", "-3e-3", "must be >= 0, not -0.003"},
@@ -263,6 +269,11 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"train.reduce_dtype", "\"float16\"", "must be \"float32\" or \"bfloat16\", not \"float16\""},
       {"train.overlap_comm", "\"x\"", "must be true or false"},
       {"train.activation_checkpointing", "\"some\"", "must be \"none\" or \"full\", not \"some\""},
+      {"metrics.wandb_project", "\"team/run\"", "must be a W&B name (none of / \\ # ? % :), not \"team/run\""},
+      {"metrics.wandb_entity", "\"a:b\"", "must be a W&B name (none of / \\ # ? % :), not \"a:b\""},
+      {"metrics.wandb_mode", "\"cloud\"", "must be \"online\" or \"offline\" or \"disabled\", not \"cloud\""},
+      {"metrics.peak_tflops", "-1.0", "must be >= 0 (0: not known, no MFU), not -1"},
+      {"metrics.peak_tflops", "inf", "must be a finite number, not inf"},
   };
   // Keys that take any value of their type, and why.
   const std::map<std::string, std::string> any = {
@@ -271,6 +282,8 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"data.tokenizer", "a path: opened (and checked) when the run starts"},
       {"train.seed", "any integer: its 64 bits seed the generators"},
       {"train.pretrained_checkpoint_path", "a path, needed by SFT only: verified when the run starts"},
+      {"metrics.wandb_run_name", "any text: the run's name on W&B (empty: the run directory's)"},
+      {"metrics.wandb_python", "a path, or empty: a sidecar that cannot start is a warning, not an error"},
   };
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-keys-{}.toml", getpid());
   std::set<std::string> covered;
@@ -306,6 +319,57 @@ TEST(Config, EveryKeyIsRangeChecked) {
   // Every value in the table is bad on its own: the same keys with the defaults load.
   EXPECT_NO_THROW(RunConfig::load("", {}));
   fs::remove(path);
+}
+
+// A template of one's own: each problem is one line naming the file and line, or the --set.
+TEST(Config, SftTemplatesAreChecked) {
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-sft-{}.toml", getpid());
+  const std::pair<const char*, const char*> bad[] = {
+      {"\"Q: {instruction} {input}\"", "must have one {response} slot, not 0"},
+      {"\"Q: {instruction} {input}\\nA: {response}\\n\"", "must end with {response}"},
+      {"\"Q: {instruction} {output}\\nA: {response}\"", "has an unknown slot {output}"},
+      {"\"Q: {instruction} {input}\\nA: {response} {response}\"", "must have one {response} slot, not 2"},
+  };
+  for (const auto& [value, message] : bad) {
+    write(path, fmt::format("[data]\ntrain = \"x\"\nsft_template = {}\n", value));
+    const std::string e = error_of([&] { RunConfig::load(path, {}); });
+    EXPECT_NE(e.find(fmt::format("{}:3: data.sft_template {}", path, message)), std::string::npos) << e;
+    EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  }
+  // A good one, a multi-line TOML string, with its no-input variant.
+  write(path, "[data]\nsft_template = \"\"\"\n<|user|> {instruction}\n{input}\n<|assistant|> {response}\"\"\"\n"
+              "sft_template_no_input = \"<|user|> {instruction}\\n<|assistant|> {response}\"\n");
+  const RunConfig c = RunConfig::load(path, {});
+  EXPECT_EQ(c.data_sft_template, "<|user|> {instruction}\n{input}\n<|assistant|> {response}");
+  EXPECT_EQ(sft_template(c).prompt({"hi", "", ""}), "<|user|> hi\n<|assistant|> ");
+  EXPECT_EQ(sft_template(c).prompt({"hi", "there", ""}), "<|user|> hi\nthere\n<|assistant|> ");
+  EXPECT_EQ(sft_template(RunConfig::load("", {})).prompt({"hi", "", ""}), coil::data::alpaca_prompt({"hi", "", ""}));
+  // The variant must not have {input}; named by its line.
+  write(path, "[data]\nsft_template = \"{instruction} {input} {response}\"\nsft_template_no_input = \"{input}{instruction}{response}\"\n");
+  EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
+                .find(path + ":3: data.sft_template_no_input is for examples without an input: it must have no {input} slot"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"data.sft_template=A {instruction}"}); })
+                .find("--set data.sft_template=A {instruction}: data.sft_template must have one {response} slot"),
+            std::string::npos);
+  // The template survives config.toml (a checkpoint's config), for `coil generate` and `coil chat`.
+  const RunConfig back = RunConfig::parse(c.to_toml(), "config");
+  EXPECT_EQ(back.data_sft_template, c.data_sft_template);
+  EXPECT_EQ(back.data_sft_template_no_input, c.data_sft_template_no_input);
+  fs::remove(path);
+}
+
+// The MFU's FLOPs: 6 x the matrices' parameters (A_log is a 2-D parameter but no matrix product).
+TEST(Metrics, TrainFlopsPerTokenCountsTheMatrixProducts) {
+  const RunConfig c = RunConfig::load("", {"model.d_model=48", "model.n_layer=3", "model.d_state=8", "model.dt_rank=5"});
+  const MambaConfig mc = c.model_config(104);
+  const MambaLM m(mc, 0);
+  double params = 0;
+  int matrices = 0;
+  for (const NamedTensor& p : m.named_parameters())
+    if (p.tensor.dim() == 2 && p.name.find("A_log") == std::string::npos) params += static_cast<double>(p.tensor.numel()), ++matrices;
+  EXPECT_EQ(matrices, 3 * 4 + 1);  // in_proj, x_proj, dt_proj, out_proj per layer; the tied embedding
+  EXPECT_EQ(train_flops_per_token(mc), 6 * params);
 }
 
 // The checks between keys name where the later of the two was set.
