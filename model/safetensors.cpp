@@ -54,7 +54,10 @@ std::map<std::string, Tensor> read_safetensors(const std::string& path) {
   const int64_t data_start = 8 + header_len, data_len = size - data_start;
 
   std::map<std::string, Tensor> out;
-  for (auto& [name, entry] : j.items()) {
+  for (auto& item : j.items()) {
+    // Not a structured binding: a lambda may not capture one before C++20 (clang refuses).
+    const std::string& name = item.key();
+    nlohmann::json& entry = item.value();
     if (name == "__metadata__") continue;
     auto bad = [&](const std::string& why) { fail("{}: tensor '{}': {}", path, name, why); };
     if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
