@@ -179,7 +179,9 @@ struct RecordReader::Impl {
       size_t nl = buf.find('\n', begin + scanned);
       if (nl != std::string::npos) {
         ++line;
-        r = Record{std::string_view(buf).substr(begin, nl - begin), line, false};
+        // A long line that happened to arrive within one chunk is as long as one that did not.
+        const bool too_long = static_cast<int64_t>(nl - begin) > options.max_record_bytes;
+        r = too_long ? Record{{}, line, true} : Record{std::string_view(buf).substr(begin, nl - begin), line, false};
         begin = nl + 1;
         return true;
       }
@@ -193,7 +195,8 @@ struct RecordReader::Impl {
     }
     if (begin < buf.size()) {  // the last line has no newline
       ++line;
-      r = Record{std::string_view(buf).substr(begin), line, false};
+      const bool too_long = static_cast<int64_t>(buf.size() - begin) > options.max_record_bytes;
+      r = too_long ? Record{{}, line, true} : Record{std::string_view(buf).substr(begin), line, false};
       begin = buf.size();
       return true;
     }

@@ -269,6 +269,25 @@ TEST(Reader, OverlongLinesAreSkippedWithoutBufferingThem) {
   EXPECT_EQ(stats.too_long, 1);
 }
 
+// Found by fuzzing (tests/fuzz/corpus/jsonl/long-line.jsonl, docs/RELIABILITY.md): a line longer
+// than max_record_bytes that lay within one read chunk was returned whole; only lines crossing a
+// chunk were skipped. Now every over-long line is skipped, the last one (no newline) too.
+TEST(Reader, OverlongLinesWithinAChunkAreSkippedToo) {
+  TempDir dir;
+  write_file(dir / "s.jsonl", "{\"text\": \"a\"}\n{\"text\": \"" + std::string(40, 'x') +
+                                  "\"}\n{\"text\": \"b\"}\n{\"text\": \"" + std::string(40, 'y') + "\"}");
+  ReadOptions o;
+  o.max_record_bytes = 20;
+  ReadStats stats;
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(documents({dir / "s.jsonl"}, o, &stats), (std::vector<std::string>{"a", "b"}));
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("s.jsonl:2: skipped: record longer than 20 bytes"), std::string::npos) << err;
+  EXPECT_NE(err.find("s.jsonl:4: skipped: record longer than 20 bytes"), std::string::npos) << err;
+  EXPECT_EQ(stats.too_long, 2);
+  EXPECT_EQ(stats.documents, 2);
+}
+
 TEST(Reader, TruncatedOrCorruptCompressedFilesAreErrors) {
   TempDir dir;
   std::string jsonl;
