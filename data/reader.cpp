@@ -268,6 +268,8 @@ RecordReader::RecordReader(const std::string& path, const ReadOptions& options) 
       } catch (const nlohmann::json::parse_error& e) {
         int64_t line = 1 + std::count(m.buf.begin(), m.buf.begin() + std::min(e.byte, m.buf.size()), '\n');
         fail("{}:{}: not a valid JSON array: {}", path, line, json_reason(e));
+      } catch (const nlohmann::json::exception& e) {  // out_of_range: a number too large for a double
+        fail("{}: not a valid JSON array: {}", path, json_reason(e));
       }
       m.buf.clear();
       m.buf.shrink_to_fit();
