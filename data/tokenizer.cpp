@@ -143,12 +143,34 @@ void train_tokenizer(const TokenizerTrainOptions& o) {
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
+  // The byte-fallback ids of U+2581 ("\xe2\x96\x81"), when the model has them: sentencepiece writes
+  // spaces as that character, so a U+2581 in the text itself would decode as a space. encode()
+  // gives each such character as its three bytes instead (found by fuzzing: tests/fuzz/
+  // corpus/tokenizer_text/meta-space.txt), which keeps decode(encode(text)) == text.
+  std::vector<int> meta_space_bytes;
 };
+
+namespace {
+
+// Loads a model through `load`. A malformed model is a status from sentencepiece, except when its
+// pieces break the trie builder (darts_clone), which throws instead (found by fuzzing, e.g. an
+// empty piece): both become coil::Errors.
+template <typename Load>
+void load_model(sentencepiece::SentencePieceProcessor& sp, const std::string& origin, Load&& load) {
+  sentencepiece::util::Status status;
+  try {
+    status = load(sp);
+  } catch (const std::exception& e) {
+    fail("{}: not a sentencepiece model ({})", origin, e.what());
+  }
+  if (!status.ok()) fail("{}: not a sentencepiece model ({})", origin, status.message());
+}
+
+}  // namespace
 
 Tokenizer::Tokenizer(const std::string& model_path) : impl_(std::make_unique<Impl>()), path_(model_path) {
   if (!fs::exists(model_path)) fail("no tokenizer at {}", model_path);
-  auto status = impl_->sp.Load(model_path);
-  if (!status.ok()) fail("{}: not a sentencepiece model ({})", model_path, status.message());
+  load_model(impl_->sp, model_path, [&](auto& sp) { return sp.Load(model_path); });
   init();
   sha256_ = sha256_file(model_path);
 }
@@ -157,8 +179,7 @@ Tokenizer Tokenizer::from_bytes(const std::string& model, const std::string& ori
   Tokenizer t;
   t.impl_ = std::make_unique<Impl>();
   t.path_ = origin;
-  auto status = t.impl_->sp.LoadFromSerializedProto(model);
-  if (!status.ok()) fail("{}: not a sentencepiece model ({})", origin, status.message());
+  load_model(t.impl_->sp, origin, [&](auto& sp) { return sp.LoadFromSerializedProto(model); });
   t.init();
   unsigned char digest[32];
   unsigned int len = 0;
@@ -169,6 +190,15 @@ Tokenizer Tokenizer::from_bytes(const std::string& model, const std::string& ori
 
 void Tokenizer::init() {
   COIL_CHECK(impl_->sp.eos_id() >= 0, "{}: the tokenizer has no EOS token", path_);
+  impl_->meta_space_bytes.clear();
+  for (const char* byte : {"<0xE2>", "<0x96>", "<0x81>"}) {
+    const int id = impl_->sp.PieceToId(byte);
+    if (id < 0 || id == impl_->sp.unk_id() || !impl_->sp.IsByte(id)) {
+      impl_->meta_space_bytes.clear();
+      break;
+    }
+    impl_->meta_space_bytes.push_back(id);
+  }
   eos_ = impl_->sp.eos_id();
   pad_ = impl_->sp.pad_id() >= 0 ? impl_->sp.pad_id() : eos_;
 }
@@ -180,9 +210,21 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
 void Tokenizer::encode(std::string_view text, std::vector<int32_t>& out) const {
   thread_local std::vector<int> ids;
-  auto status = impl_->sp.Encode(text, &ids);
-  if (!status.ok()) fail("tokenizer {}: {}", path_, status.message());
-  out.insert(out.end(), ids.begin(), ids.end());
+  auto piece = [&](std::string_view part) {
+    auto status = impl_->sp.Encode(part, &ids);
+    if (!status.ok()) fail("tokenizer {}: {}", path_, status.message());
+    out.insert(out.end(), ids.begin(), ids.end());
+  };
+  static constexpr std::string_view kMetaSpace = "\xe2\x96\x81";
+  const auto& bytes = impl_->meta_space_bytes;
+  size_t at = bytes.empty() ? std::string_view::npos : text.find(kMetaSpace);
+  while (at != std::string_view::npos) {
+    if (at > 0) piece(text.substr(0, at));
+    out.insert(out.end(), bytes.begin(), bytes.end());
+    text.remove_prefix(at + kMetaSpace.size());
+    at = text.find(kMetaSpace);
+  }
+  if (!text.empty()) piece(text);
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
