@@ -216,7 +216,9 @@ struct RecordReader::Impl {
       size_t nl = buf.find('\n', begin + scanned);
       if (nl != std::string::npos) {
         ++line;
-        r = Record{std::string_view(buf).substr(begin, nl - begin), line, false};
+        // A long line that happened to arrive within one chunk is as long as one that did not.
+        const bool too_long = static_cast<int64_t>(nl - begin) > options.max_record_bytes;
+        r = too_long ? Record{{}, line, true} : Record{std::string_view(buf).substr(begin, nl - begin), line, false};
         begin = nl + 1;
         return true;
       }
@@ -230,7 +232,8 @@ struct RecordReader::Impl {
     }
     if (begin < buf.size()) {  // the last line has no newline
       ++line;
-      r = Record{std::string_view(buf).substr(begin), line, false};
+      const bool too_long = static_cast<int64_t>(buf.size() - begin) > options.max_record_bytes;
+      r = too_long ? Record{{}, line, true} : Record{std::string_view(buf).substr(begin), line, false};
       begin = buf.size();
       return true;
     }
@@ -312,6 +315,8 @@ RecordReader::RecordReader(const std::string& path, const ReadOptions& options) 
       } catch (const nlohmann::json::parse_error& e) {
         int64_t line = 1 + std::count(m.buf.begin(), m.buf.begin() + std::min(e.byte, m.buf.size()), '\n');
         fail("{}:{}: not a valid JSON array: {}", path, line, json_reason(e));
+      } catch (const nlohmann::json::exception& e) {  // out_of_range: a number too large for a double
+        fail("{}: not a valid JSON array: {}", path, json_reason(e));
       }
       m.buf.clear();
       m.buf.shrink_to_fit();

@@ -162,19 +162,50 @@ namespace {
 struct SentencepieceImpl : Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
   std::string origin;
+  // The byte-fallback ids of U+2581 ("\xe2\x96\x81"), when the model has them: sentencepiece writes
+  // spaces as that character, so a U+2581 in the text itself would decode as a space. encode()
+  // gives each such character as its three bytes instead (found by fuzzing: tests/fuzz/
+  // corpus/tokenizer_text/meta-space.txt), which keeps decode(encode(text)) == text.
+  std::vector<int> meta_space_bytes;
   SentencepieceImpl(const std::string& bytes, const std::string& origin_) : origin(origin_) {
-    auto status = sp.LoadFromSerializedProto(bytes);
+    // A malformed model is a status from sentencepiece, except when its pieces break the trie
+    // builder (darts_clone), which throws instead (found by fuzzing, e.g. an empty piece).
+    sentencepiece::util::Status status;
+    try {
+      status = sp.LoadFromSerializedProto(bytes);
+    } catch (const std::exception& e) {
+      fail("{}: not a sentencepiece model ({})", origin, e.what());
+    }
     if (!status.ok()) fail("{}: not a sentencepiece model or a tokenizer.json ({})", origin, status.message());
     COIL_CHECK(sp.eos_id() >= 0, "{}: the tokenizer has no EOS token", origin);
     bos = sp.bos_id();
     eos = sp.eos_id();
     pad = sp.pad_id();
+    for (const char* byte : {"<0xE2>", "<0x96>", "<0x81>"}) {
+      const int id = sp.PieceToId(byte);
+      if (id < 0 || id == sp.unk_id() || !sp.IsByte(id)) {
+        meta_space_bytes.clear();
+        break;
+      }
+      meta_space_bytes.push_back(id);
+    }
   }
   void encode(std::string_view text, std::vector<int32_t>& out) const override {
     thread_local std::vector<int> ids;
-    auto status = sp.Encode(text, &ids);
-    if (!status.ok()) fail("tokenizer {}: {}", origin, status.message());
-    out.insert(out.end(), ids.begin(), ids.end());
+    auto piece = [&](std::string_view part) {
+      auto status = sp.Encode(part, &ids);
+      if (!status.ok()) fail("tokenizer {}: {}", origin, status.message());
+      out.insert(out.end(), ids.begin(), ids.end());
+    };
+    static constexpr std::string_view kMetaSpace = "\xe2\x96\x81";
+    size_t at = meta_space_bytes.empty() ? std::string_view::npos : text.find(kMetaSpace);
+    while (at != std::string_view::npos) {
+      if (at > 0) piece(text.substr(0, at));
+      out.insert(out.end(), meta_space_bytes.begin(), meta_space_bytes.end());
+      text.remove_prefix(at + kMetaSpace.size());
+      at = text.find(kMetaSpace);
+    }
+    if (!text.empty()) piece(text);
   }
   std::string decode(const std::vector<int32_t>& ids) const override {
     std::vector<int> v(ids.begin(), ids.end());

@@ -54,7 +54,10 @@ std::map<std::string, Tensor> read_safetensors(const std::string& path) {
   const int64_t data_start = 8 + header_len, data_len = size - data_start;
 
   std::map<std::string, Tensor> out;
-  for (auto& [name, entry] : j.items()) {
+  for (auto& item : j.items()) {
+    // Not a structured binding: a lambda may not capture one before C++20 (clang refuses).
+    const std::string& name = item.key();
+    nlohmann::json& entry = item.value();
     if (name == "__metadata__") continue;
     auto bad = [&](const std::string& why) { fail("{}: tensor '{}': {}", path, name, why); };
     if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
@@ -68,15 +71,19 @@ std::map<std::string, Tensor> read_safetensors(const std::string& path) {
     for (auto& d : entry["shape"]) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0) bad("shape holds a non-integer or negative size");
       shape.push_back(d.get<int64_t>());
-      numel *= shape.back();
+      if (__builtin_mul_overflow(numel, shape.back(), &numel))
+        bad(fmt::format("shape [{}, ...] has more elements than an int64 counts", fmt::join(shape, ", ")));
     }
+    int64_t nbytes = 0;
+    if (__builtin_mul_overflow(numel, dt->bytes, &nbytes))
+      bad(fmt::format("shape [{}] of {} has more bytes than an int64 counts", fmt::join(shape, ", "), dt->name));
     auto& off = entry["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_integer() || !off[1].is_number_integer())
       bad("data_offsets is not [begin, end]");
     const int64_t begin = off[0].get<int64_t>(), end = off[1].get<int64_t>();
     if (begin < 0 || end < begin || end > data_len)
       bad(fmt::format("data [{}, {}) lies outside the file's {} data bytes (truncated file?)", begin, end, data_len));
-    if (end - begin != numel * dt->bytes)
+    if (end - begin != nbytes)
       bad(fmt::format("{} bytes of data for shape [{}] of {}", end - begin, fmt::join(shape, ", "), dt->name));
     Tensor t = torch::empty(shape, torch::TensorOptions().dtype(dt->dtype));
     in.seekg(data_start + begin);

@@ -270,6 +270,25 @@ TEST(Reader, OverlongLinesAreSkippedWithoutBufferingThem) {
   EXPECT_EQ(stats.too_long, 1);
 }
 
+// Found by fuzzing (tests/fuzz/corpus/jsonl/long-line.jsonl, docs/RELIABILITY.md): a line longer
+// than max_record_bytes that lay within one read chunk was returned whole; only lines crossing a
+// chunk were skipped. Now every over-long line is skipped, the last one (no newline) too.
+TEST(Reader, OverlongLinesWithinAChunkAreSkippedToo) {
+  TempDir dir;
+  write_file(dir / "s.jsonl", "{\"text\": \"a\"}\n{\"text\": \"" + std::string(40, 'x') +
+                                  "\"}\n{\"text\": \"b\"}\n{\"text\": \"" + std::string(40, 'y') + "\"}");
+  ReadOptions o;
+  o.max_record_bytes = 20;
+  ReadStats stats;
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(documents({dir / "s.jsonl"}, o, &stats), (std::vector<std::string>{"a", "b"}));
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(err.find("s.jsonl:2: skipped: record longer than 20 bytes"), std::string::npos) << err;
+  EXPECT_NE(err.find("s.jsonl:4: skipped: record longer than 20 bytes"), std::string::npos) << err;
+  EXPECT_EQ(stats.too_long, 2);
+  EXPECT_EQ(stats.documents, 2);
+}
+
 TEST(Reader, TruncatedOrCorruptCompressedFilesAreErrors) {
   TempDir dir;
   std::string jsonl;
@@ -374,6 +393,54 @@ TEST(Reader, ParquetIsReadOrRefusedNeverTakenForText) {
   EXPECT_NE(e.find(want), std::string::npos) << e;
   EXPECT_EQ(e.find('\n'), std::string::npos) << e;
   EXPECT_THROW(read_alpaca({dir / "x.parquet"}, {}), coil::Error);
+}
+
+// Found by fuzz_alpaca (tests/fuzz/corpus/alpaca/number-overflow.json, docs/RELIABILITY.md): a
+// number too large for a double in a JSON array escaped as nlohmann's out_of_range exception
+// (std::terminate in `coil sft`), not a coil::Error.
+TEST(Reader, AJsonArrayWithANumberTooLargeIsAOneLineError) {
+  TempDir dir;
+  write_file(dir / "big.json", "[\n  {\"instruction\": \"x\", \"input\": 1e999, \"output\": \"y\"}\n]");
+  try {
+    read_alpaca({dir / "big.json"}, {});
+    FAIL() << "expected an error";
+  } catch (const coil::Error& e) {
+    EXPECT_EQ(std::string(e.what()), (dir / "big.json") + ": not a valid JSON array: number overflow parsing '1e999'");
+  }
+}
+
+// Found by fuzz_sentencepiece (tests/fuzz/corpus/sentencepiece/empty-piece.model): a model whose
+// pieces break sentencepiece's trie builder made it throw its own exception (darts_clone's), which
+// escaped Tokenizer::from_bytes; now the same one-line error as any other malformed model.
+TEST(Tokenizer, AModelThatBreaksTheTrieBuilderIsAOneLineError) {
+  std::ifstream in(COIL_FUZZ_CORPUS "/sentencepiece/empty-piece.model", std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_FALSE(bytes.empty());
+  try {
+    Tokenizer::from_bytes(bytes, "ck/tokenizer");
+    FAIL() << "expected an error";
+  } catch (const coil::Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("ck/tokenizer: not a sentencepiece model (", 0), 0u) << e.what();
+    EXPECT_NE(std::string(e.what()).find("zero-length key"), std::string::npos) << e.what();
+  }
+}
+
+// Found by fuzz_tokenizer_text (tests/fuzz/corpus/tokenizer_text/meta-space.txt): sentencepiece
+// writes spaces as U+2581, so that character in the text itself came back as a space (and
+// "###\u2581Response:" as the SFT marker). Coil's tokenizers are lossless for every valid UTF-8.
+TEST(Tokenizer, TheMetaSpaceCharacterRoundTrips) {
+  Tokenizer tok(COIL_FUZZ_CORPUS "/sentencepiece/coil-unigram.model");
+  const std::string meta = "\xe2\x96\x81";
+  for (const std::string& text : {meta, "a" + meta + "b c", meta + meta + " x " + meta, "###" + meta + "Response:\n"}) {
+    const std::vector<int32_t> ids = tok.encode(text);
+    EXPECT_EQ(tok.decode(ids), text);
+  }
+  // As its three UTF-8 bytes (the byte-fallback pieces), never as the piece that means a space.
+  ASSERT_EQ(tok.encode(meta).size(), 3u);
+  EXPECT_EQ(tok.piece(tok.encode(meta)[0]), "<0xE2>");
+  EXPECT_EQ(tok.piece(tok.encode(meta)[1]), "<0x96>");
+  EXPECT_EQ(tok.piece(tok.encode(meta)[2]), "<0x81>");
+  EXPECT_EQ(tok.decode(tok.encode("a b")), "a b");  // real spaces are unchanged
 }
 
 TEST(Reader, ExpandInputs) {

@@ -344,5 +344,27 @@ TEST(HuggingFace, BadCheckpointsAreOneLineErrors) {
   }, "use_bias = true");
 }
 
+// Found while writing the safetensors fuzz target (tests/fuzz/corpus/safetensors/numel-overflow*,
+// docs/RELIABILITY.md): a shape whose element count overflows int64 wrapped around (undefined
+// behaviour; [2^62, 4] of F32 came to 0 elements and passed the size check). Now a one-line error.
+TEST(Safetensors, ShapesTooLargeToCountAreOneLineErrors) {
+  fs::path dir = temp_dir("st_overflow");
+  auto write_header = [&](const std::string& header) {
+    const std::string path = (dir / "x.safetensors").string();
+    std::ofstream f(path, std::ios::binary);
+    const uint64_t len = header.size();
+    f.write(reinterpret_cast<const char*>(&len), 8);
+    f << header;
+    return path;
+  };
+  const std::string a = write_header(R"({"a": {"dtype": "F32", "shape": [2305843009213693952, 2], "data_offsets": [0, 0]}})");
+  expect_error([&] { read_safetensors(a); },
+               "x.safetensors: tensor 'a': shape [2305843009213693952, 2] of F32 has more bytes than an int64 counts");
+  const std::string b = write_header(R"({"b": {"dtype": "U8", "shape": [1099511627776, 1099511627776, 0], "data_offsets": [0, 0]}})");
+  expect_error([&] { read_safetensors(b); },
+               "x.safetensors: tensor 'b': shape [1099511627776, 1099511627776, ...] has more elements than an int64 counts");
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace coil

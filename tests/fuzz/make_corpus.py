@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the fuzz targets into tests/fuzz/corpus/<target>/ (committed; the total
+stays well under 1 MB): small valid inputs and near misses of each format. Deterministic: the same
+files on every run (gzip without a time stamp, zstd at a fixed level).
+
+    <venv>/bin/python tests/fuzz/make_corpus.py [--coil build/bin/coil] [target ...]
+
+The sentencepiece, tokenizer_text and checkpoint corpora are made by running coil (a tokenizer
+trained by `coil tokenizer train`, a checkpoint of a 2-layer model by `coil pretrain`); the
+safetensors corpus with the safetensors package and torch of the project venv.
+"""
+import argparse
+import gzip
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CORPUS = os.path.join(HERE, "corpus")
+
+
+def put(target, name, data):
+    os.makedirs(os.path.join(CORPUS, target), exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(CORPUS, target, name), "wb") as f:
+        f.write(data)
+
+
+def gz(data):
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as f:
+        f.write(data)
+    return buf.getvalue()
+
+
+def zst(data):
+    return subprocess.run(["zstd", "-q", "-3", "-c", "--no-check"], input=data, stdout=subprocess.PIPE,
+                          check=True).stdout
+
+
+JSONL = {
+    "docs.jsonl": '{"text": "The first document."}\n{"text": "A second one,\\nwith two lines."}\n',
+    "unicode.jsonl": '{"text": "caf\\u00e9 \\ud83d\\ude00 \u65e5\u672c"}\n{"id": 3, "text": "\u00e9t\u00e9"}\n',
+    "fields.jsonl": '{"id": 1, "text": "kept", "meta": {"a": [1, 2, {"b": null}]}}\n{"url": "x", "text": ""}\n',
+    "bad-records.jsonl": '{"text": 5}\n{"txt": "no field"}\nnot json\n{"text": "ok"}\n[1, 2]\n{"text": "unterminated\n',
+    "bad-utf8.jsonl": b'{"text": "\xff\xfe bad bytes"}\n{"text": "\\udc00 lone surrogate"}\n{"text": "fine"}\n',
+    "blank-crlf.jsonl": '\n\r\n{"text": "crlf"}\r\n   \n{"text": "last, no newline"}',
+    "long-line.jsonl": '{"text": "' + "x" * 300 + '"}\n{"text": "after the long one"}\n',
+    "empty.jsonl": "",
+    "deep.jsonl": '{"text": "d", "n": ' + "[" * 200 + "]" * 200 + "}\n",
+}
+
+
+def make_jsonl():
+    for name, text in JSONL.items():
+        data = text if isinstance(text, bytes) else text.encode()
+        put("jsonl", name, data)
+    docs = JSONL["docs.jsonl"].encode()
+    both = docs + JSONL["unicode.jsonl"].encode()
+    put("jsonl_gz", "docs.jsonl.gz", gz(docs))
+    put("jsonl_gz", "members.jsonl.gz", gz(docs) + gz(JSONL["unicode.jsonl"].encode()))  # `cat a.gz b.gz`
+    put("jsonl_gz", "truncated.jsonl.gz", gz(both)[:-9])
+    put("jsonl_gz", "bad-records.jsonl.gz", gz(JSONL["bad-records.jsonl"].encode()))
+    put("jsonl_gz", "long-line.jsonl.gz", gz(JSONL["long-line.jsonl"].encode()))
+    put("jsonl_gz", "empty.jsonl.gz", gz(b""))
+    put("jsonl_gz", "not-gzip.jsonl.gz", docs)
+    put("jsonl_zst", "docs.jsonl.zst", zst(docs))
+    put("jsonl_zst", "frames.jsonl.zst", zst(docs) + zst(JSONL["unicode.jsonl"].encode()))
+    put("jsonl_zst", "truncated.jsonl.zst", zst(both)[:-5])
+    put("jsonl_zst", "bad-records.jsonl.zst", zst(JSONL["bad-records.jsonl"].encode()))
+    put("jsonl_zst", "long-line.jsonl.zst", zst(JSONL["long-line.jsonl"].encode()))
+    put("jsonl_zst", "empty.jsonl.zst", zst(b""))
+    put("jsonl_zst", "not-zstd.jsonl.zst", docs)
+
+
+def make_alpaca():
+    ex = [{"instruction": "Give a synonym of big.", "input": "", "output": "Large."},
+          {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}]
+    put("alpaca", "array.json", json.dumps(ex, indent=2))
+    put("alpaca", "lines.json", "".join(json.dumps(e) + "\n" for e in ex))
+    put("alpaca", "unicode.json", json.dumps([{"instruction": "Tradui \u00e9t\u00e9", "input": "\U0001F600",
+                                              "output": "\u590f"}], ensure_ascii=False))
+    put("alpaca", "bad-fields.json", json.dumps([{"instruction": 1, "input": "", "output": "x"},
+                                                {"instruction": "no output"}, "not an object", None,
+                                                {"instruction": "ok", "output": "fine"}]))
+    put("alpaca", "not-array.json", '{"instruction": "an object, not an array", "output": "x"}')
+    put("alpaca", "truncated.json", json.dumps(ex)[:40])
+    put("alpaca", "empty-array.json", "[]")
+    put("alpaca", "nested.json", json.dumps([{"instruction": {"a": [1]}, "input": [], "output": "x"}]))
+
+
+def make_config():
+    for name in ["demo-pretrain.toml", "demo-sft.toml", "pretrain.toml", "sft.toml"]:
+        shutil.copy(os.path.join(ROOT, "configs", name), os.path.join(CORPUS, "config", name))
+    put("config", "overrides.toml", open(os.path.join(ROOT, "configs", "demo-pretrain.toml")).read() +
+        "%%\ntrain.max_steps=7\noptim.adam_beta1=0.5\nmodel.d_model=32\ntrain.dtype=bfloat16\n"
+        "data.streaming=true\ntrain.seq_len=1e3\n")
+    put("config", "minimal.toml", '[model]\npreset = "tiny"\nn_layer = 2\n[train]\nmax_steps = 1\n')
+    put("config", "bad-values.toml", '[optim]\nadam_beta1 = 1.5\n[train]\nseq_len = "long"\nwarmup = 3\n')
+    put("config", "bad-toml.toml", '[train\nmax_steps = = 3\n"unterminated = 1\n')
+    put("config", "types.toml", '[train]\nmax_steps = 9223372036854775807\nwatchdog_timeout = inf\n'
+        'seed = -1\nrun_dir = """multi\nline"""\n[optim]\nlearning_rate_muon = nan\n[model]\nd_model = 1e3\n'
+        '%%\ntrain.max_steps=-5\nnonsense\n=\ntrain.seq_len=\nmodel.expand=99999999999999999999\n')
+    put("config", "tables.toml", '[model.nested]\nx = 1\n[[train]]\ny = 2\n[data]\ntrain = ["a", "b"]\n'
+        'tokenizer = { path = "x" }\n')
+
+
+def make_safetensors():
+    import torch
+    from safetensors.torch import save
+    g = torch.Generator().manual_seed(0)
+    put("safetensors", "dtypes.safetensors", save({
+        "f32": torch.randn(2, 3, generator=g), "f64": torch.randn(3, generator=g).double(),
+        "f16": torch.randn(2, 2, generator=g).half(), "bf16": torch.randn(4, generator=g).bfloat16(),
+        "i64": torch.arange(3), "i32": torch.arange(4, dtype=torch.int32), "u8": torch.arange(5, dtype=torch.uint8),
+        "bool": torch.tensor([True, False]), "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4)},
+        metadata={"format": "pt"}))
+    put("safetensors", "model.safetensors", save({
+        "backbone.embeddings.weight": torch.randn(8, 4, generator=g),
+        "backbone.layers.0.mixer.A_log": torch.randn(8, 2, generator=g),
+        "backbone.norm_f.weight": torch.ones(4)}))
+
+    def raw(header, data=b"", pad=True):
+        h = json.dumps(header).encode()
+        if pad:
+            h += b" " * ((8 - len(h) % 8) % 8)
+        return struct.pack("<Q", len(h)) + h + data
+
+    f = struct.pack("<4f", 1, 2, 3, 4)
+    put("safetensors", "bad-offsets.safetensors", raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 24]}}, f))
+    put("safetensors", "bad-dtype.safetensors", raw({"a": {"dtype": "Q7", "shape": [4], "data_offsets": [0, 16]}}, f))
+    put("safetensors", "bad-shape.safetensors", raw({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]},
+                                                      "b": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}, f))
+    put("safetensors", "missing-keys.safetensors", raw({"a": {"dtype": "F32"}, "__metadata__": {"k": "v"}}, f))
+    put("safetensors", "header-too-long.safetensors", struct.pack("<Q", 1 << 40) + b"{}")
+    put("safetensors", "not-json.safetensors", struct.pack("<Q", 6) + b"{nope}" + f)
+    put("safetensors", "short.safetensors", b"\x10\x00\x00")
+
+
+def run_coil(coil, *args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([coil, *args], cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def train_tokenizers(coil, tmp):
+    lines = [json.dumps({"text": l}) for l in open(os.path.join(ROOT, "README.md")) if l.strip()]
+    lines.append(json.dumps({"text": "caf\u00e9 \u00e9t\u00e9 \u65e5\u672c\u8a9e \U0001F600 \u0416\u0443\u043a"}))
+    with open(os.path.join(tmp, "train.jsonl"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    for kind in ["unigram", "bpe"]:
+        run_coil(coil, "tokenizer", "train", "--input", "train.jsonl", "--output", "coil-" + kind, "--vocab-size",
+                 "400", "--model-type", kind, "--threads", "1", cwd=tmp)
+
+
+def make_sentencepiece(coil):
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizers(coil, tmp)
+        for kind in ["unigram", "bpe"]:
+            model = open(os.path.join(tmp, "coil-%s.model" % kind), "rb").read()
+            put("sentencepiece", "coil-%s.model" % kind, model)
+        put("sentencepiece", "truncated.model", model[: len(model) // 2])
+        put("sentencepiece", "not-a-model.model", b"\x0a\x05hello\x12\x00")
+
+
+def make_tokenizer_text():
+    put("tokenizer_text", "ascii.txt", "The quick brown fox, 42 times.\n\tIndented  spaces   and\r\nCRLF.")
+    put("tokenizer_text", "unicode.txt", "caf\u00e9 \u65e5\u672c\u8a9e \U0001F600 \u0416 \u200b zero width, \ufeff BOM")
+    put("tokenizer_text", "markers.txt", "<s></s><pad><unk> ### Instruction:\n### Response:\n")
+    put("tokenizer_text", "bytes.bin", bytes(range(256)))
+    put("tokenizer_text", "empty.txt", "")
+
+
+def make_checkpoint(coil):
+    """A checkpoint of the smallest model coil trains (d_model 8, 1 layer, d_state 2, 400 ids), as a
+    folder (index.h5 + one rank file) and consolidated; the target's input is byte 0 (0: folder,
+    1: consolidated), then for a folder the index's length (4 bytes) and the two files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizers(coil, tmp)
+        with open(os.path.join(tmp, "tiny.toml"), "w") as f:
+            f.write('[model]\npreset = "tiny"\nd_model = 8\nn_layer = 1\nd_state = 2\nexpand = 1\n'
+                    '[data]\ntrain = "train.jsonl"\ntokenizer = "coil-unigram.model"\nstreaming = true\n'
+                    '[train]\nrun_dir = "run"\nmax_steps = 1\nseq_len = 8\nglobal_batch_size = 2\n'
+                    'micro_batch_size = 2\neval_interval = 0\nthreads = 1\nasync_checkpoint = false\n')
+        run_coil(coil, "pretrain", "--config", "tiny.toml", cwd=tmp)
+        ck = os.path.join(tmp, "run", "checkpoints", "step-00000001")
+        run_coil(coil, "ckpt", "consolidate", ck, "consolidated.h5", cwd=tmp)
+        index = open(os.path.join(ck, "index.h5"), "rb").read()
+        rank = open(os.path.join(ck, "rank-00000-of-00001.h5"), "rb").read()
+        consolidated = open(os.path.join(tmp, "consolidated.h5"), "rb").read()
+
+    def folder(index, rank):
+        return b"\x00" + struct.pack("<I", len(index)) + index + rank
+
+    put("checkpoint", "folder.bin", folder(index, rank))
+    put("checkpoint", "consolidated.bin", b"\x01" + consolidated)
+    put("checkpoint", "rank-truncated.bin", folder(index, rank[: len(rank) // 3]))
+    put("checkpoint", "no-rank-file.bin", folder(index, b""))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--coil", default=os.path.join(ROOT, "build", "bin", "coil"))
+    ap.add_argument("targets", nargs="*")
+    args = ap.parse_args()
+    makers = {"jsonl": make_jsonl, "alpaca": make_alpaca, "config": make_config, "safetensors": make_safetensors,
+              "sentencepiece": lambda: make_sentencepiece(args.coil), "tokenizer_text": make_tokenizer_text,
+              "checkpoint": lambda: make_checkpoint(args.coil)}
+    for t in args.targets or makers:
+        makers[t]()
+
+
+if __name__ == "__main__":
+    main()
