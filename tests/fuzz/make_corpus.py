@@ -204,6 +204,71 @@ def make_checkpoint(coil):
     put("checkpoint", "no-rank-file.bin", folder(index, b""))
 
 
+def make_tokenizer_json():
+    """Small byte-level BPE files in the three pipelines Coil reads (GPT-2, GPT-NeoX, Llama-3 style),
+    trained here with `tokenizers` on a few lines, and near misses of them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    text = ["Hello world, it's 2026!", "\u4f60\u597d\uff0c\u4e16\u754c", "numbers 12345 and  spaces\t\ttabs",
+            "caf\u00e9 na\u0131ve \U0001F600\u200d\U0001F4BB", "don't we'll I'm"] * 4
+
+    def train(tok, specials):
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(text, trainer)
+        return tok.to_str()
+
+    gpt2 = Tokenizer(models.BPE())
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    gpt2.decoder = decoders.ByteLevel()
+    put("tokenizer_json", "gpt2.json", train(gpt2, ["<|endoftext|>"]))
+    neox = Tokenizer(models.BPE())
+    neox.normalizer = normalizers.NFC()
+    neox.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    neox.decoder = decoders.ByteLevel()
+    neox.post_processor = processors.ByteLevel(trim_offsets=False)
+    put("tokenizer_json", "neox.json", train(neox, ["<|endoftext|>", "<|padding|>"]))
+    llama = Tokenizer(models.BPE())
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    llama.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    llama.decoder = decoders.ByteLevel()
+    llama_json = train(llama, ["<|begin_of_text|>", "<|end_of_text|>"])
+    llama = Tokenizer.from_str(llama_json)
+    llama.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", llama.token_to_id("<|begin_of_text|>"))])
+    put("tokenizer_json", "llama3.json", llama.to_str())
+    small = json.loads(gpt2.to_str())
+    put("tokenizer_json", "unknown-model.json", json.dumps(dict(small, model={"type": "WordPiece"})))
+    put("tokenizer_json", "truncated.json", gpt2.to_str()[:500])
+    put("tokenizer_json", "empty-object.json", "{}")
+
+
+def make_parquet():
+    """Small Parquet files as the Hub serves them (FineWeb's columns, Alpaca's), in several encodings,
+    and near misses (a truncated file, a column that is not text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def parquet(table, **kw):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, **kw)
+        return buf.getvalue()
+
+    texts = ["Hello world.", "", None, "\u4f60\u597d \U0001F600", "a" * 40, "last row"]
+    fineweb = pa.table({"text": texts, "id": [f"<urn:{i}>" for i in range(len(texts))],
+                        "token_count": list(range(len(texts)))})
+    put("parquet", "fineweb.parquet", parquet(fineweb, row_group_size=2, compression="snappy"))
+    put("parquet", "fineweb-zstd-dict.parquet", parquet(fineweb, row_group_size=4, compression="zstd", use_dictionary=True))
+    put("parquet", "plain.parquet", parquet(fineweb, compression="none", use_dictionary=False))
+    large = pa.table({"text": pa.array(texts, type=pa.large_string())})
+    put("parquet", "large-string.parquet", parquet(large, compression="none"))
+    whole = parquet(fineweb, row_group_size=2, compression="none")
+    put("parquet", "truncated.parquet", whole[: len(whole) * 2 // 3])
+    put("parquet", "int-text.parquet", parquet(pa.table({"text": [1, 2, 3]}), compression="none"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--coil", default=os.path.join(ROOT, "build", "bin", "coil"))
@@ -211,7 +276,8 @@ def main():
     args = ap.parse_args()
     makers = {"jsonl": make_jsonl, "alpaca": make_alpaca, "config": make_config, "safetensors": make_safetensors,
               "sentencepiece": lambda: make_sentencepiece(args.coil), "tokenizer_text": make_tokenizer_text,
-              "checkpoint": lambda: make_checkpoint(args.coil)}
+              "checkpoint": lambda: make_checkpoint(args.coil), "tokenizer_json": make_tokenizer_json,
+              "parquet": make_parquet}
     for t in args.targets or makers:
         makers[t]()
 
