@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <deque>
 #include <map>
 #include <thread>
 
@@ -177,18 +178,31 @@ std::shared_ptr<const PackedSftSamples::Packing> PackedSftSamples::packing(uint6
   }
   auto p = std::make_shared<Packing>();
   const int64_t n = examples_->size(), cols = examples_->cols();
-  p->order.resize(static_cast<size_t>(n));
-  int64_t used = cols;  // the current row is full: the first example opens a row
+  // First fit over the kOpenRows rows opened last: an example goes into the first of them it fits
+  // in, else into a new row, which closes the oldest one when there are too many.
+  struct Open {
+    int64_t used = 0;
+    std::vector<int64_t> examples;
+  };
+  std::deque<Open> open;
+  auto close = [&] {
+    p->row_start.push_back(static_cast<int64_t>(p->order.size()));
+    p->order.insert(p->order.end(), open.front().examples.begin(), open.front().examples.end());
+    open.pop_front();
+  };
+  p->order.reserve(static_cast<size_t>(n));
   for (int64_t k = 0; k < n; ++k) {
-    const int64_t e = sample_at(epoch * n + k, n, seed);
-    p->order[static_cast<size_t>(k)] = e;
-    const int64_t len = (*examples_)[e].length;
-    if (used + len > cols) {
-      p->row_start.push_back(k);
-      used = 0;
+    const int64_t e = sample_at(epoch * n + k, n, seed), len = (*examples_)[e].length;
+    auto fits = std::find_if(open.begin(), open.end(), [&](const Open& r) { return r.used + len <= cols; });
+    if (fits == open.end()) {
+      if (static_cast<int64_t>(open.size()) == kOpenRows) close();
+      open.emplace_back();
+      fits = open.end() - 1;
     }
-    used += len;
+    fits->used += len;
+    fits->examples.push_back(e);
   }
+  while (!open.empty()) close();
   p->row_start.push_back(n);
   std::lock_guard<std::mutex> lock(mu_);
   if (cache_.size() >= 4) cache_.erase(cache_.begin());  // the lowest (seed, epoch): training moves forward

@@ -583,6 +583,22 @@ TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
   EXPECT_LT(val.back(), val.front());
   EXPECT_LT(val[2], val[0]);
   EXPECT_TRUE(fs::exists(sft + "/checkpoints/final/index.h5"));
+  // data.sft_packing: several examples a row, through the same trainer; it learns too. A seq_len
+  // shorter than the template itself is refused, naming the keys.
+  RunConfig packed = c;
+  packed.run_dir = *dir_ + "/sft-packed";
+  packed.data_sft_packing = true;
+  packed.max_steps = 8;
+  train(packed, Phase::kSft);
+  std::vector<double> packed_val;
+  for (auto& m : metrics(packed.run_dir))
+    if (m.contains("val_loss")) packed_val.push_back(m["val_loss"].get<double>());
+  ASSERT_EQ(packed_val.size(), 3u);
+  EXPECT_LT(packed_val.back(), packed_val.front());
+  packed.run_dir = *dir_ + "/sft-short";
+  packed.seq_len = 8;
+  EXPECT_NE(error_of([&] { train(packed, Phase::kSft); }).find("data.sft_packing: train.seq_len 8 is shorter than the SFT template itself ("),
+            std::string::npos);
   c.pretrained_checkpoint_path = "";
   c.run_dir = *dir_ + "/sft2";
   EXPECT_NE(error_of([&] { train(c, Phase::kSft); }).find("train.pretrained_checkpoint_path is not set"), std::string::npos);
