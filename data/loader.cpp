@@ -92,24 +92,29 @@ uint64_t Permutation::operator()(uint64_t i) const {
 
 // ---- The indexed loader ---------------------------------------------------------------------------
 
-namespace {
-
-// The sample at global position g: epoch g / S, and within it the epoch's permutation of g mod S.
 int64_t sample_at(int64_t g, int64_t samples, uint64_t seed) {
   const int64_t epoch = g / samples;
   Permutation perm(static_cast<uint64_t>(samples), mix64(seed) ^ mix64(static_cast<uint64_t>(epoch) * 0x632be59bd9b4e019ULL));
   return static_cast<int64_t>(perm(static_cast<uint64_t>(g % samples)));
 }
 
+void SampleSource::fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const {
+  const int64_t s = sample_at(g, size(), seed);
+  fill(s, tokens, mask);
+  if (seq_idx) fill_seq_idx(s, seq_idx);
+}
+
+namespace {
+
 void fill_rows(const SampleSource& source, int64_t first, int64_t rows, uint64_t seed, Batch& b) {
   b.rows = rows;
   b.cols = source.cols();
   b.tokens.resize(static_cast<size_t>(rows * b.cols));
   b.mask.resize(source.has_mask() ? b.tokens.size() : 0);
-  for (int64_t i = 0; i < rows; ++i) {
-    int64_t s = sample_at(first + i, source.size(), seed);
-    source.fill(s, b.tokens.data() + i * b.cols, source.has_mask() ? b.mask.data() + i * b.cols : nullptr);
-  }
+  b.seq_idx.resize(source.has_seq_idx() ? b.tokens.size() : 0);
+  for (int64_t i = 0; i < rows; ++i)
+    source.fill_at(first + i, seed, b.tokens.data() + i * b.cols, source.has_mask() ? b.mask.data() + i * b.cols : nullptr,
+                   source.has_seq_idx() ? b.seq_idx.data() + i * b.cols : nullptr);
 }
 
 class IndexedLoader : public Loader {

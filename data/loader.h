@@ -19,10 +19,17 @@ namespace coil::data {
 // A micro batch: rows x cols tokens (cols = seq_len + 1: the inputs are columns 0..seq_len-1, the
 // targets columns 1..seq_len). mask[i] is 1 where token i is a target the loss counts; an empty
 // mask means every target counts (pretraining).
+//
+// seq_idx (rows x cols, empty when off: data.document_masking, data.sft_packing) numbers the
+// documents of each row: 0 for the document the row starts in, +1 at each document start, so it is
+// non-decreasing within a row, and the model resets its SSM and conv state where it changes. A
+// document's EOS belongs to it: the EOS that ends document a is a's last token (a's last input),
+// and the position after it starts document b. SFT padding at a row's end gets a number of its own.
 struct Batch {
   int64_t rows = 0, cols = 0;
   std::vector<int32_t> tokens;
   std::vector<uint8_t> mask;
+  std::vector<int32_t> seq_idx;
 };
 
 // How a global batch (in sequences) splits over ranks and micro batches.
@@ -93,7 +100,18 @@ class SampleSource {
   virtual void fill(int64_t i, int32_t* tokens, uint8_t* mask) const = 0;
   virtual std::string kind() const = 0;
   virtual std::string fingerprint() const = 0;
+  // Whether the source numbers the documents of its samples (Batch::seq_idx), and sample i's numbers
+  // (cols values).
+  virtual bool has_seq_idx() const { return false; }
+  virtual void fill_seq_idx(int64_t /*i*/, int32_t* /*seq_idx*/) const {}
+  // The sample at global position g (all epochs) of the order of `seed`: by default sample
+  // sample_at(g, size(), seed) through fill() and fill_seq_idx() (seq_idx null: not wanted). A source
+  // that orders itself (packed SFT: its rows are a function of the epoch) overrides it.
+  virtual void fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const;
 };
+
+// The sample at global position g: epoch e = g / samples, and within it perm_e(g mod samples).
+int64_t sample_at(int64_t g, int64_t samples, uint64_t seed);
 
 // The loader over any SampleSource, in the global order above, prefetching `prefetch` micro
 // batches ahead in a background thread (0: none).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <deque>
 #include <map>
 #include <thread>
 
@@ -113,6 +114,7 @@ bool make_sft_sample(const Tokenizer& tokenizer, const AlpacaExample& example, i
   out.tokens.push_back(tokenizer.eos());
   if (prompt >= cols) return false;  // not one response token fits
   out.tokens.resize(std::min(out.tokens.size(), cols));
+  out.length = static_cast<int64_t>(out.tokens.size());
   out.mask.assign(cols, 0);
   std::fill(out.mask.begin() + static_cast<ptrdiff_t>(prompt), out.mask.begin() + static_cast<ptrdiff_t>(out.tokens.size()), 1);
   out.tokens.resize(cols, tokenizer.pad());
@@ -121,7 +123,7 @@ bool make_sft_sample(const Tokenizer& tokenizer, const AlpacaExample& example, i
 
 SftDataset::SftDataset(const std::vector<std::string>& files, const Tokenizer& tokenizer, int64_t seq_len,
                        const ReadOptions& options, int threads, const SftTemplate& templ)
-    : seq_len_(seq_len) {
+    : seq_len_(seq_len), pad_(tokenizer.pad()) {
   COIL_CHECK(seq_len >= 1, "seq_len must be >= 1, not {}", seq_len);
   std::vector<AlpacaExample> examples = read_alpaca(files, options, &stats_);
   if (examples.empty()) fail("no Alpaca example in {} ({})", files.empty() ? "" : files[0], stats_.summary());
@@ -154,6 +156,131 @@ void SftDataset::fill(int64_t i, int32_t* tokens, uint8_t* mask) const {
   const SftSample& s = samples_[static_cast<size_t>(i)];
   std::copy(s.tokens.begin(), s.tokens.end(), tokens);
   if (mask) std::copy(s.mask.begin(), s.mask.end(), mask);
+}
+
+// ---- Packing ------------------------------------------------------------------------------------
+
+PackedSftSamples::PackedSftSamples(std::shared_ptr<const SftDataset> examples, uint64_t seed)
+    : examples_(std::move(examples)), seed_(seed) {
+  COIL_CHECK(examples_->size() > 0, "the SFT data set has no example");
+  for (int64_t i = 0; i < examples_->size(); ++i) {
+    const SftSample& s = (*examples_)[i];
+    target_tokens_ += std::count(s.mask.begin() + 1, s.mask.begin() + s.length, 1);
+  }
+  rows0_ = rows_in_epoch(seed, 0);
+}
+
+std::shared_ptr<const PackedSftSamples::Packing> PackedSftSamples::packing(uint64_t seed, int64_t epoch) const {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cache_.find({seed, epoch});
+    if (it != cache_.end()) return it->second;
+  }
+  auto p = std::make_shared<Packing>();
+  const int64_t n = examples_->size(), cols = examples_->cols();
+  // First fit over the kOpenRows rows opened last: an example goes into the first of them it fits
+  // in, else into a new row, which closes the oldest one when there are too many.
+  struct Open {
+    int64_t used = 0;
+    std::vector<int64_t> examples;
+  };
+  std::deque<Open> open;
+  auto close = [&] {
+    p->row_start.push_back(static_cast<int64_t>(p->order.size()));
+    p->order.insert(p->order.end(), open.front().examples.begin(), open.front().examples.end());
+    open.pop_front();
+  };
+  p->order.reserve(static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t e = sample_at(epoch * n + k, n, seed), len = (*examples_)[e].length;
+    auto fits = std::find_if(open.begin(), open.end(), [&](const Open& r) { return r.used + len <= cols; });
+    if (fits == open.end()) {
+      if (static_cast<int64_t>(open.size()) == kOpenRows) close();
+      open.emplace_back();
+      fits = open.end() - 1;
+    }
+    fits->used += len;
+    fits->examples.push_back(e);
+  }
+  while (!open.empty()) close();
+  p->row_start.push_back(n);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cache_.size() >= 4) cache_.erase(cache_.begin());  // the lowest (seed, epoch): training moves forward
+  cache_[{seed, epoch}] = p;
+  return p;
+}
+
+int64_t PackedSftSamples::rows_in_epoch(uint64_t seed, int64_t epoch) const {
+  return static_cast<int64_t>(packing(seed, epoch)->row_start.size()) - 1;
+}
+
+std::pair<int64_t, int64_t> PackedSftSamples::locate(uint64_t seed, int64_t g) const {
+  COIL_CHECK(g >= 0, "row {} of the packed SFT data", g);
+  std::vector<int64_t> before;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    before = rows_before_[seed];  // R(0) = 0, R(1), ...: rows before each epoch
+  }
+  if (before.empty()) before.push_back(0);
+  // Packs epochs until one ends past g (each epoch has at least one row).
+  while (before.back() <= g) before.push_back(before.back() + rows_in_epoch(seed, static_cast<int64_t>(before.size()) - 1));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (rows_before_[seed].size() < before.size()) rows_before_[seed] = before;
+  }
+  const int64_t e = static_cast<int64_t>(std::upper_bound(before.begin(), before.end(), g) - before.begin()) - 1;
+  return {e, g - before[static_cast<size_t>(e)]};
+}
+
+void PackedSftSamples::write_row(const Packing& p, int64_t row, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const {
+  const int64_t cols = examples_->cols();
+  int64_t at = 0;
+  int32_t number = 0;
+  for (int64_t k = p.row_start[static_cast<size_t>(row)]; k < p.row_start[static_cast<size_t>(row) + 1]; ++k, ++number) {
+    const SftSample& s = (*examples_)[p.order[static_cast<size_t>(k)]];
+    std::copy(s.tokens.begin(), s.tokens.begin() + s.length, tokens + at);
+    if (mask) {
+      std::copy(s.mask.begin(), s.mask.begin() + s.length, mask + at);
+      mask[at] = 0;  // an example's first token is no target of the one before
+    }
+    if (seq_idx) std::fill_n(seq_idx + at, s.length, number);
+    at += s.length;
+  }
+  std::fill(tokens + at, tokens + cols, examples_->pad());
+  if (mask) std::fill(mask + at, mask + cols, uint8_t{0});
+  if (seq_idx) std::fill(seq_idx + at, seq_idx + cols, number);
+}
+
+void PackedSftSamples::fill(int64_t i, int32_t* tokens, uint8_t* mask) const {
+  write_row(*packing(seed_, 0), i, tokens, mask, nullptr);
+}
+
+void PackedSftSamples::fill_seq_idx(int64_t i, int32_t* seq_idx) const {
+  std::vector<int32_t> tokens(static_cast<size_t>(cols()));
+  write_row(*packing(seed_, 0), i, tokens.data(), nullptr, seq_idx);
+}
+
+void PackedSftSamples::fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const {
+  const auto [epoch, row] = locate(seed, g);
+  write_row(*packing(seed, epoch), row, tokens, mask, seq_idx);
+}
+
+std::vector<int64_t> PackedSftSamples::row_examples(uint64_t seed, int64_t epoch, int64_t row) const {
+  auto p = packing(seed, epoch);
+  COIL_CHECK(row >= 0 && row + 1 < static_cast<int64_t>(p->row_start.size()), "epoch {} has no row {}", epoch, row);
+  return {p->order.begin() + p->row_start[static_cast<size_t>(row)], p->order.begin() + p->row_start[static_cast<size_t>(row) + 1]};
+}
+
+int64_t sft_template_tokens(const Tokenizer& tokenizer, const SftTemplate& templ) {
+  std::vector<int32_t> ids;
+  tokenizer.encode(templ.prompt(AlpacaExample{}), ids);
+  return static_cast<int64_t>(ids.size());
+}
+
+void check_sft_packing(const Tokenizer& tokenizer, const SftTemplate& templ, int64_t seq_len) {
+  const int64_t t = sft_template_tokens(tokenizer, templ);
+  COIL_CHECK(seq_len >= t, "data.sft_packing: train.seq_len {} is shorter than the SFT template itself ({} tokens)",
+             seq_len, t);
 }
 
 }  // namespace coil::data

@@ -30,6 +30,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -76,6 +79,7 @@ class SftTemplate {
 struct SftSample {
   std::vector<int32_t> tokens;
   std::vector<uint8_t> mask;
+  int64_t length = 0;  // tokens before the padding
 };
 
 // Tokenizes one example; false when no response token fits (the example is dropped).
@@ -96,6 +100,7 @@ class SftDataset : public SampleSource {
   std::string kind() const override { return "sft"; }
   std::string fingerprint() const override { return fingerprint_; }
   int64_t seq_len() const { return seq_len_; }
+  int32_t pad() const { return pad_; }
   int64_t dropped() const { return dropped_; }          // examples with no response token left
   int64_t response_tokens() const { return response_tokens_; }
   const ReadStats& read_stats() const { return stats_; }
@@ -103,10 +108,73 @@ class SftDataset : public SampleSource {
 
  private:
   int64_t seq_len_;
+  int32_t pad_ = 0;
   std::vector<SftSample> samples_;
   int64_t dropped_ = 0, response_tokens_ = 0;
   ReadStats stats_;
   std::string fingerprint_;
 };
+
+// ---- Packing (data.sft_packing) ------------------------------------------------------------------
+//
+// Examples packed several to a row of seq_len + 1 tokens instead of one per padded row. In epoch e
+// the examples are taken in the order of the indexed loader's permutation of that epoch
+// (sample_at(e S + k, S, seed), data/loader.h) and laid out first-fit over the last kOpenRows rows
+// opened: each example (its tokens, cut as in make_sft_sample, ending with its EOS) goes into the
+// first of those rows with room for it, else into a new row, which closes the oldest open row (padded
+// at its end) when there are more than kOpenRows; rows come in the order they close. A window of 16
+// leaves a few percent of padding where next fit (one open row) leaves about 20% on Alpaca-like
+// lengths (docs/PERFORMANCE.md), and keeps the rows near the epoch's order. So an epoch's rows are a pure
+// function of (seed, epoch), never of the number of ranks, and the loader's order contract holds
+// with rows in place of samples: global row g is row g - R(e) of epoch e, R(e) being the rows of
+// the epochs before e (they vary a little from epoch to epoch). N-independence, exact resume and
+// resharding hold as for the padded loader; the state's next_sample counts rows.
+//
+// In a row, seq_idx numbers the examples 0, 1, 2, ... and the padding gets the next number; the
+// mask is each example's own (response and EOS), 0 on the padding, and 0 on each example's first
+// token (which would otherwise be a target predicted from the previous example's EOS).
+class PackedSftSamples : public SampleSource {
+ public:
+  static constexpr int64_t kOpenRows = 16;
+  // seed: the run's (size() is the row count of its epoch 0).
+  PackedSftSamples(std::shared_ptr<const SftDataset> examples, uint64_t seed);
+  int64_t size() const override { return rows0_; }  // rows of epoch 0 (others differ a little)
+  int64_t cols() const override { return examples_->cols(); }
+  int64_t target_tokens() const override { return target_tokens_; }
+  bool has_mask() const override { return true; }
+  bool has_seq_idx() const override { return true; }
+  // Row i of epoch 0 of the run's seed.
+  void fill(int64_t i, int32_t* tokens, uint8_t* mask) const override;
+  void fill_seq_idx(int64_t i, int32_t* seq_idx) const override;
+  void fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const override;
+  std::string kind() const override { return "sft"; }
+  std::string fingerprint() const override { return examples_->fingerprint() + ":packed"; }
+  // The examples of row `row` of epoch `epoch` (indices into the SftDataset), in order.
+  std::vector<int64_t> row_examples(uint64_t seed, int64_t epoch, int64_t row) const;
+  int64_t rows_in_epoch(uint64_t seed, int64_t epoch) const;
+
+ private:
+  struct Packing {
+    std::vector<int64_t> order;      // the epoch's examples, row after row
+    std::vector<int64_t> row_start;  // row r holds order[row_start[r], row_start[r + 1])
+  };
+  std::shared_ptr<const Packing> packing(uint64_t seed, int64_t epoch) const;
+  // The epoch of global row g and the row within it.
+  std::pair<int64_t, int64_t> locate(uint64_t seed, int64_t g) const;
+  void write_row(const Packing& p, int64_t row, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const;
+
+  std::shared_ptr<const SftDataset> examples_;
+  uint64_t seed_;
+  int64_t rows0_ = 0, target_tokens_ = 0;
+  mutable std::mutex mu_;
+  mutable std::map<uint64_t, std::vector<int64_t>> rows_before_;  // per seed: R(0), R(1), ...
+  mutable std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const Packing>> cache_;  // a few recent epochs
+};
+
+// The tokens of the template itself (its prompt with every slot empty).
+int64_t sft_template_tokens(const Tokenizer& tokenizer, const SftTemplate& templ);
+// data.sft_packing with a train.seq_len shorter than the template itself is a one-line coil::Error
+// naming both keys.
+void check_sft_packing(const Tokenizer& tokenizer, const SftTemplate& templ, int64_t seq_len);
 
 }  // namespace coil::data

@@ -242,6 +242,11 @@ TokenShards::TokenShards(const std::string& dir) : dir_(dir) {
                  dir, s.at("index_file").get<std::string>());
       idx.seekg(0);
       idx.read(reinterpret_cast<char*>(shard.doc_offsets.data()), (docs + 1) * 8);
+      // Every document holds at least its EOS: the offsets rise from 0 to the shard's length.
+      bool ok = shard.doc_offsets.front() == 0 && shard.doc_offsets.back() == static_cast<uint64_t>(shard.tokens);
+      for (size_t k = 1; ok && k < shard.doc_offsets.size(); ++k) ok = shard.doc_offsets[k] > shard.doc_offsets[k - 1];
+      COIL_CHECK(ok, "{}/{}: the document offsets do not rise from 0 to the shard's {} tokens", dir,
+                 s.at("index_file").get<std::string>(), shard.tokens);
       total_tokens_ += shard.tokens;
       total_documents_ += docs;
       shards_.push_back(std::move(shard));
@@ -279,6 +284,25 @@ void TokenShards::read(int64_t start, int64_t count, int32_t* out) const {
   }
 }
 
+void TokenShards::document_numbers(int64_t start, int64_t count, int32_t* out) const {
+  COIL_CHECK(start >= 0 && count >= 0 && start + count <= total_tokens_, "tokens [{}, {}) are outside the data ({})",
+             start, start + count, total_tokens_);
+  auto it = std::upper_bound(shards_.begin(), shards_.end(), start,
+                             [](int64_t pos, const Shard& s) { return pos < s.first; });
+  --it;
+  // k: the document of position `start` within its shard (the last offset <= it).
+  size_t k = static_cast<size_t>(std::upper_bound(it->doc_offsets.begin(), it->doc_offsets.end(),
+                                                  static_cast<uint64_t>(start - it->first)) -
+                                 it->doc_offsets.begin()) - 1;
+  int32_t number = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t pos = start + j;
+    while (pos >= it->first + it->tokens) ++it, k = 0, ++number;  // a shard ends with a whole document
+    while (pos >= it->first + static_cast<int64_t>(it->doc_offsets[k + 1])) ++k, ++number;
+    out[j] = number;
+  }
+}
+
 std::vector<int32_t> TokenShards::document(int64_t i) const {
   COIL_CHECK(i >= 0 && i < total_documents_, "document {} is outside the data ({} documents)", i, total_documents_);
   auto it = std::upper_bound(shards_.begin(), shards_.end(), i,
@@ -292,8 +316,8 @@ std::vector<int32_t> TokenShards::document(int64_t i) const {
   return out;
 }
 
-PackedSamples::PackedSamples(std::shared_ptr<const TokenShards> shards, int64_t seq_len)
-    : shards_(std::move(shards)), seq_len_(seq_len) {
+PackedSamples::PackedSamples(std::shared_ptr<const TokenShards> shards, int64_t seq_len, bool document_masking)
+    : shards_(std::move(shards)), seq_len_(seq_len), document_masking_(document_masking) {
   COIL_CHECK(seq_len >= 1, "seq_len must be >= 1, not {}", seq_len);
   samples_ = (shards_->tokens() - 1) / seq_len;
   COIL_CHECK(samples_ > 0, "{} holds {} tokens: not enough for one sequence of {} + 1", shards_->dir(),
@@ -301,6 +325,10 @@ PackedSamples::PackedSamples(std::shared_ptr<const TokenShards> shards, int64_t 
 }
 
 void PackedSamples::fill(int64_t i, int32_t* tokens, uint8_t*) const { shards_->read(i * seq_len_, seq_len_ + 1, tokens); }
+
+void PackedSamples::fill_seq_idx(int64_t i, int32_t* seq_idx) const {
+  shards_->document_numbers(i * seq_len_, seq_len_ + 1, seq_idx);
+}
 
 std::string PackedSamples::fingerprint() const {
   return fmt::format("shards:{}:{}:{}", shards_->tokens(), seq_len_, shards_->tokenizer_sha256().substr(0, 16));

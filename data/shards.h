@@ -57,6 +57,10 @@ class TokenShards {
   const std::string& dir() const { return dir_; }
   // Tokens [start, start + count) of the stream, as int32.
   void read(int64_t start, int64_t count, int32_t* out) const;
+  // For positions [start, start + count): the document each lies in, numbered from 0 for the
+  // document of `start` (a document's EOS is its own last position). From the .idx offsets read at
+  // open: no token is looked at.
+  void document_numbers(int64_t start, int64_t count, int32_t* out) const;
   // Document i as token ids (without its EOS).
   std::vector<int32_t> document(int64_t i) const;
 
@@ -78,10 +82,14 @@ class TokenShards {
 
 // Pretraining samples: the stream cut into sequences of seq_len + 1 tokens that overlap by one
 // (sample i is tokens [i seq_len, (i + 1) seq_len]), so every token is a target exactly once.
-// Documents are packed back to back, separated by their EOS.
+// Documents are packed back to back, separated by their EOS. With document_masking
+// (data.document_masking) a sample also numbers its documents (Batch::seq_idx), from the shards'
+// document index (the .idx offsets that prepare writes; no scanning for EOS), so that the model
+// resets its state at each document start. The fingerprint does not depend on it: a run may resume
+// with it switched.
 class PackedSamples : public SampleSource {
  public:
-  PackedSamples(std::shared_ptr<const TokenShards> shards, int64_t seq_len);
+  PackedSamples(std::shared_ptr<const TokenShards> shards, int64_t seq_len, bool document_masking = false);
   int64_t size() const override { return samples_; }
   int64_t cols() const override { return seq_len_ + 1; }
   int64_t target_tokens() const override { return samples_ * seq_len_; }
@@ -89,10 +97,13 @@ class PackedSamples : public SampleSource {
   void fill(int64_t i, int32_t* tokens, uint8_t* mask) const override;
   std::string kind() const override { return "shards"; }
   std::string fingerprint() const override;
+  bool has_seq_idx() const override { return document_masking_; }
+  void fill_seq_idx(int64_t i, int32_t* seq_idx) const override;
 
  private:
   std::shared_ptr<const TokenShards> shards_;
   int64_t seq_len_, samples_;
+  bool document_masking_;
 };
 
 }  // namespace coil::data

@@ -57,6 +57,7 @@ class StreamingLoader : public Loader {
     b.rows = o_.geometry.micro_batch;
     b.cols = cols;
     b.tokens.resize(static_cast<size_t>(b.rows * cols));
+    if (o_.document_masking) b.seq_idx.resize(b.tokens.size());
     for (int64_t r = 0; r < b.rows; ++r) {
       // Copy seq_len + 1 tokens from the front of the pending documents, then move on by seq_len.
       int32_t* out = b.tokens.data() + r * cols;
@@ -69,6 +70,8 @@ class StreamingLoader : public Loader {
         const Doc& doc = pending_[d];
         const int64_t n = std::min<int64_t>(cols - have, static_cast<int64_t>(doc.tokens.size()) - at);
         std::copy(doc.tokens.begin() + at, doc.tokens.begin() + at + n, out + have);
+        if (o_.document_masking)  // the row's d-th document (its EOS included)
+          std::fill_n(b.seq_idx.data() + r * cols + have, n, static_cast<int32_t>(d));
         have += n;
         at += n;
         if (at == static_cast<int64_t>(doc.tokens.size())) ++d, at = 0;

@@ -5,7 +5,9 @@
 // every epoch) and their records numbered 0, 1, 2, ... across files. Rank r of N owns the records
 // whose number is r mod N: every rank reads (decompresses) the files, but parses and tokenizes only
 // its own records, in background threads. A rank packs its documents (each followed by EOS) back
-// to back into rows of seq_len + 1 tokens that overlap by one, like the prepared shards.
+// to back into rows of seq_len + 1 tokens that overlap by one, like the prepared shards. With
+// document_masking (data.document_masking) a row also numbers the documents it packs
+// (Batch::seq_idx: the packer knows where each one starts; a document's EOS is its own).
 //
 // Resume. The state of a rank is where its next row starts: (epoch, record, offset), offset being
 // the tokens of that record's document already used. Restoring it on the same rank of the same
@@ -36,6 +38,7 @@ struct StreamingOptions {
   BatchGeometry geometry;  // rows per next() = micro_batch
   uint64_t seed = 0;
   int threads = 2;  // tokenizer threads (a reading thread comes on top)
+  bool document_masking = false;  // fill Batch::seq_idx
 };
 
 std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options);

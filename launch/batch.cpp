@@ -29,10 +29,17 @@ DeviceBatch to_device(const data::Batch& b, at::Device device) {
       tg[i * L + j] = !mask || mask[j + 1] ? row[j + 1] : -100;
     }
   }
-  DeviceBatch out{inputs, targets, target_count(b)};
+  at::Tensor seq_idx;
+  if (!b.seq_idx.empty()) {
+    seq_idx = at::empty({b.rows, L}, at::TensorOptions().dtype(at::kInt).pinned_memory(pin));
+    int32_t* s = seq_idx.data_ptr<int32_t>();
+    for (int64_t i = 0; i < b.rows; ++i) std::memcpy(s + i * L, b.seq_idx.data() + i * b.cols, static_cast<size_t>(L) * 4);
+  }
+  DeviceBatch out{inputs, targets, seq_idx, target_count(b)};
   if (pin) {
     out.inputs = inputs.to(device, /*non_blocking=*/true);
     out.targets = targets.to(device, /*non_blocking=*/true);
+    if (seq_idx.defined()) out.seq_idx = seq_idx.to(device, /*non_blocking=*/true);
   }
   return out;
 }

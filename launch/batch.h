@@ -19,6 +19,9 @@ namespace coil {
 struct DeviceBatch {
   at::Tensor inputs;   // [B, L-1] int64
   at::Tensor targets;  // [B, L-1] int64, -100 where the mask is off
+  // [B, L-1] int32: the document number of each input position (the Batch's seq_idx without its
+  // last column, data/loader.h), for the model's state resets; undefined when the batch has none.
+  at::Tensor seq_idx;
   int64_t count = 0;   // targets that count
 };
 

@@ -72,6 +72,8 @@ std::vector<Field> fields(RunConfig& c) {
       {"data", "max_bad_records", &c.data_max_bad_records, any, at_least(0)},
       {"data", "sft_template", &c.data_sft_template, any, {}, true},
       {"data", "sft_template_no_input", &c.data_sft_template_no_input},
+      {"data", "document_masking", &c.data_document_masking},
+      {"data", "sft_packing", &c.data_sft_packing},
       {"optim", "learning_rate_muon", &c.learning_rate_muon, any, at_least(0)},
       {"optim", "learning_rate_adamw", &c.learning_rate_adamw, any, at_least(0)},
       {"optim", "use_muon", &c.use_muon},

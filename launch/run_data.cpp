@@ -25,12 +25,20 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   const data::BatchGeometry eval_geo{c.seq_len, c.micro_batch_size, c.micro_batch_size, 0, 1};
   if (phase == Phase::kSft) {
     const data::SftTemplate templ = sft_template(c);
+    if (c.data_sft_packing) data::check_sft_packing(tok, templ, c.seq_len);
+    // Padded: one example per row; packed (data.sft_packing): several per row, seq_idx numbering them.
+    auto rows = [&](std::shared_ptr<const data::SftDataset> ds, uint64_t seed) -> std::shared_ptr<const data::SampleSource> {
+      if (!c.data_sft_packing) return ds;
+      return std::make_shared<data::PackedSftSamples>(std::move(ds), seed);
+    };
     auto ds = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_train), tok, c.seq_len, read, 0, templ);
-    d.summary = fmt::format("SFT data {}: {} examples ({} dropped: no response token fits in {}), {} response tokens",
-                            c.data_train, ds->size(), ds->dropped(), c.seq_len, ds->response_tokens());
-    d.train = data::make_indexed_loader(ds, geo, static_cast<uint64_t>(c.seed));
+    auto train = rows(ds, static_cast<uint64_t>(c.seed));
+    d.summary = fmt::format("SFT data {}: {} examples ({} dropped: no response token fits in {}), {} response tokens{}",
+                            c.data_train, ds->size(), ds->dropped(), c.seq_len, ds->response_tokens(),
+                            c.data_sft_packing ? fmt::format(", packed into {} rows", train->size()) : "");
+    d.train = data::make_indexed_loader(train, geo, static_cast<uint64_t>(c.seed));
     if (!c.data_val.empty()) {
-      auto val = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_val), tok, c.seq_len, read, 0, templ);
+      auto val = rows(std::make_shared<data::SftDataset>(data::expand_inputs(c.data_val), tok, c.seq_len, read, 0, templ), 0);
       d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
     }
     return d;
@@ -40,7 +48,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     COIL_CHECK(shards->tokenizer_sha256() == tok.sha256(),
                "{} was prepared with another tokenizer (sha256 {}) than data.tokenizer {} ({})", dir,
                shards->tokenizer_sha256().substr(0, 12), tok.path(), tok.sha256().substr(0, 12));
-    return std::make_shared<data::PackedSamples>(shards, c.seq_len);
+    return std::make_shared<data::PackedSamples>(shards, c.seq_len, c.data_document_masking);
   };
   if (c.data_streaming) {
     data::StreamingOptions o;
@@ -49,6 +57,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     o.tokenizer = tok.path();
     o.geometry = geo;
     o.seed = static_cast<uint64_t>(c.seed);
+    o.document_masking = c.data_document_masking;
     d.train = data::make_streaming_loader(o);
     d.summary = fmt::format("streaming {} file(s) from {}", o.files.size(), c.data_train);
   } else {
@@ -66,6 +75,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
       o.read = read;
       o.tokenizer = tok.path();
       o.geometry = eval_geo;
+      o.document_masking = c.data_document_masking;
       d.val = [o] { return data::make_streaming_loader(o); };
     }
   }

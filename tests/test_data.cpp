@@ -554,6 +554,51 @@ TEST(Shards, PackingIsExactAcrossShardBoundaries) {
   }
 }
 
+// data.document_masking: the documents of a row numbered from the shards' index, the EOS ending a
+// document counted in it, whatever the shard boundaries; nothing when it is off.
+TEST(Shards, DocumentNumbersFollowTheIndex) {
+  TempDir dir;
+  for (int64_t per_shard : {1, 2, 3}) {
+    const std::string d = dir / fmt::format("s{}", per_shard);
+    // The stream 10 11 12 2 | 20 21 2 | 30 31 32 33 2 (documents 0, 1, 2; EOS = 2).
+    write_shards(d, {{10, 11, 12}, {20, 21}, {30, 31, 32, 33}}, 2, per_shard);
+    auto shards = std::make_shared<TokenShards>(d);
+    PackedSamples samples(shards, 4, true);
+    ASSERT_TRUE(samples.has_seq_idx());
+    std::vector<int32_t> idx(5);
+    samples.fill_seq_idx(0, idx.data());  // 10 11 12 2 20
+    EXPECT_EQ(idx, (std::vector<int32_t>{0, 0, 0, 0, 1})) << per_shard;
+    samples.fill_seq_idx(1, idx.data());  // 20 21 2 30 31
+    EXPECT_EQ(idx, (std::vector<int32_t>{0, 0, 0, 1, 1})) << per_shard;
+    std::vector<int32_t> all(12);
+    PackedSamples(shards, 11, true).fill_seq_idx(0, all.data());
+    EXPECT_EQ(all, (std::vector<int32_t>{0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2})) << per_shard;
+    std::vector<int32_t> mid(4);
+    shards->document_numbers(5, 4, mid.data());  // 21 2 30 31
+    EXPECT_EQ(mid, (std::vector<int32_t>{0, 0, 1, 1})) << per_shard;
+    // Through the loader: the batch carries them beside the tokens, row by row.
+    auto source = std::make_shared<PackedSamples>(shards, 4, true);
+    Batch b = global_batch(*source, 2, 9, 0);
+    ASSERT_EQ(b.seq_idx.size(), b.tokens.size());
+    for (int64_t r = 0; r < 2; ++r) {
+      const bool first = b.tokens[static_cast<size_t>(r * 5)] == 10;
+      EXPECT_EQ(std::vector<int32_t>(b.seq_idx.begin() + r * 5, b.seq_idx.begin() + r * 5 + 5),
+                first ? (std::vector<int32_t>{0, 0, 0, 0, 1}) : (std::vector<int32_t>{0, 0, 0, 1, 1}));
+    }
+    EXPECT_TRUE(global_batch(PackedSamples(shards, 4), 2, 9, 0).seq_idx.empty());
+  }
+  // An index whose offsets do not rise to the shard's length is refused at open.
+  write_shards(dir / "bad", {{5, 6, 7}, {8}}, 2, 2);
+  const std::vector<uint64_t> offsets{0, 6, 6};  // document 1 empty: not even its EOS
+  write_file(dir / "bad/t0.idx", std::string(reinterpret_cast<const char*>(offsets.data()), 24));
+  try {
+    TokenShards s(dir / "bad");
+    FAIL();
+  } catch (const coil::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t0.idx: the document offsets do not rise"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Shards, DamagedDataSetsAreErrors) {
   TempDir dir;
   write_shards(dir / "ok", {{5, 6, 7}, {8}}, 2, 1);
@@ -672,6 +717,7 @@ std::vector<Batch> run_world(std::shared_ptr<const SampleSource> source, int wor
         all.rows += b.rows;
         all.tokens.insert(all.tokens.end(), b.tokens.begin(), b.tokens.end());
         all.mask.insert(all.mask.end(), b.mask.begin(), b.mask.end());
+        all.seq_idx.insert(all.seq_idx.end(), b.seq_idx.begin(), b.seq_idx.end());
       }
     out.push_back(std::move(all));
   }
@@ -975,4 +1021,197 @@ TEST_F(Corpus, StreamingReportsBadFilesInsteadOfHanging) {
   o.files = {dir / "empty.jsonl"};
   auto e = make_streaming_loader(o);
   EXPECT_THROW(e->next(), coil::Error);
+}
+
+// data.document_masking on streamed data: the packer numbers the documents of each row.
+TEST_F(Corpus, StreamingNumbersTheDocumentsOfEachRow) {
+  TempDir dir;
+  std::vector<std::string> texts;
+  std::mt19937 rng(5);
+  std::string jsonl;
+  for (int i = 0; i < 30; ++i) {
+    texts.push_back(make_text(rng, 1 + static_cast<int>(rng() % 12)));
+    jsonl += Corpus::nlohmann_escape(texts.back());
+  }
+  write_file(dir / "s.jsonl", jsonl);
+  const int64_t L = 16;
+  StreamingOptions o;
+  o.files = {dir / "s.jsonl"};
+  o.tokenizer = *dir_ + "/tok.model";
+  o.geometry = BatchGeometry{L, 2, 2, 0, 1};
+  o.document_masking = true;
+  auto loader = make_streaming_loader(o);
+  std::vector<int32_t> stream, doc;  // the stream and each position's document
+  for (size_t i = 0; stream.size() < 8 * L + 1; ++i) {
+    std::vector<int32_t> ids = tokenizer_->encode(texts[i % texts.size()]);
+    ids.push_back(2);
+    stream.insert(stream.end(), ids.begin(), ids.end());
+    doc.insert(doc.end(), ids.size(), static_cast<int32_t>(i));
+  }
+  for (int step = 0; step < 4; ++step) {
+    Batch b = loader->next();
+    ASSERT_EQ(b.seq_idx.size(), b.tokens.size());
+    for (int64_t r = 0; r < b.rows; ++r) {
+      const size_t at = static_cast<size_t>((step * 2 + r) * L);
+      std::vector<int32_t> want;
+      for (int64_t j = 0; j <= L; ++j) want.push_back(doc[at + j] - doc[at]);
+      EXPECT_EQ(row(b, r), std::vector<int32_t>(stream.begin() + at, stream.begin() + at + L + 1));
+      EXPECT_EQ(std::vector<int32_t>(b.seq_idx.begin() + r * b.cols, b.seq_idx.begin() + (r + 1) * b.cols), want)
+          << "row " << step * 2 + r;
+    }
+  }
+  o.document_masking = false;
+  EXPECT_TRUE(make_streaming_loader(o)->next().seq_idx.empty());
+}
+
+// ---- SFT packing ----------------------------------------------------------------------------------
+
+namespace {
+
+std::shared_ptr<const SftDataset> packing_examples(const std::string& dir, const Tokenizer& tok, int64_t seq_len) {
+  fs::create_directories(dir);
+  std::string jsonl;
+  std::mt19937 rng(11);
+  for (int i = 0; i < 80; ++i) {
+    std::string out = make_text(rng, 1 + static_cast<int>(rng() % (i % 9 == 0 ? 200 : 20)));
+    for (char& c : out)
+      if (c == '\n' || c == '"' || c == '\\' || c == '\t') c = ' ';
+    jsonl += fmt::format("{{\"instruction\": \"Say {}.\", \"input\": \"{}\", \"output\": \"{}\"}}\n", i,
+                         i % 4 == 0 ? "some context" : "", out);
+  }
+  write_file(dir + "/sft.jsonl", jsonl);
+  // A template of one's own (data.sft_template), short enough for the test tokenizer's seq_len.
+  const SftTemplate templ("### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{response}",
+                          "### Instruction:\n{instruction}\n\n### Response:\n{response}");
+  return std::make_shared<SftDataset>(std::vector<std::string>{dir + "/sft.jsonl"}, tok, seq_len, ReadOptions{}, 2, templ);
+}
+
+std::vector<int32_t> slice(const std::vector<int32_t>& v, int64_t from, int64_t n) {
+  return {v.begin() + from, v.begin() + from + n};
+}
+
+}  // namespace
+
+// Each packed row is its examples back to back, each exactly as padded SFT makes it (tokens, and
+// mask but for the first token), numbered by seq_idx, then padding (PAD, mask 0, a number of its
+// own); every example once per epoch, in an order of (seed, epoch).
+TEST_F(Corpus, SftPackedRowsReproduceEachExample) {
+  TempDir dir;
+  const int64_t seq_len = 160;
+  auto ds = packing_examples(dir.str(), *tokenizer_, seq_len);
+  ASSERT_EQ(ds->dropped(), 0);
+  int64_t cut = 0;
+  for (int64_t i = 0; i < ds->size(); ++i) cut += (*ds)[i].length == seq_len + 1;
+  EXPECT_GT(cut, 0);  // some are cut, as today
+  PackedSftSamples packed(ds, 3);
+  const int64_t cols = seq_len + 1;
+  int64_t first_row = 0;
+  std::vector<int64_t> epoch_rows;
+  for (int64_t epoch = 0; epoch < 2; ++epoch) {
+    const int64_t rows = packed.rows_in_epoch(3, epoch);
+    epoch_rows.push_back(rows);
+    EXPECT_LT(rows, ds->size() / 2);  // several examples to a row
+    std::vector<int64_t> seen;
+    int64_t targets = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      Batch b = global_batch(packed, 1, 3, first_row + r);
+      ASSERT_EQ(b.cols, cols);
+      ASSERT_EQ(b.seq_idx.size(), static_cast<size_t>(cols));
+      const std::vector<int64_t> ex = packed.row_examples(3, epoch, r);
+      ASSERT_FALSE(ex.empty());
+      int64_t at = 0;
+      for (size_t k = 0; k < ex.size(); ++k) {
+        const SftSample& s = (*ds)[ex[k]];
+        EXPECT_EQ(slice(b.tokens, at, s.length), slice(s.tokens, 0, s.length));
+        EXPECT_EQ(b.mask[static_cast<size_t>(at)], 0);
+        EXPECT_EQ(std::vector<uint8_t>(b.mask.begin() + at + 1, b.mask.begin() + at + s.length),
+                  std::vector<uint8_t>(s.mask.begin() + 1, s.mask.begin() + s.length));
+        EXPECT_EQ(slice(b.seq_idx, at, s.length), std::vector<int32_t>(static_cast<size_t>(s.length), static_cast<int32_t>(k)));
+        if (s.length < cols) {
+          EXPECT_EQ(b.tokens[static_cast<size_t>(at + s.length - 1)], tokenizer_->eos());
+        }
+        at += s.length;
+        seen.push_back(ex[k]);
+      }
+      EXPECT_LE(at, cols);
+      EXPECT_EQ(slice(b.tokens, at, cols - at), std::vector<int32_t>(static_cast<size_t>(cols - at), ds->pad()));
+      EXPECT_EQ(std::count(b.mask.begin() + at, b.mask.end(), 1), 0);
+      EXPECT_EQ(slice(b.seq_idx, at, cols - at), std::vector<int32_t>(static_cast<size_t>(cols - at), static_cast<int32_t>(ex.size())));
+      targets += std::count(b.mask.begin(), b.mask.end(), 1);
+    }
+    EXPECT_EQ(targets, packed.target_tokens());
+    std::vector<int64_t> sorted = seen, all(static_cast<size_t>(ds->size()));
+    std::sort(sorted.begin(), sorted.end());
+    std::iota(all.begin(), all.end(), 0);
+    EXPECT_EQ(sorted, all) << "epoch " << epoch;
+    first_row += rows;
+  }
+  EXPECT_EQ(packed.size(), epoch_rows[0]);
+  // Another epoch or another seed packs another order.
+  EXPECT_NE(packed.row_examples(3, 0, 0), packed.row_examples(3, 1, 0));
+  EXPECT_NE(packed.row_examples(3, 0, 0), packed.row_examples(4, 0, 0));
+  // The padded data's state does not restore into the packed loader.
+  auto padded = make_indexed_loader(ds, BatchGeometry{seq_len, 2, 1, 0, 1}, 3, 0);
+  auto as_packed = make_indexed_loader(std::make_shared<PackedSftSamples>(ds, 3), BatchGeometry{seq_len, 2, 1, 0, 1}, 3, 0);
+  EXPECT_THROW(as_packed->restore(padded->state()), coil::Error);
+}
+
+// The packing is a function of (seed, epoch): the same global batches on 1, 2 and 3 ranks, across
+// epochs, and a resume mid-epoch on any number of ranks continues the unbroken run exactly.
+TEST_F(Corpus, SftPackingIsIndependentOfRanksAndResumesExactly) {
+  TempDir dir;
+  const int64_t seq_len = 160;
+  auto packed = std::make_shared<PackedSftSamples>(packing_examples(dir.str(), *tokenizer_, seq_len), 5);
+  const int64_t global = 6, steps = 2 * packed->size() / global + 2;  // into a third epoch
+  std::vector<Batch> reference;
+  for (int64_t s = 0; s < steps; ++s) reference.push_back(global_batch(*packed, global, 5, s));
+  for (auto [world, micro] : {std::pair<int, int64_t>{1, 3}, {2, 1}, {3, 2}}) {
+    std::vector<Batch> got = run_world(packed, world, global, micro, steps, 5);
+    for (int64_t s = 0; s < steps; ++s) {
+      EXPECT_EQ(got[s].tokens, reference[s].tokens) << "world " << world << " step " << s;
+      EXPECT_EQ(got[s].mask, reference[s].mask) << "world " << world << " step " << s;
+      EXPECT_EQ(got[s].seq_idx, reference[s].seq_idx) << "world " << world << " step " << s;
+    }
+  }
+  // Stop after 3 steps on 2 ranks (mid-epoch), save, restore on 1, 2 and 3 ranks; the next 8 steps
+  // run into the next epoch.
+  std::vector<Batch> straight = run_world(packed, 2, global, 1, 3 + 8, 5);
+  auto loader = make_indexed_loader(packed, BatchGeometry{seq_len, global, 1, 0, 2}, 5);
+  for (int i = 0; i < 3 * 3; ++i) loader->next();
+  LoaderState saved = LoaderState::from_json(loader->state().to_json());
+  EXPECT_EQ(saved.next_sample, 3 * global);
+  ASSERT_GT(3 * global + 8 * global, packed->size());
+  ASSERT_LT(saved.next_sample, packed->size());
+  // A fresh process: a new source (its caches empty) and the state's seed, not the run's.
+  auto fresh = std::make_shared<PackedSftSamples>(packing_examples((dir / "again"), *tokenizer_, seq_len), 0);
+  for (auto [world, micro] : {std::pair<int, int64_t>{1, 2}, {2, 1}, {3, 2}}) {
+    std::vector<Batch> resumed = run_world(fresh, world, global, micro, 8, 0, &saved);
+    for (int s = 0; s < 8; ++s) {
+      EXPECT_EQ(resumed[s].tokens, straight[3 + s].tokens) << "world " << world << " step " << s;
+      EXPECT_EQ(resumed[s].mask, straight[3 + s].mask) << "world " << world << " step " << s;
+      EXPECT_EQ(resumed[s].seq_idx, straight[3 + s].seq_idx) << "world " << world << " step " << s;
+    }
+  }
+}
+
+// data.sft_packing with a train.seq_len shorter than the template itself: one line naming the keys.
+TEST_F(Corpus, SftPackingRefusesASeqLenShorterThanTheTemplate) {
+  const SftTemplate alpaca;
+  const int64_t t = sft_template_tokens(*tokenizer_, alpaca);
+  EXPECT_GT(t, 10) << t;
+  EXPECT_NO_THROW(check_sft_packing(*tokenizer_, alpaca, t));
+  try {
+    check_sft_packing(*tokenizer_, alpaca, t - 1);
+    FAIL();
+  } catch (const coil::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(fmt::format("data.sft_packing: train.seq_len {} is shorter than the SFT template itself ({} tokens)",
+                                    t - 1, t)), std::string::npos) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos);
+  }
+  // A template of one's own counts its own tokens.
+  const SftTemplate own("Q: {instruction} {input}\nA: {response}", "");
+  EXPECT_LT(sft_template_tokens(*tokenizer_, own), t);
+  EXPECT_NO_THROW(check_sft_packing(*tokenizer_, own, sft_template_tokens(*tokenizer_, own)));
+  EXPECT_THROW(check_sft_packing(*tokenizer_, own, sft_template_tokens(*tokenizer_, own) - 1), coil::Error);
 }

@@ -220,6 +220,8 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"model.rms_eps", "0.0", "must be > 0, not 0"},
       {"model.rms_eps", "nan", "must be a finite number, not nan"},
       {"data.streaming", "\"yes\"", "must be true or false"},
+      {"data.document_masking", "1", "must be true or false"},
+      {"data.sft_packing", "\"on\"", "must be true or false"},
       {"data.text_field", "\"\"", "must not be empty"},
       {"data.max_bad_records", "-1", "must be >= 0, not -1"},
       {"data.sft_template", "\"\"", "must not be empty"},
@@ -581,6 +583,22 @@ TEST_F(Train, SftStartsFromThePretrainedModelAndLearns) {
   EXPECT_LT(val.back(), val.front());
   EXPECT_LT(val[2], val[0]);
   EXPECT_TRUE(fs::exists(sft + "/checkpoints/final/index.h5"));
+  // data.sft_packing: several examples a row, through the same trainer; it learns too. A seq_len
+  // shorter than the template itself is refused, naming the keys.
+  RunConfig packed = c;
+  packed.run_dir = *dir_ + "/sft-packed";
+  packed.data_sft_packing = true;
+  packed.max_steps = 8;
+  train(packed, Phase::kSft);
+  std::vector<double> packed_val;
+  for (auto& m : metrics(packed.run_dir))
+    if (m.contains("val_loss")) packed_val.push_back(m["val_loss"].get<double>());
+  ASSERT_EQ(packed_val.size(), 3u);
+  EXPECT_LT(packed_val.back(), packed_val.front());
+  packed.run_dir = *dir_ + "/sft-short";
+  packed.seq_len = 8;
+  EXPECT_NE(error_of([&] { train(packed, Phase::kSft); }).find("data.sft_packing: train.seq_len 8 is shorter than the SFT template itself ("),
+            std::string::npos);
   c.pretrained_checkpoint_path = "";
   c.run_dir = *dir_ + "/sft2";
   EXPECT_NE(error_of([&] { train(c, Phase::kSft); }).find("train.pretrained_checkpoint_path is not set"), std::string::npos);
@@ -918,13 +936,17 @@ TEST(TrainDevice, AutoTakesAGpuPerRankWhenThereIsOne) {
   EXPECT_EQ(meta.find('\n'), std::string::npos) << meta;
 }
 
-// A loader batch of random shape (odd sizes) and mask, as the old tensor-op version made it.
-data::Batch random_batch(std::mt19937& rng, int64_t rows, int64_t cols, bool masked) {
+// A loader batch of random shape (odd sizes) and mask, as the old tensor-op version made it, and
+// (numbered) random document numbers, non-decreasing along each row.
+data::Batch random_batch(std::mt19937& rng, int64_t rows, int64_t cols, bool masked, bool numbered = false) {
   data::Batch b;
   b.rows = rows, b.cols = cols;
   for (int64_t i = 0; i < rows * cols; ++i) b.tokens.push_back(static_cast<int32_t>(rng() % 50000));
   if (masked)
     for (int64_t i = 0; i < rows * cols; ++i) b.mask.push_back(static_cast<uint8_t>(rng() % 3 == 0));
+  if (numbered)
+    for (int64_t i = 0; i < rows * cols; ++i)
+      b.seq_idx.push_back(i % cols == 0 ? 0 : b.seq_idx.back() + static_cast<int32_t>(rng() % 4 == 0));
   return b;
 }
 
@@ -939,6 +961,16 @@ void expect_like_reference(const data::Batch& b, const DeviceBatch& d) {
   }
   EXPECT_TRUE(torch::equal(d.inputs.cpu(), tokens.narrow(1, 0, b.cols - 1)));
   EXPECT_TRUE(torch::equal(d.targets.cpu(), targets));
+  // seq_idx: the inputs' document numbers (the last column dropped, as for the inputs), int32.
+  if (b.seq_idx.empty()) {
+    EXPECT_FALSE(d.seq_idx.defined());
+  } else {
+    const torch::Tensor seq_idx = torch::from_blob(const_cast<int32_t*>(b.seq_idx.data()), {b.rows, b.cols}, torch::kInt);
+    ASSERT_TRUE(d.seq_idx.defined());
+    EXPECT_EQ(d.seq_idx.scalar_type(), torch::kInt);
+    EXPECT_EQ(d.seq_idx.device(), d.inputs.device());
+    EXPECT_TRUE(torch::equal(d.seq_idx.cpu(), seq_idx.narrow(1, 0, b.cols - 1)));
+  }
   EXPECT_EQ(d.count, count);
   EXPECT_EQ(target_count(b), count);
 }
@@ -946,12 +978,13 @@ void expect_like_reference(const data::Batch& b, const DeviceBatch& d) {
 TEST(MicroBatch, ToDeviceMatchesTheTensorReference) {
   std::mt19937 rng(11);
   for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 2}, {3, 17}, {5, 33}, {2, 129}})
-    for (bool masked : {false, true}) {
-      const data::Batch b = random_batch(rng, rows, cols, masked);
-      const DeviceBatch d = to_device(b, at::kCPU);
-      expect_like_reference(b, d);
-      EXPECT_FALSE(d.inputs.is_pinned());
-    }
+    for (bool masked : {false, true})
+      for (bool numbered : {false, true}) {
+        const data::Batch b = random_batch(rng, rows, cols, masked, numbered);
+        const DeviceBatch d = to_device(b, at::kCPU);
+        expect_like_reference(b, d);
+        EXPECT_FALSE(d.inputs.is_pinned());
+      }
 }
 
 TEST(MicroBatch, CudaCopiesArePinnedAndEqual) {
@@ -959,7 +992,7 @@ TEST(MicroBatch, CudaCopiesArePinnedAndEqual) {
   std::mt19937 rng(12);
   for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 2}, {3, 17}, {8, 2049}})
     for (bool masked : {false, true}) {
-      const data::Batch b = random_batch(rng, rows, cols, masked);
+      const data::Batch b = random_batch(rng, rows, cols, masked, masked);
       const DeviceBatch d = to_device(b, at::Device(at::kCUDA, 0));
       EXPECT_TRUE(d.inputs.is_cuda());
       expect_like_reference(b, d);
