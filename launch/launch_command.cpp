@@ -49,7 +49,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct LaunchOptions {
-  int nproc = 0;  // per node; 0: one host's default of 1, or each host's slots
+  int nproc = -1;  // per node; -1 (not given): each host's slots
   std::string hosts, hostfile, iface;
   int max_restarts = 0;
   bool oversubscribe = false;
@@ -277,7 +277,7 @@ void check_hosts(const std::vector<Host>& hosts) {
 
 int run_launch(const LaunchOptions& o) {
   COIL_CHECK(!o.command.empty(), "launch: no command (coil launch --nproc-per-node N -- coil pretrain ...)");
-  COIL_CHECK(o.nproc >= 0, "launch: --nproc-per-node must be >= 1, not {}", o.nproc);
+  COIL_CHECK(o.nproc == -1 || o.nproc >= 1, "launch: --nproc-per-node must be >= 1, not {}", o.nproc);
   COIL_CHECK(o.hosts.empty() || o.hostfile.empty(), "launch: --hosts and --hostfile: give one of them, not both");
   COIL_CHECK(o.max_restarts >= 0, "launch: --max-restarts must be >= 0, not {}", o.max_restarts);
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -294,7 +294,7 @@ int run_launch(const LaunchOptions& o) {
   std::map<std::string, int> seen;
   for (const auto& h : hosts) {
     COIL_CHECK(seen[h.name]++ == 0, "launch: {}: host '{}' is named twice", h.where, h.name);
-    COIL_CHECK(o.nproc == 0 || o.nproc <= h.slots || o.oversubscribe,
+    COIL_CHECK(o.nproc == -1 || o.nproc <= h.slots || o.oversubscribe,
                "launch: {}: --nproc-per-node {} is more than host '{}''s {} slot(s) (add --oversubscribe to run more "
                "ranks than slots)",
                h.where, o.nproc, h.name, h.slots);
@@ -309,7 +309,7 @@ int run_launch(const LaunchOptions& o) {
   // Ranks per host, and which host each rank lands on (--map-by slot fills hosts in order).
   std::vector<std::string> host_of_rank;
   std::string host_list;
-  int per_node_most = o.nproc;
+  int per_node_most = std::max(o.nproc, 1);
   for (const auto& h : hosts) {
     const int n = o.nproc > 0 ? o.nproc : h.slots;
     per_node_most = std::max(per_node_most, n);

@@ -5,10 +5,13 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <chrono>
 #include <random>
+#include <thread>
 
 #include "util/error.h"
 
@@ -110,10 +113,14 @@ void check_shared_run_dir(const std::string& run_dir, dist::Comm* comm, int rank
   comm->barrier();
   if (rank == 0) fs::remove(file);
   for (int r = 0; r < world; ++r)
-    if (missing[r].item<int64_t>() != 0)
+    if (missing[r].item<int64_t>() != 0) {
+      // Every rank fails alike; rank 0 says it first (its error ends every rank, MPI_Abort), the
+      // others only if it has not done so within seconds: one line, and no rank left waiting.
+      if (rank != 0) std::this_thread::sleep_for(std::chrono::seconds(10));
       fail("train.run_dir {} is not shared by all ranks: rank {} on host {} does not see the file rank 0 ({}) wrote "
            "there ({} rank(s) in all do not); put run_dir on a file system every node mounts",
            run_dir, r, ranks.ranks[r].host, ranks.ranks[0].host, missing.sum().item<int64_t>());
+    }
 }
 
 }  // namespace coil
