@@ -6,7 +6,8 @@
 #    and the start-up line says 2 node(s) x 2 rank(s) per node; the veth carried the traffic;
 #  - a run_dir node2 does not see (an empty tmpfs there): one error naming rank 2 and node2,
 #    non-zero exit, nothing trained, no process left;
-#  - `sbatch --nodes=2 slurm/pretrain.sbatch`, then `slurm/sft.sbatch` on its checkpoint, run.
+#  - `sbatch --nodes=2 slurm/pretrain.sbatch` runs; its step-5 checkpoint resumes on 1 node
+#    (resharded from 4 ranks to 2) to its final loss within 1e-5; `slurm/sft.sbatch` runs on it.
 # Skipped (exit 77) where not root, namespaces are refused, or Slurm / Open MPI are missing.
 #   tests/test_hosts.sh path/to/coil
 set -u
@@ -104,6 +105,19 @@ a=$(cd "$src" && COIL=$coil CONFIG=$tmp/pre.toml RUN_DIR=$tmp/A on node1 sbatch 
 wait_job "$a"
 grep -q "pretrain: done, 10 steps" "coil-pretrain-$a.log" || { fail "the 2-node job did not finish"; tail -5 "coil-pretrain-$a.log"; }
 grep -q "pretrain: 2 node(s) x 2 rank(s) per node" "coil-pretrain-$a.log" || fail "the 2-node job did not run on 2 nodes"
+# The 2-node run's step-5 checkpoint (4 ranks) resumed on 1 node x 2 ranks (resharded) ends with
+# the 2-node run's final loss, within 1e-5 (the sums' order changes with the world size).
+cp -r A R && rm -rf R/checkpoints/step-00000010 R/checkpoints/final && ln -sfn step-00000005 R/checkpoints/latest
+[ -d R/checkpoints/step-00000005 ] || fail "the 2-node job kept no step-5 checkpoint"
+r=$(cd "$src" && COIL=$coil CONFIG=$tmp/pre.toml RUN_DIR=$tmp/R on node1 sbatch --parsable "${cpu[@]}" --nodes=1 slurm/pretrain.sbatch)
+wait_job "$r"
+grep -q "pretrain: resuming .*/R/checkpoints/step-00000005 (saved on 4 rank(s)) at step 5" "coil-pretrain-$r.log" &&
+  grep -q "pretrain: 1 node(s) x 2 rank(s) per node" "coil-pretrain-$r.log" || fail "the 1-node job did not resume the 2-node checkpoint"
+python3 -c '
+import json, sys
+a, b = ([json.loads(l) for l in open(f + "/metrics.jsonl")][-1] for f in sys.argv[1:3])
+assert a["step"] == b["step"] == 10 and abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)' A R ||
+  fail "the 1-node resume does not end with the 2-node final loss"
 s=$(cd "$src" && COIL=$coil CONFIG=$tmp/sft.toml RUN_DIR=$tmp/S PRETRAINED=$tmp/A/checkpoints/final on node1 sbatch --parsable "${cpu[@]}" slurm/sft.sbatch)
 wait_job "$s"
 grep -q "sft: done" "coil-sft-$s.log" || { fail "the 2-node SFT job did not finish"; tail -5 "coil-sft-$s.log"; }
