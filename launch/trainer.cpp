@@ -28,6 +28,7 @@
 #include "launch/batch.h"
 #include "launch/metrics.h"
 #include "launch/parallel.h"
+#include "launch/ranks.h"
 #include "launch/run_data.h"
 #include "launch/watchdog.h"
 #include "model/mamba.h"
@@ -101,6 +102,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   MambaLM model(mc, static_cast<uint64_t>(c.seed));
   const std::string config_text = c.to_toml();
   par.place(model, c, config_text);
+  // Every rank's host and device; every rank sees run_dir (or all stop here, before step 1).
+  const Ranks ranks = gather_ranks(par.comm.get(), par.rank, par.world, par.device.str());
+  check_shared_run_dir(c.run_dir, par.comm.get(), par.rank, ranks);
   const std::vector<NamedTensor>& params = par.params;
 
   // ---- Data, steps, optimizer, schedule ----
@@ -195,6 +199,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {} on each of {} rank(s)), {} threads{}\n",
                what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
                par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
+    fmt::print("{}: {}\n", what, ranks.describe(at::get_num_threads()));
   }
 
   // Saves the state after `done` steps as checkpoints/step-<done>: each rank its own rows (a host
