@@ -117,6 +117,8 @@ int main(int argc, char** argv) {
   bool skip_ref = false;
   std::string device = "cpu";
   app.add_flag("--skip-reference", skip_ref, "time only the fused kernel");
+  int64_t doc_len = 0;
+  app.add_option("--doc-len", doc_len, "also time rows packed with documents of this many tokens (seq_idx)");
   app.add_option("--device", device, "cpu: the CPU kernel against the reference; cuda: the CUDA kernel")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--B", B);
@@ -164,11 +166,24 @@ int main(int argc, char** argv) {
       t_fwd = std::min(t_fwd, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
   }
+  if (doc_len > 0) {  // the same kernel on rows packed with documents of doc_len tokens
+    static Tensor seq;
+    seq = (torch::arange(L, torch::kInt) / doc_len).to(torch::kInt).repeat({B, 1});
+    Fn packed = [](const Tensor& u, const Tensor& d, const Tensor& A, const Tensor& B, const Tensor& C,
+                   const Tensor& D, const Tensor& z, const Tensor& b, bool sp) {
+      return coil::selective_scan(u, d, A, B, C, D, z, b, sp, nullptr, seq);
+    };
+    const double t_packed = time_it(packed), t_plain = time_it(fast);
+    fmt::print("fused CPU kernel B={} I={} N={} L={}: fwd+bwd {:.3f} s without seq_idx, {:.3f} s with documents of "
+               "{} tokens ({:.3f}x)\n", B, I, N, L, t_plain, t_packed, doc_len, t_packed / t_plain);
+  }
   if (skip_ref) {
     fmt::print("fused CPU kernel B={} I={} N={} L={}: fwd {:.3f} s, fwd+bwd {:.3f} s\n", B, I, N, L, t_fwd, t_fast);
     return 0;
   }
-  const double t_ref = time_it(&coil::selective_scan_ref);
+  Fn ref = [](const Tensor& u, const Tensor& d, const Tensor& A, const Tensor& B, const Tensor& C, const Tensor& D,
+              const Tensor& z, const Tensor& b, bool sp) { return coil::selective_scan_ref(u, d, A, B, C, D, z, b, sp); };
+  const double t_ref = time_it(ref);
   fmt::print("selective scan fwd+bwd  B={} I={} N={} L={}  threads={}  kernel={}\n", B, I, N, L,
              at::get_num_threads(), coil::selective_scan_cpu_isa());
   fmt::print("  reference (ATen ops): {:8.3f} s\n", t_ref);

@@ -136,19 +136,19 @@ MambaBlockWeights MambaLM::block_weights(const std::vector<Tensor>& t) {
 }
 
 Tensor MambaLM::block(const MambaBlockWeights& w, const MambaConfig& c, const Tensor& hidden,
-                      Tensor* conv_state, Tensor* ssm_state) {
+                      Tensor* conv_state, Tensor* ssm_state, const Tensor& seq_idx) {
   const int64_t I = c.d_inner(), N = c.d_state, R = c.rank(), K = c.d_conv;
   // The norm in float32 (or wider), its output in in_proj's dtype (the compute dtype).
   const Tensor x = rms_norm(hidden, w.norm, c.rms_eps).to(w.in_proj.scalar_type());
   const Tensor xz = torch::linear(x, w.in_proj);  // [B, L, 2I]: the SSM input and the gate
   const Tensor xs = xz.narrow(2, 0, I), z = xz.narrow(2, I, I);
-  const Tensor u = torch::silu(causal_conv1d(xs, w.conv_w, w.conv_b));  // [B, L, I]
+  const Tensor u = torch::silu(causal_conv1d(xs, w.conv_w, w.conv_b, seq_idx));  // [B, L, I]
   const Tensor x_dbl = torch::linear(u, w.x_proj);                      // [B, L, R + 2N]
   const Tensor dt = torch::linear(x_dbl.narrow(2, 0, R), w.dt_w);       // bias and softplus: in the scan
   const Tensor Bm = x_dbl.narrow(2, R, N), Cm = x_dbl.narrow(2, R + N, N);
   // A, D and the dt bias in float32 (keeps_float32); u, dt, B, C, z in the compute dtype.
   const Tensor y = selective_scan(u, dt, -torch::exp(w.A_log.to(wide(w.A_log.scalar_type()))), Bm, Cm, w.D, z, w.dt_b,
-                                  true, ssm_state);
+                                  true, ssm_state, seq_idx);
   if (conv_state) {  // the last K-1 conv inputs, zero-padded in front for short prompts
     const int64_t L = xs.size(1), keep = std::min(L, K - 1);
     Tensor s = torch::zeros({xs.size(0), K - 1, I}, xs.options());
@@ -168,21 +168,28 @@ bool MambaLM::keeps_float32(const std::string& name) {
          ends("mixer.dt_proj.bias");
 }
 
-Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute) const {
+Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute) const { return forward(tokens, compute, {}); }
+
+Tensor MambaLM::forward(const Tensor& tokens, const Tensor& seq_idx) const {
+  return forward(tokens, embedding.scalar_type(), seq_idx);
+}
+
+Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute, const Tensor& seq_idx) const {
   const Tensor emb = embedding.to(compute);  // a no-op in the weights' own dtype
   Tensor h = embed(emb, tokens);
-  for (size_t l = 0; l < layers.size(); ++l) h = run_block(l, h, compute);
+  for (size_t l = 0; l < layers.size(); ++l) h = run_block(l, h, compute, seq_idx);
   return head(emb, norm_f, config_, h);
 }
 
-Tensor MambaLM::run_block(size_t l, const Tensor& h, at::ScalarType compute) const {
+Tensor MambaLM::run_block(size_t l, const Tensor& h, at::ScalarType compute, const Tensor& seq_idx) const {
   const MambaConfig cfg = config_;
   // inputs: the residual stream, then the block's 10 weights as stored; the casts happen inside.
-  auto f = [cfg, compute](const std::vector<Tensor>& in) {
+  // seq_idx (not differentiable) is captured, so the recompute of a checkpointed block sees it too.
+  auto f = [cfg, compute, seq_idx](const std::vector<Tensor>& in) {
     std::vector<Tensor> w(in.begin() + 1, in.end());
     for (size_t k = 0; k < w.size(); ++k)
       if (!keeps_float32(kBlockNames[k])) w[k] = w[k].to(compute);
-    return block(block_weights(w), cfg, in[0]);
+    return block(block_weights(w), cfg, in[0], nullptr, nullptr, seq_idx);
   };
   std::vector<Tensor> inputs{h};
   for (const Tensor& t : block_tensors(layers[l])) inputs.push_back(t);

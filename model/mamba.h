@@ -6,6 +6,11 @@
 // The model is plain data plus functions: the forward runs unit by unit (embed, block 0..n-1, head),
 // each unit a function of its weights, so a parallelism wrapper (FSDP-style sharding, later) can
 // gather a unit's weights and call the same function from outside, without the model knowing.
+//
+// Packed sequences: forward and block take an optional seq_idx [B, L] int32 (document numbers,
+// non-decreasing per row); the mixer passes it to the causal conv and the selective scan, which
+// restart at each document (model/conv1d.h, model/selective_scan.h). Decoding (prefill, step)
+// takes none: generation starts from a zero state, and the recurrent step needs no boundaries.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -67,6 +72,11 @@ class MambaLM {
   // keeps_float32() names; the casts are differentiable, so the gradients reach the float32
   // parameters in float32. The residual stream, norms, scan state, logits and loss stay float32.
   at::Tensor forward(const at::Tensor& tokens, at::ScalarType compute) const;
+  // Packed rows: seq_idx [B, L] int32, each position's document number, non-decreasing within a
+  // row (model/selective_scan.h). Every block's conv and scan restart at each document start, so
+  // each document gets the logits (and gradients) it would get alone. Undefined: the forwards above.
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& seq_idx) const;
+  at::Tensor forward(const at::Tensor& tokens, at::ScalarType compute, const at::Tensor& seq_idx) const;
   // Parameters the model uses in float32 whatever the compute dtype (mamba_ssm keeps them so):
   // the RMSNorm gains, A_log, D and dt_proj.bias. The matrices (embedding, in_proj, conv1d,
   // x_proj, dt_proj.weight, out_proj) compute in the dtype they are given.
@@ -95,7 +105,8 @@ class MambaLM {
   // matrices set the compute dtype (in_proj's; the embedding's in the head).
   static MambaBlockWeights block_weights(const std::vector<at::Tensor>& tensors);
   static at::Tensor block(const MambaBlockWeights& w, const MambaConfig& config, const at::Tensor& hidden,
-                          at::Tensor* conv_state = nullptr, at::Tensor* ssm_state = nullptr);
+                          at::Tensor* conv_state = nullptr, at::Tensor* ssm_state = nullptr,
+                          const at::Tensor& seq_idx = {});
 
   // Decoding. prefill runs the prompts [B, L] through the full forward, fills the cache and returns
   // the logits of the last position [B, V]; step feeds one token per sequence ([B]) and returns its
@@ -112,7 +123,7 @@ class MambaLM {
  private:
   at::Tensor decode_head(const at::Tensor& hidden) const;  // [B, H] -> float32 logits [B, V]
   // Block l on the residual stream h, its matrices cast to `compute`, checkpointed or not.
-  at::Tensor run_block(size_t l, const at::Tensor& h, at::ScalarType compute) const;
+  at::Tensor run_block(size_t l, const at::Tensor& h, at::ScalarType compute, const at::Tensor& seq_idx) const;
 
   MambaConfig config_;
   ActivationCheckpointing checkpointing_ = ActivationCheckpointing::none;

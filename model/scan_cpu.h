@@ -8,9 +8,13 @@
 //   Bm, Cm, dB, dC              : [B, L, N]   contiguous
 //   D, dD                       : [I]         (D may be null: no skip connection)
 //   states                      : [B, I, n_chunks, N]  the state h after the last step of each chunk
+//   h0, dh0, dlast              : [B, I, N]   contiguous (each may be null: a zero start state /
+//                                             no gradient of h0 asked / no gradient of the final h)
+//   reset                       : [B, L]      uint8, contiguous; 1 where a document starts (null: none)
 //
 // Math, per batch b and channel i (delta already has softplus and bias applied by the caller):
-//   h_t = exp(delta_t * A) (.) h_{t-1} + delta_t * u_t * B_t          h_{-1} = 0,  h_t in R^N
+//   h_t = exp(delta_t * A) (.) h_{t-1} + delta_t * u_t * B_t          h_{-1} = h0 (or 0),  h_t in R^N
+//   where reset[t] (a document starts at t > 0), h_{t-1} reads as 0: the state restarts.
 //   y_t = <h_t, C_t> + D * u_t
 // Only each chunk's final state is kept, never the [B, L, I, N] states: the backward pass recomputes
 // a chunk's states from the previous chunk's final state, then runs the adjoint scan backwards:
@@ -21,6 +25,8 @@
 //   dB_t    += g_t * delta_t * u_t        (summed over channels)
 //   dC_t    += dy_t * h_t                 (summed over channels)
 //   dD      += dy_t * u_t
+// with g_{L-1} seeded by dlast (the gradient of the final state), the carried term and the decay
+// terms (dA, the first part of ddelta) dropped at a reset, and dh0 = exp(delta_0 A) (.) g_0.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +58,10 @@ struct Args {
   const T* dy;
   int64_t dy_sb, dy_st;
   T *du, *ddelta, *dA, *dD, *dB_part, *dC_part;
+  // document boundaries and the initial state (see the layouts above; all optional)
+  const uint8_t* reset;
+  const T *h0, *dlast;
+  T* dh0;
 };
 
 // One decoding step (L = 1) from the state, updated in place; u, delta, z [B, I] and Bm, Cm [B, N]

@@ -46,6 +46,39 @@ void check_shapes(const Tensor& u, const Tensor& delta, const Tensor& A, const T
              scan_cpu::kMaxState);
 }
 
+// seq_idx [B, L] int32, non-decreasing within each row (one pass over B x L ints, against the
+// scan's B x L x I x N: always checked).
+void check_seq_idx(const Tensor& seq_idx, int64_t B, int64_t L, const char* who) {
+  if (!seq_idx.defined()) return;
+  COIL_CHECK(seq_idx.scalar_type() == torch::kInt, "{}: seq_idx must be int32, got {}", who,
+             c10::toString(seq_idx.scalar_type()));
+  COIL_CHECK(seq_idx.dim() == 2 && seq_idx.size(0) == B && seq_idx.size(1) == L,
+             "{}: seq_idx has shape {}, expected {}x{}", who, fmt::to_string(fmt::join(seq_idx.sizes(), "x")), B, L);
+  if (L > 1) {
+    const Tensor down = seq_idx.narrow(1, 1, L - 1) < seq_idx.narrow(1, 0, L - 1);
+    COIL_CHECK(!down.any().item<bool>(), "{}: seq_idx decreases within a row (document numbers must be non-decreasing)",
+               who);
+  }
+}
+
+void check_h0(const Tensor& h0, int64_t B, int64_t I, int64_t N) {
+  if (!h0.defined()) return;
+  COIL_CHECK(h0.scalar_type() == torch::kFloat || h0.scalar_type() == torch::kDouble,
+             "selective_scan: h0 must be float32 or float64, got {}", c10::toString(h0.scalar_type()));
+  COIL_CHECK(h0.dim() == 3 && h0.size(0) == B && h0.size(1) == I && h0.size(2) == N,
+             "selective_scan: h0 has shape {}, expected {}x{}x{}", fmt::to_string(fmt::join(h0.sizes(), "x")), B, I,
+             N);
+}
+
+// 1 where a document starts at t > 0 (seq_idx changes), as uint8 [B, L]; undefined without seq_idx.
+Tensor reset_flags(const Tensor& seq_idx) {
+  if (!seq_idx.defined()) return Tensor();
+  const int64_t L = seq_idx.size(1);
+  Tensor r = torch::zeros(seq_idx.sizes(), seq_idx.options().dtype(torch::kByte));
+  if (L > 1) r.narrow(1, 1, L - 1).copy_(seq_idx.narrow(1, 1, L - 1) != seq_idx.narrow(1, 0, L - 1));
+  return r.contiguous();
+}
+
 // Channels contiguous (stride 1 on the last dim) as the kernel needs; other strides are kept.
 Tensor channels_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -65,8 +98,11 @@ scan_cpu::Args<T> make_args(const Tensor& u, const Tensor& delta, const Tensor& 
 // float64, channels contiguous, A/B/C/D contiguous. Returns {y, final state h_{L-1} [B, I, N]}
 // (the state is not differentiable).
 struct ScanCore : public torch::autograd::Function<ScanCore> {
+  // h0 [B, I, N] (absent: zero), reset [B, L] uint8 (absent: no document boundaries).
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& u, const Tensor& dt,
-                        const Tensor& A, const Tensor& Bm, const Tensor& Cm, const Tensor& D) {
+                        const Tensor& A, const Tensor& Bm, const Tensor& Cm, const Tensor& D,
+                        const std::optional<Tensor>& h0_opt, const std::optional<Tensor>& reset_opt) {
+    const Tensor h0 = h0_opt.value_or(Tensor()), reset = reset_opt.value_or(Tensor());
     const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
     Tensor y = torch::empty({B, L, I}, u.options());
     Tensor states = torch::empty({B, I, scan_cpu::num_chunks(L), N}, u.options());
@@ -75,11 +111,12 @@ struct ScanCore : public torch::autograd::Function<ScanCore> {
     AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_fwd", [&] {
       auto a = make_args<scalar_t>(u, dt, A, Bm, Cm, D);
       a.y = y.data_ptr<scalar_t>(), a.states = states.data_ptr<scalar_t>();
+      a.h0 = h0.defined() ? h0.data_ptr<scalar_t>() : nullptr;
+      a.reset = reset.defined() ? reset.data_ptr<uint8_t>() : nullptr;
       at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { scan_cpu::forward(k, a, b, e); });
     });
-    ctx->save_for_backward({u, dt, A, Bm, Cm, D, states});
-    Tensor last = states.select(2, states.size(2) - 1).clone();
-    ctx->mark_non_differentiable({last});
+    ctx->save_for_backward({u, dt, A, Bm, Cm, D, states, h0, reset});
+    Tensor last = states.select(2, states.size(2) - 1).clone();  // differentiable: chunked training
     return {y, last};
   }
 
@@ -88,7 +125,10 @@ struct ScanCore : public torch::autograd::Function<ScanCore> {
     auto s = ctx->get_saved_variables();
     const Tensor &u = s[0], &dt = s[1], &A = s[2], &Bm = s[3], &Cm = s[4], &states = s[6];
     const Tensor& D = s[5];
-    const Tensor dy = channels_contiguous(grads[0]);
+    const Tensor &h0 = s[7], &reset = s[8];
+    const Tensor dy = grads[0].defined() ? channels_contiguous(grads[0]) : torch::zeros_like(u);
+    const Tensor dlast = grads[1].defined() ? grads[1].contiguous() : Tensor();
+    Tensor dh0 = h0.defined() ? torch::empty_like(h0, at::MemoryFormat::Contiguous) : Tensor();
     const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
     const int64_t blocks = scan_cpu::num_channel_blocks(I);
     Tensor du = torch::empty_like(u, at::MemoryFormat::Contiguous);
@@ -105,11 +145,15 @@ struct ScanCore : public torch::autograd::Function<ScanCore> {
       a.du = du.data_ptr<scalar_t>(), a.ddelta = ddt.data_ptr<scalar_t>();
       a.dA = dA.data_ptr<scalar_t>(), a.dD = dD.data_ptr<scalar_t>();
       a.dB_part = dB_part.data_ptr<scalar_t>(), a.dC_part = dC_part.data_ptr<scalar_t>();
+      a.h0 = h0.defined() ? h0.data_ptr<scalar_t>() : nullptr;
+      a.reset = reset.defined() ? reset.data_ptr<uint8_t>() : nullptr;
+      a.dlast = dlast.defined() ? dlast.data_ptr<scalar_t>() : nullptr;
+      a.dh0 = dh0.defined() ? dh0.data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) { scan_cpu::backward(k, a, b, e); });
     });
     // Channel blocks were summed separately; adding them in block order keeps the result
     // independent of the number of threads.
-    return {du, ddt, dA, dB_part.sum(0), dC_part.sum(0), dD};
+    return {du, ddt, dA, dB_part.sum(0), dC_part.sum(0), dD, dh0, Tensor()};
   }
 };
 
@@ -240,21 +284,30 @@ Tensor selective_scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A
 
 Tensor selective_scan_ref(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
                           const Tensor& Cm, const Tensor& D, const Tensor& z,
-                          const Tensor& delta_bias, bool delta_softplus) {
+                          const Tensor& delta_bias, bool delta_softplus, const Tensor& seq_idx,
+                          const Tensor& h0, Tensor* final_state) {
   check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias);
   const int64_t L = u.size(1);
+  check_seq_idx(seq_idx, u.size(0), L, "selective_scan");
+  check_h0(h0, u.size(0), u.size(2), A.size(1));
+  // keep[t]: 0 where a document starts (the state restarts from zero), else 1; [B, 1, 1] per t.
+  const Tensor reset = reset_flags(seq_idx);
+  std::vector<Tensor> keeps;
+  if (reset.defined()) keeps = (1 - reset.to(u.scalar_type())).view({u.size(0), L, 1, 1}).unbind(1);
   const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus);   // [B, L, I]
   const Tensor decay = torch::exp(dt.unsqueeze(-1) * A);                // [B, L, I, N]
   const Tensor drive = (dt * u).unsqueeze(-1) * Bm.unsqueeze(2);        // [B, L, I, N]
   // unbind, not select(1, t): the backward of a select would build a zero [B, L, I, N] per step.
   const auto decays = decay.unbind(1), drives = drive.unbind(1), Cs = Cm.unsqueeze(2).unbind(1);
-  Tensor h = torch::zeros({u.size(0), u.size(2), A.size(1)}, u.options());
+  Tensor h = h0.defined() ? h0.to(u.scalar_type()) : torch::zeros({u.size(0), u.size(2), A.size(1)}, u.options());
   std::vector<Tensor> ys;
   ys.reserve(L);
   for (int64_t t = 0; t < L; ++t) {
+    if (!keeps.empty() && t > 0) h = h * keeps[t];
     h = decays[t] * h + drives[t];
     ys.push_back((h * Cs[t]).sum(-1));  // [B, I]
   }
+  if (final_state) *final_state = h;
   Tensor y = torch::stack(ys, 1);
   if (D.defined()) y = y + u * D;
   return apply_gate(y, z);
@@ -262,9 +315,13 @@ Tensor selective_scan_ref(const Tensor& u, const Tensor& delta, const Tensor& A,
 
 Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
                       const Tensor& Cm, const Tensor& D, const Tensor& z, const Tensor& delta_bias,
-                      bool delta_softplus, Tensor* final_state) {
+                      bool delta_softplus, Tensor* final_state, const Tensor& seq_idx, const Tensor& h0) {
   check_shapes(u, delta, A, Bm, Cm, D, z, delta_bias);
+  check_seq_idx(seq_idx, u.size(0), u.size(1), "selective_scan");
+  check_h0(h0, u.size(0), u.size(2), A.size(1));
   if (u.is_cuda()) {
+    COIL_CHECK(!seq_idx.defined() && !h0.defined(),
+               "selective_scan: seq_idx and h0 are not in the CUDA kernel yet (CPU only)");
 #if defined(COIL_WITH_CUDA)
     return selective_scan_cuda(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, final_state);
 #else
@@ -278,8 +335,10 @@ Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, con
   const Tensor dt = channels_contiguous(prep(prepare_delta(delta, delta_bias, delta_softplus)));
   // Autograd functions take defined tensors only: no skip is a D of zeros (its gradient unused).
   const Tensor D_or_zero = D.defined() ? prep(D).contiguous() : torch::zeros({A.size(0)}, dt.options());
+  auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
   auto out = ScanCore::apply(channels_contiguous(prep(u)), dt, prep(A).contiguous(),
-                             prep(Bm).contiguous(), prep(Cm).contiguous(), D_or_zero);
+                             prep(Bm).contiguous(), prep(Cm).contiguous(), D_or_zero,
+                             opt(h0.defined() ? prep(h0).contiguous() : h0), opt(reset_flags(seq_idx)));
   if (final_state) *final_state = out[1];
   return apply_gate(out[0], z).to(u.scalar_type());
 }

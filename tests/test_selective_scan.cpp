@@ -45,6 +45,10 @@ Tensor fast(const Tensor& u, const Tensor& d, const Tensor& A, const Tensor& B, 
             const Tensor& D, const Tensor& z, const Tensor& b, bool sp) {
   return selective_scan(u, d, A, B, C, D, z, b, sp);
 }
+Tensor ref(const Tensor& u, const Tensor& d, const Tensor& A, const Tensor& B, const Tensor& C,
+           const Tensor& D, const Tensor& z, const Tensor& b, bool sp) {
+  return selective_scan_ref(u, d, A, B, C, D, z, b, sp);
+}
 
 // Output and gradients of sum(y * w) for every defined input.
 std::vector<Tensor> run(ScanFn fn, const Inputs& x, const Tensor& w, bool softplus) {
@@ -83,7 +87,7 @@ TEST(SelectiveScan, FastMatchesReferenceForwardAndGradients) {
           x.delta.data().abs_();
           if (x.bias.defined()) x.bias.data().abs_();
         }
-        auto want = run(&selective_scan_ref, x, w, softplus);
+        auto want = run(&ref, x, w, softplus);
         auto got = run(&fast, x, w, softplus);
         const std::string where = fmt::format("B={} L={} I={} N={} optional={} softplus={}", s.B,
                                               s.L, s.I, s.N, optional, softplus);
