@@ -167,6 +167,7 @@ void CheckpointSaver::commit() {
     IndexInfo info;
     info.step = p.layout.step;
     info.world = p.layout.world;
+    info.shard = p.layout.shard;
     info.strings = p.request.strings;
     info.tokenizer = p.request.tokenizer;
     for (const auto& r : records) info.files.push_back(FileRecord::from_json(r));
