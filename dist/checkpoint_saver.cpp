@@ -130,6 +130,7 @@ void CheckpointSaver::save(SaveRequest request) {
   if (comm_) comm_->barrier();  // the folder exists before any rank writes into it
   p->layout.rank = request.part.rank;
   p->layout.world = request.part.world;
+  p->layout.shard = request.part.shard;
   p->layout.step = request.part.step;
   for (const auto& t : request.part.tensors) {
     std::vector<int64_t> none = t.shape;
