@@ -6,6 +6,7 @@
 # transmitted bytes of the difference (every rank's sends, headers included) equal the model's
 # prediction within 10%. Skipped (exit 77) where network namespaces cannot be made (not root).
 #   tests/test_network_bytes.sh path/to/coil
+# Other layouts by hand: NET_SHARD=4 (FSDP over 4 ranks), NET_ZERO2=1 (reshard_after_forward = false).
 set -u
 coil=$(realpath "$1")
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,7 +36,9 @@ args=(--config /dev/null --set data.train=shards --set data.val=shards --set dat
   --set model.d_model=64 --set model.n_layer=2
   --set train.seq_len=32 --set train.global_batch_size=8 --set train.micro_batch_size=1
   --set train.eval_interval=2 --set train.eval_batches=2 --set train.checkpoint_interval=0 --set train.threads=1
-  --set train.device=cpu --set train.data_parallel_shard_degree=2 --set train.data_parallel_replicate_degree=2)
+  --set train.device=cpu --set train.data_parallel_shard_degree=${NET_SHARD:-2}
+  --set train.data_parallel_replicate_degree=$((4 / ${NET_SHARD:-2})) --set train.reshard_after_forward=$([ "${NET_ZERO2:-0}" = 1 ] && echo false || echo true))
+zero2=(); [ "${NET_ZERO2:-0}" = 1 ] && zero2=(--zero2)
 cat >measure.sh <<EOS
 set -e
 ip link set lo up
@@ -53,11 +56,11 @@ if [ "$failed" -eq 0 ]; then
   vocab=$(sed -n 's/.*vocab=\([0-9]*\).*/\1/p' run2.log | head -1)
   measured=$(($(cat tx6) - $(cat tx2)))
   evals_per_step=$(python3 -c "print(($(evals run6) - $(evals run2)) / 4)")
-  per_rank=$(python3 "$model" --d-model 64 --n-layer 2 --vocab "${vocab:-300}" --world 4 --shard 2 --micro-batches 2 \
+  per_rank=$(python3 "$model" --d-model 64 --n-layer 2 --vocab "${vocab:-300}" --world 4 --shard "${NET_SHARD:-2}" "${zero2[@]}" --micro-batches 2 \
     --eval-batches 2 --evals-per-step "$evals_per_step" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["intra"] + d["inter"])')
   python3 -c "
 m, p = $measured, 4 * 4 * $per_rank
-print(f'network bytes of 4 steps on 4 ranks (HSDP 2 x 2): measured {m}, predicted {p:.0f}, ratio {m / p:.4f}')
+print(f'network bytes of 4 steps on 4 ranks (shard ${NET_SHARD:-2}, zero2 ${NET_ZERO2:-0}): measured {m}, predicted {p:.0f}, ratio {m / p:.4f}')
 assert abs(m / p - 1) <= 0.10, 'measured and predicted differ by more than 10%'" || fail "measured != predicted"
 fi
 [ "$failed" -eq 0 ] && echo "network bytes: ok"
