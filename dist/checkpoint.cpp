@@ -369,7 +369,11 @@ at::Tensor read_whole(hid_t file, const std::string& name) {
 
 }  // namespace
 
-std::pair<int64_t, int64_t> rank_rows(int64_t rows, int rank, int world) {
+std::pair<int64_t, int64_t> rank_rows(int64_t rows, int rank, int world, int shard) {
+  if (shard > 0 && shard < world) {
+    if (rank >= shard) return {rows, rows};
+    world = shard;
+  }
   const int64_t k = (rows + world - 1) / world;
   const int64_t begin = std::min(rows, rank * k);
   return {begin, std::min(rows, begin + k)};
@@ -437,6 +441,7 @@ void write_index(const std::string& dir, const RankPart& layout, const IndexInfo
     write_int_attr(f, "version", kVersion);
     write_int_attr(f, "step", info.step);
     write_int_attr(f, "world_size", info.world);
+    if (info.shard > 0 && info.shard < info.world) write_int_attr(f, "shard_degree", info.shard);
     nlohmann::json files = nlohmann::json::array();
     for (const auto& r : info.files) files.push_back(nlohmann::json::parse(r.to_json()));
     write_string_attr(f, "files", files.dump());
@@ -453,7 +458,7 @@ void write_index(const std::string& dir, const RankPart& layout, const IndexInfo
       const float nanf = std::nanf("");
       if (type != H5T_NATIVE_UINT8) check(H5Pset_fill_value(dcpl, type, type == H5T_NATIVE_FLOAT ? static_cast<const void*>(&nanf) : &nan), "fill value");
       for (int r = 0; r < info.world; ++r) {
-        const auto [begin, end] = rank_rows(t.shape[0], r, info.world);
+        const auto [begin, end] = rank_rows(t.shape[0], r, info.world, info.shard);
         if (end <= begin) continue;
         std::vector<hsize_t> src = dims, start(dims.size(), 0);
         src[0] = static_cast<hsize_t>(end - begin);
@@ -543,13 +548,16 @@ Checkpoint::Checkpoint(const std::string& path) : path_(path) {
     fail("{}: checkpoint format version {}, this Coil reads version {}", index_, strings_["version"], kVersion);
   step_ = std::stoll(strings_.at("step"));
   world_ = std::stoi(strings_.at("world_size"));
+  shard_ = strings_.count("shard_degree") ? std::stoi(strings_.at("shard_degree")) : world_;
+  COIL_CHECK(shard_ >= 1 && shard_ <= world_ && world_ % shard_ == 0, "{}: shard_degree {} for world size {}", index_,
+             shard_, world_);
   consolidated_ = strings_.count("consolidated") > 0;
   if (!consolidated_) {
     for (const auto& f : nlohmann::json::parse(strings_.at("files"))) files_.push_back(FileRecord::from_json(f.dump()));
     COIL_CHECK(static_cast<int>(files_.size()) == world_, "{}: {} rank files recorded for world size {}", index_,
                files_.size(), world_);
   }
-  for (const char* k : {"format", "version", "step", "world_size", "files", "consolidated"}) strings_.erase(k);
+  for (const char* k : {"format", "version", "step", "world_size", "shard_degree", "files", "consolidated"}) strings_.erase(k);
 }
 
 Checkpoint::~Checkpoint() {
@@ -688,7 +696,7 @@ void Checkpoint::read(const std::string& name, at::Tensor dst, int64_t row_begin
   } else if (n > 0) {
     // From the rank files themselves: the virtual dataset would give the same bytes, slower.
     for (int r = 0; r < world_; ++r) {
-      const auto [b, e] = rank_rows(shape[0], r, world_);
+      const auto [b, e] = rank_rows(shape[0], r, world_, shard_);
       const int64_t lo = std::max(b, row_begin), hi = std::min(e, row_begin + n);
       if (lo >= hi) continue;
       H5 src(H5Dopen2(rank_file(r), name.c_str(), H5P_DEFAULT), H5Dclose);

@@ -4,7 +4,9 @@
 //   rank-00000-of-00004.h5 ... rank-00003-of-00004.h5     one file per rank, written by that rank:
 //       /model/<Hugging Face name>, /optimizer/<state name>   the rank's rows of each tensor: rows
 //                                   [r k, min((r + 1) k, rows)) of dim 0, k = ceil(rows / N), as
-//                                   FSDP shards them (a rank past the last row holds 0 rows)
+//                                   FSDP shards them (a rank past the last row holds 0 rows);
+//                                   HSDP (shard degree S < N): ranks r < S hold k = ceil(rows / S)
+//                                   rows each, the other replicas' ranks none
 //       /rng/cpu                    the rank's CPU generator state
 //       attributes                  rank, world_size, step, loader_state (the rank's, JSON)
 //   index.h5                        written last, by rank 0:
@@ -13,6 +15,7 @@
 //                                   h5py.File("index.h5")["model/<name>"][:] is the whole tensor
 //       /tokenizer/model            the sentencepiece model the run trained with (bytes)
 //       attributes on /             format = "coil.checkpoint", version = 2, step, world_size,
+//                                   shard_degree (HSDP only: absent means world_size),
 //                                   files (JSON: name, bytes and CRC-32 of every rank file), and
 //                                   the run's strings: config (TOML), tokens_seen, ...
 // A consolidated checkpoint (`coil ckpt consolidate`) is one .h5 file laid out as index.h5 but
@@ -51,13 +54,16 @@ struct TensorRows {
   at::Tensor rows;               // float32, contiguous, on the CPU
 };
 
-// Rank r's rows of a global tensor of `shape` on `world` ranks: [begin, end).
-std::pair<int64_t, int64_t> rank_rows(int64_t rows, int rank, int world);
+// Rank r's rows of a global tensor of `shape` on `world` ranks: [begin, end). HSDP (shard degree
+// `shard` < world, ranks r = replica x shard + position): the ranks of replica 0 hold the rows of
+// their position among `shard` ranks, the others none (each row is written once).
+std::pair<int64_t, int64_t> rank_rows(int64_t rows, int rank, int world, int shard = 0);
 std::string rank_file_name(int rank, int world);
 
 // What one rank writes.
 struct RankPart {
   int rank = 0, world = 1;
+  int shard = 0;  // HSDP's shard degree (0: world)
   int64_t step = 0;
   std::vector<TensorRows> tensors;
   std::map<std::string, std::string> strings;  // e.g. loader_state
@@ -82,6 +88,7 @@ FileRecord write_rank_file(const std::string& dir, const RankPart& part) noexcep
 struct IndexInfo {
   int64_t step = 0;
   int world = 1;
+  int shard = 0;  // HSDP's shard degree (0: world): recorded as the attribute shard_degree
   std::vector<FileRecord> files;               // one per rank, in rank order
   std::map<std::string, std::string> strings;  // config, tokens_seen, ...
   std::string tokenizer;                       // the sentencepiece model's bytes (may be empty)
@@ -112,6 +119,7 @@ class Checkpoint {
   const std::string& path() const { return path_; }
   int64_t step() const { return step_; }
   int world_size() const { return world_; }  // of the run that saved it
+  int shard_degree() const { return shard_; }  // its ranks holding rows (HSDP: < world_size)
   bool consolidated() const { return consolidated_; }
   const std::map<std::string, std::string>& strings() const { return strings_; }
   std::string string(const std::string& key) const;  // throws when missing, naming the key
@@ -138,7 +146,7 @@ class Checkpoint {
  private:
   std::string path_, index_;  // the checkpoint, and the HDF5 file holding the global view
   int64_t step_ = 0;
-  int world_ = 1;
+  int world_ = 1, shard_ = 1;
   bool consolidated_ = false;
   std::map<std::string, std::string> strings_;
   std::vector<FileRecord> files_;

@@ -130,6 +130,7 @@ void CheckpointSaver::save(SaveRequest request) {
   if (comm_) comm_->barrier();  // the folder exists before any rank writes into it
   p->layout.rank = request.part.rank;
   p->layout.world = request.part.world;
+  p->layout.shard = request.part.shard;
   p->layout.step = request.part.step;
   for (const auto& t : request.part.tensors) {
     std::vector<int64_t> none = t.shape;
@@ -167,6 +168,7 @@ void CheckpointSaver::commit() {
     IndexInfo info;
     info.step = p.layout.step;
     info.world = p.layout.world;
+    info.shard = p.layout.shard;
     info.strings = p.request.strings;
     info.tokenizer = p.request.tokenizer;
     for (const auto& r : records) info.files.push_back(FileRecord::from_json(r));

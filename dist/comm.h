@@ -61,10 +61,13 @@ class Comm {
 // Every rank's `text`, in rank order (collective over CPU tensors; {text} when comm is null).
 std::vector<std::string> all_gather_strings(Comm* comm, const std::string& text);
 
-// MPI over MPI_COMM_WORLD (a duplicate of it), for CPU tensors.
-std::unique_ptr<Comm> make_mpi_comm();
+// MPI over MPI_COMM_WORLD (a duplicate of it), for CPU tensors. With a color >= 0: over the ranks
+// of the same color only (MPI_Comm_split, ordered by global rank): HSDP's shard and replicate
+// groups. Collective over every rank.
+std::unique_ptr<Comm> make_mpi_comm(int color = -1);
 // NCCL for CUDA tensors of this rank's device; throws coil::Error when Coil was built without CUDA.
-std::unique_ptr<Comm> make_nccl_comm();
+// A color as for make_mpi_comm (its unique id broadcast within the group).
+std::unique_ptr<Comm> make_nccl_comm(int color = -1);
 // The backend for tensors on `device_type` ("cpu" or "cuda").
 std::unique_ptr<Comm> make_comm(bool cuda);
 

@@ -33,9 +33,10 @@ void bf16_sum(void* in, void* inout, int* len, MPI_Datatype*) {
 
 class MpiComm : public Comm {
  public:
-  MpiComm() {
+  explicit MpiComm(int color) {
     world();  // MPI initialized
-    MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
+    if (color < 0) MPI_Comm_dup(MPI_COMM_WORLD, &comm_);
+    else MPI_Comm_split(MPI_COMM_WORLD, color, world().rank, &comm_);
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
@@ -120,7 +121,7 @@ class MpiComm : public Comm {
 
 }  // namespace
 
-std::unique_ptr<Comm> make_mpi_comm() { return std::make_unique<MpiComm>(); }
+std::unique_ptr<Comm> make_mpi_comm(int color) { return std::make_unique<MpiComm>(color); }
 
 std::unique_ptr<Comm> make_comm(bool cuda) { return cuda ? make_nccl_comm() : make_mpi_comm(); }
 

@@ -148,10 +148,12 @@ struct Event {
 
 class NcclComm : public Comm {
  public:
-  NcclComm() {
+  explicit NcclComm(int color) {
     const World& w = world();
-    rank_ = w.rank;
-    size_ = w.size;
+    if (color < 0) MPI_Comm_dup(MPI_COMM_WORLD, &group_);
+    else MPI_Comm_split(MPI_COMM_WORLD, color, w.rank, &group_);
+    MPI_Comm_rank(group_, &rank_);
+    MPI_Comm_size(group_, &size_);
     int devices = 0;
     const cudaError_t rc = cudaGetDeviceCount(&devices);
     COIL_CHECK(rc == cudaSuccess && devices > 0, "rank {}: the NCCL backend needs a GPU and none is visible ({})", rank_,
@@ -160,7 +162,7 @@ class NcclComm : public Comm {
     cuda(cudaSetDevice(device_), "cudaSetDevice");
     ncclUniqueId id;
     if (rank_ == 0) nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
-    MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, MPI_COMM_WORLD);
+    MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group_);
     nccl(ncclCommInitRank(&comm_, size_, id, rank_), "ncclCommInitRank");
     // A high-priority stream from LibTorch's pool (non-blocking), so recordStream() knows it.
     nccl_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device_));
@@ -241,7 +243,7 @@ class NcclComm : public Comm {
       return ncclGroupEnd();
     })->wait();
   }
-  void barrier() override { MPI_Barrier(MPI_COMM_WORLD); }
+  void barrier() override { MPI_Barrier(group_); }
 
  private:
   // The collective in flight: its completion event on the NCCL stream, and its tensors.
@@ -358,6 +360,7 @@ class NcclComm : public Comm {
   std::string error_;             // the first asynchronous error, thrown by every later call
   std::deque<Pending> pending_;   // queued and not yet seen finished, oldest first
   ncclComm_t comm_ = nullptr;     // null once aborted
+  MPI_Comm group_ = MPI_COMM_NULL;  // the same ranks in MPI: the unique id's broadcast, barrier
   std::optional<c10::cuda::CUDAStream> nccl_stream_;
   cudaStream_t stream_ = nullptr;
   int device_ = 0;
@@ -366,14 +369,14 @@ class NcclComm : public Comm {
 
 }  // namespace
 
-std::unique_ptr<Comm> make_nccl_comm() { return std::make_unique<NcclComm>(); }
+std::unique_ptr<Comm> make_nccl_comm(int color) { return std::make_unique<NcclComm>(color); }
 
 }  // namespace coil::dist
 
 #else
 
 namespace coil::dist {
-std::unique_ptr<Comm> make_nccl_comm() { fail("{}", nccl_detail::unavailable_reason()); }
+std::unique_ptr<Comm> make_nccl_comm(int) { fail("{}", nccl_detail::unavailable_reason()); }
 }  // namespace coil::dist
 
 #endif

@@ -289,6 +289,11 @@ void FsdpMamba::finish_reduces() {
     std::unique_ptr<PendingReduce> r = std::move(reduces_.front());
     reduces_.pop_front();
     if (r->work) r->work->wait();
+    if (options_.replicate && options_.replicate->size() > 1) {
+      stats_.all_reduces += 1;
+      stats_.all_reduce_bytes += r->mine.numel() * static_cast<int64_t>(r->mine.element_size());
+      options_.replicate->all_reduce(r->mine);
+    }
     int64_t offset = 0;
     for (size_t i : units_[r->unit]->index) {
       const int64_t n = layouts_[i].local_numel();

@@ -34,6 +34,12 @@
 // (float32 by default; bfloat16 halves those bytes too, at a rounding per add) and accumulated
 // into the float32 shards' .grad.
 //
+// HSDP (hybrid sharding, FsdpOptions::replicate): `comm` is then this rank's shard group (the
+// parameters are split over its ranks only) and `replicate` the group of the ranks at the same
+// position in every shard group, each holding the same shards. A unit's reduce-scatter sums over
+// the shard group; its result is then all-reduced over the replicate group, shard by shard: every
+// replica ends with the sum over all ranks, so every replica takes the same optimizer step.
+//
 // Overlap (FsdpOptions::overlap, with a Comm whose collectives are asynchronous: NCCL on its own
 // stream): while a unit computes, the next unit's all-gather runs (in backward: the unit before);
 // a unit's reduce-scatter runs while the unit before it computes its backward, and is finished
@@ -77,12 +83,14 @@ struct FsdpOptions {
   bool overlap = true;                        // prefetch / deferred reduce-scatter, when comm is asynchronous
   c10::Device device = c10::Device(c10::kCPU);  // where the shards live (the comm's device)
   ActivationCheckpointing activation_checkpointing = ActivationCheckpointing::none;  // per block unit
+  std::shared_ptr<Comm> replicate;  // HSDP: the replicate group (null or size 1: plain FSDP)
 };
 
 // What the collectives of a FsdpMamba moved (bytes: of the whole buffers, this rank's view).
 struct FsdpStats {
   int64_t all_gathers = 0, all_gather_bytes = 0;          // bytes received (every rank's part)
   int64_t reduce_scatters = 0, reduce_scatter_bytes = 0;  // bytes of the send buffers
+  int64_t all_reduces = 0, all_reduce_bytes = 0;          // HSDP: of the reduced shards, over replicas
   std::vector<int64_t> unit_forwards;  // runs of each unit's function (forward order), recomputes included
 };
 

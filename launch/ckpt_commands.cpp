@@ -36,7 +36,8 @@ void fail_if_damaged(const dist::Checkpoint& ck) {
 void inspect(const std::string& path) {
   dist::Checkpoint ck(path);
   fmt::print("checkpoint {}\n", path);
-  fmt::print("  step {}, saved on {} rank(s){}, {} on disk\n", ck.step(), ck.world_size(),
+  fmt::print("  step {}, saved on {} rank(s){}{}, {} on disk\n", ck.step(), ck.world_size(),
+             ck.shard_degree() < ck.world_size() ? fmt::format(" (HSDP: rows on the first {})", ck.shard_degree()) : "",
              ck.consolidated() ? " (consolidated into one file)" : "", human_bytes(static_cast<double>(ck.total_bytes())));
   for (const char* key : {"phase", "tokens_seen", "best_val_loss", "elapsed_s", "schedule"})
     if (ck.strings().count(key)) fmt::print("  {}: {}\n", key, ck.strings().at(key));

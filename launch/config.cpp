@@ -110,6 +110,8 @@ std::vector<Field> fields(RunConfig& c) {
       {"train", "nan_policy", &c.nan_policy, {"stop", "skip"}},
       {"train", "threads", &c.threads, any, at_least(0, "(0: all cores)")},
       {"train", "reshard_after_forward", &c.reshard_after_forward},
+      {"train", "data_parallel_shard_degree", &c.data_parallel_shard_degree, any, at_least(0, "(0: the world size / the replicate degree)")},
+      {"train", "data_parallel_replicate_degree", &c.data_parallel_replicate_degree, any, at_least(1)},
       {"train", "device", &c.device, {"auto", "cpu", "cuda"}},
       {"train", "dtype", &c.dtype, {"float32", "bfloat16", "float16"}},
       {"train", "loss_scale_init", &c.loss_scale_init, any, at_least(1, "(a power of two)")},

@@ -69,6 +69,8 @@ struct RunConfig {
   std::string pretrained_checkpoint_path;  // SFT: the pretrained model
   std::string nan_policy = "stop";         // or "skip"
   int64_t threads = 0;                     // 0: all cores (under MPI: the node's cores / its ranks)
+  int64_t data_parallel_shard_degree = 0;      // HSDP: ranks a parameter is sharded over (0: world / replicate)
+  int64_t data_parallel_replicate_degree = 1;  // HSDP: groups holding full replicas (1: plain FSDP)
   bool reshard_after_forward = true;       // FSDP: free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
   std::string device = "auto";             // "cuda": one GPU per rank (by local rank), NCCL between them;
                                            // "cpu"; "auto": cuda when the node has a GPU per rank, else cpu

@@ -68,6 +68,15 @@ Parallel Parallel::start(const RunConfig& c) {
     par.rank = dist::world().rank;
     par.world = dist::world().size;
   }
+  par.replicate = static_cast<int>(c.data_parallel_replicate_degree);
+  par.shard = c.data_parallel_shard_degree > 0 ? static_cast<int>(c.data_parallel_shard_degree) : par.world / par.replicate;
+  COIL_CHECK(par.world % par.replicate == 0 && static_cast<int64_t>(par.shard) * par.replicate == par.world,
+             "train.data_parallel_shard_degree ({}) x train.data_parallel_replicate_degree ({}) must equal the world size "
+             "({} ranks)",
+             c.data_parallel_shard_degree > 0 ? fmt::format("{}", c.data_parallel_shard_degree) : "0: all ranks",
+             c.data_parallel_replicate_degree, par.world);
+  par.shard_rank = par.rank % par.shard;
+  par.replica = par.rank / par.shard;
   seed_cpu_generator(c.seed, par.rank);
   if (c.threads > 0) at::set_num_threads(static_cast<int>(c.threads));
   else if (par.world > 1) at::set_num_threads(dist::cores_per_rank());
@@ -96,7 +105,11 @@ void Parallel::place(MambaLM& m, const RunConfig& c, const std::string& config_t
   if (world > 1) {
     comm = dist::make_mpi_comm();
     check_same_config(*comm, rank, world, config_text);
-    data_comm = device.is_cuda() ? std::shared_ptr<dist::Comm>(dist::make_nccl_comm()) : comm;
+    // HSDP: the shard group (color: the replica) and the replicate group (color: the position).
+    const bool hybrid = replicate > 1;
+    if (device.is_cuda()) data_comm = dist::make_nccl_comm(hybrid ? replica : -1);
+    else data_comm = hybrid ? std::shared_ptr<dist::Comm>(dist::make_mpi_comm(replica)) : comm;
+    if (hybrid) replicate_comm = device.is_cuda() ? dist::make_nccl_comm(shard_rank) : dist::make_mpi_comm(shard_rank);
     dist::FsdpOptions fo;
     fo.reshard_after_forward = c.reshard_after_forward;
     fo.compute_dtype = compute;
@@ -104,6 +117,7 @@ void Parallel::place(MambaLM& m, const RunConfig& c, const std::string& config_t
     fo.overlap = c.overlap_comm;
     fo.device = device;
     fo.activation_checkpointing = parse_activation_checkpointing(c.activation_checkpointing, "train.activation_checkpointing");
+    fo.replicate = replicate_comm;
     fsdp = std::make_unique<dist::FsdpMamba>(m, data_comm, fo);
     params = fsdp->local_parameters();
   } else {
@@ -164,14 +178,15 @@ const dist::ShardLayout& Parallel::state_layout(const std::string& state) const 
 
 dist::TensorRows Parallel::rows(dist::CheckpointSaver& saver, const std::string& name, const at::Tensor& local,
                                 const dist::ShardLayout& l) const {
-  const auto [begin, end] = dist::rank_rows(l.shape[0], rank, world);
   COIL_CHECK(local.size(0) == l.rows_per_rank, "{}: {} rows held, the layout says {}", name, local.size(0), l.rows_per_rank);
+  // HSDP: replica 0 writes the rows; the other replicas hold the same ones and write none.
+  const auto [begin, end] = dist::rank_rows(l.shape[0], rank, world, shard);
   return {name, l.shape, begin, saver.stage(name, local.narrow(0, 0, end - begin))};
 }
 
 void Parallel::read(const dist::Checkpoint& ck, const std::string& name, const at::Tensor& local,
                     const dist::ShardLayout& l) const {
-  ck.read(name, local, rank * l.rows_per_rank);
+  ck.read(name, local, shard_rank * l.rows_per_rank);
 }
 
 }  // namespace coil

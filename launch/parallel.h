@@ -6,6 +6,15 @@
 // loop is the same either way: it calls forward, sums doubles over the ranks, and saves / reads
 // each rank's rows of every tensor through the layouts kept here.
 //
+// HSDP (train.data_parallel_shard_degree S x train.data_parallel_replicate_degree R = the world):
+// the shard groups are consecutive ranks (rank = replica * S + shard position: within a node when
+// S divides the ranks per node), the replicate groups the ranks of one position in every shard
+// group. The model's collectives run in the shard group (data_comm), the gradients' all-reduce in
+// the replicate group; Muon's owners are ranks of the shard group (each replica computes the same
+// update). The data loader still splits the batch over all ranks (rank, world). A checkpoint holds
+// each row once: replica 0 writes its shards' rows, the ranks of other replicas write no rows of any
+// tensor (each rank still writes its own generator and loader state).
+//
 // Seeds: the model's initialization and the data order take train.seed themselves; LibTorch's
 // default CPU generator (saved in each checkpoint as /rng/cpu, restored on resume) is seeded here
 // with train.seed + rank, since LibTorch seeds it at random otherwise and two identical runs
@@ -45,8 +54,11 @@ void seed_cpu_generator(int64_t seed, int rank);
 
 struct Parallel {
   int rank = 0, world = 1;
+  int shard = 1, replicate = 1;           // HSDP degrees (shard x replicate = world); FSDP: shard = world
+  int shard_rank = 0, replica = 0;        // this rank's position in its shard group, and its group
   std::shared_ptr<dist::Comm> comm;       // null on one process; MPI (CPU tensors): sums, checkpoints
-  std::shared_ptr<dist::Comm> data_comm;  // the model's collectives: comm on CPU, NCCL on CUDA
+  std::shared_ptr<dist::Comm> data_comm;  // the model's collectives (the shard group): MPI on CPU, NCCL on CUDA
+  std::shared_ptr<dist::Comm> replicate_comm;  // HSDP: the gradients' all-reduce over replicas (null otherwise)
   at::Device device = at::kCPU;
   std::string device_why;                 // how train.device = "auto" chose (empty otherwise)
   at::ScalarType compute = at::kFloat;
@@ -66,6 +78,9 @@ struct Parallel {
   std::unique_ptr<optim::HybridOptimizer> make_optimizer(const RunConfig& c) const;
 
   bool root() const { return rank == 0; }
+  // What this rank adds to a sum over all ranks of a quantity each replica holds alike (the
+  // squared gradient norm of its shards): 1 / replicate.
+  double replica_weight() const { return 1.0 / replicate; }
   at::Tensor forward(const at::Tensor& tokens);
   void finish_step();
   std::vector<double> sum(std::vector<double> v) const;  // over the ranks (itself on one process)

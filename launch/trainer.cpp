@@ -200,6 +200,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
                par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
     fmt::print("{}: {}\n", what, ranks.describe(at::get_num_threads()));
+    if (par.replicate > 1)
+      fmt::print("{}: HSDP: parameters sharded over {} rank(s), {} replica group(s), gradients all-reduced across them\n",
+                 what, par.shard, par.replicate);
   }
 
   // Saves the state after `done` steps as checkpoints/step-<done>: each rank its own rows (a host
@@ -216,6 +219,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     r.last = last;
     r.part.rank = par.rank;
     r.part.world = par.world;
+    r.part.shard = par.shard;
     r.part.step = done;
     for (size_t i = 0; i < params.size(); ++i)
       r.part.tensors.push_back(par.rows(saver, "model/" + params[i].name, params[i].tensor, par.layouts[i]));
@@ -285,7 +289,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     // rank is still writing the checkpoint in flight.
     watchdog.mark("the all-reduce of the loss and gradient norm");
     // The loss and the squared gradient norm come to the host together: one sync per step.
-    const at::Tensor local = at::stack({local_loss, optim::grad_sq_norm_tensor(params).to(local_loss.device())}).cpu();
+    const at::Tensor local = at::stack({local_loss, optim::grad_sq_norm_tensor(params).to(local_loss.device()) * par.replica_weight()}).cpu();
     const std::vector<double> sums = par.sum({local[0].item<double>(), local[1].item<double>(),
                                               stop_signal() != 0 ? 1.0 : 0.0, saver.busy()});
     const double loss = sums[0], grad_norm = scaler.unscaled_norm(sums[1]);

@@ -3,7 +3,8 @@
 // and AdamW alone, resharding after forward or not (ZeRO-3 / ZeRO-2), with activation checkpointing
 // or not, in float32 and bfloat16; each unit's forward runs once per micro batch (twice with
 // checkpointing); ZeRO-2 sums bf16 gradients in float32; Muon orthogonalizes whole matrices only,
-// each once; a rank holds only its shards (plus one gathered unit at a time).
+// each once; a rank holds only its shards (plus one gathered unit at a time). HSDP (shard groups,
+// replicas across them) equals one process and FSDP, and holds 1 / shard of the model per rank.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -603,4 +604,87 @@ TEST(FsdpCuda, OverlapMatchesSynchronous) {
   for (size_t i = 0; i < sync.whole.size(); ++i)
     EXPECT_LT(rel_error(over.whole[i].tensor, sync.whole[i].tensor), 1e-3) << sync.whole[i].name;
   for (auto t : over.state_dtypes) EXPECT_EQ(t, at::kFloat);
+}
+
+// ---- HSDP: shard groups of consecutive ranks, replicas across them ---------------------------------
+
+namespace {
+struct Hybrid {
+  Outcome outcome;
+  int64_t local_numel = 0, predicted_numel = 0, whole_numel = 0;
+  FsdpStats stats;
+};
+
+// Training as sharded() does, but sharded over `shard` consecutive ranks and replicated over the
+// world / shard groups: the shard group's collectives for the model and Muon, the replicate
+// group's all-reduce for the gradients; the squared gradient norm weighted 1 / replicas in the sum.
+Hybrid hybrid(const std::string& kind, int shard, int64_t steps = kSteps) {
+  const int g = world().rank, n = world().size, replicas = n / shard;
+  auto shard_comm = std::shared_ptr<Comm>(make_mpi_comm(g / shard));
+  auto replicate_comm = std::shared_ptr<Comm>(make_mpi_comm(g % shard));
+  auto all = std::shared_ptr<Comm>(make_mpi_comm());
+  EXPECT_EQ(shard_comm->size(), shard);
+  EXPECT_EQ(shard_comm->rank(), g % shard);
+  EXPECT_EQ(replicate_comm->size(), replicas);
+  MambaLM model(tiny(), 7);
+  FsdpOptions o;
+  o.replicate = replicate_comm;
+  FsdpMamba fsdp(model, shard_comm, o);
+  const auto& params = fsdp.local_parameters();
+  optim::HybridOptimizer opt(params, optimizer(kind), fsdp.whole_shapes());
+  std::vector<ShardLayout> muon_layouts;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (optimizer(kind).use_muon && optim::group_of(params[i].name, static_cast<int64_t>(fsdp.layout(i).shape.size())).muon)
+      muon_layouts.push_back(fsdp.layout(i));
+  opt.muon().set_orthogonalize(sharded_orthogonalize(shard_comm, muon_layouts, 5));
+  Hybrid out;
+  const int64_t per_rank = kGlobal / n, micro = per_rank % 2 == 0 ? per_rank / 2 : 1;
+  for (int64_t s = 0; s < steps; ++s) {
+    at::Tensor t = batch(s).narrow(0, g * per_rank, per_rank);  // every global rank its own rows
+    const double loss = forward_backward(fsdp, params, t, micro);
+    at::Tensor sums = at::tensor({loss, optim::grad_sq_norm(params) / replicas}, at::kDouble);
+    all->all_reduce(sums);
+    optim::clip_grads(params, std::sqrt(sums[1].item<double>()), kClip);
+    opt.step(0.02, lr_adamw(kind));
+    out.outcome.losses.push_back(sums[0].item<double>());
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    out.local_numel += params[i].tensor.numel();
+    const ShardLayout& l = fsdp.layout(i);
+    out.predicted_numel += (l.shape[0] + shard - 1) / shard * l.row_numel;
+    out.whole_numel += l.shape[0] * l.row_numel;
+  }
+  out.stats = fsdp.stats();
+  out.outcome.params = fsdp.gather_whole();
+  return out;
+}
+}  // namespace
+
+// HSDP over an even number of ranks (4: 2 x 2; 2: 1 x 2) equals one process (1e-5) and plain FSDP
+// over every rank; each rank holds 1 / shard of the model (its shard group's rows, padding apart).
+TEST(Hsdp, MatchesOneProcessAndFsdp) {
+  const int n = world().size;
+  if (n < 2 || n % 2 != 0) GTEST_SKIP() << "HSDP needs an even number of ranks here";
+  const int shard = n / 2;
+  for (const std::string kind : {"hybrid"}) {  // Muon on the matrices, AdamW on the rest
+    const Outcome ref = reference(kind);
+    const Outcome fsdp = sharded(kind, mode(true, kNone), kGlobal / n % 2 == 0 ? kGlobal / n / 2 : 1);
+    const Hybrid got = hybrid(kind, shard);
+    for (int64_t s = 0; s < kSteps; ++s) {
+      EXPECT_NEAR(got.outcome.losses[s], ref.losses[s], 1e-5 * std::abs(ref.losses[s])) << kind << " step " << s;
+      EXPECT_NEAR(got.outcome.losses[s], fsdp.losses[s], 1e-5 * std::abs(ref.losses[s])) << kind << " step " << s;
+    }
+    ASSERT_EQ(got.outcome.params.size(), ref.params.size());
+    for (size_t i = 0; i < ref.params.size(); ++i) {
+      EXPECT_LT(rel_error(got.outcome.params[i].tensor, ref.params[i].tensor.detach()), 1e-5) << kind << " " << ref.params[i].name;
+      EXPECT_LT(rel_error(got.outcome.params[i].tensor, fsdp.params[i].tensor), 1e-5) << kind << " " << ref.params[i].name;
+    }
+    // Memory: the model state of a rank is its shard group's part, 1 / shard of the model.
+    EXPECT_EQ(got.local_numel, got.predicted_numel);
+    EXPECT_GE(got.local_numel * shard, got.whole_numel);
+    EXPECT_LE(static_cast<double>(got.local_numel * shard), 1.05 * static_cast<double>(got.whole_numel));
+    // Gradients: one all-reduce over the replicas per unit and backward, of the reduce-scattered shard.
+    EXPECT_EQ(got.stats.all_reduces, got.stats.reduce_scatters);
+    EXPECT_EQ(got.stats.all_reduce_bytes * shard, got.stats.reduce_scatter_bytes);
+  }
 }

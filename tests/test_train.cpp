@@ -263,6 +263,8 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"train.nan_policy", "\"ignore\"", "must be \"stop\" or \"skip\", not \"ignore\""},
       {"train.threads", "-1", "must be >= 0 (0: all cores), not -1"},
       {"train.reshard_after_forward", "0", "must be true or false"},
+      {"train.data_parallel_shard_degree", "-1", "must be >= 0 (0: the world size / the replicate degree), not -1"},
+      {"train.data_parallel_replicate_degree", "0", "must be >= 1, not 0"},
       {"train.device", "\"tpu\"", "must be \"auto\" or \"cpu\" or \"cuda\", not \"tpu\""},
       {"train.dtype", "\"fp8\"", "must be \"float32\" or \"bfloat16\" or \"float16\", not \"fp8\""},
       {"train.loss_scale_init", "0.5", "must be >= 1 (a power of two), not 0.5"},
