@@ -116,6 +116,16 @@ struct ParquetRows::Impl {
     }
     groups = meta->num_row_groups();
     total = meta->num_rows();
+    // The footer's row count must be its row groups' (found by fuzzing: a footer saying -7 rows
+    // over row groups of 4 and 2): rows(), the progress share and resume positions rely on it.
+    int64_t sum = 0;
+    for (int g = 0; g < groups; ++g) {
+      const int64_t n = meta->RowGroup(g)->num_rows();
+      if (n < 0) fail("{}: a damaged Parquet footer (row group {} of {} says {} rows)", path, g, groups, n);
+      sum += n;
+    }
+    if (sum != total)
+      fail("{}: a damaged Parquet footer (it says {} rows, its row groups hold {})", path, total, sum);
     std::shared_ptr<arrow::Schema> schema;
     try {
       arrow::Status st = reader->GetSchema(&schema);

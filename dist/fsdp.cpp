@@ -448,8 +448,8 @@ FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const Fsd
   for (int64_t b = 0; b < config_.n_layer; ++b) {
     std::vector<size_t> index;
     for (size_t k = 0; k < 10; ++k) index.push_back(1 + static_cast<size_t>(b) * 10 + k);
-    unit(index, true, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
-      return MambaLM::block(MambaLM::block_weights(w), cfg, h);
+    unit(index, true, [cfg, this](const at::Tensor& h, const std::vector<at::Tensor>& w) {
+      return MambaLM::block(MambaLM::block_weights(w), cfg, h, nullptr, nullptr, seq_idx_);
     });
   }
   unit({0, last}, false, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
@@ -483,7 +483,8 @@ std::vector<std::vector<int64_t>> FsdpMamba::whole_shapes() const {
   return out;
 }
 
-at::Tensor FsdpMamba::forward(const at::Tensor& tokens) {
+at::Tensor FsdpMamba::forward(const at::Tensor& tokens, const at::Tensor& seq_idx) {
+  seq_idx_ = seq_idx;
   drop_prefetches();  // none are left as a rule; one left by an error would hold stale weights
   finish_reduces();
   at::Tensor h = tokens;

@@ -116,7 +116,10 @@ class FsdpMamba {
   Comm& comm() { return *comm_; }
 
   // logits [B, L, V] of this rank's micro batch.
-  at::Tensor forward(const at::Tensor& tokens);
+  // seq_idx: the document number of each position ([B, L] int32, model/mamba.h), or undefined (one
+  // document per row). It stays with the sharded model until the next forward, for the blocks that
+  // are recomputed in backward (activation checkpointing).
+  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& seq_idx = {});
   // With reshard_after_forward = false: reduce-scatters the step's gradients (call after the last
   // backward of the step). A no-op otherwise.
   void finish_step();
@@ -159,6 +162,7 @@ class FsdpMamba {
   std::vector<at::Tensor> accum_;  // ZeRO-2: the step's whole gradients, float32, by parameter
   bool flush_queued_ = false;  // a final callback of the running backward will finish_reduces()
   FsdpStats stats_;
+  at::Tensor seq_idx_;  // of the last forward (the blocks read it, also when recomputed in backward)
 };
 
 // Muon's orthogonalization under sharding: each matrix's momentum update is gathered whole on its

@@ -73,7 +73,7 @@ uint64_t batch_hash(double low_sum, double high_sum) {
 }
 
 at::Tensor loss_sum(const Forward& forward, const DeviceBatch& b) {
-  at::Tensor logits = forward(b.inputs);
+  at::Tensor logits = forward(b.inputs, b.seq_idx);
   return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), b.targets.to(logits.device()).reshape({-1}), {},
                                 at::Reduction::Sum, -100);
 }

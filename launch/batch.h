@@ -40,7 +40,8 @@ int64_t target_count(const data::Batch& b);
 void add_row_hashes(const data::Batch& b, int64_t first_global_row, double& low, double& high);
 uint64_t batch_hash(double low_sum, double high_sum);
 
-using Forward = std::function<at::Tensor(const at::Tensor&)>;
+// The model's logits of token ids, with the rows' document numbers (DeviceBatch::seq_idx).
+using Forward = std::function<at::Tensor(const at::Tensor& tokens, const at::Tensor& seq_idx)>;
 
 // Sum of the cross-entropy over the targets that count (a device scalar: no host sync).
 at::Tensor loss_sum(const Forward& forward, const DeviceBatch& b);

@@ -148,9 +148,10 @@ std::unique_ptr<optim::HybridOptimizer> Parallel::make_optimizer(const RunConfig
   return opt;
 }
 
-at::Tensor Parallel::forward(const at::Tensor& tokens) {
+at::Tensor Parallel::forward(const at::Tensor& tokens, const at::Tensor& seq_idx) {
   const at::Tensor t = tokens.to(device);
-  return fsdp ? fsdp->forward(t) : model->forward(t, compute);
+  const at::Tensor s = seq_idx.defined() ? seq_idx.to(device) : seq_idx;
+  return fsdp ? fsdp->forward(t, s) : model->forward(t, compute, s);
 }
 
 void Parallel::finish_step() {

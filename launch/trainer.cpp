@@ -185,7 +185,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   // Only rank 0 writes files.
   if (par.root()) std::ofstream(run_dir / "config.toml") << config_text;
   MetricsLog metrics(run_dir.string(), par.root(), step, wandb_options(c));
-  const Forward forward = [&](const at::Tensor& tokens) { return par.forward(tokens); };
+  const Forward forward = [&](const at::Tensor& tokens, const at::Tensor& seq_idx) { return par.forward(tokens, seq_idx); };
 
   if (par.root()) {
     fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));

@@ -1,5 +1,7 @@
 #include "model/selective_scan.h"
 
+#include <cstdio>
+#include <mutex>
 #include <ATen/Parallel.h>
 #include <fmt/ranges.h>
 #include <torch/autograd.h>
@@ -320,8 +322,16 @@ Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, con
   check_seq_idx(seq_idx, u.size(0), u.size(1), "selective_scan");
   check_h0(h0, u.size(0), u.size(2), A.size(1));
   if (u.is_cuda()) {
-    COIL_CHECK(!seq_idx.defined() && !h0.defined(),
-               "selective_scan: seq_idx and h0 are not in the CUDA kernel yet (CPU only)");
+    if (seq_idx.defined() || h0.defined()) {
+      // Not in the CUDA kernel yet: the reference runs on the GPU (ATen ops, one step at a time:
+      // correct, and many times slower than the kernel), said once.
+      static std::once_flag said;
+      std::call_once(said, [] {
+        std::fprintf(stderr, "coil: warning: selective_scan: document boundaries (seq_idx) and initial states "
+                             "on CUDA run the reference scan (slow) until the CUDA kernel has them\n");
+      });
+      return selective_scan_ref(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, seq_idx, h0, final_state);
+    }
 #if defined(COIL_WITH_CUDA)
     return selective_scan_cuda(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, final_state);
 #else

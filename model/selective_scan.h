@@ -23,7 +23,8 @@
 //     outputs and every gradient of running it whole (the basis of chunked long-sequence training
 //     and of sequence parallelism).
 // seq_idx and h0 run in the reference and the fused CPU kernel; the CUDA kernel does not take them
-// yet (coil::Error).
+// yet: on CUDA tensors with either, selective_scan runs the reference on the GPU (correct, many times
+// slower; a warning says so once).
 #pragma once
 
 #include <ATen/core/Tensor.h>

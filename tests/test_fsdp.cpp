@@ -688,3 +688,60 @@ TEST(Hsdp, MatchesOneProcessAndFsdp) {
     EXPECT_EQ(got.stats.all_reduce_bytes * shard, got.stats.reduce_scatter_bytes);
   }
 }
+
+// Issue 19's defining test of packing, through the sharded model: rows packed with several documents
+// each (seq_idx numbering them, the SSM and conv state reset at each start) give, on 1 to 4 ranks and
+// with activation checkpointing or not, the logits and the parameter gradients that one process
+// running every document alone gives (1e-5 relative, float32).
+TEST(Fsdp, PackedRowsEqualEachDocumentAlone) {
+  auto comm = std::shared_ptr<Comm>(make_mpi_comm());
+  const int r = comm->rank(), n = comm->size();
+  constexpr int64_t kRows = 12, kLen = 24;
+  at::Generator gen = at::detail::createCPUGenerator(4242);
+  const at::Tensor tokens = at::randint(61, {kRows, kLen}, gen, at::kLong);
+  const at::Tensor weights = at::randn({kRows, kLen, 61}, gen, at::kFloat);  // loss = sum(logits * weights)
+  // Each row's documents: lengths drawn at random (1 to 12 tokens; some rows a single document).
+  at::Tensor seq_idx = at::zeros({kRows, kLen}, at::kInt);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> docs(kRows);  // (start, length)
+  for (int64_t row = 0; row < kRows; ++row) {
+    int64_t start = 0, number = 0;
+    while (start < kLen) {
+      int64_t len = row % 5 == 4 ? kLen : 1 + at::randint(12, {1}, gen, at::kLong).item<int64_t>();
+      len = std::min(len, kLen - start);
+      seq_idx[row].narrow(0, start, len).fill_(number++);
+      docs[row].push_back({start, len});
+      start += len;
+    }
+  }
+  // One process, each document alone.
+  MambaLM model(tiny(), 7);
+  auto params = model.named_parameters();
+  for (auto& p : params) p.tensor.requires_grad_(true);
+  std::vector<at::Tensor> alone_logits(kRows);
+  for (int64_t row = 0; row < kRows; ++row) {
+    std::vector<at::Tensor> parts;
+    for (auto [start, len] : docs[row]) {
+      at::Tensor logits = model.forward(tokens[row].narrow(0, start, len).unsqueeze(0));
+      (logits[0] * weights[row].narrow(0, start, len)).sum().backward();
+      parts.push_back(logits[0].detach());
+    }
+    alone_logits[row] = at::cat(parts, 0);
+  }
+  for (auto ac : {ActivationCheckpointing::none, ActivationCheckpointing::full}) {
+    MambaLM model2(tiny(), 7);
+    FsdpOptions o;
+    o.activation_checkpointing = ac;
+    FsdpMamba fsdp(model2, comm, o);
+    const int64_t per_rank = kRows / n;
+    for (auto& p : fsdp.local_parameters()) p.tensor.mutable_grad() = at::Tensor();
+    for (int64_t row = r * per_rank; row < (r + 1) * per_rank; ++row) {  // a micro batch of one row
+      at::Tensor logits = fsdp.forward(tokens.narrow(0, row, 1), seq_idx.narrow(0, row, 1));
+      EXPECT_LT(rel_error(logits[0].detach(), alone_logits[row]), 1e-5) << "row " << row;
+      (logits[0] * weights[row]).sum().backward();
+    }
+    fsdp.finish_step();
+    for (size_t i = 0; i < params.size(); ++i)
+      EXPECT_LT(rel_error(fsdp.local_parameters()[i].tensor.grad(), fsdp.layout(i).slice(params[i].tensor.grad(), r)), 1e-5)
+          << params[i].name << (ac == ActivationCheckpointing::full ? " (checkpointed)" : "");
+  }
+}

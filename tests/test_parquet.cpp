@@ -430,3 +430,16 @@ TEST(Progress, LinesCountDocumentsTokensAndTheShareRead) {
   EXPECT_TRUE(has(unknown.line(), " MB/s, ")) << unknown.line();
   EXPECT_TRUE(has(unknown.line(), " elapsed")) << unknown.line();
 }
+
+// Found by fuzz_parquet (tests/fuzz/corpus/parquet/footer-row-count.parquet, docs/RELIABILITY.md):
+// a footer whose row count (-7) is not its row groups' (4 + 2) was taken at its word, so rows(), the
+// progress share and resume positions were wrong; now a one-line error naming the file.
+TEST(Parquet, AFooterWhoseRowCountIsNotItsRowGroupsIsAnError) {
+  const std::string path = COIL_FUZZ_CORPUS "/parquet/footer-row-count.parquet";
+  try {
+    ParquetRows rows(path, {"text"});
+    FAIL() << "expected an error";
+  } catch (const coil::Error& e) {
+    EXPECT_EQ(std::string(e.what()), path + ": a damaged Parquet footer (it says -7 rows, its row groups hold 6)");
+  }
+}
