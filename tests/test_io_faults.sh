@@ -144,7 +144,7 @@ umount "$m" && rmdir "$m"
 m=$tmp/ro
 mkdir "$m" && mount -t tmpfs -o size=8m tmpfs "$m" && mount -o remount,ro "$m"
 "$coil" pretrain "${args[@]}" --set train.max_steps=2 --set "train.run_dir=$m/run" >"$tmp/out" 2>"$tmp/err"
-check read_only_run_dir $? 1 "$tmp/err" "train.run_dir: cannot create $m/run/checkpoints: Read-only file system" ""
+check read_only_run_dir $? 1 "$tmp/err" "train.run_dir: cannot create $m/run: Read-only file system" ""
 [ "$(wc -l <"$tmp/err")" -eq 1 ] && pass || flunk "read_only_run_dir: not one line" "$tmp/err"
 umount "$m" && rmdir "$m"
 
