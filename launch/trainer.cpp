@@ -102,9 +102,6 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   MambaLM model(mc, static_cast<uint64_t>(c.seed));
   const std::string config_text = c.to_toml();
   par.place(model, c, config_text);
-  // Every rank's host and device; every rank sees run_dir (or all stop here, before step 1).
-  const Ranks ranks = gather_ranks(par.comm.get(), par.rank, par.world, par.device.str());
-  check_shared_run_dir(c.run_dir, par.comm.get(), par.rank, ranks);
   const std::vector<NamedTensor>& params = par.params;
 
   // ---- Data, steps, optimizer, schedule ----
@@ -117,6 +114,10 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   optim::HybridOptimizer& opt = *optimizer;
   optim::Schedule schedule{c.schedule, c.warmup_steps, steps, c.min_lr_ratio, c.decay_fraction};
   schedule.validate();
+  // Every rank's host and device; every rank sees run_dir (or all stop here, before step 1). The
+  // first write to run_dir: the settings above are all checked by now.
+  const Ranks ranks = gather_ranks(par.comm.get(), par.rank, par.world, par.device.str());
+  check_shared_run_dir(c.run_dir, par.comm.get(), par.rank, ranks);
 
   // ---- Where the run starts: its newest intact checkpoint, a pretrained model (SFT), or scratch ----
   // Each rank reads its own rows of every tensor, whatever the number of ranks that saved them.
