@@ -404,20 +404,27 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
       float Bt[NS], Ct[NS];
       load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
       load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
-      float gB = 0.f, gAh = 0.f, dBv[NS], dCv[NS];
+      float gB = 0.f, gAh = 0.f, dBv[NS], dCv[NS], hprev[NS];
+#pragma unroll
+      for (int k = 0; k < NS; ++k) hprev[k] = t > 0 ? hist[((t - 1) * NS + k) * kThreads + w.tid] : h0[k];
+      if (restart)  // (a branch, uniform over the warp, not a select per element)
+#pragma unroll
+        for (int k = 0; k < NS; ++k) hprev[k] = 0.f;
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
         const float gn = g[k] + ds * Ct[k];
         const float e = decay(dt, A2[k]);
-        const float hprev = restart ? 0.f : t > 0 ? hist[((t - 1) * NS + k) * kThreads + w.tid] : h0[k];
-        const float qv = gn * e * hprev;
+        const float qv = gn * e * hprev[k];
         dA[k] += dt * qv;
         gAh += qv * A[k];
         gB += gn * Bt[k];
         dBv[k] = gn * dtu;                                     // this channel's part of dB_t
         dCv[k] = ds * hist[(t * NS + k) * kThreads + w.tid];   // this channel's part of dC_t
-        g[k] = restart ? 0.f : e * gn;
+        g[k] = e * gn;
       }
+      if (restart)
+#pragma unroll
+        for (int k = 0; k < NS; ++k) g[k] = 0.f;
       gB = sum_quarters(gB);
       gAh = sum_quarters(gAh);
       if (w.q == 0) {
@@ -912,9 +919,11 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
         const float dt = dt_s[x], ds = ds_s[x];
         float Ct[NS];
         load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
-        const bool restart = starts(rmask, t);
 #pragma unroll
-        for (int k = 0; k < NS; ++k) g[k] = restart ? 0.f : decay(dt, A2[k]) * (g[k] + ds * Ct[k]);
+        for (int k = 0; k < NS; ++k) g[k] = decay(dt, A2[k]) * (g[k] + ds * Ct[k]);
+        if (starts(rmask, t))
+#pragma unroll
+          for (int k = 0; k < NS; ++k) g[k] = 0.f;
         sdt += dt;
       }
     } else {
@@ -987,6 +996,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
           for (int k = 0; k < NS; ++k) {
             const float gn = g[k] + ds * Ct[k];
             const float e = decay(dt, A2[k]);
+            // (selects here: the branch form of version 1 spills at 16 threads a channel)
             const float hprev = restart                  ? 0.f
                                 : (kStartInHist || t > lo) ? hist[((t - 1 - lo + S0) * NS + k) * NT + w.tid]
                                                            : hs[k];
