@@ -6,7 +6,9 @@
 // version of model/scan_cuda.h (sequential, segmented): one line with the forward pass alone (no
 // gradients, so no chunk states stored) and the backward pass alone (autograd's backward of one
 // retained forward), each as bytes moved per second and as a fraction of the device-to-device copy
-// bandwidth measured in the same run. Exits non-zero when there is no GPU.
+// bandwidth measured in the same run. --doc-len n > 0: also the segmented kernel on rows packed with
+// documents of n tokens (seq_idx), its time over the same kernel's without seq_idx in the same run.
+// Exits non-zero when there is no GPU.
 #include <ATen/Parallel.h>
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
@@ -40,7 +42,7 @@ double gpu_seconds(Fn&& fn, int reps) {
   return best;
 }
 
-int bench_cuda(const std::vector<int64_t>& batches, int64_t L, int64_t I, int64_t N, int reps) {
+int bench_cuda(const std::vector<int64_t>& batches, int64_t L, int64_t I, int64_t N, int reps, int64_t doc_len) {
 #if !defined(COIL_WITH_CUDA)
   fmt::print(stderr, "bench_scan --device cuda: this build has no CUDA kernels\n");
   return 1;
@@ -100,6 +102,22 @@ int bench_cuda(const std::vector<int64_t>& batches, int64_t L, int64_t I, int64_
                    plan_f.segments, plan_b.segments, t_fwd * 1e3, fwd_bytes / t_fwd / 1e9,
                    100.0 * fwd_bytes / t_fwd / copy_bw, t_bwd * 1e3, bwd_bytes / t_bwd / 1e9,
                    100.0 * bwd_bytes / t_bwd / copy_bw);
+        if (doc_len > 0 && k == scan_cuda::Kernel::kSegmented) {
+          // The same kernel with document starts every doc_len tokens, against itself without.
+          const Tensor seq = (torch::arange(L, torch::TensorOptions(dev).dtype(torch::kInt)) / doc_len)
+                                 .to(torch::kInt)
+                                 .repeat({B, 1});
+          const double p_fwd = gpu_seconds([&] {
+            torch::NoGradGuard ng;
+            coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true, nullptr, seq);
+          }, reps);
+          Tensor yp = coil::selective_scan(u, delta, A, Bm, Cm, D, z, bias, true, nullptr, seq);
+          const double p_bwd =
+              gpu_seconds([&] { torch::autograd::grad({yp}, inputs, {dy}, /*retain_graph=*/true); }, reps);
+          fmt::print("  B={} {:8} segmented, documents of {} tokens: forward {:7.3f} ms ({:.3f}x without seq_idx), "
+                     "backward {:7.3f} ms ({:.3f}x without)\n",
+                     B, c10::toString(dtype), doc_len, p_fwd * 1e3, p_fwd / t_fwd, p_bwd * 1e3, p_bwd / t_bwd);
+        }
       }
     }
   scan_cuda::set_tuning(saved);
@@ -130,7 +148,7 @@ int main(int argc, char** argv) {
   if (device == "cuda") {  // mamba-130m-like sizes unless given: B = 1 and 8 (FSDP's micro batches, and more)
     if (!app.count("--L")) L = 2048;
     if (!app.count("--reps")) reps = 20;
-    return bench_cuda(app.count("--B") ? std::vector<int64_t>{B} : std::vector<int64_t>{1, 8}, L, I, N, reps);
+    return bench_cuda(app.count("--B") ? std::vector<int64_t>{B} : std::vector<int64_t>{1, 8}, L, I, N, reps, doc_len);
   }
 
   torch::manual_seed(0);

@@ -13,6 +13,9 @@
 //     read by the first document of the row only. Its gradient comes out of backward.
 // Checked (coil::Error naming the tensor): seq_idx int32 [B, L] non-decreasing, initial_state
 // floating point [B, I, K-1].
+// On CUDA: without seq_idx and initial_state, torch's grouped conv1d (cuDNN) as before; with either,
+// the kernel of conv1d_cuda.h (one thread per output element, float32 arithmetic, x in float32 or
+// bfloat16; dw and dbias as deterministic partial sums), the initial state's gradient included.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,7 +27,8 @@ namespace coil {
 at::Tensor causal_conv1d_ref(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                              const at::Tensor& seq_idx = {}, const at::Tensor& initial_state = {});
 // The fast path: a channels-last CPU kernel with its own backward (float32 and float64). On CUDA,
-// the reference (cuDNN's conv1d without boundaries).
+// cuDNN's conv1d without boundaries, the CUDA kernel with them (up to conv_cuda::kMaxTaps = 8 taps;
+// more, or a build without CUDA kernels: the masked reference).
 at::Tensor causal_conv1d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                          const at::Tensor& seq_idx = {}, const at::Tensor& initial_state = {});
 // The conv state after x: its last K-1 inputs (initial_state, then x), [B, I, K-1], differentiable;

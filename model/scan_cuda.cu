@@ -148,6 +148,17 @@ __device__ __forceinline__ void load_quarter(const float* src, float (&dst)[NS])
   }
 }
 
+// Document starts (Params::reset) of the chunk [t0, t0 + len) of row b as a bit mask, bit t = a
+// document starts at t0 + t: lane t reads one flag, a ballot gathers them (kChunk = warp size).
+// Called by every lane of the warp (the callers' branch on p.reset is uniform); 0 without resets.
+static_assert(kChunk == 32, "one reset flag per lane");
+__device__ __forceinline__ unsigned reset_mask(const Params& p, int64_t b, int64_t t0, int len) {
+  if (!p.reset) return 0u;
+  const int lane = int(threadIdx.x) % 32;
+  return __ballot_sync(kFullMask, lane < len && p.reset[b * p.L + t0 + lane] != 0);
+}
+__device__ __forceinline__ bool starts(unsigned mask, int t) { return (mask >> t) & 1u; }
+
 // Where a thread sits: its batch row, channel, quarter of the state.
 struct Place {
   int tid, lane, j, q;  // thread in block, lane, channel in block (0..15), quarter (0..3)
@@ -197,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
   for (int k = 0; k < NS; ++k) {
     const int64_t n = w.q * NS + k;
     A2[k] = (w.valid && n < N) ? p.A[w.i * N + n] * kLog2e : 0.f;
-    h[k] = 0.f;
+    h[k] = (p.h0 && w.valid && n < N) ? p.h0[(w.b * I + w.i) * N + n] : 0.f;
   }
   const float Dv = (w.valid && p.D) ? p.D[w.i] : 0.f;
   const T* u = static_cast<const T*>(p.u) + w.b * p.u_sb;
@@ -228,6 +239,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
       u_s[e] = uu, dt_s[e] = dt, gate_s[e] = gate;
     }
     load_bc<T, NP>(p, w.b, t0, len, B_s, C_s);
+    const unsigned rmask = reset_mask(p, w.b, t0, len);
     __syncthreads();
 
     // The recurrence, one step at a time: h = exp(dt A) h + dt u B, then y = (<h, C> + D u) silu(z).
@@ -237,6 +249,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
       float Bt[NS], Ct[NS];
       load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
       load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+      if (starts(rmask, t))  // a document starts: h_{t-1} reads as 0
+#pragma unroll
+        for (int k = 0; k < NS; ++k) h[k] = 0.f;
       float hc = 0.f;
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
@@ -299,7 +314,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
     const int64_t n = w.q * NS + k;
     A[k] = (w.valid && n < N) ? p.A[w.i * N + n] : 0.f;
     A2[k] = A[k] * kLog2e;
-    g[k] = 0.f;  // carries exp(dt_{t+1} A) g_{t+1} from step t+1 to step t (0 after the last step)
+    // carries exp(dt_{t+1} A) g_{t+1} from step t+1 to step t (after the last step: dlast, or 0)
+    g[k] = (p.dlast && w.valid && n < N) ? p.dlast[(w.b * I + w.i) * N + n] : 0.f;
     dA[k] = 0.f;
   }
   const float Dv = (w.valid && p.D) ? p.D[w.i] : 0.f;
@@ -339,15 +355,19 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
       u_s[e] = uu, dt_s[e] = dt, dsig_s[e] = dsig, ds_s[e] = ds, dyg_s[e] = dyg;
     }
     load_bc<T, NP>(p, w.b, t0, len, B_s, C_s);
+    const unsigned rmask = reset_mask(p, w.b, t0, len);
     __syncthreads();
 
-    // 1. Recompute the chunk's states from h at the end of the previous chunk (0 before the first),
-    //    exactly as the forward pass did, keeping h_t in hist; and the pre-gate output
+    // 1. Recompute the chunk's states from h at the end of the previous chunk (h0 or 0 before the
+    //    first), exactly as the forward pass did, keeping h_t in hist; and the pre-gate output
     //    s_t = <h_t, C_t> + D u_t, which dz needs.
 #pragma unroll
     for (int k = 0; k < NS; ++k) {
       const int64_t n = w.q * NS + k;
-      h0[k] = (c > 0 && w.valid && n < N) ? p.states[((w.b * I + w.i) * n_chunks + c - 1) * N + n] : 0.f;
+      h0[k] = !(w.valid && n < N) ? 0.f
+              : c > 0             ? p.states[((w.b * I + w.i) * n_chunks + c - 1) * N + n]
+              : p.h0              ? p.h0[(w.b * I + w.i) * N + n]
+                                  : 0.f;
     }
     {
       float h[NS];
@@ -359,6 +379,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
         float Bt[NS], Ct[NS];
         load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
         load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+        if (starts(rmask, t))
+#pragma unroll
+          for (int k = 0; k < NS; ++k) h[k] = 0.f;
         float hc = 0.f;
 #pragma unroll
         for (int k = 0; k < NS; ++k) {
@@ -373,19 +396,25 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
 
     // 2. The adjoint sweep, from the chunk's last step to its first:
     //    gn = g_t = ds_t C_t + (carried exp(dt_{t+1} A) g_{t+1});  q = g_t exp(dt_t A) h_{t-1}.
+    //    Where a document starts at t, h_{t-1} reads as 0 and nothing is carried into step t-1.
     for (int t = len - 1; t >= 0; --t) {
       const int x = t * kChannelsPerBlock + w.j;
       const float dt = dt_s[x], uu = u_s[x], ds = ds_s[x], dtu = dt * uu;
+      const bool restart = starts(rmask, t);
       float Bt[NS], Ct[NS];
       load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
       load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
-      float gB = 0.f, gAh = 0.f, dBv[NS], dCv[NS];
+      float gB = 0.f, gAh = 0.f, dBv[NS], dCv[NS], hprev[NS];
+#pragma unroll
+      for (int k = 0; k < NS; ++k) hprev[k] = t > 0 ? hist[((t - 1) * NS + k) * kThreads + w.tid] : h0[k];
+      if (restart)  // (a branch, uniform over the warp, not a select per element)
+#pragma unroll
+        for (int k = 0; k < NS; ++k) hprev[k] = 0.f;
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
         const float gn = g[k] + ds * Ct[k];
         const float e = decay(dt, A2[k]);
-        const float hprev = t > 0 ? hist[((t - 1) * NS + k) * kThreads + w.tid] : h0[k];
-        const float qv = gn * e * hprev;
+        const float qv = gn * e * hprev[k];
         dA[k] += dt * qv;
         gAh += qv * A[k];
         gB += gn * Bt[k];
@@ -393,6 +422,9 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
         dCv[k] = ds * hist[(t * NS + k) * kThreads + w.tid];   // this channel's part of dC_t
         g[k] = e * gn;
       }
+      if (restart)
+#pragma unroll
+        for (int k = 0; k < NS; ++k) g[k] = 0.f;
       gB = sum_quarters(gB);
       gAh = sum_quarters(gAh);
       if (w.q == 0) {
@@ -430,7 +462,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
   if (w.valid) {
 #pragma unroll
     for (int k = 0; k < NS; ++k)
-      if (w.q * NS + k < N) p.dA_part[(w.b * I + w.i) * N + w.q * NS + k] = dA[k];
+      if (w.q * NS + k < N) {
+        p.dA_part[(w.b * I + w.i) * N + w.q * NS + k] = dA[k];
+        if (p.dh0) p.dh0[(w.b * I + w.i) * N + w.q * NS + k] = g[k];  // the carry out of step 0
+      }
     if (w.q == 0) {
       p.dD_part[w.b * I + w.i] = dD;
       p.dbias_part[w.b * I + w.i] = dbias;
@@ -589,6 +624,8 @@ __device__ __forceinline__ int64_t seg_row(const Params& p, int64_t b, int s, in
   return (b * p.segments + s) * p.I + i;
 }
 __device__ __forceinline__ float* seg_sdt(const Params& p) { return p.scratch + p.B * p.segments * p.I * p.N; }
+// With resets, then per (b, s): 1 where a document starts inside segment s of row b (P = 0), else 0.
+__device__ __forceinline__ float* seg_cut(const Params& p) { return seg_sdt(p) + p.B * p.segments * p.I; }
 
 // ------------------------------------------------------------------------------------------------
 // Forward, version 2. kLocal: the local pass (from h = 0; writes h_local and sum dt to scratch).
@@ -617,7 +654,11 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) se
     const int64_t n = w.q * NS + k;
     const bool in = w.valid && n < N;
     A2[k] = in ? p.A[w.i * N + n] * kLog2e : 0.f;
-    h[k] = (in && from_scratch) ? p.scratch[seg_row(p, w.b, w.s, w.i) * N + n] : 0.f;
+    // The segment's start state: the combined one (S > 1, which starts from h0); else h0 or 0.
+    h[k] = !in               ? 0.f
+           : from_scratch    ? p.scratch[seg_row(p, w.b, w.s, w.i) * N + n]
+           : !kLocal && p.h0 ? p.h0[(w.b * I + w.i) * N + n]
+                             : 0.f;
   }
   const float Dv = (!kLocal && w.valid && p.D) ? p.D[w.i] : 0.f;
   // Tile element e = tid + m*NT has channel i0 + e%16 = i0 + tid%16 for every m (NT is a multiple of 16).
@@ -641,6 +682,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) se
     if constexpr (!kLocal) prefetch_rows<T, NT, NP>(Cm, N, t0, len, rC);
   };
   float sdt = 0.f;  // the local pass: sum of dt over the segment
+  bool cut = false;  // the local pass: a document starts inside the segment
   prefetch(span.begin);
   for (int64_t c = span.begin; c < span.end; ++c) {
     const int64_t t0 = c * kChunk;
@@ -664,6 +706,8 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) se
     }
     store_rows<T, NT, NP>(rB, B_s);
     if constexpr (!kLocal) store_rows<T, NT, NP>(rC, C_s);
+    const unsigned rmask = reset_mask(p, w.b, t0, len);
+    cut = cut || rmask != 0u;
     if (c + 1 < span.end) prefetch(c + 1);  // in flight during the compute below
     __syncthreads();
 
@@ -672,6 +716,9 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) se
       const float dt = dt_s[x], uu = u_s[x], dtu = __fmul_rn(dt, uu);
       float Bt[NS];
       load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+      if (starts(rmask, t))  // a document starts: h_{t-1} reads as 0
+#pragma unroll
+        for (int k = 0; k < NS; ++k) h[k] = 0.f;
       if constexpr (kLocal) {
 #pragma unroll
         for (int k = 0; k < NS; ++k) h[k] = scan_step(decay(dt, A2[k]), h[k], dtu, Bt[k]);
@@ -706,6 +753,8 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) se
       }
     }
   }
+  // Every channel block of (b, s) sees the same flags: the first one writes them.
+  if (kLocal && p.reset && blockIdx.x == 0 && threadIdx.x == 0) seg_cut(p)[w.b * p.segments + w.s] = cut ? 1.f : 0.f;
   if (!w.valid) return;
   float* out = nullptr;
   if (kLocal) out = p.scratch + seg_row(p, w.b, w.s, w.i) * N;
@@ -719,9 +768,10 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, fwd_min_blocks<Q>()) se
 }
 
 // The combine pass over the segments, one thread per (b, i, n): forward (kReverse false), v holds
-// h_local and becomes h_start: h_start(0) = 0, h_start(s+1) = P_s h_start(s) + h_local(s); reverse,
-// v holds the adjoint's local carry and becomes the carry into the segment's last step: c(S-1) = 0,
-// c(s-1) = P_s c(s) + c_local(s). P_s = exp(A sum dt over segment s).
+// h_local and becomes h_start: h_start(0) = h0 (or 0), h_start(s+1) = P_s h_start(s) + h_local(s);
+// reverse, v holds the adjoint's local carry and becomes the carry into the segment's last step:
+// c(S-1) = dlast (or 0), c(s-1) = P_s c(s) + c_local(s). P_s = exp(A sum dt over segment s), or 0
+// where a document starts inside segment s (then h_local, c_local are the true values already).
 template <bool kReverse>
 __global__ void __launch_bounds__(256) combine_kernel(const Params p) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -730,14 +780,15 @@ __global__ void __launch_bounds__(256) combine_kernel(const Params p) {
   const int S = p.segments;
   const float A2 = p.A[i * p.N + n] * kLog2e;
   const float* sdt = seg_sdt(p);
-  float c = 0.f;
+  const float* init = kReverse ? p.dlast : p.h0;  // [B, I, N]: idx is its element (b, i, n)
+  float c = init ? init[idx] : 0.f;
   for (int r = 0; r < S; ++r) {
     const int s = kReverse ? S - 1 - r : r;
     const int64_t row = seg_row(p, b, s, i);
     float* v = p.scratch + row * p.N + n;
     const float local = *v;
     *v = c;
-    c = __fmaf_rn(decay(sdt[row], A2), c, local);
+    c = (p.reset && seg_cut(p)[b * S + s] != 0.f) ? local : __fmaf_rn(decay(sdt[row], A2), c, local);
   }
 }
 
@@ -795,14 +846,19 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
     const bool in = w.valid && n < N;
     A[k] = in ? p.A[w.i * N + n] : 0.f;
     A2[k] = A[k] * kLog2e;
-    // The carry exp(dt_{t+1} A) g_{t+1} into the segment's last step: 0 after the sequence's end.
-    g[k] = (in && from_scratch) ? p.scratch[seg_row(p, w.b, w.s, w.i) * N + n] : 0.f;
+    // The carry exp(dt_{t+1} A) g_{t+1} into the segment's last step: the combined one (S > 1);
+    // else after the sequence's end, dlast or 0.
+    g[k] = !in                  ? 0.f
+           : from_scratch       ? p.scratch[seg_row(p, w.b, w.s, w.i) * N + n]
+           : !kLocal && p.dlast ? p.dlast[(w.b * I + w.i) * N + n]
+                                : 0.f;
     dA[k] = 0.f;
   }
   const float Dv = (w.valid && p.D) ? p.D[w.i] : 0.f;
   const int64_t i_e = w.i0 + int(threadIdx.x) % kChannelsPerBlock;  // the channel of each tile element
   const float bias_j = (p.delta_bias && i_e < I) ? p.delta_bias[i_e] : 0.f;
   float dD = 0.f, dbias = 0.f, sdt = 0.f;
+  bool cut = false;  // the local pass: a document starts inside the segment
   const T* u = static_cast<const T*>(p.u) + w.b * p.u_sb;
   const T* delta = static_cast<const T*>(p.delta) + w.b * p.delta_sb;
   const T* z = p.z ? static_cast<const T*>(p.z) + w.b * p.z_sb : nullptr;
@@ -851,11 +907,13 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
     }
     store_rows<T, NT, NP>(rC, C_s);
     if constexpr (!kLocal) store_rows<T, NT, NP>(rB, B_s);
+    const unsigned rmask = reset_mask(p, w.b, t0, len);
+    cut = cut || rmask != 0u;
     if (c - 1 >= span.begin) prefetch(c - 1);  // in flight during the compute below
     __syncthreads();
 
     if constexpr (kLocal) {
-      // The adjoint alone: g_t = ds_t C_t + carry, carry = exp(dt_t A) g_t.
+      // The adjoint alone: g_t = ds_t C_t + carry, carry = exp(dt_t A) g_t (0 at a document start).
       for (int t = len - 1; t >= 0; --t) {
         const int x = t * kChannelsPerBlock + w.j;
         const float dt = dt_s[x], ds = ds_s[x];
@@ -863,14 +921,20 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
         load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
 #pragma unroll
         for (int k = 0; k < NS; ++k) g[k] = decay(dt, A2[k]) * (g[k] + ds * Ct[k]);
+        if (starts(rmask, t))
+#pragma unroll
+          for (int k = 0; k < NS; ++k) g[k] = 0.f;
         sdt += dt;
       }
     } else {
-      float h0[NS];  // h at the end of the previous chunk (0 before the first)
+      float h0[NS];  // h at the end of the previous chunk (before the first: h0, or 0)
 #pragma unroll
       for (int k = 0; k < NS; ++k) {
         const int64_t n = w.q * NS + k;
-        h0[k] = (c > 0 && w.valid && n < N) ? p.states[((w.b * I + w.i) * n_chunks + c - 1) * N + n] : 0.f;
+        h0[k] = !(w.valid && n < N) ? 0.f
+                : c > 0             ? p.states[((w.b * I + w.i) * n_chunks + c - 1) * N + n]
+                : p.h0              ? p.h0[(w.b * I + w.i) * N + n]
+                                    : 0.f;
       }
       for (int half = H - 1; half >= 0; --half) {
         const int lo = half * KH;
@@ -887,6 +951,9 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
           const float dt = dt_s[x], dtu = __fmul_rn(dt, u_s[x]);
           float Bt[NS];
           load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
+          if (starts(rmask, t))
+#pragma unroll
+            for (int k = 0; k < NS; ++k) h[k] = 0.f;
 #pragma unroll
           for (int k = 0; k < NS; ++k) h[k] = scan_step(decay(dt, A2[k]), h[k], dtu, Bt[k]);
         }
@@ -902,6 +969,9 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
           float Bt[NS], Ct[NS];
           load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
           load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
+          if (starts(rmask, t))
+#pragma unroll
+            for (int k = 0; k < NS; ++k) h[k] = 0.f;
           float hc = 0.f;
 #pragma unroll
           for (int k = 0; k < NS; ++k) {
@@ -912,11 +982,12 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
           hc = sum_group<Q>(hc);
           if (w.q == 0) dz_s[x] = dyg_s[x] * (hc + Dv * u_s[x]);
         }
-        // 2. The adjoint sweep over the half, last step first (as version 1).
+        // 2. The adjoint sweep over the half, last step first (as version 1, resets included).
 #pragma unroll kRolled
         for (int t = hi - 1; t >= lo; --t) {
           const int x = t * kChannelsPerBlock + w.j;
           const float dt = dt_s[x], uu = u_s[x], ds = ds_s[x], dtu = __fmul_rn(dt, uu);
+          const bool restart = starts(rmask, t);
           float Bt[NS], Ct[NS];
           load_quarter<NS>(B_s + t * NP + w.q * NS, Bt);
           load_quarter<NS>(C_s + t * NP + w.q * NS, Ct);
@@ -925,14 +996,17 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
           for (int k = 0; k < NS; ++k) {
             const float gn = g[k] + ds * Ct[k];
             const float e = decay(dt, A2[k]);
-            const float hprev = (kStartInHist || t > lo) ? hist[((t - 1 - lo + S0) * NS + k) * NT + w.tid] : hs[k];
+            // (selects here: the branch form of version 1 spills at 16 threads a channel)
+            const float hprev = restart                  ? 0.f
+                                : (kStartInHist || t > lo) ? hist[((t - 1 - lo + S0) * NS + k) * NT + w.tid]
+                                                           : hs[k];
             const float qv = gn * e * hprev;
             dA[k] += dt * qv;
             gAh += qv * A[k];
             gB += gn * Bt[k];
             dBv[k] = gn * dtu;
             dCv[k] = ds * hist[((t - lo + S0) * NS + k) * NT + w.tid];
-            g[k] = e * gn;
+            g[k] = restart ? 0.f : e * gn;
           }
           gB = sum_group<Q>(gB);
           gAh = sum_group<Q>(gAh);
@@ -974,6 +1048,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
       }
     }
   }
+  if (kLocal && p.reset && blockIdx.x == 0 && threadIdx.x == 0) seg_cut(p)[w.b * p.segments + w.s] = cut ? 1.f : 0.f;
   if (!w.valid) return;
   const int64_t r = w.b * p.segments + w.s;  // the partial row
   if constexpr (kLocal) {
@@ -982,9 +1057,14 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
       if (w.q * NS + k < N) p.scratch[seg_row(p, w.b, w.s, w.i) * N + w.q * NS + k] = g[k];
     if (w.q == 0) seg_sdt(p)[seg_row(p, w.b, w.s, w.i)] = sdt;
   } else {
+    // The first segment's carry out of step 0 is dLoss/dh0.
+    const bool write_dh0 = p.dh0 && span.begin == 0;
 #pragma unroll
     for (int k = 0; k < NS; ++k)
-      if (w.q * NS + k < N) p.dA_part[(r * I + w.i) * N + w.q * NS + k] = dA[k];
+      if (w.q * NS + k < N) {
+        p.dA_part[(r * I + w.i) * N + w.q * NS + k] = dA[k];
+        if (write_dh0) p.dh0[(w.b * I + w.i) * N + w.q * NS + k] = g[k];
+      }
     if (w.q == 0) {
       p.dD_part[r * I + w.i] = dD;
       p.dbias_part[r * I + w.i] = dbias;
@@ -1154,7 +1234,10 @@ const char* plan(Params& p, bool backward) {
   return nullptr;
 }
 
-int64_t scratch_floats(const Params& p) { return p.segments > 1 ? p.B * p.segments * p.I * (p.N + 1) : 0; }
+int64_t scratch_floats(const Params& p) {
+  if (p.segments <= 1) return 0;
+  return p.B * p.segments * p.I * (p.N + 1) + (p.reset ? p.B * p.segments : 0);  // (+ the segments' flags)
+}
 int64_t partial_rows(const Params& p) { return p.B * p.segments; }
 
 const char* forward(const Params& p) { return run(p, false); }

@@ -25,6 +25,7 @@
 //                              r = b * S + s (batch row, time segment; R = partial_rows()), each
 //                              element written by one thread (the caller sums the R rows: no atomics)
 //   scratch                  : scratch_floats() floats (segment-end states and step sums; S > 1)
+//   reset [B, L] uint8, h0 / dlast / dh0 [B, I, N] float32, all contiguous and optional (below)
 //
 // Math, per batch row b and channel i (everything in float32, whatever `dtype`):
 //   x_t  = delta_t + delta_bias                dt_t = softplus(x_t) (or x_t without softplus)
@@ -39,6 +40,20 @@
 //   dz_t     = dy_t * s_t * silu'(z_t),   silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
 //   dA      += dt_t g_t (.) exp(dt_t A) (.) h_{t-1}      dD += ds_t u_t      ddelta_bias += ddelta_t
 //   dB_t    += dt_t u_t g_t   and   dC_t += ds_t h_t      (summed over the channels i)
+//
+// Packed documents and initial states (all optional; with every pointer null the kernels compute
+// exactly what they did before they had them, bit for bit: the only extra work is a test of a null
+// pointer per chunk and of a zero mask bit per step):
+//   reset[b, t] = 1 where a document starts (t > 0; reset[b, 0] is 0): h_{t-1} reads as 0 there,
+//     so h_t = dt_t u_t B_t. Read per chunk of 32 steps as one bit mask (a warp ballot).
+//   h0 [B, I, N]: h_{-1} (instead of 0); with resets, the start state of the row's first document.
+//   dlast [B, I, N] (backward): the gradient of the final state h_{L-1}, added to g_{L-1}.
+//   dh0 [B, I, N] (backward, written when not null): dLoss/dh_{-1} = exp(dt_0 A) (.) g_0.
+// In backward, at a reset the carry exp(dt_t A) g_t into step t-1 is 0 (no gradient crosses a
+// document start) and so are the h_{t-1} terms of dA and ddelta. With time segments (kSegmented,
+// S > 1) a segment holding a reset has P = 0 in the combine pass (its end state does not depend on
+// its start state, nor its start carry on its end carry): the local passes write one flag per
+// (b, segment) after the step sums in scratch; the combine passes start from h0 and from dlast.
 #pragma once
 
 #include <cstdint>
@@ -81,6 +96,11 @@ struct Params {
   void *du = nullptr, *ddelta = nullptr, *dz = nullptr;  // dz null when there is no z
   float *dA_part = nullptr, *dD_part = nullptr, *dbias_part = nullptr;
   float *dB = nullptr, *dC = nullptr;
+  // Document starts and initial states (see the header comment; null: none).
+  const uint8_t* reset = nullptr;  // [B, L]
+  const float* h0 = nullptr;       // [B, I, N]
+  const float* dlast = nullptr;    // [B, I, N], backward
+  float* dh0 = nullptr;            // [B, I, N], backward
   // Set by plan(): the kernel version, its number of time segments, and its scratch buffer.
   Kernel kernel = Kernel::kSegmented;
   int segments = 1;
@@ -99,8 +119,8 @@ Tuning tuning();
 // Fills p.kernel and p.segments for a forward or a backward launch on p's shape and device; null,
 // or CUDA's message.
 const char* plan(Params& p, bool backward);
-// What the caller allocates for a planned launch: the scratch floats (0 when S = 1) and the rows
-// of the dA/dD/dbias partials (B * S).
+// What the caller allocates for a planned launch: the scratch floats (0 when S = 1; B * S more
+// with resets, for the segments' flags) and the rows of the dA/dD/dbias partials (B * S).
 int64_t scratch_floats(const Params& p);
 int64_t partial_rows(const Params& p);
 

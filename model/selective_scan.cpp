@@ -1,7 +1,5 @@
 #include "model/selective_scan.h"
 
-#include <cstdio>
-#include <mutex>
 #include <ATen/Parallel.h>
 #include <fmt/ranges.h>
 #include <torch/autograd.h>
@@ -163,14 +161,19 @@ struct ScanCore : public torch::autograd::Function<ScanCore> {
 // The fused CUDA kernel (scan_cuda.cu) as an autograd function: the whole scan, delta bias, softplus,
 // D skip and SiLU gate included. u, delta, z, B, C share one dtype, float32 or bfloat16 (y and their
 // gradients come back in it); A, D, delta_bias are float32 (and so are their gradients). D, z and
-// delta_bias may be absent. keep_states: store each chunk's final state for the backward pass
-// (false when no gradient will be asked for). Returns {y, final state [B, I, N] float32}.
+// delta_bias may be absent. h0 [B, I, N] float32 contiguous and reset [B, L] uint8 contiguous (the
+// document starts, reset_flags()) may be absent too: a zero start state, one document per row.
+// keep_states: store each chunk's final state for the backward pass (false when no gradient will
+// be asked for). Returns {y, final state [B, I, N] float32}; the final state is differentiable
+// (its gradient seeds the adjoint, for chunked training), and h0's gradient comes back.
 struct ScanCuda : public torch::autograd::Function<ScanCuda> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& u,
                                                 const Tensor& delta, const Tensor& A, const Tensor& Bm,
                                                 const Tensor& Cm, const std::optional<Tensor>& D,
                                                 const std::optional<Tensor>& z,
-                                                const std::optional<Tensor>& delta_bias, bool softplus,
+                                                const std::optional<Tensor>& delta_bias,
+                                                const std::optional<Tensor>& h0,
+                                                const std::optional<Tensor>& reset, bool softplus,
                                                 bool keep_states) {
     const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
     const auto f32 = u.options().dtype(torch::kFloat);
@@ -178,14 +181,16 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
     Tensor states = keep_states ? torch::empty({B, I, scan_cuda::num_chunks(L), N}, f32) : Tensor();
     Tensor last = torch::empty({B, I, N}, f32);
     const Tensor Dt = D.value_or(Tensor()), zt = z.value_or(Tensor()), bt = delta_bias.value_or(Tensor());
-    scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, Dt, zt, bt, softplus);
+    const Tensor h0t = h0.value_or(Tensor()), rt = reset.value_or(Tensor());
+    scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, Dt, zt, bt, h0t, rt, softplus);
     p.y = y.data_ptr(), p.final_state = last.data_ptr<float>();
     p.states = keep_states ? states.data_ptr<float>() : nullptr;
     const Tensor scratch = plan(p, false, f32);
     if (const char* err = scan_cuda::forward(p)) fail("selective_scan: CUDA forward failed: {}", err);
-    ctx->save_for_backward({u, delta, A, Bm, Cm, Dt, zt, bt, states});
+    ctx->save_for_backward({u, delta, A, Bm, Cm, Dt, zt, bt, states, h0t, rt});
     ctx->saved_data["softplus"] = softplus;
-    ctx->mark_non_differentiable({last});
+    // Unused outputs bring undefined gradients (no dlast: the kernel's null pointer, not zeros).
+    ctx->set_materialize_grads(false);
     return {y, last};
   }
 
@@ -193,7 +198,7 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
                                                  torch::autograd::variable_list grads) {
     auto s = ctx->get_saved_variables();
     const Tensor &u = s[0], &delta = s[1], &A = s[2], &Bm = s[3], &Cm = s[4];
-    const Tensor &D = s[5], &z = s[6], &bias = s[7], &states = s[8];
+    const Tensor &D = s[5], &z = s[6], &bias = s[7], &states = s[8], &h0 = s[9], &reset = s[10];
     COIL_CHECK(states.defined(), "selective_scan: backward through a CUDA scan run without gradients");
     const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
     const Tensor dy = grads[0].defined() ? channels_contiguous(grads[0].to(u.scalar_type()))
@@ -202,7 +207,11 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
     Tensor du = torch::empty({B, L, I}, u.options()), ddelta = torch::empty({B, L, I}, u.options());
     Tensor dz = z.defined() ? torch::empty({B, L, I}, u.options()) : Tensor();
     Tensor dB = torch::zeros({B, L, N}, f32), dC = torch::zeros({B, L, N}, f32);
-    scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, D, z, bias, ctx->saved_data["softplus"].toBool());
+    const Tensor dlast = grads[1].defined() ? grads[1].to(torch::kFloat).contiguous() : Tensor();
+    Tensor dh0 = h0.defined() ? torch::empty({B, I, N}, f32) : Tensor();
+    scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, D, z, bias, h0, reset, ctx->saved_data["softplus"].toBool());
+    p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
+    p.dh0 = h0.defined() ? dh0.data_ptr<float>() : nullptr;
     const Tensor scratch = plan(p, true, f32);
     // One partial row per (batch row, time segment).
     const int64_t rows = scan_cuda::partial_rows(p);
@@ -225,6 +234,8 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
             D.defined() ? dD_part.sum(0) : Tensor(),
             dz,
             bias.defined() ? dbias_part.sum(0) : Tensor(),
+            dh0,
+            Tensor(),
             Tensor(),
             Tensor()};
   }
@@ -241,7 +252,8 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
   // Pointers, strides and sizes of the (already converted and laid out) inputs.
   static scan_cuda::Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A,
                                        const Tensor& Bm, const Tensor& Cm, const Tensor& D,
-                                       const Tensor& z, const Tensor& bias, bool softplus) {
+                                       const Tensor& z, const Tensor& bias, const Tensor& h0,
+                                       const Tensor& reset, bool softplus) {
     scan_cuda::Params p;
     p.device = u.device().index();
     p.dtype = u.scalar_type() == torch::kBFloat16 ? scan_cuda::DType::kBFloat16 : scan_cuda::DType::kFloat32;
@@ -254,6 +266,8 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
     p.A = A.data_ptr<float>();
     p.D = D.defined() ? D.data_ptr<float>() : nullptr;
     p.delta_bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.h0 = h0.defined() ? h0.data_ptr<float>() : nullptr;
+    p.reset = reset.defined() ? reset.data_ptr<uint8_t>() : nullptr;
     return p;
   }
 };
@@ -261,8 +275,8 @@ struct ScanCuda : public torch::autograd::Function<ScanCuda> {
 // selective_scan on CUDA tensors: converts the inputs to what the kernel takes (see ScanCuda).
 Tensor selective_scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
                            const Tensor& Cm, const Tensor& D, const Tensor& z, const Tensor& delta_bias,
-                           bool delta_softplus, Tensor* final_state) {
-  for (const Tensor* t : {&delta, &A, &Bm, &Cm, &D, &z, &delta_bias})
+                           bool delta_softplus, Tensor* final_state, const Tensor& seq_idx, const Tensor& h0) {
+  for (const Tensor* t : {&delta, &A, &Bm, &Cm, &D, &z, &delta_bias, &seq_idx, &h0})
     COIL_CHECK(!t->defined() || t->device() == u.device(), "selective_scan: inputs on {} and {}",
                u.device().str(), t->device().str());
   COIL_CHECK(A.size(1) <= scan_cuda::kMaxState, "selective_scan: the CUDA kernel takes a state size up to {}, got {}",
@@ -272,11 +286,12 @@ Tensor selective_scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A
   auto param = [](const Tensor& t) { return t.defined() ? t.to(torch::kFloat).contiguous() : t; };
   auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
   bool needs_grad = false;
-  for (const Tensor* t : {&u, &delta, &A, &Bm, &Cm, &D, &z, &delta_bias})
+  for (const Tensor* t : {&u, &delta, &A, &Bm, &Cm, &D, &z, &delta_bias, &h0})
     needs_grad = needs_grad || (t->defined() && t->requires_grad());
   needs_grad = needs_grad && torch::GradMode::is_enabled();
   auto out = ScanCuda::apply(in(u), in(delta), param(A), in(Bm).contiguous(), in(Cm).contiguous(),
-                             opt(param(D)), opt(in(z)), opt(param(delta_bias)), delta_softplus, needs_grad);
+                             opt(param(D)), opt(in(z)), opt(param(delta_bias)), opt(param(h0)),
+                             opt(reset_flags(seq_idx)), delta_softplus, needs_grad);
   if (final_state) *final_state = out[1];
   return out[0].to(u.scalar_type());
 }
@@ -322,18 +337,8 @@ Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, con
   check_seq_idx(seq_idx, u.size(0), u.size(1), "selective_scan");
   check_h0(h0, u.size(0), u.size(2), A.size(1));
   if (u.is_cuda()) {
-    if (seq_idx.defined() || h0.defined()) {
-      // Not in the CUDA kernel yet: the reference runs on the GPU (ATen ops, one step at a time:
-      // correct, and many times slower than the kernel), said once.
-      static std::once_flag said;
-      std::call_once(said, [] {
-        std::fprintf(stderr, "coil: warning: selective_scan: document boundaries (seq_idx) and initial states "
-                             "on CUDA run the reference scan (slow) until the CUDA kernel has them\n");
-      });
-      return selective_scan_ref(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, seq_idx, h0, final_state);
-    }
 #if defined(COIL_WITH_CUDA)
-    return selective_scan_cuda(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, final_state);
+    return selective_scan_cuda(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, final_state, seq_idx, h0);
 #else
     fail("selective_scan: got a tensor on {}, but this build of Coil has no CUDA kernels (LibTorch "
          "without CUDA, or no nvcc when it was configured)", u.device().str());

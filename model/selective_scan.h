@@ -18,13 +18,12 @@
 //     is the start state of the row's first document only. Its gradient comes out of backward.
 //     (Continuing rows in chunks: a chunk whose position 0 starts a new document takes a zero h0
 //     for that row; seq_idx of a chunk alone cannot tell.)
-//   final_state (selective_scan, selective_scan_ref): h after the last step, differentiable on CPU,
+//   final_state (selective_scan, selective_scan_ref): h after the last step, differentiable,
 //     so that a sequence run in two halves, the second from the first's final state, gives the
 //     outputs and every gradient of running it whole (the basis of chunked long-sequence training
 //     and of sequence parallelism).
-// seq_idx and h0 run in the reference and the fused CPU kernel; the CUDA kernel does not take them
-// yet: on CUDA tensors with either, selective_scan runs the reference on the GPU (correct, many times
-// slower; a warning says so once).
+// seq_idx and h0 run in the reference and in both fused kernels (CPU and CUDA; scan_cuda.h says how
+// the CUDA kernel's chunks and time segments handle them); their absence costs nothing there.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -46,7 +45,7 @@ at::Tensor selective_scan_ref(const at::Tensor& u, const at::Tensor& delta, cons
 // kernels throws coil::Error. Neither materializes [B, L, I, N]: only each chunk's final state is
 // kept, and backward recomputes states chunk by chunk. If final_state is given, it receives h
 // after the last step, [B, I, N] (for recurrent decoding after a prompt, and for chunked training:
-// differentiable on CPU; float32 and not differentiable on CUDA).
+// differentiable on CPU and on CUDA, float32 on CUDA).
 at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                           const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& D,
                           const at::Tensor& z, const at::Tensor& delta_bias, bool delta_softplus,

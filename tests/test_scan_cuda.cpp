@@ -13,6 +13,7 @@
 
 #include <cstdio>
 
+#include "model/conv1d.h"
 #include "model/selective_scan.h"
 #if defined(COIL_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -213,15 +214,116 @@ TEST(ScanCuda, BFloat16MatchesReferenceAndCpuKernel) {
     for (bool optional : {true, false}) check_shape(s, torch::kBFloat16, optional, true);
 }
 
+// ---- Packed documents (seq_idx) and initial states (h0; the final state's gradient) ----------------
+
+// Document numbers [B, L] int32: row 0 one document (no start at all), row 1 starts at every chunk
+// and segment boundary the kernels have near the start and the end (t = 1, 31, 32, 33, 64, 96, 128,
+// 192 and L-1, where they fall inside the row: chunk ends and starts, the first step of a segment of
+// 3 chunks, a one-token document at the end), further rows random starts (about one in `every`).
+// None at `none_at`.
+Tensor packed_seq_idx(int64_t B, int64_t L, int64_t every, int64_t none_at = -1) {
+  Tensor start = torch::rand({B, L}) < 1.0 / every;
+  start[0].fill_(false);
+  if (B > 1) {
+    start[1].fill_(false);
+    for (int64_t t : {int64_t(1), int64_t(31), int64_t(32), int64_t(33), int64_t(64), int64_t(96), int64_t(128),
+                      int64_t(192), L - 1})
+      if (t > 0 && t < L) start[1][t] = true;
+  } else if (L > 40) {
+    start[0][32] = true;
+  }
+  start.select(1, 0).fill_(false);
+  if (none_at >= 0) start.select(1, none_at).fill_(false);
+  return torch::cumsum(start.to(torch::kInt), 1).to(torch::kInt);
+}
+
+// y, the final state and the gradients of sum(y * wy) + sum(final * wh) (wh undefined: y alone)
+// with respect to the 8 inputs and h0, as float64 on CPU (undefined where the input is).
+struct BRun {
+  Tensor y, last;
+  std::vector<Tensor> grads;
+};
+const char* kBNames[] = {"u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"};
+BRun run_boundaries(bool reference, const Inputs& x, const Tensor& h0, const Tensor& seq, const Tensor& wy,
+                    const Tensor& wh) {
+  BRun r;
+  Tensor last;
+  const Tensor y = reference
+                       ? selective_scan_ref(x.u, x.delta, x.A, x.Bm, x.Cm, x.D, x.z, x.bias, true, seq, h0, &last)
+                       : selective_scan(x.u, x.delta, x.A, x.Bm, x.Cm, x.D, x.z, x.bias, true, &last, seq, h0);
+  Tensor loss = (y * wy.to(y.device(), y.scalar_type())).sum();
+  if (wh.defined()) loss = loss + (last * wh.to(last.device(), last.scalar_type())).sum();
+  loss.backward();
+  r.y = y.detach().to(torch::kCPU, torch::kDouble);
+  r.last = last.detach().to(torch::kCPU, torch::kDouble);
+  auto all = x.all();
+  all.push_back(h0);
+  for (const Tensor& t : all)
+    r.grads.push_back(t.defined() && t.grad().defined() ? t.grad().to(torch::kCPU, torch::kDouble) : Tensor());
+  return r;
+}
+double compare_boundaries(const BRun& got, const BRun& want, double rtol, const std::string& where) {
+  double worst = expect_close(got.y, want.y, rtol, "y " + where);
+  worst = std::max(worst, expect_close(got.last, want.last, rtol, "final state " + where));
+  for (size_t k = 0; k < want.grads.size(); ++k) {
+    EXPECT_EQ(got.grads[k].defined(), want.grads[k].defined()) << kBNames[k] << " " << where;
+    if (want.grads[k].defined() && got.grads[k].defined())
+      worst = std::max(worst, expect_close(got.grads[k], want.grads[k], rtol, std::string(kBNames[k]) + " " + where));
+  }
+  return worst;
+}
+// h0 as a leaf: float64 on CPU for the reference, float32 on the GPU; the values rounded to float32.
+Tensor h0_leaf(const Tensor& h0, torch::Device device) {
+  return h0.to(device, device.is_cpu() ? torch::kDouble : torch::kFloat).detach().requires_grad_(true);
+}
+
+// The causal conv on the GPU (x a strided view into [B, L, 2I], in `io`) with seq_idx and/or an
+// initial state against the float64 masked reference on CPU: y and the gradients of x, w, bias and
+// the initial state. bfloat16: every output is rounded to bfloat16 (half an ulp is 2^-9).
+struct ConvShape {
+  int64_t B, L, I, K;
+};
+void conv_against_reference(const ConvShape& s, torch::Dtype io, bool with_seq, bool with_init) {
+  const std::string where = fmt::format("B={} L={} I={} K={} {} seq_idx={} init={}", s.B, s.L, s.I, s.K,
+                                        c10::toString(io), with_seq, with_init);
+  auto rounded = [&](std::initializer_list<int64_t> shape) {
+    return torch::randn(shape, torch::kDouble).to(io).to(torch::kDouble);
+  };
+  const Tensor x = rounded({s.B, s.L, s.I}), w = rounded({s.I, 1, s.K}), b = rounded({s.I});
+  const Tensor init = with_init ? rounded({s.B, s.I, s.K - 1}) : Tensor();
+  const Tensor seq = with_seq ? packed_seq_idx(s.B, s.L, 3) : Tensor();
+  const Tensor dy = rounded({s.B, s.L, s.I});
+  auto run = [&](torch::Device dev, torch::Dtype dt) {
+    std::vector<Tensor> in{torch::cat({x, x}, 2).to(dev, dt).narrow(2, 0, s.I).detach().requires_grad_(true),
+                           w.to(dev, dt).requires_grad_(true), b.to(dev, dt).requires_grad_(true)};
+    if (with_init) in.push_back(init.to(dev, dt).requires_grad_(true));
+    const Tensor y = dev.is_cpu() ? causal_conv1d_ref(in[0], in[1], in[2], seq, with_init ? in[3] : Tensor())
+                                  : causal_conv1d(in[0], in[1], in[2], with_seq ? seq.to(dev) : Tensor(),
+                                                  with_init ? in[3] : Tensor());
+    auto g = torch::autograd::grad({y}, in, {dy.to(dev, y.scalar_type())});
+    std::vector<Tensor> out{y.detach().to(torch::kCPU, torch::kDouble)};
+    for (const Tensor& t : g) out.push_back(t.to(torch::kCPU, torch::kDouble));
+    return out;
+  };
+  const auto want = run(torch::kCPU, torch::kDouble), got = run(torch::kCUDA, io);
+  const char* names[] = {"y", "dx", "dw", "dbias", "dinit"};
+  ASSERT_EQ(got.size(), want.size()) << where;
+  const double rtol = io == torch::kFloat ? 1e-5 : 2e-2;
+  for (size_t k = 0; k < want.size(); ++k) expect_close(got[k], want[k], rtol, std::string(names[k]) + " " + where);
+}
+
 #if defined(COIL_WITH_CUDA)
 
 // Small and fast (a few ms on a GPU): the segmented kernel with 2 segments, forward and backward,
-// against the float64 reference. scripts/gpu-check runs it under compute-sanitizer.
+// against the float64 reference; then with document boundaries, h0 and the final state's gradient,
+// in both kernel versions (so the sanitizer sees the reset flags, the segments' flags in scratch,
+// h0, dlast and dh0 too); and the causal conv's CUDA kernel with seq_idx and an initial state.
+// scripts/gpu-check runs it under compute-sanitizer.
 TEST(ScanCuda, ForwardBackwardSmall) {
   SKIP_WITHOUT_GPU();
   torch::manual_seed(15);
-  TuningScope scope(scan_cuda::Kernel::kSegmented, 2);
   for (const Shape s : {Shape{2, 100, 20, 16}, Shape{1, 70, 18, 40}}) {  // N = 40: 16 threads a channel, two halves
+    TuningScope scope(scan_cuda::Kernel::kSegmented, 2);
     const Inputs v = make_values(s, torch::kFloat, true, true);
     const Tensor w = torch::randn({s.B, s.L, s.I}, torch::kDouble).to(torch::kFloat).to(torch::kDouble);
     const Result ref = run_ref(leaves(v, torch::kCPU, torch::kDouble), w, true);
@@ -229,6 +331,23 @@ TEST(ScanCuda, ForwardBackwardSmall) {
     std::printf("  %-30s worst |diff|/scale: %.2e vs reference\n", str(s).c_str(),
                 compare(gpu, ref, kRtolF32, "(segmented, 2 segments, vs reference) " + str(s)));
   }
+  for (const Shape s : {Shape{2, 100, 20, 16}, Shape{1, 70, 18, 40}}) {
+    const Inputs v = make_values(s, torch::kFloat, true, true);
+    const Tensor seq = packed_seq_idx(s.B, s.L, 9);
+    const Tensor h0 = torch::randn({s.B, s.I, s.N}, torch::kDouble).to(torch::kFloat).to(torch::kDouble);
+    const Tensor wy = torch::randn({s.B, s.L, s.I}, torch::kDouble), wh = torch::randn({s.B, s.I, s.N}, torch::kDouble);
+    const BRun want = run_boundaries(true, leaves(v, torch::kCPU, torch::kDouble), h0_leaf(h0, torch::kCPU), seq, wy, wh);
+    for (const Version& version : {Version{scan_cuda::Kernel::kSegmented, 2, "segmented S=2"},
+                                   Version{scan_cuda::Kernel::kSequential, 0, "sequential"}}) {
+      TuningScope scope(version.kernel, version.segments);
+      const std::string where = str(s) + " seq_idx, h0, " + version.name;
+      const BRun got = run_boundaries(false, leaves(v, torch::kCUDA, torch::kFloat), h0_leaf(h0, torch::kCUDA),
+                                      seq.to(torch::kCUDA), wy, wh);
+      std::printf("  %-50s worst |diff|/scale: %.2e vs reference\n", where.c_str(),
+                  compare_boundaries(got, want, kRtolF32, where));
+    }
+  }
+  conv_against_reference({2, 70, 40, 4}, torch::kFloat, true, true);
 }
 
 // plan() splits time when the batch is too small to fill the device, and not when it is large.
@@ -380,6 +499,240 @@ TEST(ScanCuda, RejectsAStateAbove64AndMixedDevices) {
     EXPECT_NE(std::string(e.what()).find("no CUDA kernels"), std::string::npos) << e.what();
   }
 #endif
+}
+
+// ---- Packed documents and initial states on the GPU (helpers above) --------------------------------
+
+// The CUDA kernel with seq_idx and h0, and the final state in the loss, against the float64
+// reference: y, the final state and all 9 gradients (dh0 included), every kernel version, shapes
+// with odd sizes and every state layout (N = 3, 5, 16, 17, 40, 64), float32 and bfloat16; seq_idx
+// alone, h0 alone and both.
+TEST(ScanCuda, BoundariesAndH0MatchReference) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(40);
+  const std::vector<Shape> shapes = {{3, 200, 37, 16}, {2, 130, 20, 5}, {3, 97, 17, 3}, {2, 70, 18, 40},
+                                     {1, 1, 1, 16},    {2, 33, 16, 17}, {2, 300, 9, 64}};
+  for (const Shape& s : shapes)
+    for (torch::Dtype io : {torch::kFloat, torch::kBFloat16})
+      for (int mode = 0; mode < 3; ++mode) {  // 0: seq_idx and h0, 1: seq_idx alone, 2: h0 alone
+        if (io == torch::kBFloat16 && mode > 0) continue;
+        const bool with_seq = mode != 2, with_h0 = mode != 1;
+        const std::string where = fmt::format("{} {} seq_idx={} h0={}", str(s), c10::toString(io), with_seq, with_h0);
+        const Inputs v = make_values(s, io, true, true);
+        const Tensor seq = with_seq ? packed_seq_idx(s.B, s.L, 9) : Tensor();
+        const Tensor h0 = with_h0 ? torch::randn({s.B, s.I, s.N}, torch::kDouble).to(torch::kFloat).to(torch::kDouble)
+                                  : Tensor();
+        const Tensor wy = torch::randn({s.B, s.L, s.I}, torch::kDouble).to(io).to(torch::kDouble);
+        const Tensor wh = torch::randn({s.B, s.I, s.N}, torch::kDouble).to(torch::kFloat).to(torch::kDouble);
+        const BRun want = run_boundaries(true, leaves(v, torch::kCPU, torch::kDouble),
+                                         with_h0 ? h0_leaf(h0, torch::kCPU) : Tensor(), seq, wy, wh);
+        for_each_version([&] {
+          const BRun got = run_boundaries(false, leaves(v, torch::kCUDA, io),
+                                          with_h0 ? h0_leaf(h0, torch::kCUDA) : Tensor(),
+                                          with_seq ? seq.to(torch::kCUDA) : Tensor(), wy, wh);
+          std::printf("  %-60s worst |diff|/scale: %.2e vs reference\n", where.c_str(),
+                      compare_boundaries(got, want, io == torch::kFloat ? kRtolF32 : kRtolBF16, where));
+        });
+      }
+}
+
+// No boundaries: an undefined seq_idx, one of a single document per row, an undefined h0 and one of
+// zeros give the same y, final state and gradients bit for bit (dB and dC within their atomic adds'
+// rounding), every kernel version; so the kernels' new inputs cost nothing when they are absent.
+TEST(ScanCuda, NoBoundariesIsBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(41);
+  for (const Shape& s : std::vector<Shape>{{2, 200, 37, 16}, {1, 130, 20, 40}}) {
+    const Inputs v = make_values(s, torch::kFloat, true, true);
+    const Tensor wy = torch::randn({s.B, s.L, s.I}, torch::kDouble);
+    for_each_version([&] {
+      const BRun base = run_boundaries(false, leaves(v, torch::kCUDA, torch::kFloat), Tensor(), Tensor(), wy, Tensor());
+      const Tensor one_doc = torch::full({s.B, s.L}, 7, torch::TensorOptions().dtype(torch::kInt).device(torch::kCUDA));
+      const Tensor zero_h0 = torch::zeros({s.B, s.I, s.N}, torch::kCUDA).requires_grad_(true);
+      const BRun variants[] = {
+          run_boundaries(false, leaves(v, torch::kCUDA, torch::kFloat), Tensor(), one_doc, wy, Tensor()),
+          run_boundaries(false, leaves(v, torch::kCUDA, torch::kFloat), zero_h0, Tensor(), wy, Tensor()),
+          run_boundaries(false, leaves(v, torch::kCUDA, torch::kFloat), zero_h0, one_doc, wy, Tensor())};
+      for (const BRun& r : variants) {
+        EXPECT_TRUE(torch::equal(r.y, base.y)) << str(s);
+        EXPECT_TRUE(torch::equal(r.last, base.last)) << str(s);
+        for (size_t k : {0, 1, 2, 5, 6, 7}) EXPECT_TRUE(torch::equal(r.grads[k], base.grads[k])) << kBNames[k] << " " << str(s);
+        for (size_t k : {3, 4}) expect_close(r.grads[k], base.grads[k], 1e-6, std::string(kBNames[k]) + " " + str(s));
+      }
+    });
+  }
+}
+
+// The defining test, on the GPU: a sequence run in two halves, the second from the first's final
+// state (kept in the graph: its gradient flows back through the first half), gives y, the final
+// state and every gradient (h0 included) of running it whole; cuts at a chunk boundary, off one,
+// after one step; with and without documents (none starting at the cut).
+TEST(ScanCuda, TwoHalvesEqualTheWhole) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(42);
+  for (auto [L, cut] : std::vector<std::pair<int64_t, int64_t>>{{200, 96}, {130, 64}, {101, 37}, {9, 1}})
+    for (bool with_seq : {false, true}) {
+      const Shape s{3, L, 21, 16};
+      const Inputs v = make_values(s, torch::kFloat, true, true);
+      const Tensor seq = with_seq ? packed_seq_idx(s.B, L, 7, cut).to(torch::kCUDA) : Tensor();
+      const Tensor h0v = torch::randn({s.B, s.I, s.N});
+      const Tensor wy = torch::randn({s.B, L, s.I}, torch::kCUDA), wh = torch::randn({s.B, s.I, s.N}, torch::kCUDA);
+      const std::string where = fmt::format("L={} cut={} seq_idx={}", L, cut, with_seq);
+      for_each_version([&] {
+        const Inputs x = leaves(v, torch::kCUDA, torch::kFloat);
+        const Tensor h0 = h0_leaf(h0v, torch::kCUDA);
+        const BRun whole = run_boundaries(false, x, h0, seq, wy, wh);
+        const Inputs xs = leaves(v, torch::kCUDA, torch::kFloat);
+        const Tensor h0s = h0_leaf(h0v, torch::kCUDA);
+        auto part = [](const Tensor& t, int64_t a, int64_t n) { return t.defined() ? t.narrow(1, a, n) : t; };
+        Tensor mid, last;
+        const Tensor y1 = selective_scan(part(xs.u, 0, cut), part(xs.delta, 0, cut), xs.A, part(xs.Bm, 0, cut),
+                                         part(xs.Cm, 0, cut), xs.D, part(xs.z, 0, cut), xs.bias, true, &mid,
+                                         part(seq, 0, cut), h0s);
+        const int64_t rest = L - cut;
+        const Tensor y2 = selective_scan(part(xs.u, cut, rest), part(xs.delta, cut, rest), xs.A,
+                                         part(xs.Bm, cut, rest), part(xs.Cm, cut, rest), xs.D, part(xs.z, cut, rest),
+                                         xs.bias, true, &last, part(seq, cut, rest), mid);
+        const Tensor y = torch::cat({y1, y2}, 1);
+        ((y * wy).sum() + (last * wh).sum()).backward();
+        BRun halves;
+        halves.y = y.detach().to(torch::kCPU, torch::kDouble);
+        halves.last = last.detach().to(torch::kCPU, torch::kDouble);
+        auto all = xs.all();
+        all.push_back(h0s);
+        for (const Tensor& t : all) halves.grads.push_back(t.grad().to(torch::kCPU, torch::kDouble));
+        std::printf("  %-40s worst |diff|/scale: %.2e halves vs whole\n", where.c_str(),
+                    compare_boundaries(halves, whole, kRtolF32, "(halves vs whole) " + where));
+      });
+    }
+}
+
+// The meaning of seq_idx, on the GPU: a row of documents packed together gives, for each document,
+// the outputs and the input gradients of running it alone (h0 is the first document's start state
+// only; the others start from zero), the parameter gradients summed over the documents, and the
+// final state of the last document. Documents start at a chunk boundary (32), inside a chunk, and
+// one is a single token.
+TEST(ScanCuda, PackedDocumentsEqualEachAlone) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(43);
+  const std::vector<int64_t> lens = {32, 70, 1, 25};
+  const Shape s{1, 128, 19, 16};
+  std::vector<Tensor> ids;
+  for (size_t d = 0; d < lens.size(); ++d) ids.push_back(torch::full({1, lens[d]}, int(d), torch::kInt));
+  const Tensor seq = torch::cat(ids, 1).to(torch::kCUDA);
+  const Inputs v = make_values(s, torch::kFloat, true, true);
+  const Tensor h0v = torch::randn({1, s.I, s.N});
+  const Tensor wy = torch::randn({1, s.L, s.I}, torch::kCUDA);
+  for_each_version([&] {
+    const BRun packed = run_boundaries(false, leaves(v, torch::kCUDA, torch::kFloat), h0_leaf(h0v, torch::kCUDA),
+                                       seq, wy, Tensor());
+    std::vector<Tensor> param_sums(8);
+    int64_t at = 0;
+    for (size_t d = 0; d < lens.size(); ++d) {
+      const Inputs x = leaves(v, torch::kCUDA, torch::kFloat);
+      const Tensor h0 = d == 0 ? h0_leaf(h0v, torch::kCUDA) : Tensor();
+      auto cut = [&](const Tensor& t) { return t.narrow(1, at, lens[d]); };
+      Tensor last;
+      const Tensor y = selective_scan(cut(x.u), cut(x.delta), x.A, cut(x.Bm), cut(x.Cm), x.D, cut(x.z), x.bias, true,
+                                      &last, Tensor(), h0);
+      (y * cut(wy)).sum().backward();
+      const std::string where = "document " + std::to_string(d);
+      auto cpu = [](const Tensor& t) { return t.to(torch::kCPU, torch::kDouble); };
+      expect_close(cpu(y.detach()), cut(packed.y), kRtolF32, "y " + where);
+      for (size_t k : {0, 1, 3, 4, 6})  // u, delta, B, C, z: per position
+        expect_close(cut(cpu(x.all()[k].grad())), cut(packed.grads[k]), kRtolF32, std::string(kBNames[k]) + " " + where);
+      for (size_t k : {2, 5, 7})  // A, D, delta_bias: summed over the documents
+        param_sums[k] = d == 0 ? cpu(x.all()[k].grad()) : param_sums[k] + cpu(x.all()[k].grad());
+      if (d == 0) expect_close(cpu(h0.grad()), packed.grads[8], kRtolF32, "dh0 (the first document's)");
+      if (d + 1 == lens.size()) expect_close(cpu(last.detach()), packed.last, kRtolF32, "final state (the last document's)");
+      at += lens[d];
+    }
+    for (size_t k : {2, 5, 7})
+      expect_close(param_sums[k], packed.grads[k], kRtolF32, std::string(kBNames[k]) + " summed over the documents");
+  });
+}
+
+// seq_idx on another device than u is a one-line error, not a crash.
+TEST(ScanCuda, SeqIdxOnAnotherDeviceIsAnError) {
+  SKIP_WITHOUT_GPU();
+  const Inputs x = leaves(make_values({1, 4, 2, 16}, torch::kFloat, false, true), torch::kCUDA, torch::kFloat);
+  try {
+    selective_scan(x.u, x.delta, x.A, x.Bm, x.Cm, {}, {}, {}, true, nullptr, torch::zeros({1, 4}, torch::kInt));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find('\n'), std::string::npos) << e.what();
+  }
+}
+
+// ---- The causal conv on CUDA with seq_idx and an initial state ---------------------------------------
+
+// causal_conv1d on CUDA tensors with seq_idx and an initial state (the kernel of conv1d_cuda.h)
+// against the float64 masked reference on CPU (itself checked against each document alone in
+// test_boundaries.cpp): y and the gradients of x, w, bias and the initial state; K = 2..5, odd
+// channel counts (129: a partial block of 32), short documents (every few tokens), B x L rows
+// across several partial rows of dw, x a strided view (as the model passes it), float32 and
+// bfloat16.
+TEST(ConvCuda, BoundariesAndInitialStateMatchReference) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(44);
+  for (ConvShape s : {ConvShape{1, 1, 1, 4}, ConvShape{2, 3, 5, 4}, ConvShape{3, 37, 67, 4}, ConvShape{2, 130, 129, 2},
+                      ConvShape{1, 9, 20, 5}, ConvShape{4, 600, 40, 4}})
+    for (torch::Dtype io : {torch::kFloat, torch::kBFloat16})
+      for (int mode = 0; mode < 3; ++mode) conv_against_reference(s, io, mode != 2, mode != 1);  // both, seq_idx, init
+  // One document per row is no boundary: the kernel gives what torch's conv1d (the path without
+  // seq_idx, unchanged) gives, to float32 rounding.
+  const Tensor x = torch::randn({2, 70, 33}, torch::kCUDA), w = torch::randn({33, 1, 4}, torch::kCUDA);
+  const Tensor b = torch::randn({33}, torch::kCUDA);
+  const Tensor one_doc = torch::zeros({2, 70}, torch::TensorOptions().dtype(torch::kInt).device(torch::kCUDA));
+  expect_close(causal_conv1d(x, w, b, one_doc).cpu().to(torch::kDouble), causal_conv1d(x, w, b).cpu().to(torch::kDouble),
+               1e-6, "one document against no seq_idx");
+}
+
+// The defining test for the conv and the scan together, on the GPU: conv -> SiLU -> scan run as
+// two halves, the second from the first's final states (the conv's last K-1 inputs and the scan's h,
+// both in the graph), gives the outputs and every gradient (x, the conv's weights, both initial
+// states, the scan's inputs) of running the whole.
+TEST(ConvCuda, MixerTwoHalvesFromFinalStatesEqualTheWhole) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(45);
+  for (auto [L, cut] : std::vector<std::pair<int64_t, int64_t>>{{130, 64}, {50, 2}, {9, 7}}) {
+    const int64_t B = 2, I = 19, N = 16, K = 4;
+    auto leaf = [](const Tensor& t) { return t.to(torch::kCUDA).detach().requires_grad_(true); };
+    const Tensor x = leaf(torch::randn({B, L, I})), cw = leaf(torch::randn({I, 1, K})), cb = leaf(torch::randn({I}));
+    const Tensor cinit = leaf(torch::randn({B, I, K - 1}));
+    const Inputs v = make_values({B, L, I, N}, torch::kFloat, true, true);
+    const Inputs s = leaves(v, torch::kCUDA, torch::kFloat);
+    const Tensor h0 = leaf(torch::randn({B, I, N}));
+    const Tensor wy = torch::randn({B, L, I}, torch::kCUDA), wh = torch::randn({B, I, N}, torch::kCUDA);
+    const Tensor wc = torch::randn({B, I, K - 1}, torch::kCUDA);
+    const std::vector<Tensor> params{x, cw, cb, cinit, s.delta, s.A, s.Bm, s.Cm, s.D, s.z, s.bias, h0};
+    const char* names[] = {"x", "conv w", "conv b", "conv init", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"};
+    auto mixer = [&](int64_t a, int64_t n, const Tensor& ci, const Tensor& hi, Tensor* c_last, Tensor* h_last) {
+      const Tensor xs = x.narrow(1, a, n);
+      const Tensor u = torch::silu(causal_conv1d(xs, cw, cb, {}, ci));
+      *c_last = causal_conv1d_final_state(xs, K, ci);
+      auto part = [&](const Tensor& t) { return t.narrow(1, a, n); };
+      return selective_scan(u, part(s.delta), s.A, part(s.Bm), part(s.Cm), s.D, part(s.z), s.bias, true, h_last, {},
+                            hi);
+    };
+    auto loss = [&](const Tensor& y, const Tensor& h, const Tensor& c) {
+      return (y * wy).sum() + (h * wh).sum() + (c * wc).sum();
+    };
+    Tensor c_whole, h_whole, c_mid, h_mid, c_last, h_last;
+    const Tensor y_whole = mixer(0, L, cinit, h0, &c_whole, &h_whole);
+    const auto g_whole = torch::autograd::grad({loss(y_whole, h_whole, c_whole)}, params);
+    const Tensor y1 = mixer(0, cut, cinit, h0, &c_mid, &h_mid);
+    const Tensor y2 = mixer(cut, L - cut, c_mid, h_mid, &c_last, &h_last);
+    const Tensor y = torch::cat({y1, y2}, 1);
+    const auto g = torch::autograd::grad({loss(y, h_last, c_last)}, params);
+    auto cpu = [](const Tensor& t) { return t.detach().to(torch::kCPU, torch::kDouble); };
+    const std::string where = fmt::format("L={} cut={}", L, cut);
+    expect_close(cpu(y), cpu(y_whole), kRtolF32, "y " + where);
+    expect_close(cpu(h_last), cpu(h_whole), kRtolF32, "final h " + where);
+    expect_close(cpu(c_last), cpu(c_whole), 0, "final conv state " + where);
+    for (size_t k = 0; k < params.size(); ++k)
+      expect_close(cpu(g[k]), cpu(g_whole[k]), kRtolF32, std::string(names[k]) + " " + where);
+  }
 }
 
 }  // namespace

@@ -10,6 +10,11 @@ bounds-checked where the kernel's predicate lets it happen; every output element
 exactly once (y, du, ddelta, dz, the chunk-end and final states, the partial rows). The results,
 in float64, must equal a float64 autograd reference of the plain recurrence to 1e-9.
 
+Document starts (reset flags, read per chunk as a warp ballot), the initial state h0, the final
+state's gradient dlast and dh0, and the segments' flags in scratch (a segment holding a document
+start has P = 0 in the combine passes) are emulated too, against the same reference with
+restarts, h0 and the final state in the loss.
+
 What this cannot see: races between threads (all lanes run in lockstep here; compute-sanitizer's
 racecheck does that on a GPU) and float32 rounding (the GPU tests compare that).
 """
@@ -192,6 +197,25 @@ def seg_row(p, b, s, i):
     return (b * p.S + s) * p.I + i
 
 
+def seg_cut(p):
+    """Where the segments' flags start in scratch (after the N-vectors and the step sums)."""
+    return p.B * p.S * p.I * (p.N + 1)
+
+
+def reset_mask(p, w, b, t0, length):
+    """reset_mask: lane l of each warp reads the flag of t0 + l (l < length), a ballot gathers them.
+    Every warp of the block reads the same flags; lanes 0..31 of the first stand for all."""
+    if p.reset is None:
+        return 0
+    lane = w.tid[:32]
+    flags = p.reset.read(b * p.L + t0 + lane, lane < length) != 0
+    return sum(1 << int(l) for l in lane[flags])
+
+
+def starts(mask, t):
+    return (mask >> t) & 1 == 1
+
+
 def forward_block(p, bx, b, s, local):
     NS, Q = layout(p.N)
     w = Threads(Q, bx, b, s, p.I)
@@ -209,7 +233,12 @@ def forward_block(p, bx, b, s, local):
         n = w.q * NS + k
         inn = w.valid & (n < N)
         A2.append(p.A.read(w.i * N + n, inn) * LOG2E)
-        h.append(p.scratch.read(seg_row(p, b, s, w.i) * N + n, inn & from_scratch) if from_scratch else np.zeros(NT))
+        if from_scratch:
+            h.append(p.scratch.read(seg_row(p, b, s, w.i) * N + n, inn))
+        elif not local and p.h0 is not None:
+            h.append(p.h0.read((b * I + w.i) * N + n, inn))
+        else:
+            h.append(np.zeros(NT))
     Dv = p.D.read(w.i, w.valid) if (not local and p.D is not None) else np.zeros(NT)
     bias_j = p.bias.read(w.i_e, w.i_e < I) if p.bias is not None else np.zeros(NT)
     use_z = (not local) and p.z is not None
@@ -227,6 +256,7 @@ def forward_block(p, bx, b, s, local):
         return r
 
     sdt = np.zeros(NT)
+    cut = False
     regs = prefetch(begin)
     for c in range(begin, end):
         t0 = c * K_CHUNK
@@ -246,6 +276,8 @@ def forward_block(p, bx, b, s, local):
         store_rows(w, regs["B"], B_s)
         if not local:
             store_rows(w, regs["C"], C_s)
+        rmask = reset_mask(p, w, b, t0, length)
+        cut = cut or rmask != 0
         if c + 1 < end:
             regs = prefetch(c + 1)
         # __syncthreads()
@@ -254,6 +286,8 @@ def forward_block(p, bx, b, s, local):
             dt, uu = dt_s.read(x), u_s.read(x)
             dtu = dt * uu
             Bt = load_quarter(B_s, t * NP + w.q * NS, NS)
+            if starts(rmask, t):
+                h = [np.zeros(NT) for _ in range(NS)]
             if local:
                 for k in range(NS):
                     h[k] = decay(dt, A2[k]) * h[k] + dtu * Bt[k]
@@ -277,6 +311,8 @@ def forward_block(p, bx, b, s, local):
                 t = e // K_CH
                 i = w.i0 + e % K_CH
                 p.y.write(b * L * I + (t0 + t) * I + i, y_s.read(e), (t < length) & (i < I))
+    if local and p.reset is not None and bx == 0:
+        p.scratch.write(seg_cut(p) + b * p.S + s + 0 * w.tid, 1.0 if cut else 0.0, w.tid == 0)
     for k in range(NS):
         n = w.q * NS + k
         m = w.valid & (n < N)
@@ -296,14 +332,16 @@ def combine(p, reverse):
         live = idx < total
         n, i, b = idx % p.N, (idx // p.N) % p.I, idx // (p.N * p.I)
         A2 = p.A.read(i * p.N + n, live) * LOG2E
-        c = np.zeros(256)
+        init = p.dlast if reverse else p.h0
+        c = init.read(idx, live) if init is not None else np.zeros(256)
         for r in range(p.S):
             s = p.S - 1 - r if reverse else r
             row = seg_row(p, b, s, i)
             v = row * p.N + n
             local = p.scratch.read(v, live)
             p.scratch.write(v, c, live)
-            c = decay(p.scratch.read(p.B * p.S * p.I * p.N + row, live), A2) * c + local
+            cut = p.scratch.read(seg_cut(p) + b * p.S + s, live) != 0 if p.reset is not None else np.zeros(256, bool)
+            c = np.where(cut, local, decay(p.scratch.read(p.B * p.S * p.I * p.N + row, live), A2) * c + local)
 
 
 def backward_block(p, bx, b, s, local):
@@ -328,11 +366,17 @@ def backward_block(p, bx, b, s, local):
         inn = w.valid & (n < N)
         A.append(p.A.read(w.i * N + n, inn))
         A2.append(A[k] * LOG2E)
-        g.append(p.scratch.read(seg_row(p, b, s, w.i) * N + n, inn) if from_scratch else np.zeros(NT))
+        if from_scratch:
+            g.append(p.scratch.read(seg_row(p, b, s, w.i) * N + n, inn))
+        elif not local and p.dlast is not None:
+            g.append(p.dlast.read((b * I + w.i) * N + n, inn))
+        else:
+            g.append(np.zeros(NT))
         dA.append(np.zeros(NT))
     Dv = p.D.read(w.i, w.valid) if p.D is not None else np.zeros(NT)
     bias_j = p.bias.read(w.i_e, w.i_e < I) if p.bias is not None else np.zeros(NT)
     dD, dbias, sdt = np.zeros(NT), np.zeros(NT), np.zeros(NT)
+    cut = False
 
     def prefetch(c):
         t0 = c * K_CHUNK
@@ -372,6 +416,8 @@ def backward_block(p, bx, b, s, local):
         store_rows(w, regs["C"], C_s)
         if not local:
             store_rows(w, regs["B"], B_s)
+        rmask = reset_mask(p, w, b, t0, length)
+        cut = cut or rmask != 0
         if c - 1 >= begin:
             regs = prefetch(c - 1)
         # __syncthreads()
@@ -380,14 +426,21 @@ def backward_block(p, bx, b, s, local):
                 x = t * K_CH + w.j
                 dt, ds = sm["dt"].read(x), sm["ds"].read(x)
                 Ct = load_quarter(C_s, t * NP + w.q * NS, NS)
+                restart = starts(rmask, t)
                 for k in range(NS):
-                    g[k] = decay(dt, A2[k]) * (g[k] + ds * Ct[k])
+                    g[k] = np.zeros(NT) if restart else decay(dt, A2[k]) * (g[k] + ds * Ct[k])
                 sdt = sdt + dt
         else:
             h0 = []
             for k in range(NS):
                 n = w.q * NS + k
-                h0.append(p.states.read(((b * I + w.i) * n_chunks + c - 1) * N + n, (c > 0) & w.valid & (n < N)))
+                inn = w.valid & (n < N)
+                if c > 0:
+                    h0.append(p.states.read(((b * I + w.i) * n_chunks + c - 1) * N + n, inn))
+                elif p.h0 is not None:
+                    h0.append(p.h0.read((b * I + w.i) * N + n, inn))
+                else:
+                    h0.append(np.zeros(NT))
             for half in range(H - 1, -1, -1):
                 lo = half * KH
                 if lo >= length:
@@ -399,6 +452,8 @@ def backward_block(p, bx, b, s, local):
                     dt = sm["dt"].read(x)
                     dtu = dt * sm["u"].read(x)
                     Bt = load_quarter(B_s, t * NP + w.q * NS, NS)
+                    if starts(rmask, t):
+                        h = [np.zeros(NT) for _ in range(NS)]
                     for k in range(NS):
                         h[k] = decay(dt, A2[k]) * h[k] + dtu * Bt[k]
                 hs = [x.copy() for x in h]
@@ -411,6 +466,8 @@ def backward_block(p, bx, b, s, local):
                     dtu = dt * sm["u"].read(x)
                     Bt = load_quarter(B_s, t * NP + w.q * NS, NS)
                     Ct = load_quarter(C_s, t * NP + w.q * NS, NS)
+                    if starts(rmask, t):
+                        h = [np.zeros(NT) for _ in range(NS)]
                     hc = np.zeros(NT)
                     for k in range(NS):
                         h[k] = decay(dt, A2[k]) * h[k] + dtu * Bt[k]
@@ -422,20 +479,24 @@ def backward_block(p, bx, b, s, local):
                     x = t * K_CH + w.j
                     dt, uu, ds = sm["dt"].read(x), sm["u"].read(x), sm["ds"].read(x)
                     dtu = dt * uu
+                    restart = starts(rmask, t)
                     Bt = load_quarter(B_s, t * NP + w.q * NS, NS)
                     Ct = load_quarter(C_s, t * NP + w.q * NS, NS)
                     gB, gAh, dBv, dCv = np.zeros(NT), np.zeros(NT), [], []
                     for k in range(NS):
                         gn = g[k] + ds * Ct[k]
                         e = decay(dt, A2[k])
-                        hprev = hist.read(((t - 1 - lo + S0) * NS + k) * NT + w.tid) if (S0 or t > lo) else hs[k]
+                        if restart:
+                            hprev = np.zeros(NT)
+                        else:
+                            hprev = hist.read(((t - 1 - lo + S0) * NS + k) * NT + w.tid) if (S0 or t > lo) else hs[k]
                         qv = gn * e * hprev
                         dA[k] = dA[k] + dt * qv
                         gAh = gAh + qv * A[k]
                         gB = gB + gn * Bt[k]
                         dBv.append(gn * dtu)
                         dCv.append(ds * hist.read(((t - lo + S0) * NS + k) * NT + w.tid))
-                        g[k] = e * gn
+                        g[k] = np.zeros(NT) if restart else e * gn
                     gB, gAh = sum_group(w, gB, Q), sum_group(w, gAh, Q)
                     q0 = w.q == 0
                     dd = (gAh + uu * gB) * sm["dsig"].read(x)
@@ -461,6 +522,8 @@ def backward_block(p, bx, b, s, local):
                 p.ddelta.write(o, sm["ddelta"].read(e), mask)
                 if p.dz is not None:
                     p.dz.write(o, sm["dz"].read(e), mask)
+    if local and p.reset is not None and bx == 0:
+        p.scratch.write(seg_cut(p) + b * p.S + s + 0 * w.tid, 1.0 if cut else 0.0, w.tid == 0)
     r = b * p.S + s
     for k in range(NS):
         n = w.q * NS + k
@@ -469,6 +532,8 @@ def backward_block(p, bx, b, s, local):
             p.scratch.write(seg_row(p, b, s, w.i) * N + n, g[k], m)
         else:
             p.dA_part.write((r * I + w.i) * N + n, dA[k], m)
+            if p.dh0 is not None and begin == 0:
+                p.dh0.write((b * I + w.i) * N + n, g[k], m)
     if local:
         p.scratch.write(p.B * p.S * p.I * p.N + seg_row(p, b, s, w.i), sdt, w.valid & (w.q == 0))
     else:
@@ -504,13 +569,19 @@ def run_emulation(v, S, softplus_on):
     p.A, p.Bm, p.Cm = Mem("A", v["A"]), Mem("Bm", v["Bm"]), Mem("Cm", v["Cm"])
     p.D = Mem("D", v["D"]) if v["D"] is not None else None
     p.bias = Mem("bias", v["bias"]) if v["bias"] is not None else None
+    p.reset = Mem("reset", v["reset"]) if v.get("reset") is not None else None
+    p.h0 = Mem("h0", v["h0"]) if v.get("h0") is not None else None
+    p.dlast = Mem("dlast", v["dlast"]) if v.get("dlast") is not None else None
+    p.dh0 = None
+    flags = B * max(1, S) if p.reset is not None else 0  # (the segments' flags, sized below)
     p.y = Mem("y", np.full(B * L * I, np.nan), count_writes=True)
     p.states = Mem("states", np.full(B * I * n_chunks * N, np.nan), count_writes=True)
     p.final_state = Mem("final_state", np.full(B * I * N, np.nan), count_writes=True)
     out = {}
     # Forward.
     p.S = normalize_segments(S, n_chunks)
-    p.scratch = Mem("scratch", np.full(B * p.S * I * (N + 1), np.nan) if p.S > 1 else np.zeros(0))
+    flags = B * p.S if p.reset is not None else 0
+    p.scratch = Mem("scratch", np.full(B * p.S * I * (N + 1) + flags, np.nan) if p.S > 1 else np.zeros(0))
     if p.S > 1:
         for blk in grid(p):
             forward_block(p, *blk, local=True)
@@ -531,14 +602,15 @@ def run_emulation(v, S, softplus_on):
     p.dA_part = Mem("dA_part", np.full(rows * I * N, np.nan), count_writes=True)
     p.dD_part = Mem("dD_part", np.full(rows * I, np.nan), count_writes=True)
     p.dbias_part = Mem("dbias_part", np.full(rows * I, np.nan), count_writes=True)
-    p.scratch = Mem("scratch", np.full(B * p.S * I * (N + 1), np.nan) if p.S > 1 else np.zeros(0))
+    p.dh0 = Mem("dh0", np.full(B * I * N, np.nan), count_writes=True) if p.h0 is not None else None
+    p.scratch = Mem("scratch", np.full(B * p.S * I * (N + 1) + flags, np.nan) if p.S > 1 else np.zeros(0))
     if p.S > 1:
         for blk in grid(p):
             backward_block(p, *blk, local=True)
         combine(p, reverse=True)
     for blk in grid(p):
         backward_block(p, *blk, local=False)
-    for m in (p.du, p.ddelta, p.dz, p.dA_part, p.dD_part, p.dbias_part):
+    for m in (p.du, p.ddelta, p.dz, p.dA_part, p.dD_part, p.dbias_part, p.dh0):
         if m is not None:
             assert (m.writes == 1).all(), f"{m.name}: {np.sum(m.writes != 1)} elements not written exactly once"
     out["du"] = p.du.a.reshape(B, L, I)
@@ -548,19 +620,23 @@ def run_emulation(v, S, softplus_on):
     out["dA"] = p.dA_part.a.reshape(rows, I, N).sum(0)
     out["dD"] = p.dD_part.a.reshape(rows, I).sum(0)
     out["dbias"] = p.dbias_part.a.reshape(rows, I).sum(0)
+    out["dh0"] = p.dh0.a.reshape(B, I, N) if p.dh0 is not None else None
     return out
 
 
 def reference(v, softplus_on):
     """The plain recurrence in float64, differentiated by autograd (selective_scan_ref's math)."""
     t = {k: (torch.tensor(x, dtype=torch.float64, requires_grad=True) if x is not None else None)
-         for k, x in v.items() if k != "dy"}
+         for k, x in v.items() if k not in ("dy", "reset", "dlast")}
     d = t["delta"] + t["bias"] if t["bias"] is not None else t["delta"]
     dt = torch.nn.functional.softplus(d) if softplus_on else d
     B, L, I = v["u"].shape
-    h = torch.zeros(B, I, v["A"].shape[1], dtype=torch.float64)
+    h = t["h0"] if t.get("h0") is not None else torch.zeros(B, I, v["A"].shape[1], dtype=torch.float64)
+    reset = v.get("reset")
     ys = []
     for s in range(L):
+        if reset is not None:  # a document starts: h_{s-1} reads as 0
+            h = h * torch.tensor(1.0 - reset.reshape(B, L)[:, s], dtype=torch.float64)[:, None, None]
         h = torch.exp(dt[:, s, :, None] * t["A"]) * h + (dt[:, s] * t["u"][:, s])[..., None] * t["Bm"][:, s, None, :]
         ys.append((h * t["Cm"][:, s, None, :]).sum(-1))
     y = torch.stack(ys, 1)
@@ -568,10 +644,14 @@ def reference(v, softplus_on):
         y = y + t["u"] * t["D"]
     if t["z"] is not None:
         y = y * torch.nn.functional.silu(t["z"])
-    (y * torch.tensor(v["dy"])).sum().backward()
+    loss = (y * torch.tensor(v["dy"])).sum()
+    if v.get("dlast") is not None:
+        loss = loss + (h * torch.tensor(v["dlast"])).sum()
+    loss.backward()
     g = lambda k: t[k].grad.numpy() if t[k] is not None else None  # noqa: E731
     return {"y": y.detach().numpy(), "state": h.detach().numpy(), "du": g("u"), "ddelta": g("delta"),
-            "dz": g("z"), "dB": g("Bm"), "dC": g("Cm"), "dA": g("A"), "dD": g("D"), "dbias": g("bias")}
+            "dz": g("z"), "dB": g("Bm"), "dC": g("Cm"), "dA": g("A"), "dD": g("D"), "dbias": g("bias"),
+            "dh0": g("h0") if t.get("h0") is not None else None}
 
 
 def values(B, L, I, N, optional, softplus_on, seed):
@@ -631,3 +711,35 @@ def test_segments_are_normalized_to_nonempty_ones():
             assert all(b < e for b, e in spans), (n_chunks, S)
             assert spans[0][0] == 0 and spans[-1][1] == n_chunks
             assert all(spans[k][1] == spans[k + 1][0] for k in range(s2 - 1))
+
+
+def boundaries(v, B, L, I, N, seed, with_h0, with_dlast):
+    """Document starts (about one in 9, and at t = 1, at every chunk start and at L-1 in row 0; none
+    in the last row of two or more: a segment without starts beside ones with), h0, dlast."""
+    r = np.random.default_rng(seed + 1)
+    reset = (r.random((B, L)) < 1 / 9).astype(np.uint8)
+    reset[0, [t for t in [1, L - 1] + list(range(32, L, 32)) if 0 < t < L]] = 1
+    if B > 1:
+        reset[B - 1] = 0
+    reset[:, 0] = 0
+    v["reset"] = reset.reshape(-1)
+    v["h0"] = r.standard_normal((B, I, N)) if with_h0 else None
+    v["dlast"] = r.standard_normal((B, I, N)) if with_dlast else None
+    return v
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}_L{c[1]}_I{c[2]}_N{c[3]}_S{c[4]}" for c in CASES])
+@pytest.mark.parametrize("with_h0,with_dlast", [(True, True), (False, False)], ids=["h0_dlast", "resets_only"])
+def test_emulation_with_documents_and_initial_states(case, with_h0, with_dlast):
+    B, L, I, N, S = case
+    seed = hash(case) % 1000
+    v = boundaries(values(B, L, I, N, True, True, seed), B, L, I, N, seed, with_h0, with_dlast)
+    got = run_emulation(v, S, True)
+    want = reference(v, True)
+    for k, w in want.items():
+        if w is None:
+            assert got.get(k) is None, k
+            continue
+        scale = max(np.abs(w).max(), 1e-30)
+        err = np.abs(got[k] - w).max() / scale
+        assert err < 1e-9, f"{k}: max |diff| / scale = {err:.3e} (S={got['S']})"

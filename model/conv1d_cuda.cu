@@ -1,0 +1,202 @@
+// The CUDA causal conv with document boundaries and an initial state: math and layouts in
+// conv1d_cuda.h. It computes what the CPU kernel of conv1d.cpp computes, in float32 whatever the
+// input dtype.
+//
+// Work split. The layouts are channels last, so adjacent threads take adjacent channels of one
+// (b, t): every load of x, dy, w and init is coalesced across a warp, and a tap's document test
+// reads one seq_idx element that the whole warp shares (a broadcast).
+//   forward, dx: one thread per output element (a grid-stride loop), K taps each;
+//   dinit:       one thread per element of [B, K-1, I], the at most K taps that read it;
+//   dw, dbias:   sums over all B x L rows per channel: a block is 32 channels x 8 row lanes over one
+//                range of rows; each thread sums its rows in registers, the block adds its 8 lanes in
+//                a fixed order through shared memory and writes one partial row, the caller sums
+//                the R rows (no atomics, so the result does not vary between runs).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "model/conv1d_cuda.h"
+
+namespace coil::conv_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kChannels = 32;                    // dw: channels per block
+constexpr int kRowLanes = kThreads / kChannels;  // dw: row lanes per block
+constexpr int64_t kMaxGrid = int64_t(1) << 20;   // blocks of a grid-stride launch
+constexpr int64_t kMaxPartialRows = 64;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// Does position s (s < 0: the initial state, which belongs to the row's first document) lie in the
+// document of position t >= s? seq: the row's document numbers, or null (one document).
+__device__ __forceinline__ bool same_document(const int32_t* seq, int64_t s, int64_t t) {
+  return !seq || seq[s < 0 ? 0 : s] == seq[t];
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
+  const int64_t n = p.B * p.L * p.I, I = p.I, L = p.L;
+  const int K = int(p.K);
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
+    const int64_t i = e % I, bt = e / I, t = bt % L, b = bt / L;
+    const T* x = static_cast<const T*>(p.x) + b * p.x_sb + i;
+    const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
+    float acc = p.bias ? p.bias[i] : 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int64_t s = t - (K - 1) + k;
+      if (!same_document(seq, s, t)) continue;
+      if (s >= 0)
+        acc += p.w[k * I + i] * to_f32(x[s * p.x_st]);
+      else if (p.init)
+        acc += p.w[k * I + i] * p.init[(b * (K - 1) + (K - 1 + s)) * I + i];
+    }
+    static_cast<T*>(p.y)[e] = from_f32<T>(acc);  // y contiguous: e = (b L + t) I + i
+  }
+}
+
+// dx[b,s,i]: the taps of the positions r = s + (K-1) - k that read s (r in s's document).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dx_kernel(const Params p) {
+  const int64_t n = p.B * p.L * p.I, I = p.I, L = p.L;
+  const int K = int(p.K);
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
+    const int64_t i = e % I, bs = e / I, s = bs % L, b = bs / L;
+    const T* dy = static_cast<const T*>(p.dy) + b * p.dy_sb + i;
+    const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
+    float acc = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int64_t r = s + (K - 1) - k;
+      if (r >= L || !same_document(seq, s, r)) continue;
+      acc += p.w[k * I + i] * to_f32(dy[r * p.dy_st]);
+    }
+    static_cast<T*>(p.dx)[e] = from_f32<T>(acc);
+  }
+}
+
+// dinit[b,j,i] (init row j = position j - (K-1)): read by tap k of position t = j - k, if t is in
+// the row's first document.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dinit_kernel(const Params p) {
+  const int64_t I = p.I, L = p.L, H = p.K - 1, n = p.B * H * I;
+  const int K = int(p.K);
+  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
+    const int64_t i = e % I, bj = e / I, j = bj % H, b = bj / H;
+    const T* dy = static_cast<const T*>(p.dy) + b * p.dy_sb + i;
+    const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
+    float acc = 0.f;
+    for (int k = 0; k < K; ++k) {
+      const int64_t t = j - k;
+      if (t < 0 || t >= L || !same_document(seq, -1, t)) continue;
+      acc += p.w[k * I + i] * to_f32(dy[t * p.dy_st]);
+    }
+    p.dinit[e] = acc;  // [B, K-1, I] contiguous: e = (b (K-1) + j) I + i
+  }
+}
+
+// dw and dbias over the rows [y * rows_per, (y+1) * rows_per) of the flattened (b, t), y = blockIdx.y,
+// for the channels blockIdx.x * 32 + (0..31): partial row y. acc[k] for tap k, acc[kMaxTaps] for the
+// bias (indices known at compile time, so the sums stay in registers).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) dw_kernel(const Params p, int64_t rows_per) {
+  __shared__ float lanes[kMaxTaps + 1][kRowLanes][kChannels];
+  const int64_t I = p.I, L = p.L, rows = p.B * p.L;
+  const int K = int(p.K);
+  const int c = int(threadIdx.x) % kChannels, lane = int(threadIdx.x) / kChannels;
+  const int64_t i = int64_t(blockIdx.x) * kChannels + c;
+  const int64_t r0 = int64_t(blockIdx.y) * rows_per, r1 = r0 + rows_per < rows ? r0 + rows_per : rows;
+  float acc[kMaxTaps + 1];
+#pragma unroll
+  for (int k = 0; k <= kMaxTaps; ++k) acc[k] = 0.f;
+  if (i < I) {
+    for (int64_t r = r0 + lane; r < r1; r += kRowLanes) {
+      const int64_t b = r / L, t = r % L;
+      const T* x = static_cast<const T*>(p.x) + b * p.x_sb + i;
+      const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
+      const float g = to_f32(static_cast<const T*>(p.dy)[b * p.dy_sb + t * p.dy_st + i]);
+      acc[kMaxTaps] += g;
+#pragma unroll
+      for (int k = 0; k < kMaxTaps; ++k) {
+        if (k >= K) break;
+        const int64_t s = t - (K - 1) + k;
+        if (!same_document(seq, s, t)) continue;
+        if (s >= 0)
+          acc[k] += g * to_f32(x[s * p.x_st]);
+        else if (p.init)
+          acc[k] += g * p.init[(b * (K - 1) + (K - 1 + s)) * I + i];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k <= kMaxTaps; ++k) lanes[k][lane][c] = acc[k];
+  __syncthreads();
+  if (lane != 0 || i >= I) return;
+#pragma unroll
+  for (int k = 0; k <= kMaxTaps; ++k) {
+    if (k < K || k == kMaxTaps) {
+      float sum = 0.f;
+#pragma unroll
+      for (int l = 0; l < kRowLanes; ++l) sum += lanes[k][l][c];
+      if (k == kMaxTaps)
+        p.dbias_part[int64_t(blockIdx.y) * I + i] = sum;
+      else
+        p.dw_part[(int64_t(blockIdx.y) * K + k) * I + i] = sum;
+    }
+  }
+}
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGrid)); }
+
+template <typename T>
+const char* launch(const Params& p, bool backward) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  const int64_t n = p.B * p.L * p.I;
+  if (n == 0) return nullptr;
+  if (!backward) {
+    forward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(p);
+    return last_error();
+  }
+  dx_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(p);
+  if (const char* err = last_error()) return err;
+  const int64_t n_init = p.B * (p.K - 1) * p.I;
+  if (p.dinit && n_init > 0) {
+    dinit_kernel<T><<<grid_for(n_init), kThreads, 0, stream>>>(p);
+    if (const char* err = last_error()) return err;
+  }
+  const int64_t R = partial_rows(p), rows_per = (p.B * p.L + R - 1) / R;
+  const dim3 grid(unsigned((p.I + kChannels - 1) / kChannels), unsigned(R));
+  dw_kernel<T><<<grid, kThreads, 0, stream>>>(p, rows_per);
+  return last_error();
+}
+
+const char* run(const Params& p, bool backward) {
+  if (p.K < 1 || p.K > kMaxTaps) return "taps outside [1, kMaxTaps]";
+  if ((p.I + kChannels - 1) / kChannels > 2147483647) return "too many channels";
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, backward) : launch<float>(p, backward);
+}
+
+}  // namespace
+
+// About 64 rows of (b, t) per partial row, at most kMaxPartialRows partial rows (with I / 32 channel
+// blocks beside them, enough blocks to fill the GPU at Mamba sizes).
+int64_t partial_rows(const Params& p) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxPartialRows, (p.B * p.L + 63) / 64));
+}
+
+const char* forward(const Params& p) { return run(p, false); }
+const char* backward(const Params& p) { return run(p, true); }
+
+}  // namespace coil::conv_cuda
