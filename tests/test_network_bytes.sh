@@ -23,6 +23,11 @@ if ! unshare -n true 2>/dev/null || ! command -v ip >/dev/null; then
   echo "skipped: needs root (unshare -n) and ip(8) for a network namespace of its own"
   exit 77
 fi
+if [ "$hosts" = 2 ] && [ -z "${NET_CLUSTER:-}" ]; then
+  for p in mpirun sbatch /usr/sbin/slurmctld /usr/sbin/munged; do
+    command -v "$p" >/dev/null || { echo "skipped: $p is not installed (slurm/local-cluster needs it)"; exit 77; }
+  done
+fi
 tmp=$(mktemp -d)
 cluster=$tmp/cluster
 [ -n "${NET_CLUSTER:-}" ] && cluster=$NET_CLUSTER
