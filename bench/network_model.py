@@ -82,9 +82,23 @@ def ring_split(nbytes, group_per_node, nodes_spanned):
     return nbytes * (group_per_node - 1) / group_per_node, nbytes / group_per_node
 
 
+def butterfly_split(nbytes, group_per_node, nodes_spanned):
+    """(intra, inter) bytes of a rank's butterfly reduce-scatter (Open MPI's tuned algorithm 4, the
+    one the wire checks fix): over p = power-of-two ranks, round k = 1, 2, ... exchanges B / 2^k
+    with the rank at distance 2^(k - 1), nearest first; with g consecutive ranks per node the rounds
+    at distances >= g cross nodes: B (1 / g - 1 / p) of the (p - 1) / p B a rank sends."""
+    if nodes_spanned <= 1:
+        return nbytes, 0.0
+    g, p = group_per_node, group_per_node * nodes_spanned
+    inter = nbytes * (p / g - 1) / (p - 1)
+    return nbytes - inter, inter
+
+
 def step_bytes(cfg, world, shard, ranks_per_node, micro_batches=1, zero2=False, compute="float32",
-               reduce="float32", muon=True, eval_batches=0, evals_per_step=0.0):
+               reduce="float32", muon=True, eval_batches=0, evals_per_step=0.0, reduce_scatter="ring"):
     """Bytes one rank sends per optimizer step (= receives, on average), by collective and class.
+    reduce_scatter: "ring" (NCCL) or "butterfly" (Open MPI's, as the wire checks fix it): the same
+    bytes, another split between the link classes.
     Returns a dict {collective: (intra, inter)} and the ring steps (latency terms) per class."""
     us = units(*cfg)
     p, R = shard, world // shard
@@ -100,9 +114,10 @@ def step_bytes(cfg, world, shard, ranks_per_node, micro_batches=1, zero2=False, 
     rs_all = sum(ring(rs_buffer(u, p, reduce)) for u in us)
     n_ag = len(us)
     out, steps = {}, {"intra": 0, "inter": 0}
+    rs_split = {"ring": ring_split, "butterfly": butterfly_split}[reduce_scatter]
 
-    def add(key, nbytes, per_node, spanned, collectives, group):
-        intra, inter = ring_split(nbytes, per_node, spanned)
+    def add(key, nbytes, per_node, spanned, collectives, group, split=ring_split):
+        intra, inter = split(nbytes, per_node, spanned)
         a, b = out.get(key, (0.0, 0.0))
         out[key] = (a + intra, b + inter)
         if group > 1:
@@ -111,13 +126,13 @@ def step_bytes(cfg, world, shard, ranks_per_node, micro_batches=1, zero2=False, 
     if p > 1:
         if zero2:
             add("all-gather (forward, once per step)", ag_all, shard_per_node, shard_nodes, n_ag, p)
-            add("reduce-scatter (once per step)", rs_all, shard_per_node, shard_nodes, n_ag, p)
+            add("reduce-scatter (once per step)", rs_all, shard_per_node, shard_nodes, n_ag, p, rs_split)
         else:
             add("all-gather (forward)", micro_batches * ag_all, shard_per_node, shard_nodes, micro_batches * n_ag, p)
             add("all-gather (backward)", micro_batches * ag_bwd, shard_per_node, shard_nodes,
                 micro_batches * (n_ag - 1), p)
             add("reduce-scatter (backward)", micro_batches * rs_all, shard_per_node, shard_nodes,
-                micro_batches * n_ag, p)
+                micro_batches * n_ag, p, rs_split)
         if eval_batches and evals_per_step:
             add("all-gather (evaluation)", evals_per_step * eval_batches * ag_all, shard_per_node, shard_nodes,
                 evals_per_step * eval_batches * n_ag, p)
@@ -214,6 +229,8 @@ def main():
     ap.add_argument("--no-muon", action="store_true")
     ap.add_argument("--eval-batches", type=int, default=0)
     ap.add_argument("--evals-per-step", type=float, default=0.0)
+    ap.add_argument("--reduce-scatter", default="ring", choices=["ring", "butterfly"],
+                    help="its algorithm: ring (NCCL) or butterfly (Open MPI's, as the wire checks fix it)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.table:
@@ -224,7 +241,7 @@ def main():
     if a.world % shard:
         raise SystemExit(f"--shard {shard} does not divide --world {a.world}")
     parts, steps = step_bytes(cfg, a.world, shard, a.ranks_per_node or a.world, a.micro_batches, a.zero2, a.compute,
-                              a.reduce, not a.no_muon, a.eval_batches, a.evals_per_step)
+                              a.reduce, not a.no_muon, a.eval_batches, a.evals_per_step, a.reduce_scatter)
     intra, inter = totals(parts)
     if a.json:
         print(json.dumps({"intra": intra, "inter": inter, "per_collective": parts, "ring_steps": steps}))

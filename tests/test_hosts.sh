@@ -6,8 +6,14 @@
 #    and the start-up line says 2 node(s) x 2 rank(s) per node; the veth carried the traffic;
 #  - a run_dir node2 does not see (an empty tmpfs there): one error naming rank 2 and node2,
 #    non-zero exit, nothing trained, no process left;
-#  - `sbatch --nodes=2 slurm/pretrain.sbatch` runs; its step-5 checkpoint resumes on 1 node
-#    (resharded from 4 ranks to 2) to its final loss within 1e-5; `slurm/sft.sbatch` runs on it.
+#  - the network model checked across hosts: HSDP 2 x 2 (shard within a host), node2's veth bytes
+#    each way = bench/network_model.py's inter-node bytes within 10% (tests/test_network_bytes.sh
+#    with NET_HOSTS=2 on this cluster);
+#  - `sbatch --nodes=2 slurm/pretrain.sbatch` runs; a second such job, requeued mid-run (scontrol
+#    requeue) and restricted to 1 node while pending, resumes from the checkpoint its 2-node run
+#    wrote (resharded from 4 ranks to 2) and logs the losses and batch hashes of a replay that
+#    changes world size at the same step (the first job's checkpoint of that step resumed on 1
+#    node), exactly, and the first job's final loss within 1e-5; `slurm/sft.sbatch` runs on it.
 # Skipped (exit 77) where not root, namespaces are refused, or Slurm / Open MPI are missing.
 #   tests/test_hosts.sh path/to/coil
 set -u
@@ -57,6 +63,11 @@ grep -q "^\[rank 0 node1\] pretrain: 2 node(s) x 2 rank(s) per node, 1 thread(s)
 [ "$moved" -gt 1000000 ] || fail "2 hosts: node2 received only $moved bytes over its veth"
 echo "2 hosts x 2 ranks: node2 received $moved bytes over the veth"
 
+# The network model across hosts (HSDP 2 x 2: only the gradient all-reduce crosses the veth).
+NET_HOSTS=2 NET_STEPS=6 NET_CLUSTER=$cluster "$src/tests/test_network_bytes.sh" "$coil" >net.log 2>&1 ||
+  fail "the veth bytes against the model: $(grep -m1 -e FAIL -e Error -e error net.log)"
+grep veth net.log
+
 # A run_dir node2 does not see: an empty tmpfs there.
 LOCAL_CLUSTER_PRIVATE=$tmp/private on node1 "$coil" launch --hosts node1:2,node2:2 --oversubscribe -- coil pretrain \
   "${args[@]}" --set train.run_dir="$tmp/private/run" >private.log 2>&1
@@ -83,9 +94,9 @@ n_layer = 2
 seq_len = 32
 global_batch_size = 4
 micro_batch_size = 1
-max_steps = 10
+max_steps = 12
 eval_interval = 0
-checkpoint_interval = 5
+checkpoint_interval = 1
 threads = 1
 device = "cpu"
 EOF
@@ -103,21 +114,47 @@ wait_job() {  # until the job has left the queue (at most 3 minutes)
 }
 a=$(cd "$src" && COIL=$coil CONFIG=$tmp/pre.toml RUN_DIR=$tmp/A on node1 sbatch --parsable "${cpu[@]}" slurm/pretrain.sbatch)
 wait_job "$a"
-grep -q "pretrain: done, 10 steps" "coil-pretrain-$a.log" || { fail "the 2-node job did not finish"; tail -5 "coil-pretrain-$a.log"; }
+grep -q "pretrain: done, 12 steps" "coil-pretrain-$a.log" || { fail "the 2-node job did not finish"; tail -5 "coil-pretrain-$a.log"; }
 grep -q "pretrain: 2 node(s) x 2 rank(s) per node" "coil-pretrain-$a.log" || fail "the 2-node job did not run on 2 nodes"
-# The 2-node run's step-5 checkpoint (4 ranks) resumed on 1 node x 2 ranks (resharded) ends with
-# the 2-node run's final loss, within 1e-5 (the sums' order changes with the world size).
-cp -r A R && rm -rf R/checkpoints/step-00000010 R/checkpoints/final && ln -sfn step-00000005 R/checkpoints/latest
-[ -d R/checkpoints/step-00000005 ] || fail "the 2-node job kept no step-5 checkpoint"
-r=$(cd "$src" && COIL=$coil CONFIG=$tmp/pre.toml RUN_DIR=$tmp/R on node1 sbatch --parsable "${cpu[@]}" --nodes=1 slurm/pretrain.sbatch)
-wait_job "$r"
-grep -q "pretrain: resuming .*/R/checkpoints/step-00000005 (saved on 4 rank(s)) at step 5" "coil-pretrain-$r.log" &&
-  grep -q "pretrain: 1 node(s) x 2 rank(s) per node" "coil-pretrain-$r.log" || fail "the 1-node job did not resume the 2-node checkpoint"
-python3 -c '
+# A 2-node job requeued mid-run (SIGTERM: the ranks save and stop), restricted to 1 node while it
+# waits, resumes there from the checkpoint its 2-node run wrote (4 ranks resharded to 2).
+b=$(cd "$src" && COIL=$coil CONFIG=$tmp/pre.toml RUN_DIR=$tmp/B on node1 sbatch --parsable "${cpu[@]}" slurm/pretrain.sbatch)
+steps_done() { local c; c=$(grep -c '"loss"' "$1/metrics.jsonl" 2>/dev/null); echo "${c:-0}"; }
+for _ in $(seq 900); do [ "$(steps_done B)" -ge 3 ] && break; sleep 0.1; done
+on node1 scontrol requeue "$b" || fail "scontrol requeue $b"
+for _ in $(seq 100); do on node1 squeue -h -j "$b" -o %T | grep -qx PENDING && break; sleep 0.2; done
+on node1 scontrol update jobid="$b" NumNodes=1 NumCPUs=2 NumTasks=2 || fail "scontrol update $b NumNodes=1"
+on node1 scontrol update jobid="$b" StartTime=now 2>/dev/null  # it would wait ~25 s otherwise
+wait_job "$b"
+k=$(sed -n 's/.*stopped by a signal after step \([0-9]*\).*/\1/p' "coil-pretrain-$b.log" | head -1)
+if [ -z "$k" ] || [ "$k" -ge 12 ]; then
+  fail "the requeued job did not stop mid-run with a checkpoint ($(grep -m1 stopped "coil-pretrain-$b.log"))"
+else
+  echo "the requeued job stopped after step $k on 2 nodes"
+  grep -q "restart count 1) on 1 node(s), 2 task(s)" "coil-pretrain-$b.log" &&
+    grep -q "pretrain: resuming .*/B/checkpoints/step-$(printf %08d "$k") (saved on 4 rank(s)) at step $k" "coil-pretrain-$b.log" &&
+    grep -q "pretrain: 1 node(s) x 2 rank(s) per node" "coil-pretrain-$b.log" ||
+    fail "the requeued job did not resume its 2-node checkpoint on 1 node: $(grep -e 'coil-job: job' -e resuming "coil-pretrain-$b.log")"
+  grep -q "pretrain: done, 12 steps" "coil-pretrain-$b.log" || { fail "the requeued job did not finish"; tail -5 "coil-pretrain-$b.log"; }
+  # The replay: the first job's step-k checkpoint (4 ranks) resumed on 1 node x 2 ranks.
+  cp -r A R && rm -rf R/checkpoints/final && ln -sfn "step-$(printf %08d "$k")" R/checkpoints/latest
+  for c in R/checkpoints/step-*; do [ "${c##*-}" -gt "$k" ] 2>/dev/null && rm -rf "$c"; done
+  r=$(cd "$src" && COIL=$coil CONFIG=$tmp/pre.toml RUN_DIR=$tmp/R on node1 sbatch --parsable "${cpu[@]}" --nodes=1 slurm/pretrain.sbatch)
+  wait_job "$r"
+  grep -q "pretrain: resuming .*/R/checkpoints/step-$(printf %08d "$k") (saved on 4 rank(s)) at step $k" "coil-pretrain-$r.log" ||
+    fail "the replay did not resume at step $k: $(grep -m1 -e resuming -e error "coil-pretrain-$r.log")"
+  python3 -c '
+import json, sys
+b, r = ([(j["step"], j["loss"], j["batch_hash"]) for j in map(json.loads, open(f + "/metrics.jsonl")) if "loss" in j]
+        for f in sys.argv[1:3])
+assert len(b) == 12 and b == r, [x for x in zip(b, r) if x[0] != x[1]][:3] or (len(b), len(r))' B R ||
+    fail "the requeued job does not log the replay's losses and batch hashes"
+  python3 -c '
 import json, sys
 a, b = ([json.loads(l) for l in open(f + "/metrics.jsonl")][-1] for f in sys.argv[1:3])
-assert a["step"] == b["step"] == 10 and abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)' A R ||
-  fail "the 1-node resume does not end with the 2-node final loss"
+assert a["step"] == b["step"] == 12 and abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)' A B ||
+    fail "the requeued job does not end with the 2-node job's final loss (1e-5)"
+fi
 s=$(cd "$src" && COIL=$coil CONFIG=$tmp/sft.toml RUN_DIR=$tmp/S PRETRAINED=$tmp/A/checkpoints/final on node1 sbatch --parsable "${cpu[@]}" slurm/sft.sbatch)
 wait_job "$s"
 grep -q "sft: done" "coil-sft-$s.log" || { fail "the 2-node SFT job did not finish"; tail -5 "coil-sft-$s.log"; }
