@@ -35,8 +35,8 @@ struct RunConfig {
   // SFT: "alpaca", or a template of one's own with {instruction}, {input}, {response} slots, and
   // its variant for examples without an input ("": the template, {input} empty); data/sft.h.
   std::string data_sft_template = "alpaca", data_sft_template_no_input;
-  bool data_document_masking = false;  // pretraining: Batch::seq_idx from the document boundaries
-  bool data_sft_packing = false;       // SFT: several examples per row (data/sft.h PackedSftSamples)
+  bool data_document_masking = true;   // pretraining: Batch::seq_idx from the document boundaries
+  bool data_sft_packing = true;        // SFT: several examples per row (data/sft.h PackedSftSamples)
 
   // [optim]
   double learning_rate_muon = 0.02, learning_rate_adamw = 3e-3;
