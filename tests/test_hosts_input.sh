@@ -2,9 +2,10 @@
 # Several-host bad input, on this one host (no namespaces to start): `coil launch` with a hostfile
 # naming an unknown host, a host its ssh cannot reach, a line that is not Open MPI's syntax, more
 # ranks than slots without --oversubscribe (and with it: the ranks run, with [rank R host]
-# prefixes), a --min-nodes or --host-wait out of range: one line each, non-zero exit, nothing started. And a run_dir one rank does not see
-# (that rank in a mount namespace of its own with an empty tmpfs on run_dir; root only): one error
-# naming the rank and host, non-zero exit, nothing trained.
+# prefixes), a --min-nodes or --host-wait out of range: one line each, non-zero exit, nothing
+# started. And a run_dir one rank does not see (that rank in a mount namespace of its own with an
+# empty tmpfs on run_dir; root only): one error naming the rank and host, non-zero exit, nothing
+# trained.
 #   tests/test_hosts_input.sh path/to/coil
 set -u
 coil=$(realpath "$1")
