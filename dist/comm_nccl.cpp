@@ -150,10 +150,10 @@ class NcclComm : public Comm {
  public:
   explicit NcclComm(int color) {
     const World& w = world();
-    if (color < 0) MPI_Comm_dup(MPI_COMM_WORLD, &group_);
-    else MPI_Comm_split(MPI_COMM_WORLD, color, w.rank, &group_);
-    MPI_Comm_rank(group_, &rank_);
-    MPI_Comm_size(group_, &size_);
+    if (color < 0) MPI_Comm_dup(MPI_COMM_WORLD, &group_.comm);
+    else MPI_Comm_split(MPI_COMM_WORLD, color, w.rank, &group_.comm);
+    MPI_Comm_rank(group_.comm, &rank_);
+    MPI_Comm_size(group_.comm, &size_);
     int devices = 0;
     const cudaError_t rc = cudaGetDeviceCount(&devices);
     COIL_CHECK(rc == cudaSuccess && devices > 0, "rank {}: the NCCL backend needs a GPU and none is visible ({})", rank_,
@@ -162,7 +162,7 @@ class NcclComm : public Comm {
     cuda(cudaSetDevice(device_), "cudaSetDevice");
     ncclUniqueId id;
     if (rank_ == 0) nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
-    MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group_);
+    MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group_.comm);
     nccl(ncclCommInitRank(&comm_, size_, id, rank_), "ncclCommInitRank");
     // A high-priority stream from LibTorch's pool (non-blocking), so recordStream() knows it.
     nccl_stream_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device_));
@@ -243,7 +243,7 @@ class NcclComm : public Comm {
       return ncclGroupEnd();
     })->wait();
   }
-  void barrier() override { MPI_Barrier(group_); }
+  void barrier() override { MPI_Barrier(group_.comm); }
 
  private:
   // The collective in flight: its completion event on the NCCL stream, and its tensors.
@@ -360,7 +360,17 @@ class NcclComm : public Comm {
   std::string error_;             // the first asynchronous error, thrown by every later call
   std::deque<Pending> pending_;   // queued and not yet seen finished, oldest first
   ncclComm_t comm_ = nullptr;     // null once aborted
-  MPI_Comm group_ = MPI_COMM_NULL;  // the same ranks in MPI: the unique id's broadcast, barrier
+  // The same ranks in MPI (the unique id's broadcast, barrier). A member of its own, so that it is
+  // freed after the destructor's body has ended the NCCL communicator, and also when the
+  // constructor throws (no GPU) after creating it.
+  struct MpiGroup {
+    MPI_Comm comm = MPI_COMM_NULL;
+    ~MpiGroup() {
+      int finalized = 0;
+      MPI_Finalized(&finalized);
+      if (!finalized && comm != MPI_COMM_NULL) MPI_Comm_free(&comm);
+    }
+  } group_;
   std::optional<c10::cuda::CUDAStream> nccl_stream_;
   cudaStream_t stream_ = nullptr;
   int device_ = 0;

@@ -293,7 +293,9 @@ RunConfig RunConfig::parse(const std::string& text, const std::string& origin) {
   return c;
 }
 
-RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
+namespace {
+
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
   RunConfig c;
   std::vector<Field> all = fields(c);
   Origins origins;
@@ -332,6 +334,19 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
   }
   finish(c, all, origins, /*checkpoint=*/false);
   return c;
+}
+
+}  // namespace
+
+// Every error here is the configuration's: a ConfigError (`coil` exits with kConfigErrorExit).
+RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
+  try {
+    return load_config(path, overrides);
+  } catch (const ConfigError&) {
+    throw;
+  } catch (const Error& e) {
+    throw ConfigError(e.what());
+  }
 }
 
 std::vector<RunConfig::Key> RunConfig::keys() {

@@ -5,6 +5,8 @@
 // beside it in the key table, launch/config.cpp) is an error naming the key and where its value came
 // from ("<file>:<line>: ..." or "--set key=value: ..."), raised by load() before anything starts;
 // so are the checks between keys (warmup <= max_steps, global batch a multiple of the micro batch).
+// load() raises them as coil::ConfigError: `coil` then exits with status 2, and `coil launch` does not
+// restart a job that failed so.
 // The [model] shape keys left unset take the preset's values, so the resolved configuration,
 // written into the run directory, names the whole shape.
 #pragma once

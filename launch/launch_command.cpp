@@ -9,7 +9,8 @@
 // forwards SIGINT, SIGUSR1, SIGUSR2 and SIGTERM (as SIGUSR1, which mpirun passes on to every rank)
 // to the job, and when the job fails (a rank crashed, was killed, ran out of memory: mpirun then
 // stops the other ranks) starts it again, up to R times; a training command resumes from its run's
-// latest intact checkpoint by itself. After R restarts it exits with the job's status.
+// latest intact checkpoint by itself. After R restarts it exits with the job's status. A job that
+// exits with coil's usage / configuration error status (2, kConfigErrorExit) is not restarted.
 //
 // Several hosts: `--hosts` (mpirun's --host syntax, host:slots) or `--hostfile` (Open MPI's format,
 // one `host slots=N` a line, # comments). Ranks fill each host's slots in order (mpirun --map-by
@@ -20,6 +21,14 @@
 // and no job is left half started. `--iface IF` selects the network interface for MPI
 // (btl_tcp_if_include, oob_tcp_if_include) and NCCL (NCCL_SOCKET_IFNAME); NCCL_* variables set here
 // are passed on to every rank.
+//
+// A lost host (elastic restarts): before each restart on several hosts, every host is asked again;
+// one that does not answer (its processes died with the machine, its link is down) is retried for
+// `--host-wait` seconds, then dropped as long as `--min-nodes` hosts remain, and the job starts again
+// on those, with fewer ranks: a training run resumes its latest intact checkpoint resharded to the new
+// world size, with the same global batch, so every step sees the batch it would have seen. A dropped
+// host is not taken back later in the same launch. Without --min-nodes no host may be lost: after
+// --host-wait the launcher gives up, in one line saying which host does not answer.
 #include <fcntl.h>
 #include <netdb.h>
 #include <fmt/core.h>
@@ -30,6 +39,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -52,6 +62,8 @@ struct LaunchOptions {
   int nproc = -1;  // per node; -1 (not given): each host's slots
   std::string hosts, hostfile, iface;
   int max_restarts = 0;
+  int min_nodes = -1;      // -1 (not given): every host; fewer answering at a restart: give up
+  double host_wait = 60;   // seconds a host that does not answer at a restart is waited for
   bool oversubscribe = false;
   std::vector<std::string> command;
 };
@@ -250,29 +262,106 @@ int run_quietly(const std::vector<std::string>& argv, int seconds) {
   return 124;
 }
 
-// Every host resolves, and every other host answers through mpirun's agent (ssh by default).
-void check_hosts(const std::vector<Host>& hosts) {
+// Why host h cannot be used, or "" when it resolves and (another host) answers `<agent> HOST true`
+// through mpirun's agent (ssh by default).
+std::string host_problem(const Host& h) {
   const char* env_agent = std::getenv("OMPI_MCA_plm_rsh_agent");
   const std::string agent = env_agent && *env_agent ? env_agent : "ssh";
   std::string agent_program = agent.substr(0, agent.find(' '));
-  for (const auto& h : hosts) {
-    addrinfo* found = nullptr;
-    const int rc = ::getaddrinfo(h.name.c_str(), nullptr, nullptr, &found);
-    if (found) ::freeaddrinfo(found);
-    COIL_CHECK(rc == 0, "launch: {}: host '{}' is unknown here ({})", h.where, h.name, ::gai_strerror(rc));
-    if (is_this_host(h.name)) continue;
-    COIL_CHECK(!find_program(agent_program).empty(),
-               "launch: {}: cannot reach host '{}': {} is not installed (mpirun reaches other hosts with it; "
-               "OMPI_MCA_plm_rsh_agent names another)", h.where, h.name, agent_program);
-    std::vector<std::string> argv;
-    std::stringstream words(agent);
-    for (std::string w; words >> w;) argv.push_back(w);
-    if (agent_program == "ssh") argv.insert(argv.end(), {"-o", "BatchMode=yes", "-o", "ConnectTimeout=10"});
-    argv.insert(argv.end(), {h.name, "true"});
-    const int rc2 = run_quietly(argv, 20);
-    COIL_CHECK(rc2 == 0, "launch: {}: cannot reach host '{}' ({} {} true exited with status {}{})", h.where, h.name,
-               agent, h.name, rc2, rc2 == 124 ? ": no answer in 20 s" : "");
+  addrinfo* found = nullptr;
+  const int rc = ::getaddrinfo(h.name.c_str(), nullptr, nullptr, &found);
+  if (found) ::freeaddrinfo(found);
+  if (rc != 0) return fmt::format("host '{}' is unknown here ({})", h.name, ::gai_strerror(rc));
+  if (is_this_host(h.name)) return "";
+  if (find_program(agent_program).empty())
+    return fmt::format("cannot reach host '{}': {} is not installed (mpirun reaches other hosts with it; "
+                       "OMPI_MCA_plm_rsh_agent names another)", h.name, agent_program);
+  std::vector<std::string> argv;
+  std::stringstream words(agent);
+  for (std::string w; words >> w;) argv.push_back(w);
+  if (agent_program == "ssh") argv.insert(argv.end(), {"-o", "BatchMode=yes", "-o", "ConnectTimeout=10"});
+  argv.insert(argv.end(), {h.name, "true"});
+  const int rc2 = run_quietly(argv, 20);
+  if (rc2 == 0) return "";
+  return fmt::format("cannot reach host '{}' ({} {} true exited with status {}{})", h.name, agent, h.name, rc2,
+                     rc2 == 124 ? ": no answer in 20 s" : "");
+}
+
+// Before the first start: every host must answer (a wrong or dead host is one line, nothing starts).
+void check_hosts(const std::vector<Host>& hosts) {
+  for (const auto& h : hosts)
+    if (const std::string p = host_problem(h); !p.empty()) fail("launch: {}: {}", h.where, p);
+}
+
+// Before a restart on several hosts: the hosts that answer. One that does not is asked again every
+// 2 s for up to `wait` seconds (a link that comes back, a node that reboots), then dropped. Returns
+// the hosts to go on with; fewer than `min_nodes` of them: empty, after one line saying which failed.
+std::vector<Host> hosts_that_answer(const std::vector<Host>& hosts, int min_nodes, double wait) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    std::vector<Host> alive;
+    std::vector<std::string> problems;
+    for (const auto& h : hosts) {
+      const std::string p = host_problem(h);
+      if (p.empty()) alive.push_back(h);
+      else problems.push_back(p);
+    }
+    const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (problems.empty()) return alive;
+    if (waited >= wait || g_stop_signal != 0) {
+      if (static_cast<int>(alive.size()) < min_nodes) {
+        fmt::print(stderr, "coil launch: {} after {:.0f} s; {} host(s) answer, fewer than --min-nodes {}: giving up\n",
+                   fmt::join(problems, "; "), waited, alive.size(), min_nodes);
+        return {};
+      }
+      fmt::print(stderr, "coil launch: {} after {:.0f} s; going on without it on {} host(s) (--min-nodes {})\n",
+                 fmt::join(problems, "; "), waited, alive.size(), min_nodes);
+      return alive;
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(2));
   }
+}
+
+// mpirun's command line for these hosts (none: this machine), and the host of each rank.
+struct Job {
+  std::vector<std::string> argv, host_of_rank;
+  std::string host_list;
+  int ranks = 0, threads = 1;
+};
+
+Job make_job(const LaunchOptions& o, const std::vector<Host>& hosts, bool several, const std::string& mpirun,
+             const std::string& program) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // Ranks per host, and which host each rank lands on (--map-by slot fills hosts in order).
+  Job job;
+  int per_node_most = std::max(o.nproc, 1);
+  for (const auto& h : hosts) {
+    const int n = o.nproc > 0 ? o.nproc : h.slots;
+    per_node_most = std::max(per_node_most, n);
+    job.host_of_rank.insert(job.host_of_rank.end(), static_cast<size_t>(n), h.name);
+    job.host_list += fmt::format("{}{}:{}", job.host_list.empty() ? "" : ",", h.name, n);
+  }
+  job.ranks = several ? static_cast<int>(job.host_of_rank.size()) : o.nproc;
+  job.threads = std::max(1, cores / per_node_most);
+  std::vector<std::string>& argv = job.argv;
+  argv = {mpirun, "-np", std::to_string(job.ranks), "--bind-to", "none", "--tag-output",
+          "-x", fmt::format("OMP_NUM_THREADS={}", job.threads)};
+  if (several) argv.insert(argv.end(), {"--host", job.host_list, "--map-by", "slot"});
+  if (per_node_most > cores || o.oversubscribe) argv.push_back("--oversubscribe");
+  if (!o.iface.empty()) {
+    argv.insert(argv.end(), {"--mca", "btl_tcp_if_include", o.iface, "--mca", "oob_tcp_if_include", o.iface});
+    if (o.iface.find('/') == std::string::npos) argv.insert(argv.end(), {"-x", "NCCL_SOCKET_IFNAME=" + o.iface});
+  }
+  for (char** e = environ; *e; ++e) {  // NCCL's settings reach every rank (OMPI_MCA_* do by themselves)
+    const std::string var(*e);
+    const std::string name = var.substr(0, var.find('='));
+    if (name.rfind("NCCL_", 0) == 0 && !(name == "NCCL_SOCKET_IFNAME" && !o.iface.empty() && o.iface.find('/') == std::string::npos)) argv.insert(argv.end(), {"-x", name});
+  }
+  if (::geteuid() == 0) argv.push_back("--allow-run-as-root");
+  argv.push_back(program);
+  argv.insert(argv.end(), o.command.begin() + 1, o.command.end());
+  if (!several) job.host_of_rank.clear();
+  return job;
 }
 
 int run_launch(const LaunchOptions& o) {
@@ -280,6 +369,7 @@ int run_launch(const LaunchOptions& o) {
   COIL_CHECK(o.nproc == -1 || o.nproc >= 1, "launch: --nproc-per-node must be >= 1, not {}", o.nproc);
   COIL_CHECK(o.hosts.empty() || o.hostfile.empty(), "launch: --hosts and --hostfile: give one of them, not both");
   COIL_CHECK(o.max_restarts >= 0, "launch: --max-restarts must be >= 0, not {}", o.max_restarts);
+  COIL_CHECK(o.host_wait >= 0, "launch: --host-wait must be >= 0 seconds, not {}", o.host_wait);
   const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   const bool several = !o.hosts.empty() || !o.hostfile.empty();
   std::vector<Host> hosts = !o.hosts.empty() ? parse_hosts(o.hosts) : !o.hostfile.empty() ? parse_hostfile(o.hostfile)
@@ -291,6 +381,9 @@ int run_launch(const LaunchOptions& o) {
                "ranks than cores)",
                o.nproc, cores);
   }
+  COIL_CHECK(o.min_nodes == -1 || several, "launch: --min-nodes is for several hosts (--hosts or --hostfile)");
+  COIL_CHECK(o.min_nodes == -1 || (o.min_nodes >= 1 && o.min_nodes <= static_cast<int>(hosts.size())),
+             "launch: --min-nodes must be from 1 to the {} host(s) given, not {}", hosts.size(), o.min_nodes);
   std::map<std::string, int> seen;
   for (const auto& h : hosts) {
     COIL_CHECK(seen[h.name]++ == 0, "launch: {}: host '{}' is named twice", h.where, h.name);
@@ -305,49 +398,26 @@ int run_launch(const LaunchOptions& o) {
   std::string program = o.command[0] == "coil" ? fs::read_symlink("/proc/self/exe").string() : find_program(o.command[0]);
   COIL_CHECK(!program.empty(), "launch: command not found: {}", o.command[0]);
   if (several) check_hosts(hosts);
-
-  // Ranks per host, and which host each rank lands on (--map-by slot fills hosts in order).
-  std::vector<std::string> host_of_rank;
-  std::string host_list;
-  int per_node_most = std::max(o.nproc, 1);
-  for (const auto& h : hosts) {
-    const int n = o.nproc > 0 ? o.nproc : h.slots;
-    per_node_most = std::max(per_node_most, n);
-    host_of_rank.insert(host_of_rank.end(), static_cast<size_t>(n), h.name);
-    host_list += fmt::format("{}{}:{}", host_list.empty() ? "" : ",", h.name, n);
-  }
-  const int ranks = several ? static_cast<int>(host_of_rank.size()) : o.nproc;
-  const int threads = std::max(1, cores / per_node_most);
-  std::vector<std::string> argv = {mpirun, "-np", std::to_string(ranks), "--bind-to", "none", "--tag-output",
-                                   "-x", fmt::format("OMP_NUM_THREADS={}", threads)};
-  if (several) argv.insert(argv.end(), {"--host", host_list, "--map-by", "slot"});
-  if (per_node_most > cores || o.oversubscribe) argv.push_back("--oversubscribe");
-  if (!o.iface.empty()) {
-    argv.insert(argv.end(), {"--mca", "btl_tcp_if_include", o.iface, "--mca", "oob_tcp_if_include", o.iface});
-    if (o.iface.find('/') == std::string::npos) argv.insert(argv.end(), {"-x", "NCCL_SOCKET_IFNAME=" + o.iface});
-  }
-  for (char** e = environ; *e; ++e) {  // NCCL's settings reach every rank (OMPI_MCA_* do by themselves)
-    const std::string var(*e);
-    const std::string name = var.substr(0, var.find('='));
-    if (name.rfind("NCCL_", 0) == 0 && !(name == "NCCL_SOCKET_IFNAME" && !o.iface.empty() && o.iface.find('/') == std::string::npos)) argv.insert(argv.end(), {"-x", name});
-  }
-  if (::geteuid() == 0) argv.push_back("--allow-run-as-root");
-  argv.push_back(program);
-  argv.insert(argv.end(), o.command.begin() + 1, o.command.end());
-  if (!several) host_of_rank.clear();
+  const int min_nodes = o.min_nodes > 0 ? o.min_nodes : static_cast<int>(hosts.size());
 
   struct sigaction sa {};
   sa.sa_handler = forward;
   sigemptyset(&sa.sa_mask);
   for (int sig : {SIGINT, SIGTERM, SIGUSR1, SIGUSR2}) ::sigaction(sig, &sa, nullptr);
 
-  fmt::print("coil launch: {} rank(s){}, {} thread(s) each: {}\n", ranks, several ? " on " + host_list : "", threads,
-             fmt::join(o.command, " "));
+  Job job = make_job(o, hosts, several, mpirun, program);
+  fmt::print("coil launch: {} rank(s){}, {} thread(s) each: {}\n", job.ranks, several ? " on " + job.host_list : "",
+             job.threads, fmt::join(o.command, " "));
   for (int attempt = 0;; ++attempt) {
-    const int status = run_once(argv, host_of_rank);
+    const int status = run_once(job.argv, job.host_of_rank);
     if (status == 0) return 0;
     if (g_stop_signal != 0) {  // asked to stop: no restart
       fmt::print(stderr, "coil launch: stopped by signal {} (the job exited with status {})\n", g_stop_signal, status);
+      return status;
+    }
+    if (status == kConfigErrorExit) {  // coil's usage or configuration error: the same again would fail the same
+      fmt::print(stderr, "coil launch: the job failed with status {} (a usage or configuration error): not restarting it\n",
+                 status);
       return status;
     }
     if (attempt >= o.max_restarts) {
@@ -355,8 +425,20 @@ int run_launch(const LaunchOptions& o) {
                  o.max_restarts > 0 ? fmt::format(" after {} restart(s); giving up", o.max_restarts) : "");
       return status;
     }
-    fmt::print(stderr, "coil launch: the job failed with status {}; restart {} of {} (it resumes from its latest checkpoint)\n",
-               status, attempt + 1, o.max_restarts);
+    if (several) {  // a host lost (its processes died, it does not answer): go on with the others, or stop
+      std::vector<Host> alive = hosts_that_answer(hosts, min_nodes, o.host_wait);
+      if (alive.empty()) return status;
+      if (g_stop_signal != 0) {
+        fmt::print(stderr, "coil launch: stopped by signal {} (the job exited with status {})\n", g_stop_signal, status);
+        return status;
+      }
+      if (alive.size() != hosts.size()) {
+        hosts = alive;
+        job = make_job(o, hosts, several, mpirun, program);
+      }
+    }
+    fmt::print(stderr, "coil launch: the job failed with status {}; restart {} of {}{} (it resumes from its latest checkpoint)\n",
+               status, attempt + 1, o.max_restarts, several ? fmt::format(" on {} rank(s) on {}", job.ranks, job.host_list) : "");
   }
 }
 
@@ -370,6 +452,11 @@ void add_launch_command(CLI::App& app) {
   cmd->add_option("--hostfile", o->hostfile, "Open MPI hostfile: one `host slots=N` a line");
   cmd->add_option("--iface", o->iface, "network interface (or CIDR for MPI) for MPI's and NCCL's traffic");
   cmd->add_option("--max-restarts", o->max_restarts, "times to start the job again after a failure")->capture_default_str();
+  cmd->add_option("--min-nodes", o->min_nodes,
+                  "several hosts: at a restart, go on without hosts that no longer answer while at least this many do "
+                  "(default: all of them, no host may be lost)");
+  cmd->add_option("--host-wait", o->host_wait, "seconds a host that does not answer at a restart is waited for before it is dropped")
+      ->capture_default_str();
   cmd->add_flag("--oversubscribe", o->oversubscribe, "allow more ranks than cores");
   cmd->add_option("command", o->command, "the command every rank runs, after --")->required();
   cmd->footer(
@@ -377,7 +464,12 @@ void add_launch_command(CLI::App& app) {
       "       coil launch --hosts node1:2,node2:2 -- coil pretrain ...   (or --hostfile FILE: `node1 slots=2` a line)\n"
       "Output lines are prefixed [rank R] ([rank R host] on several hosts). SIGINT/SIGTERM/SIGUSR1/SIGUSR2 are forwarded to every rank (SIGTERM or\n"
       "SIGUSR1 make a training run save a checkpoint and exit). A failed job is started again and resumes from\n"
-      "its latest checkpoint; the exit status is the job's.");
+      "its latest checkpoint; the exit status is the job's. A job that exits with status 2 (coil's usage or configuration\n"
+      "error: a bad TOML file, an unknown key, a value out of range) is not restarted: the same again would fail the same.\n"
+      "Several hosts: before a restart every host must answer `ssh HOST true` (OMPI_MCA_plm_rsh_agent's agent); one that\n"
+      "does not (a lost node, a link down) is asked again for --host-wait seconds, then dropped if --min-nodes hosts still\n"
+      "answer: the job goes on with fewer ranks (the checkpoint reshards to the new world size; the global batch stays).\n"
+      "Fewer than --min-nodes: the launcher gives up. Example: --hosts node1:8,node2:8 --max-restarts 3 --min-nodes 1.");
   on_run(cmd, [o] {
     const int status = run_launch(*o);
     if (status != 0) std::exit(status);

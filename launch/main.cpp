@@ -1,4 +1,5 @@
-// `coil`: one executable, one subcommand per task. Errors are one line on stderr and a non-zero exit.
+// `coil`: one executable, one subcommand per task. Errors are one line on stderr and a non-zero exit:
+// 2 for a usage or configuration error (the same command can never succeed), 1 for any other.
 #include <CLI/CLI.hpp>
 #include <fmt/core.h>
 
@@ -21,6 +22,9 @@ int main(int argc, char** argv) {
       "Run `coil <command> --help` for a command's options.",
       "coil"};
   app.set_version_flag("--version", std::string("coil ") + COIL_VERSION);
+  app.footer(
+      "Exit status: 0 on success; 2 on a usage or configuration error (a bad flag, TOML file, key or value: the same\n"
+      "command would fail again, so `coil launch` does not restart it); 1 on any other error.");
   app.require_subcommand(1);
   coil::add_train_commands(app);
   coil::add_model_command(app);
@@ -37,17 +41,20 @@ int main(int argc, char** argv) {
   }
   if (argc > 1 && argv[1][0] != '-' && !found) {
     fmt::print(stderr, "coil: error: unknown command '{}' (commands: {}; see coil --help)\n", argv[1], known);
-    return 2;
+    return coil::kConfigErrorExit;
   }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
     fmt::print(stderr, "coil: error: {} (see coil --help)\n", e.what());
-    return 2;  // a usage error
+    return coil::kConfigErrorExit;  // a usage error
   }
   try {
     coil::run_selected_command(app);
+  } catch (const coil::ConfigError& e) {  // restarting cannot help: a status of its own (coil launch gives up)
+    fmt::print(stderr, "coil: error: {}\n", e.what());
+    return coil::kConfigErrorExit;
   } catch (const coil::Error& e) {
     fmt::print(stderr, "coil: error: {}\n", e.what());
     return 1;

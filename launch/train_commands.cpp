@@ -5,6 +5,7 @@
 #include "launch/config.h"
 #include "launch/trainer.h"
 #include "dist/world.h"
+#include "util/error.h"
 
 namespace coil {
 namespace {
@@ -30,10 +31,11 @@ void add_phase(CLI::App& app, const char* name, const char* help, Phase phase) {
     try {
       train(RunConfig::load(o->config, o->overrides), phase, o->resume);
     } catch (const std::exception& e) {
-      // One failing rank ends them all: the others would wait for it forever in a collective.
+      // One failing rank ends them all: the others would wait for it forever in a collective. A
+      // configuration error keeps its exit status through MPI_Abort (coil launch does not restart it).
       if (dist::launched_by_mpi() && dist::world().size > 1) {
         std::string what = e.what();
-        dist::abort_all(what.substr(0, what.find('\n')));
+        dist::abort_all(what.substr(0, what.find('\n')), dynamic_cast<const ConfigError*>(&e) ? kConfigErrorExit : 1);
       }
       throw;
     }

@@ -81,28 +81,28 @@ expect not_prepared 1 "is not a prepared data set" -- data inspect "$tmp"
 
 # Training: config errors, and a run killed with SIGKILL that resumes to the same losses.
 printf '[train]\nmax_steps = 4\nmax_step = 5\n' >"$tmp/bad.toml"
-expect unknown_key 1 "$tmp/bad.toml:3: unknown key train.max_step" -- pretrain --config "$tmp/bad.toml"
+expect unknown_key 2 "$tmp/bad.toml:3: unknown key train.max_step" -- pretrain --config "$tmp/bad.toml"
 printf '[train]\nmax_steps = "four"\n' >"$tmp/bad.toml"
-expect wrong_type 1 "$tmp/bad.toml:2: train.max_steps must be an integer" -- pretrain --config "$tmp/bad.toml"
-expect missing_config 1 "cannot read config $tmp/none.toml" -- pretrain --config "$tmp/none.toml"
-expect bad_set 1 "--set optim.lr=1: unknown key optim.lr" -- pretrain --config /dev/null --set optim.lr=1
-expect bad_dtype 1 "--set train.dtype=float8: train.dtype must be \"float32\" or \"bfloat16\" or \"float16\", not \"float8\"" \
+expect wrong_type 2 "$tmp/bad.toml:2: train.max_steps must be an integer" -- pretrain --config "$tmp/bad.toml"
+expect missing_config 2 "cannot read config $tmp/none.toml" -- pretrain --config "$tmp/none.toml"
+expect bad_set 2 "--set optim.lr=1: unknown key optim.lr" -- pretrain --config /dev/null --set optim.lr=1
+expect bad_dtype 2 "--set train.dtype=float8: train.dtype must be \"float32\" or \"bfloat16\" or \"float16\", not \"float8\"" \
   -- pretrain --config /dev/null --set train.dtype=float8 --set "train.run_dir=$tmp/bad_dtype"
 [ -e "$tmp/bad_dtype" ] && { failed=$((failed + 1)); echo "FAIL bad_dtype: the run directory was written"; }
 # A model with no SSM state is refused before anything starts (with real data and tokenizer set,
 # so that nothing but the range check stands in the way).
-expect zero_d_state 1 "--set model.d_state=0: model.d_state must be >= 1, not 0" \
+expect zero_d_state 2 "--set model.d_state=0: model.d_state must be >= 1, not 0" \
   -- pretrain --config /dev/null --set "data.train=$tmp/s1" --set "data.tokenizer=$tmp/tok.model" \
   --set train.max_steps=2 --set model.d_state=0 --set "train.run_dir=$tmp/zero_d_state"
 [ -e "$tmp/zero_d_state" ] && { failed=$((failed + 1)); echo "FAIL zero_d_state: the run directory was written"; }
 printf '[optim]\nwarmup_steps = 10\n[train]\nmax_steps = 5\n' >"$tmp/bad.toml"
-expect warmup_past_steps 1 "$tmp/bad.toml:4: optim.warmup_steps (10) must be <= train.max_steps (5)" \
+expect warmup_past_steps 2 "$tmp/bad.toml:4: optim.warmup_steps (10) must be <= train.max_steps (5)" \
   -- pretrain --config "$tmp/bad.toml" --set "train.run_dir=$tmp/warmup_past_steps"
 [ -e "$tmp/warmup_past_steps" ] && { failed=$((failed + 1)); echo "FAIL warmup_past_steps: the run directory was written"; }
-expect bad_device 1 "train.device must be \"auto\" or \"cpu\" or \"cuda\", not \"gpu\"" \
+expect bad_device 2 "train.device must be \"auto\" or \"cpu\" or \"cuda\", not \"gpu\"" \
   -- pretrain --config /dev/null --set train.device=gpu --set "train.run_dir=$tmp/bad_device"
 printf '[train]\nmax_steps = 4\nactivation_checkpointing = "some"\n' >"$tmp/bad.toml"
-expect bad_checkpointing 1 "$tmp/bad.toml:3: train.activation_checkpointing must be \"none\" or \"full\", not \"some\"" -- \
+expect bad_checkpointing 2 "$tmp/bad.toml:3: train.activation_checkpointing must be \"none\" or \"full\", not \"some\"" -- \
   pretrain --config "$tmp/bad.toml"
 train_args=(--config /dev/null --set "data.train=$tmp/s1" --set "data.val=$tmp/s2" --set "data.tokenizer=$tmp/tok.model"
   --set train.seq_len=32 --set train.global_batch_size=2 --set train.micro_batch_size=1 --set train.max_steps=30

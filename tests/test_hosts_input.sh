@@ -2,9 +2,10 @@
 # Several-host bad input, on this one host (no namespaces to start): `coil launch` with a hostfile
 # naming an unknown host, a host its ssh cannot reach, a line that is not Open MPI's syntax, more
 # ranks than slots without --oversubscribe (and with it: the ranks run, with [rank R host]
-# prefixes): one line each, non-zero exit, nothing started. And a run_dir one rank does not see
-# (that rank in a mount namespace of its own with an empty tmpfs on run_dir; root only): one error
-# naming the rank and host, non-zero exit, nothing trained.
+# prefixes), a --min-nodes or --host-wait out of range: one line each, non-zero exit, nothing
+# started. And a run_dir one rank does not see (that rank in a mount namespace of its own with an
+# empty tmpfs on run_dir; root only): one error naming the rank and host, non-zero exit, nothing
+# trained.
 #   tests/test_hosts_input.sh path/to/coil
 set -u
 coil=$(realpath "$1")
@@ -44,6 +45,10 @@ expect zero_slots "launch: zero line 1: slots must be a whole number >= 1, not '
 expect slots "launch: --hosts: --nproc-per-node 3 is more than host 'localhost''s 2 slot(s) (add --oversubscribe" -- \
   launch --hosts localhost:2 --nproc-per-node 3 "${job[@]}"
 expect twice "launch: --hosts: host 'localhost' is named twice" -- launch --hosts localhost:1,localhost:1 "${job[@]}"
+expect min_nodes "launch: --min-nodes must be from 1 to the 1 host(s) given, not 2" -- launch --hosts localhost:1 --min-nodes 2 "${job[@]}"
+expect min_nodes_one_host "launch: --min-nodes is for several hosts (--hosts or --hostfile)" -- \
+  launch --nproc-per-node 1 --min-nodes 1 "${job[@]}"
+expect host_wait "launch: --host-wait must be >= 0 seconds, not -1" -- launch --hosts localhost:1 --host-wait -1 "${job[@]}"
 expect both "launch: --hosts and --hostfile: give one of them, not both" -- launch --hosts localhost:1 --hostfile zero "${job[@]}"
 # With --oversubscribe the same runs: 3 ranks on localhost's 2 slots, each line "[rank R localhost]".
 "$coil" launch --hosts localhost:2 --nproc-per-node 3 --oversubscribe -- /bin/echo hello >over.log 2>&1 ||

@@ -3,7 +3,7 @@
 # rank killed with SIGKILL makes the job restart from its latest checkpoint and end with the
 # losses of an unbroken run; with no restarts left the launcher exits non-zero; SIGUSR1 and
 # SIGTERM to the launcher reach the ranks, which save and exit 0; a hung job is ended by the
-# watchdog and restarted.
+# watchdog and restarted; a job failing with a configuration or usage error (exit 2) is not restarted.
 #   tests/test_launch.sh path/to/coil
 set -u
 coil=$(realpath "$1")
@@ -40,6 +40,27 @@ expect not_found 1 "launch: command not found: no-such-program" -- launch --npro
 expect no_command 2 "command is required" -- launch --nproc-per-node 1
 expect zero 1 "--nproc-per-node must be >= 1" -- launch --nproc-per-node 0 -- coil --version
 expect bad_flag 2 "--bogus" -- launch --nproc-per-node 1 --bogus -- coil --version
+left_running && fail "a job was left running"
+# A usage or configuration error in the job (bad TOML, an unknown key, a value of the wrong type, an
+# unknown flag): coil exits 2 on every rank, and the launcher does not restart it (--max-restarts 3
+# notwithstanding): exit 2, one line saying so, the error itself (from a rank: MPI_Abort may cut the
+# other short).
+printf '[train]\nmax_steps = "ten"\n' >wrong_type.toml
+printf '[train\nmax_steps = 10\n' >syntax.toml
+config_error() {  # config_error NAME REGEX COIL_ARGS...
+  local name=$1 needle=$2
+  shift 2
+  "$coil" launch --nproc-per-node 2 --max-restarts 3 -- coil "$@" >"$name.log" 2>&1
+  local rc=$?
+  if [ $rc -eq 2 ] && [ "$(grep -c '^coil launch: the job failed with status 2 (a usage or configuration error): not restarting it$' "$name.log")" -eq 1 ] &&
+    ! grep -q "restart [0-9] of" "$name.log" && grep -Eq "^\[rank [01]\] coil: error: (rank [01]: )?$needle" "$name.log"; then ok
+  else fail "$name: exit $rc (want 2, no restart, the error from a rank)"; cat "$name.log"; fi
+}
+config_error wrong_type "wrong_type.toml:2: train.max_steps must be an integer" pretrain --config wrong_type.toml --set train.run_dir=r1
+config_error syntax "syntax.toml:1: " pretrain --config syntax.toml --set train.run_dir=r2
+config_error unknown_key "--set train.bogus=1: unknown key train.bogus" pretrain --config /dev/null --set train.bogus=1
+config_error usage "The following argument was not expected: --bogus" pretrain --config /dev/null --bogus
+[ -e r1 ] || [ -e r2 ] && fail "a configuration error wrote a run_dir"
 left_running && fail "a job was left running"
 
 python3 "$here/tiny_corpus.py" c.jsonl

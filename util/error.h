@@ -14,6 +14,15 @@ class Error : public std::runtime_error {
   explicit Error(const std::string& what) : std::runtime_error(what) {}
 };
 
+// A configuration error (a TOML file that does not parse, an unknown key, a value out of range):
+// the `coil` executable exits with kConfigErrorExit for it, as for a command-line usage error, so
+// that a launcher knows that starting the job again cannot help.
+class ConfigError : public Error {
+ public:
+  using Error::Error;
+};
+inline constexpr int kConfigErrorExit = 2;
+
 // fail("bad {} in {}", x, y): throw coil::Error with a formatted message.
 template <typename... Args>
 [[noreturn]] void fail(fmt::format_string<Args...> f, Args&&... args) {
