@@ -177,7 +177,8 @@ std::string location(const std::string& path, const toml::node& node) {
 // toml++ 3.3.0 (Debian 12) reaches __builtin_unreachable, undefined behaviour, when it asks whether
 // some non-ASCII characters (U+00A1 to U+0499 among them: 'é', Cyrillic) are whitespace
 // (docs/RELIABILITY.md, finding 6). It asks that only outside strings and comments, where TOML 1.0
-// allows no non-ASCII character anyway, and at two places inside basic strings: right after a
+// allows no non-ASCII character anyway (a quote glued to a bare value, as in 0"é", opens no string
+// for toml++: see `bare` below), and at two places inside basic strings: right after a
 // backslash (no escape allows a non-ASCII character there) and at the first character after a
 // multi-line string's line-ending backslash. So text goes to toml++ only once this scanner found
 // no non-ASCII byte in those places; it follows TOML's lexical structure just that far: comments
@@ -188,6 +189,14 @@ std::string location(const std::string& path, const toml::node& node) {
 std::string non_ascii_outside_strings(std::string_view text, const std::string& origin) {
   enum class In { kCode, kComment, kBasic, kLiteral, kMultiBasic, kMultiLiteral };
   In in = In::kCode;
+  // Outside strings: the brackets open ('[' array, '{' inline table, 'h' table header), whether a
+  // value comes next (after '=', in an array), and whether a bare value is being read. toml++ reads
+  // a bare value (a number, a boolean, a date) by looking ahead to the next terminator (whitespace,
+  // ] } , #), asking of every character on the way whether it is whitespace, quotes included: so
+  // there a quote opens no string, and a non-ASCII character after it is refused.
+  std::vector<char> nest;
+  bool value = false, bare = false;
+  auto in_array = [&] { return !nest.empty() && nest.back() == '['; };
   size_t i = text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;  // a byte order mark (toml++ skips it)
   int64_t line = 1, column = 1;
   auto advance = [&](size_t n = 1) {
@@ -238,15 +247,38 @@ std::string non_ascii_outside_strings(std::string_view text, const std::string& 
     switch (in) {
       case In::kCode:
         if (c >= 0x80) return refuse("outside a string or comment");
-        if (c == '#') in = In::kComment;
-        else if (at("\"\"\"")) in = In::kMultiBasic, advance(2);
-        else if (at("'''")) in = In::kMultiLiteral, advance(2);
-        else if (c == '"') in = In::kBasic;
-        else if (c == '\'') in = In::kLiteral;
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == ']' || c == '}' || c == ',' || c == '#') bare = false;
+        if (bare) {  // toml++'s look-ahead over a bare value: a quote here opens no string
+          advance();
+          break;
+        }
+        if (c == '#') {
+          in = In::kComment;
+        } else if (c == '"' || c == '\'') {
+          const bool multi = at(c == '"' ? "\"\"\"" : "'''");
+          in = c == '"' ? (multi ? In::kMultiBasic : In::kBasic) : (multi ? In::kMultiLiteral : In::kLiteral);
+          if (multi) advance(2);
+          value = false;
+        } else if (c == '\n') {
+          value = value && in_array();  // a key/value pair ends with its line; an array may go on
+        } else if (c == '=') {
+          value = true;
+        } else if (c == '[') {
+          nest.push_back(value ? '[' : 'h');  // an array (its first element next), or a table header
+        } else if (c == '{') {
+          nest.push_back('{'), value = false;  // an inline table: a key next
+        } else if (c == ']' || c == '}') {
+          if (!nest.empty()) nest.pop_back();
+          value = false;
+        } else if (c == ',') {
+          value = in_array();  // the next element, or an inline table's next key
+        } else if (c != ' ' && c != '\t' && c != '\r' && value) {
+          bare = true, value = false;  // a number, boolean or date: toml++ scans it to a terminator
+        }
         advance();
         break;
       case In::kComment:
-        if (c == '\n') in = In::kCode;
+        if (c == '\n') in = In::kCode, value = value && in_array();
         advance();
         break;
       case In::kBasic:

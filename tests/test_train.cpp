@@ -170,13 +170,19 @@ TEST(Config, NonAsciiOutsideStringsIsALineAndColumnError) {
   // After a string closes, and after a comment's line: code again.
   EXPECT_PRED2(starts, load_error("[data]\ntrain = 'x' # \xc3\xa9\n\xc3\xa9 = 1\n"), path + ":3:1: the character U+00E9");
   EXPECT_PRED2(starts, load_error("[data]\ntrain = \"\"\"a\n\"\"\"\"\" \xc3\xa9\n"), path + ":3:7: the character U+00E9");
+  // A quote glued to a bare value opens no string for toml++ (it looks ahead over the value to a
+  // terminator): the libFuzzer finding after the first fix, corpus/config/toml-unreachable-lookahead.toml.
+  const std::string lookahead = std::string(COIL_SOURCE_DIR) + "/tests/fuzz/corpus/config/toml-unreachable-lookahead.toml";
+  EXPECT_PRED2(starts, error_of([&] { RunConfig::load(lookahead, {}); }),
+               lookahead + ":1:7: the character U+03C9 outside a string or comment");  // a =0{"ω
+  EXPECT_PRED2(starts, load_error("[train]\nmax_steps = [1, 2=\"\xc3\xa9\"]\n"), path + ":2:20: the character U+00E9 outside");
   // Where toml++ asks whether a character is whitespace inside a string: after a backslash.
   EXPECT_PRED2(starts, load_error("[data]\ntrain = \"a\\\xc3\xa9\"\n"), path + ":2:12: the character U+00E9 after a backslash");
   EXPECT_PRED2(starts, load_error("[data]\ntrain = \"\"\"a\\  \n  \xc3\xa9\"\"\"\n"),
                path + ":3:3: the character U+00E9 first after a line-ending backslash");
   // Inside strings and comments: read as before.
   write(path,
-        "# caf\xc3\xa9 \xd1\x90 comment\n[data]\ntrain = \"caf\xc3\xa9 \xd1\x90\" # \xd1\x90\n"
+        "# caf\xc3\xa9 \xd1\x90 comment\n[data]\ntrain=\"caf\xc3\xa9 \xd1\x90\"# \xd1\x90\n"
         "val = 'na\xc3\xafve \\ \"x\"'\ntokenizer = \"\"\"\n\xd1\x90 line \"\" \\\" one\n\xc3\xa9\"\"\"\n"
         "[train]\npretrained_checkpoint_path = '''\n\xc3\xa9 '' two'''\n");
   RunConfig c = RunConfig::load(path, {});
