@@ -527,7 +527,12 @@ std::string RunConfig::to_toml() const {
     std::visit([&](auto* p) { t.insert(f.key, *p); }, f.target);
   }
   std::ostringstream out;
-  out << doc << "\n";
+  // Basic strings only ("...", escaped): toml++ 3.3 writes a string holding a newline as a
+  // multi-line literal string even when it holds ''' too, which does not parse back (libFuzzer, the
+  // to_toml round trip: corpus/config/to-toml-triple-quote.toml).
+  constexpr auto basic_strings_only = toml::toml_formatter::default_flags &
+                                      ~(toml::format_flags::allow_multi_line_strings | toml::format_flags::allow_literal_strings);
+  out << toml::toml_formatter{doc, basic_strings_only} << "\n";
   return out.str();
 }
 
