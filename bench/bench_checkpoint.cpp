@@ -5,6 +5,9 @@
 //   load: read every tensor while the files' CRC-32s are checked alongside (as a resuming run
 //     does), from a cold page cache (the files' pages dropped with posix_fadvise) vs
 //     `dd of=/dev/null` of the same cold bytes; target >= 70%.
+//   open: Checkpoint() alone from a cold page cache (HDF5 opens index.h5 and reads its attributes),
+//     with the index's CRC-32 checked first (index.h5.crc32) and without (an older Coil's
+//     checkpoint), alternating: the cost of the check (a read of every byte of the index).
 //   async stall: the time the training thread is blocked by an async save (the host copy of the
 //     state, save() and finish()) against a synchronous save's time; target <= 10%. A compute loop
 //     (one thread of matmuls, standing in for training) also shows how much the write slows it
@@ -109,7 +112,7 @@ int main(int argc, char** argv) {
   std::vector<NamedTensor> into = params;  // read into tensors that exist, as a resuming run does
   for (auto& t : into) t.tensor = at::ones_like(t.tensor), t.name = "model/" + t.name;
   for (const auto& t : state) into.push_back({"optimizer/" + t.name, at::ones_like(t.tensor)});
-  std::vector<double> dd_w, save_t, dd_r, load_t, save_ratio, load_ratio;
+  std::vector<double> dd_w, save_t, dd_r, load_t, save_ratio, load_ratio, open_checked, open_unchecked;
   double file_bytes = 0, dd_cpu = 0;
   // dd copies random bytes (zeros may be cheaper for a virtual disk) from memory (tmpfs).
   const std::string source = "/dev/shm/coil-bench-ckpt.bin";
@@ -160,6 +163,21 @@ int main(int argc, char** argv) {
     }
     load_t.push_back(now() - t0);
     load_ratio.push_back((file_bytes / load_t.back()) / (dd_bytes / dd_r.back()));
+
+    const fs::path latest = fs::canonical(ckpts + "/latest"), sum = latest / "index.h5.crc32", aside = dir + "/aside.crc32";
+    auto open_cold = [&](bool checked) {
+      if (!checked) fs::rename(sum, aside);
+      drop_cache_tree(latest);
+      const double t1 = now();
+      {
+        dist::Checkpoint ck(latest.string());
+        if (ck.index_checked() != checked) throw std::runtime_error("index_checked() is not as expected");
+      }
+      (checked ? open_checked : open_unchecked).push_back(now() - t1);
+      if (!checked) fs::rename(aside, sum);
+    };
+    if (rep % 2 == 0) open_cold(true), open_cold(false);
+    else open_cold(false), open_cold(true);
   }
   const double save_s = median(save_t);
   // ---- Async stall ----
@@ -201,6 +219,10 @@ int main(int argc, char** argv) {
   fmt::print("| dd read (cold) | {:.2f} s | {:.0f} MB/s | |\n", median(dd_r), dd_bytes / 1e6 / median(dd_r));
   fmt::print("| load (cold: read every tensor, CRC of every file alongside) | {:.2f} s | {:.0f} MB/s | **{:.0f}%** ({}) |\n",
              median(load_t), file_bytes / 1e6 / median(load_t), 100 * median(load_ratio), range(load_ratio));
+  fmt::print("\nload (cold, as above): {:.2f} ms; open alone (cold: Checkpoint(), index.h5 of {:.0f} kB): {:.2f} ms with its CRC-32 "
+             "checked first, {:.2f} ms unchecked (no index.h5.crc32): the check costs {:.2f} ms\n",
+             1e3 * median(load_t), fs::file_size(fs::canonical(ckpts + "/latest") / "index.h5") / 1e3, 1e3 * median(open_checked),
+             1e3 * median(open_unchecked), 1e3 * (median(open_checked) - median(open_unchecked)));
   fmt::print("\nThe last dd write used {:.2f} s of CPU (kernel) in {:.2f} s: on a VM whose memory is slow at first touch,\n"
              "filling new page-cache pages costs CPU time, for dd and Coil alike.\n",
              dd_cpu, dd_w.back());

@@ -29,6 +29,11 @@ namespace {
 constexpr int kVersion = 2;
 constexpr const char* kFormat = "coil.checkpoint";
 constexpr const char* kIndex = "index.h5";
+constexpr const char* kIndexSum = "index.h5.crc32";  // the index's own size and CRC-32 (checkpoint.h)
+// A consolidated file's user block (checkpoint.h): HDF5 puts the superblock after it.
+constexpr int64_t kUserBlock = 512;
+constexpr const char* kUserBlockMagic = "COIL-CRC32 ";
+constexpr char kHdf5Signature[] = "\x89HDF\r\n\x1a\n";
 
 // Closes an HDF5 handle at scope exit.
 struct H5 {
@@ -108,9 +113,10 @@ hid_t file_access() {
 
 // File creation without modification times in the object headers: identical runs write
 // byte-identical checkpoint files (a byte comparison of two runs' files is then a test).
-hid_t file_create() {
+hid_t file_create(int64_t userblock = 0) {
   hid_t fcpl = H5Pcreate(H5P_FILE_CREATE);
   H5Pset_obj_track_times(fcpl, false);
+  if (userblock > 0) H5Pset_userblock(fcpl, static_cast<hsize_t>(userblock));
   return fcpl;
 }
 
@@ -134,9 +140,9 @@ hid_t open_file(const std::string& path) {
 //     cannot crash the process on the way out.
 class WriteFile {
  public:
-  WriteFile(const std::string& path, int64_t reserve) : path_(path), reserve_(reserve) {
+  WriteFile(const std::string& path, int64_t reserve, int64_t userblock = 0) : path_(path), reserve_(reserve) {
     H5 fapl(file_access(), H5Pclose);
-    H5 fcpl(file_create(), H5Pclose);
+    H5 fcpl(file_create(userblock), H5Pclose);
     id_ = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, fcpl, fapl);
     if (id_ < 0) fail("cannot create {}: {}", path, reason());
     const int fd = descriptor();
@@ -305,10 +311,10 @@ uint32_t crc_of(const void* data, size_t n, uint32_t crc = 0) {
   return crc;
 }
 
-// CRC-32 (zlib's, as Python's zlib.crc32) and size of a file. With `sync` the file's writeback
-// to disk is started first and waited for (fsync) last, so that reading it back overlaps the
-// disk's write.
-std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
+// CRC-32 (zlib's, as Python's zlib.crc32) of a file's bytes from offset `from` on, and the file's
+// size. With `sync` the file's writeback to disk is started first and waited for (fsync) last, so
+// that reading it back overlaps the disk's write.
+std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync, int64_t from = 0) {
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) fail("cannot open {}: {}", path, std::strerror(errno));
   struct Closer {
@@ -324,7 +330,7 @@ std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
   // read on the other core meanwhile.
   std::vector<char> buf(size_t{8} << 20);
   uint32_t crc = 0;
-  for (int64_t at = 0; at < size;) {
+  for (int64_t at = from; at < size;) {
     const ssize_t n = ::pread(fd, buf.data(), static_cast<size_t>(std::min<int64_t>(size - at, static_cast<int64_t>(buf.size()))), at);
     if (n <= 0) fail("reading {} failed: {}", path, n == 0 ? "unexpected end of file" : std::strerror(errno));
     crc = crc_of(buf.data(), static_cast<size_t>(n), crc);
@@ -332,6 +338,107 @@ std::pair<int64_t, uint32_t> checksum_file(const std::string& path, bool sync) {
   }
   if (sync && ::fsync(fd) != 0) fail("fsync of {} failed: {}", path, std::strerror(errno));
   return {size, crc};
+}
+
+// Writes a small file whole and fsyncs it (the index's checksum line).
+void write_synced(const std::string& path, const std::string& text) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail("cannot create {}: {}", path, std::strerror(errno));
+  const ssize_t n = ::write(fd, text.data(), text.size());
+  const int err = errno;
+  const bool synced = n == static_cast<ssize_t>(text.size()) && ::fsync(fd) == 0;
+  const int sync_err = errno;
+  ::close(fd);
+  if (n != static_cast<ssize_t>(text.size())) fail("writing {} failed: {}", path, n < 0 ? std::strerror(err) : "short write");
+  if (!synced) fail("fsync of {} failed: {}", path, std::strerror(sync_err));
+}
+
+// "<crc32 as 8 hex digits> <bytes>" at the start of `text` (then `rest` is what follows), or false.
+bool parse_sum(std::string_view text, uint32_t* crc, int64_t* bytes, std::string_view* rest) {
+  if (text.size() < 10 || text[8] != ' ') return false;
+  uint32_t c = 0;
+  for (size_t i = 0; i < 8; ++i) {
+    const char ch = text[i];
+    const int d = ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1;
+    if (d < 0) return false;
+    c = c << 4 | static_cast<uint32_t>(d);
+  }
+  size_t i = 9;
+  int64_t b = 0;
+  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+    if (b > (INT64_MAX - 9) / 10) return false;
+    b = b * 10 + (text[i] - '0');
+  }
+  if (i == 9 || (i < text.size() && text[i] != ' ' && text[i] != '\n')) return false;
+  *crc = c, *bytes = b, *rest = text.substr(i);
+  return true;
+}
+
+// The first `n` bytes of a file (fewer when it is shorter).
+std::string head_of(const std::string& path, size_t n) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail("cannot open {}: {}", path, std::strerror(errno));
+  std::string out(n, '\0');
+  const ssize_t got = ::pread(fd, out.data(), n, 0);
+  const int err = errno;
+  ::close(fd);
+  if (got < 0) fail("reading {} failed: {}", path, std::strerror(err));
+  out.resize(static_cast<size_t>(got));
+  return out;
+}
+
+// Checks `file` (its bytes from `from` on) against the size and CRC-32 that `recorder` records,
+// before HDF5 may open it: "" when they match, else the one-line problem.
+std::string check_bytes(const std::string& file, int64_t bytes, uint32_t crc, const std::string& recorder,
+                        int64_t from = 0) {
+  std::error_code ec;
+  const auto size = static_cast<int64_t>(fs::file_size(file, ec));
+  if (ec) return fmt::format("{}: missing ({})", file, ec.message());
+  if (size != bytes)
+    return fmt::format("{}: {} bytes, {} records {} ({})", file, size, recorder, bytes, size < bytes ? "truncated" : "overwritten");
+  try {
+    const uint32_t got = checksum_file(file, false, from).second;
+    if (got != crc)
+      return fmt::format("{}: checksum mismatch (the file is damaged; CRC-32 {:08x}, {} records {:08x})", file, got,
+                         recorder, crc);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return {};
+}
+
+// The index of a checkpoint folder against index.h5.crc32, before HDF5 opens it: false when there
+// is no such file (an older Coil's checkpoint: not checked), else true or a coil::Error.
+bool check_index(const std::string& dir, const std::string& index) {
+  const std::string sum = (fs::path(dir) / kIndexSum).string();
+  std::error_code ec;
+  if (!fs::exists(sum, ec)) return false;
+  const std::string line = head_of(sum, 256);
+  uint32_t crc = 0;
+  int64_t bytes = 0;
+  std::string_view rest;
+  if (!parse_sum(line, &crc, &bytes, &rest) || rest != std::string(" ") + kIndex + "\n")
+    fail("{}: not a checksum line \"<crc32> <bytes> {}\" (the file is damaged)", sum, kIndex);
+  const std::string problem = check_bytes(index, bytes, crc, kIndexSum);
+  if (!problem.empty()) fail("{}", problem);
+  return true;
+}
+
+// A consolidated file's user block against the bytes after it, before HDF5 opens the file: false
+// for a file of an older Coil (HDF5's signature at byte 0: not checked), else true or a coil::Error.
+bool check_consolidated(const std::string& file) {
+  const std::string head = head_of(file, static_cast<size_t>(kUserBlock));
+  if (head.compare(0, 8, kHdf5Signature, 8) == 0) return false;
+  const size_t magic = std::strlen(kUserBlockMagic);
+  uint32_t crc = 0;
+  int64_t bytes = 0;
+  std::string_view rest;
+  if (head.compare(0, magic, kUserBlockMagic) != 0) fail("{}: not an HDF5 file (truncated or damaged?)", file);
+  if (!parse_sum(std::string_view(head).substr(magic), &crc, &bytes, &rest) || rest.empty() || rest[0] != '\n')
+    fail("{}: a damaged checksum line in its first {} bytes (the file is damaged)", file, kUserBlock);
+  const std::string problem = check_bytes(file, bytes, crc, "its header", kUserBlock);
+  if (!problem.empty()) fail("{}", problem);
+  return true;
 }
 
 std::vector<std::string> list_datasets(hid_t file) {
@@ -479,7 +586,9 @@ void write_index(const std::string& dir, const RankPart& layout, const IndexInfo
                     at::from_blob(const_cast<char*>(info.tokenizer.data()), {static_cast<int64_t>(info.tokenizer.size())}, at::kByte));
     f.close();
   }
-  checksum_file(path, /*sync=*/true);
+  // The index's own checksum beside it, in the same folder: committed with it by the folder's rename.
+  const auto [bytes, crc] = checksum_file(path, /*sync=*/true);
+  write_synced(dir + "/" + kIndexSum, fmt::format("{:08x} {} {}\n", crc, bytes, kIndex));
 }
 
 namespace {
@@ -535,9 +644,11 @@ Checkpoint::Checkpoint(const std::string& path) : path_(path) {
         fail("{}: a checkpoint of Coil's first format (checkpoint.h5); this version reads format 2 only", path);
       fail("{}: no {} (an incomplete checkpoint, or not a checkpoint)", path, kIndex);
     }
+    index_checked_ = check_index(path, index_);
   } else {
     index_ = path;
     consolidated_ = true;
+    index_checked_ = check_consolidated(index_);
   }
   file_id_ = open_file(index_);
   if (file_id_ < 0) fail("{}: not an HDF5 file (truncated or damaged?)", index_);
@@ -556,6 +667,7 @@ Checkpoint::Checkpoint(const std::string& path) : path_(path) {
     for (const auto& f : nlohmann::json::parse(strings_.at("files"))) files_.push_back(FileRecord::from_json(f.dump()));
     COIL_CHECK(static_cast<int>(files_.size()) == world_, "{}: {} rank files recorded for world size {}", index_,
                files_.size(), world_);
+    for (int r = 0; r < world_; ++r) checks_.push_back(std::make_unique<FileCheck>());
   }
   for (const char* k : {"format", "version", "step", "world_size", "shard_degree", "files", "consolidated"}) strings_.erase(k);
 }
@@ -567,16 +679,35 @@ Checkpoint::~Checkpoint() {
   if (file_id_ >= 0) H5Fclose(file_id_);
 }
 
+struct Checkpoint::FileCheck {
+  std::mutex mutex;
+  bool done = false;
+  std::string problem;
+};
+
+std::string Checkpoint::check_rank_file(size_t i) const {
+  COIL_CHECK(i < checks_.size(), "{}: no rank file {} (world size {})", path_, i, world_);
+  FileCheck& c = *checks_[i];
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (!c.done) {
+    const FileRecord& rec = files_[i];
+    const std::string file = (fs::path(path_) / rank_file_name(static_cast<int>(i), world_)).string();
+    std::error_code ec;
+    if (!fs::exists(file, ec)) c.problem = fmt::format("{}: missing (rank {} of {})", file, i, world_);
+    else c.problem = check_bytes(file, rec.bytes, rec.crc32, "the index");
+    c.done = true;
+  }
+  return c.problem;
+}
+
 int64_t Checkpoint::rank_file(int r) const {
   if (rank_files_.empty()) rank_files_.assign(static_cast<size_t>(world_), -1);
   int64_t& f = rank_files_[static_cast<size_t>(r)];
   if (f < 0) {
     const std::string file = (fs::path(path_) / rank_file_name(r, world_)).string();
-    // A file of another size than recorded is not opened (a truncated one would not read right).
-    std::error_code ec;
-    const auto size = static_cast<int64_t>(fs::file_size(file, ec));
-    if (ec || size != files_[static_cast<size_t>(r)].bytes)
-      fail("{}: {}", file, ec ? "missing" : fmt::format("{} bytes, the index records {}", size, files_[static_cast<size_t>(r)].bytes));
+    // Opened only once its bytes are as recorded (HDF5 never parses a damaged file).
+    const std::string problem = check_rank_file(static_cast<size_t>(r));
+    if (!problem.empty()) fail("{}", problem);
     f = open_file(file);
     if (f < 0) fail("{}: missing or not an HDF5 file", file);
   }
@@ -636,25 +767,8 @@ std::vector<std::string> Checkpoint::verify(int part, int parts) const {
     return problems;
   }
   for (size_t i = static_cast<size_t>(part); i < files_.size(); i += static_cast<size_t>(parts)) {
-    const FileRecord& rec = files_[i];
-    const std::string file = (fs::path(path_) / rec.name).string();
-    if (!fs::exists(file)) {
-      problems.push_back(fmt::format("{}: missing (rank {} of {})", file, i, world_));
-      continue;
-    }
-    const auto size = static_cast<int64_t>(fs::file_size(file));
-    if (size != rec.bytes) {
-      problems.push_back(fmt::format("{}: {} bytes, the index records {} ({})", file, size, rec.bytes,
-                                     size < rec.bytes ? "truncated" : "overwritten"));
-      continue;
-    }
-    try {
-      const auto [bytes, crc] = checksum_file(file, false);
-      if (crc != rec.crc32)
-        problems.push_back(fmt::format("{}: CRC-32 {:08x}, the index records {:08x} (damaged)", file, crc, rec.crc32));
-    } catch (const std::exception& e) {
-      problems.push_back(e.what());
-    }
+    std::string problem = check_rank_file(i);
+    if (!problem.empty()) problems.push_back(std::move(problem));
   }
   return problems;
 }
@@ -715,10 +829,9 @@ void Checkpoint::read(const std::string& name, at::Tensor dst, int64_t row_begin
 std::string Checkpoint::rank_string(int rank, const std::string& key) const {
   quiet();
   if (consolidated_) return string(fmt::format("rank{}.{}", rank, key));
+  COIL_CHECK(rank >= 0 && rank < world_, "{}: no rank {} (world size {})", path_, rank, world_);
   const std::string file = (fs::path(path_) / rank_file_name(rank, world_)).string();
-  H5 f(open_file(file), H5Fclose);
-  if (f < 0) fail("{}: cannot open", file);
-  H5 root(H5Gopen2(f, "/", H5P_DEFAULT), H5Gclose);
+  H5 root(H5Gopen2(rank_file(rank), "/", H5P_DEFAULT), H5Gclose);
   auto attrs = read_attrs(root);
   auto it = attrs.find(key);
   if (it == attrs.end()) fail("{}: no '{}'", file, key);
@@ -728,9 +841,8 @@ std::string Checkpoint::rank_string(int rank, const std::string& key) const {
 at::Tensor Checkpoint::rank_rng(int rank) const {
   quiet();
   if (consolidated_) return has("rng/cpu") ? read_whole(file_id_, "rng/cpu") : at::Tensor();
-  const std::string file = (fs::path(path_) / rank_file_name(rank, world_)).string();
-  H5 f(open_file(file), H5Fclose);
-  if (f < 0) fail("{}: cannot open", file);
+  COIL_CHECK(rank >= 0 && rank < world_, "{}: no rank {} (world size {})", path_, rank, world_);
+  const hid_t f = rank_file(rank);
   if (H5Lexists(f, "rng", H5P_DEFAULT) <= 0) return {};
   return read_whole(f, "rng/cpu");
 }
@@ -759,7 +871,7 @@ void consolidate(const Checkpoint& ck, const std::string& out) {
     }
     for (const auto& [k, v] : ck.strings()) attr_bytes += k.size() + v.size();
     bytes += static_cast<int64_t>(tok.size()) + (rng.defined() ? rng.nbytes() : 0);
-    WriteFile f(tmp, bytes + metadata_reserve(tensors.size() + ck.strings().size() + 8, attr_bytes));
+    WriteFile f(tmp, bytes + metadata_reserve(tensors.size() + ck.strings().size() + 8, attr_bytes), kUserBlock);
     write_string_attr(f, "format", kFormat);
     write_int_attr(f, "version", kVersion);
     write_int_attr(f, "step", ck.step());
@@ -780,7 +892,16 @@ void consolidate(const Checkpoint& ck, const std::string& out) {
       write_dataset(f, "tokenizer/model",
                     at::from_blob(const_cast<char*>(tok.data()), {static_cast<int64_t>(tok.size())}, at::kByte));
     f.close();
-    checksum_file(tmp, /*sync=*/true);
+    // The CRC-32 of the bytes after the user block, written into it (checkpoint.h), then synced.
+    const auto [size, crc] = checksum_file(tmp, /*sync=*/true, kUserBlock);
+    std::string block = fmt::format("{}{:08x} {}\n", kUserBlockMagic, crc, size);
+    block.resize(static_cast<size_t>(kUserBlock), '\0');
+    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd < 0) fail("cannot open {}: {}", tmp, std::strerror(errno));
+    const bool ok = ::pwrite(fd, block.data(), block.size(), 0) == static_cast<ssize_t>(block.size()) && ::fsync(fd) == 0;
+    const int err = errno;
+    ::close(fd);
+    if (!ok) fail("writing {} failed: {}", tmp, std::strerror(err));
     rename_or_fail(tmp, out);
   } catch (...) {
     std::error_code ignored;

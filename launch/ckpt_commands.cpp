@@ -58,7 +58,10 @@ void inspect(const std::string& path) {
 void verify(const std::string& path) {
   dist::Checkpoint ck(path);
   fail_if_damaged(ck);
-  fmt::print("{}: intact ({} file(s) checked, step {})\n", path, ck.consolidated() ? 1 : ck.files().size() + 1, ck.step());
+  // Opening checked the index's (or the consolidated file's) CRC-32, where one is recorded.
+  fmt::print("{}: intact ({} file(s) checked, step {}){}\n", path, ck.consolidated() ? 1 : ck.files().size() + 1, ck.step(),
+             ck.index_checked() ? "" : ck.consolidated() ? "; no CRC-32 of the whole file (an older Coil's)"
+                                                         : "; no index.h5.crc32 (an older Coil's): the index's bytes are unchecked");
 }
 
 void consolidate(const std::string& path, const std::string& out) {

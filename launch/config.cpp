@@ -4,7 +4,11 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <sstream>
@@ -170,6 +174,156 @@ std::string location(const std::string& path, const toml::node& node) {
   return fmt::format("{}:{}", path, node.source().begin.line);
 }
 
+// toml++ 3.3.0 (Debian 12) reaches __builtin_unreachable, undefined behaviour, when it asks whether
+// some non-ASCII characters (U+00A1 to U+0499 among them: 'é', Cyrillic) are whitespace
+// (docs/RELIABILITY.md, finding 6). It asks that only outside strings and comments, where TOML 1.0
+// allows no non-ASCII character anyway (a quote glued to a bare value, as in 0"é", opens no string
+// for toml++: see `bare` below), and at two places inside basic strings: right after a
+// backslash (no escape allows a non-ASCII character there) and at the first character after a
+// multi-line string's line-ending backslash. So text goes to toml++ only once this scanner found
+// no non-ASCII byte in those places; it follows TOML's lexical structure just that far: comments
+// (# to the line's end), basic "..." and literal '...' strings (ended by a newline when unclosed:
+// toml++ stops there with its own error), multi-line """...""" and '''...''' strings (a run of up
+// to five quotes closes one), and backslash escapes. Returns "" or the one-line error:
+// "<origin>:<line>:<column>: ..." (the column counts characters, from 1).
+std::string non_ascii_outside_strings(std::string_view text, const std::string& origin) {
+  enum class In { kCode, kComment, kBasic, kLiteral, kMultiBasic, kMultiLiteral };
+  In in = In::kCode;
+  // Outside strings: the brackets open ('[' array, '{' inline table, 'h' table header), whether a
+  // value comes next (after '=', in an array), and whether a bare value is being read. toml++ reads
+  // a bare value (a number, a boolean, a date) by looking ahead to the next terminator (whitespace,
+  // ] } , #), asking of every character on the way whether it is whitespace, quotes included: so
+  // there a quote opens no string, and a non-ASCII character after it is refused.
+  std::vector<char> nest;
+  bool value = false, bare = false;
+  auto in_array = [&] { return !nest.empty() && nest.back() == '['; };
+  size_t i = text.compare(0, 3, "\xEF\xBB\xBF") == 0 ? 3 : 0;  // a byte order mark (toml++ skips it)
+  int64_t line = 1, column = 1;
+  auto advance = [&](size_t n = 1) {
+    for (; n > 0 && i < text.size(); --n, ++i) {
+      const auto c = static_cast<unsigned char>(text[i]);
+      if (c == '\n') ++line, column = 1;
+      else if ((c & 0xC0) != 0x80) ++column;  // not a UTF-8 continuation byte: a new character
+    }
+  };
+  auto at = [&](const char* s) { return text.compare(i, std::strlen(s), s) == 0; };
+  auto refuse = [&](const char* where) {
+    // The character, as U+XXXX when it is valid UTF-8, else its first byte.
+    const auto* p = reinterpret_cast<const unsigned char*>(text.data() + i);
+    const size_t left = text.size() - i;
+    const int len = p[0] >= 0xF0 && p[0] < 0xF5 ? 4 : p[0] >= 0xE0 ? 3 : p[0] >= 0xC2 && p[0] < 0xE0 ? 2 : 0;
+    uint32_t cp = len == 4 ? p[0] & 0x07u : len == 3 ? p[0] & 0x0Fu : p[0] & 0x1Fu;
+    bool valid = len > 0 && static_cast<size_t>(len) <= left;
+    for (int k = 1; valid && k < len; ++k) {
+      valid = (p[k] & 0xC0) == 0x80;
+      cp = cp << 6 | (p[k] & 0x3Fu);
+    }
+    const std::string what = valid ? fmt::format("the character U+{:04X}", cp) : fmt::format("the byte 0x{:02X}", p[0]);
+    return fmt::format("{}:{}:{}: {} {} (TOML allows non-ASCII characters only inside strings and comments)",
+                       origin, line, column, what, where);
+  };
+  // After a backslash in a basic string: the escaped character, or a line-ending backslash's
+  // spaces, newline and the next line's leading whitespace. "" or the error.
+  auto escape = [&](bool multi_line) -> std::string {
+    advance();  // the backslash
+    size_t j = i;
+    while (j < text.size() && (text[j] == ' ' || text[j] == '\t')) ++j;
+    if (j < text.size() && static_cast<unsigned char>(text[j]) >= 0x80) {
+      advance(j - i);
+      return refuse("after a backslash");
+    }
+    if (!multi_line || j == text.size() || (text[j] != '\n' && text[j] != '\r')) {
+      if (i < text.size() && text[i] != '\n') advance();  // the escaped character (a newline ends the string)
+      return {};
+    }
+    while (j < text.size() && (text[j] == ' ' || text[j] == '\t' || text[j] == '\n' || text[j] == '\r')) ++j;
+    advance(j - i);
+    if (i < text.size() && static_cast<unsigned char>(text[i]) >= 0x80)
+      return refuse("first after a line-ending backslash (toml++ 3.3 misreads it there; put an ASCII character first)");
+    return {};
+  };
+  while (i < text.size()) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    switch (in) {
+      case In::kCode:
+        if (c >= 0x80) return refuse("outside a string or comment");
+        if (c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == ']' || c == '}' || c == ',' || c == '#') bare = false;
+        if (bare) {  // toml++'s look-ahead over a bare value: a quote here opens no string
+          advance();
+          break;
+        }
+        if (c == '#') {
+          in = In::kComment;
+        } else if (c == '"' || c == '\'') {
+          const bool multi = at(c == '"' ? "\"\"\"" : "'''");
+          in = c == '"' ? (multi ? In::kMultiBasic : In::kBasic) : (multi ? In::kMultiLiteral : In::kLiteral);
+          if (multi) advance(2);
+          value = false;
+        } else if (c == '\n') {
+          value = value && in_array();  // a key/value pair ends with its line; an array may go on
+        } else if (c == '=') {
+          value = true;
+        } else if (c == '[') {
+          nest.push_back(value ? '[' : 'h');  // an array (its first element next), or a table header
+        } else if (c == '{') {
+          nest.push_back('{'), value = false;  // an inline table: a key next
+        } else if (c == ']' || c == '}') {
+          if (!nest.empty()) nest.pop_back();
+          value = false;
+        } else if (c == ',') {
+          value = in_array();  // the next element, or an inline table's next key
+        } else if (c != ' ' && c != '\t' && c != '\r' && value) {
+          bare = true, value = false;  // a number, boolean or date: toml++ scans it to a terminator
+        }
+        advance();
+        break;
+      case In::kComment:
+        if (c == '\n') in = In::kCode, value = value && in_array();
+        advance();
+        break;
+      case In::kBasic:
+      case In::kMultiBasic:
+        if (c == '\\') {
+          if (std::string e = escape(in == In::kMultiBasic); !e.empty()) return e;
+          break;
+        }
+        if (in == In::kBasic ? c == '"' || c == '\n' : at("\"\"\"")) {
+          if (in == In::kMultiBasic)
+            for (int k = 0; k < 5 && i < text.size() && text[i] == '"'; ++k) advance();
+          else
+            advance();
+          in = In::kCode;
+          break;
+        }
+        advance();
+        break;
+      case In::kLiteral:
+        if (c == '\'' || c == '\n') in = In::kCode;
+        advance();
+        break;
+      case In::kMultiLiteral:
+        if (at("'''")) {
+          for (int k = 0; k < 5 && i < text.size() && text[i] == '\''; ++k) advance();
+          in = In::kCode;
+          break;
+        }
+        advance();
+        break;
+    }
+  }
+  return {};
+}
+
+// toml::parse of `text` (named `origin` in errors), once non_ascii_outside_strings found it safe.
+toml::table parse_toml(const std::string& text, const std::string& origin) {
+  if (std::string e = non_ascii_outside_strings(text, origin); !e.empty()) fail("{}", e);
+  try {
+    return toml::parse(text, origin);
+  } catch (const toml::parse_error& e) {
+    fail("{}:{}: {}", origin, e.source().begin.line, e.description());
+  }
+}
+
 }  // namespace
 
 namespace {
@@ -284,11 +438,7 @@ RunConfig RunConfig::parse(const std::string& text, const std::string& origin) {
   RunConfig c;
   std::vector<Field> all = fields(c);
   Origins origins;
-  try {
-    apply(all, toml::parse(text, origin), origin, origins);
-  } catch (const toml::parse_error& e) {
-    fail("{}:{}: {}", origin, e.source().begin.line, e.description());
-  }
+  apply(all, parse_toml(text, origin), origin, origins);
   finish(c, all, origins, /*checkpoint=*/true);
   return c;
 }
@@ -305,14 +455,13 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
     return nullptr;
   };
   if (!path.empty()) {
-    toml::table doc;
-    try {
-      doc = toml::parse_file(path);
-    } catch (const toml::parse_error& e) {
-      if (e.source().begin.line == 0) fail("cannot read config {}: {}", path, e.description());
-      fail("{}:{}: {}", path, e.source().begin.line, e.description());
-    }
-    apply(all, doc, path, origins);
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) fail("cannot read config {}: a directory", path);
+    std::ifstream in(path, std::ios::binary);
+    if (!in) fail("cannot read config {}: {}", path, std::strerror(errno));
+    const std::string text{std::istreambuf_iterator<char>(in), {}};
+    if (in.bad()) fail("cannot read config {}: {}", path, std::strerror(errno));
+    apply(all, parse_toml(text, path), path, origins);
   }
   for (const std::string& o : overrides) {
     const size_t eq = o.find('='), dot = o.find('.');
@@ -321,12 +470,15 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
     const std::string section = o.substr(0, dot), key = o.substr(dot + 1, eq - dot - 1), value = o.substr(eq + 1);
     const Field* f = find(section, key);
     if (!f) fail("--set {}: unknown key {}.{}", o, section, key);
-    // The value is read as TOML (42, 3e-4, true, "text"); a bare word is a string.
-    toml::table t;
-    try {
-      t = toml::parse("v = " + value);
-    } catch (const toml::parse_error&) {
-      t = toml::table{{"v", value}};
+    // The value is read as TOML (42, 3e-4, true, "text"); a bare word is a string, and so is a
+    // value with a non-ASCII character outside quotes (café), which toml++ is not given
+    // (non_ascii_outside_strings).
+    toml::table t{{"v", value}};
+    if (non_ascii_outside_strings("v = " + value, "--set").empty()) {
+      try {
+        t = toml::parse("v = " + value);
+      } catch (const toml::parse_error&) {
+      }
     }
     if (std::holds_alternative<std::string*>(f->target) && !t["v"].is_string()) t = toml::table{{"v", value}};
     assign(*f, *t.get("v"), "--set " + o);
@@ -390,7 +542,12 @@ std::string RunConfig::to_toml() const {
     std::visit([&](auto* p) { t.insert(f.key, *p); }, f.target);
   }
   std::ostringstream out;
-  out << doc << "\n";
+  // Basic strings only ("...", escaped): toml++ 3.3 writes a string holding a newline as a
+  // multi-line literal string even when it holds ''' too, which does not parse back (libFuzzer, the
+  // to_toml round trip: corpus/config/to-toml-triple-quote.toml).
+  constexpr auto basic_strings_only = toml::toml_formatter::default_flags &
+                                      ~(toml::format_flags::allow_multi_line_strings | toml::format_flags::allow_literal_strings);
+  out << toml::toml_formatter{doc, basic_strings_only} << "\n";
   return out.str();
 }
 

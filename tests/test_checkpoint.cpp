@@ -218,8 +218,8 @@ TEST(Checkpoint, DamageIsDetectedAndResumingFallsBack) {
     b = static_cast<char>(b ^ 0x10);
     f.write(&b, 1);
   }
-  EXPECT_NE(problems(flipped).find("rank-00002-of-00003.h5: CRC-32"), std::string::npos);
-  EXPECT_NE(problems(flipped).find("(damaged)"), std::string::npos);
+  EXPECT_NE(problems(flipped).find("rank-00002-of-00003.h5: checksum mismatch (the file is damaged; CRC-32 "),
+            std::string::npos);
 
   // A byte flipped anywhere (metadata included) while the tensors are read alongside the check:
   // reported as damage, never a crash or a silent misreading.
@@ -239,7 +239,7 @@ TEST(Checkpoint, DamageIsDetectedAndResumingFallsBack) {
     const std::string problems = read_verified(ck, nullptr, [](const Checkpoint& c) {
       for (size_t i = 0; i < kSpecs.size(); ++i) c.read(kSpecs[i].name, at::empty(kSpecs[i].shape));
     });
-    EXPECT_NE(problems.find("rank-00001-of-00003.h5: CRC-32"), std::string::npos) << "byte " << at << ": " << problems;
+    EXPECT_NE(problems.find("rank-00001-of-00003.h5: checksum mismatch"), std::string::npos) << "byte " << at << ": " << problems;
     fs::remove_all(dir);
   }
 
@@ -252,7 +252,12 @@ TEST(Checkpoint, DamageIsDetectedAndResumingFallsBack) {
   EXPECT_NE(error_of([&] { Checkpoint{no_index}; }).find("no index.h5 (an incomplete checkpoint"), std::string::npos);
 
   const std::string bad_index = fresh("bad-index");
+  const auto index_size = fs::file_size(bad_index + "/index.h5");
   fs::resize_file(bad_index + "/index.h5", 1000);
+  EXPECT_EQ(error_of([&] { Checkpoint{bad_index}; }),
+            fmt::format("{}/index.h5: 1000 bytes, index.h5.crc32 records {} (truncated)", bad_index, index_size));
+  // The same without the checksum file (an older Coil's checkpoint): HDF5's own error.
+  fs::remove(bad_index + "/index.h5.crc32");
   EXPECT_NE(error_of([&] { Checkpoint{bad_index}; }).find("not an HDF5 file (truncated or damaged?)"), std::string::npos);
 
   // Resuming: latest (step 2) is damaged, step 1 is intact: step 1, with a warning; the damaged
@@ -278,6 +283,136 @@ TEST(Checkpoint, DamageIsDetectedAndResumingFallsBack) {
   warnings.clear();
   EXPECT_EQ(find_intact_checkpoint(base + "/nothing", nullptr, &warnings), "");
   EXPECT_TRUE(warnings.empty());
+  fs::remove_all(base);
+}
+
+// Every file's bytes are checked against their recorded size and CRC-32 before HDF5 opens the file
+// (HDF5 1.10 crashes on some damaged files, docs/RELIABILITY.md finding 7): a byte flipped in
+// index.h5, in a rank file or in a consolidated file is one line naming the file, from opening or
+// from the first read of the rank file; a checkpoint without index.h5.crc32 (an older Coil's)
+// still loads, unchecked.
+TEST(Checkpoint, DamagedBytesAreCaughtBeforeHdf5OpensTheFile) {
+  if (comm()->size() > 1) GTEST_SKIP() << "one process is enough";
+  const std::string base = (fs::temp_directory_path() / fmt::format("coil-test-crc-{}", getpid())).string();
+  fs::remove_all(base);
+  auto flip = [](const std::string& file, int64_t at) {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(at);
+    char b = 0;
+    f.read(&b, 1);
+    f.seekp(at);
+    b = static_cast<char>(b ^ 0x01);
+    f.write(&b, 1);
+  };
+  auto text_of = [](const std::string& file) {
+    std::ifstream in(file, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  auto one_line = [](const std::string& s) { return s.find('\n') == std::string::npos; };
+  auto loads_whole = [](const Checkpoint& ck, int64_t step) {
+    for (size_t i = 0; i < kSpecs.size(); ++i) {
+      at::Tensor whole = at::empty(kSpecs[i].shape);
+      ck.read(kSpecs[i].name, whole);
+      if (!at::equal(whole, global(i, step))) return false;
+    }
+    return ck.rank_string(1, "loader_state") == "{\"rank\": 1}" && ck.verify().empty();
+  };
+
+  // Intact: the index's line records its size and CRC-32; everything loads.
+  const std::string intact = base + "/intact";
+  write_checkpoint(intact, 2, 5);
+  const std::string line = text_of(intact + "/index.h5.crc32");
+  EXPECT_EQ(line, fmt::format("{} {} index.h5\n", line.substr(0, 8), fs::file_size(intact + "/index.h5")));
+  {
+    Checkpoint ck(intact);
+    EXPECT_TRUE(ck.index_checked());
+    EXPECT_TRUE(loads_whole(ck, 5));
+  }
+
+  // A byte of index.h5 flipped (in its first, middle and last bytes): opening it is the error.
+  const int64_t index_size = static_cast<int64_t>(fs::file_size(intact + "/index.h5"));
+  for (int64_t at : {int64_t{0}, int64_t{40}, index_size / 2, index_size - 1}) {
+    const std::string dir = fmt::format("{}/index-{}", base, at);
+    write_checkpoint(dir, 2, 5);
+    flip(dir + "/index.h5", at);
+    const std::string e = error_of([&] { Checkpoint{dir}; });
+    EXPECT_EQ(e.rfind(dir + "/index.h5: checksum mismatch (the file is damaged; CRC-32 ", 0), 0u) << e;
+    EXPECT_NE(e.find(", index.h5.crc32 records " + line.substr(0, 8) + ")"), std::string::npos) << e;
+    EXPECT_TRUE(one_line(e)) << e;
+  }
+  // A damaged checksum line is itself an error (never "no checksum": that would skip the check).
+  {
+    const std::string dir = base + "/bad-line";
+    write_checkpoint(dir, 2, 5);
+    std::ofstream(dir + "/index.h5.crc32") << "zz" << line.substr(2);
+    EXPECT_EQ(error_of([&] { Checkpoint{dir}; }),
+              dir + "/index.h5.crc32: not a checksum line \"<crc32> <bytes> index.h5\" (the file is damaged)");
+  }
+
+  // A byte of a rank file flipped: the index opens, but the file is never opened by HDF5: every
+  // read from it, its strings and its generator are the one-line error, and verify() lists it.
+  const int64_t rank_size = static_cast<int64_t>(fs::file_size(intact + "/rank-00001-of-00002.h5"));
+  for (int64_t at : {int64_t{0}, int64_t{100}, rank_size / 2, rank_size - 1}) {
+    const std::string dir = fmt::format("{}/rank-{}", base, at);
+    write_checkpoint(dir, 2, 5);
+    const std::string file = dir + "/rank-00001-of-00002.h5";
+    flip(file, at);
+    Checkpoint ck(dir);
+    const std::string want =
+        fmt::format("{}: checksum mismatch (the file is damaged; CRC-32 {:08x}, the index records {:08x})", file,
+                    [&] {
+                      // zlib's CRC-32 of the damaged bytes, as Python's zlib.crc32 gives it
+                      const std::string bytes = text_of(file);
+                      uint32_t c = 0xffffffffu;
+                      for (unsigned char ch : bytes) {
+                        c ^= ch;
+                        for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xedb88320u & (0u - (c & 1u)));
+                      }
+                      return ~c;
+                    }(),
+                    ck.files()[1].crc32);
+    EXPECT_EQ(error_of([&] { ck.read(kSpecs[0].name, at::empty(kSpecs[0].shape)); }), want);
+    EXPECT_EQ(error_of([&] { ck.rank_string(1, "loader_state"); }), want);
+    EXPECT_EQ(error_of([&] { ck.rank_rng(1); }), want);
+    EXPECT_EQ(ck.verify(), std::vector<std::string>{want});
+    // Rank 0's file is intact and reads.
+    EXPECT_EQ(ck.rank_string(0, "loader_state"), "{\"rank\": 0}");
+  }
+
+  // A consolidated file: its first 512 bytes (HDF5's user block) record the CRC-32 of the rest.
+  const std::string one = base + "/one.h5";
+  consolidate(Checkpoint(intact), one);
+  EXPECT_EQ(text_of(one).rfind("COIL-CRC32 ", 0), 0u);
+  {
+    Checkpoint ck(one);
+    EXPECT_TRUE(ck.index_checked());
+    EXPECT_TRUE(ck.consolidated());
+    EXPECT_TRUE(loads_whole(ck, 5));
+  }
+  const int64_t one_size = static_cast<int64_t>(fs::file_size(one));
+  const std::pair<int64_t, std::string> cases[] = {
+      {5, "not an HDF5 file (truncated or damaged?)"},         // in "COIL-CRC32 "
+      {20, fmt::format("{} bytes, its header records ", one_size)},  // a digit of the size
+      {19, "a damaged checksum line in its first 512 bytes (the file is damaged)"},  // ' ' -> '!'
+      {512, "checksum mismatch (the file is damaged; CRC-32 "},  // HDF5's signature
+      {one_size / 2, "checksum mismatch (the file is damaged; CRC-32 "},
+      {one_size - 1, "checksum mismatch (the file is damaged; CRC-32 "}};
+  for (const auto& [at, want] : cases) {
+    const std::string copy = fmt::format("{}/one-{}.h5", base, at);
+    fs::copy_file(one, copy);
+    flip(copy, at);
+    const std::string e = error_of([&] { Checkpoint{copy}; });
+    EXPECT_EQ(e.rfind(copy + ": " + want, 0), 0u) << at << ": " << e;
+    EXPECT_TRUE(one_line(e)) << e;
+  }
+
+  // An older Coil's checkpoint: no index.h5.crc32. It loads as before (HDF5 opens it unchecked).
+  fs::remove(intact + "/index.h5.crc32");
+  {
+    Checkpoint ck(intact);
+    EXPECT_FALSE(ck.index_checked());
+    EXPECT_TRUE(loads_whole(ck, 5));
+  }
   fs::remove_all(base);
 }
 

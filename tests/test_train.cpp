@@ -147,6 +147,61 @@ TEST(Config, ErrorsNameTheKeyAndTheLine) {
 }
 
 // The device and precision keys take only the values named in the error, with file:line.
+// TOML allows non-ASCII characters only in strings and comments; toml++ 3.3.0 reaches undefined
+// behaviour on some of them elsewhere (docs/RELIABILITY.md, finding 6), so Coil refuses them before
+// toml++ reads the text: file:line:column, one line. In strings (basic, literal, multi-line) and
+// comments they parse as before.
+TEST(Config, NonAsciiOutsideStringsIsALineAndColumnError) {
+  const std::string fuzz_input = std::string(COIL_SOURCE_DIR) + "/tests/fuzz/corpus/config/toml-unreachable.toml";
+  EXPECT_EQ(error_of([&] { RunConfig::load(fuzz_input, {}); }),
+            fuzz_input + ":12:13: the character U+0450 outside a string or comment (TOML allows non-ASCII "
+                         "characters only inside strings and comments)");
+  const std::string path = fs::temp_directory_path() / fmt::format("coil-config-ascii-{}.toml", getpid());
+  auto load_error = [&](const std::string& text) {
+    write(path, text);
+    return error_of([&] { RunConfig::load(path, {}); });
+  };
+  auto starts = [](const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; };
+  EXPECT_EQ(load_error("[train]\nmax_steps = 10 \xc3\xa9\n"),
+            path + ":2:16: the character U+00E9 outside a string or comment (TOML allows non-ASCII characters "
+                   "only inside strings and comments)");
+  EXPECT_PRED2(starts, load_error("[tr\xd0\xb0in]\n"), path + ":1:4: the character U+0430 outside");
+  EXPECT_PRED2(starts, load_error("[data]\ntrain = \"x\" max\xff\n"), path + ":2:16: the byte 0xFF outside");
+  // After a string closes, and after a comment's line: code again.
+  EXPECT_PRED2(starts, load_error("[data]\ntrain = 'x' # \xc3\xa9\n\xc3\xa9 = 1\n"), path + ":3:1: the character U+00E9");
+  EXPECT_PRED2(starts, load_error("[data]\ntrain = \"\"\"a\n\"\"\"\"\" \xc3\xa9\n"), path + ":3:7: the character U+00E9");
+  // A quote glued to a bare value opens no string for toml++ (it looks ahead over the value to a
+  // terminator): the libFuzzer finding after the first fix, corpus/config/toml-unreachable-lookahead.toml.
+  const std::string lookahead = std::string(COIL_SOURCE_DIR) + "/tests/fuzz/corpus/config/toml-unreachable-lookahead.toml";
+  EXPECT_PRED2(starts, error_of([&] { RunConfig::load(lookahead, {}); }),
+               lookahead + ":1:7: the character U+03C9 outside a string or comment");  // a =0{"ω
+  EXPECT_PRED2(starts, load_error("[train]\nmax_steps = [1, 2=\"\xc3\xa9\"]\n"), path + ":2:20: the character U+00E9 outside");
+  // Where toml++ asks whether a character is whitespace inside a string: after a backslash.
+  EXPECT_PRED2(starts, load_error("[data]\ntrain = \"a\\\xc3\xa9\"\n"), path + ":2:12: the character U+00E9 after a backslash");
+  EXPECT_PRED2(starts, load_error("[data]\ntrain = \"\"\"a\\  \n  \xc3\xa9\"\"\"\n"),
+               path + ":3:3: the character U+00E9 first after a line-ending backslash");
+  // Inside strings and comments: read as before.
+  write(path,
+        "# caf\xc3\xa9 \xd1\x90 comment\n[data]\ntrain=\"caf\xc3\xa9 \xd1\x90\"# \xd1\x90\n"
+        "val = 'na\xc3\xafve \\ \"x\"'\ntokenizer = \"\"\"\n\xd1\x90 line \"\" \\\" one\n\xc3\xa9\"\"\"\n"
+        "[train]\npretrained_checkpoint_path = '''\n\xc3\xa9 '' two'''\n");
+  RunConfig c = RunConfig::load(path, {});
+  EXPECT_EQ(c.data_train, "caf\xc3\xa9 \xd1\x90");
+  EXPECT_EQ(c.data_val, "na\xc3\xafve \\ \"x\"");
+  EXPECT_EQ(c.data_tokenizer, "\xd1\x90 line \"\" \" one\n\xc3\xa9");
+  EXPECT_EQ(c.pretrained_checkpoint_path, "\xc3\xa9 '' two");
+  // The same from a checkpoint's config string.
+  EXPECT_PRED2(starts, error_of([] { RunConfig::parse("[train]\n\xd1\x90 = 1\n", "ckpt/config"); }),
+               "ckpt/config:2:1: the character U+0450 outside a string or comment");
+  // --set: a value with non-ASCII outside quotes is a bare word, a string (toml++ is not given it).
+  c = RunConfig::load("", {"data.train=caf\xc3\xa9", "data.val=\"\xd1\x90.jsonl\""});
+  EXPECT_EQ(c.data_train, "caf\xc3\xa9");
+  EXPECT_EQ(c.data_val, "\xd1\x90.jsonl");
+  EXPECT_NE(error_of([] { RunConfig::load("", {"train.max_steps=1\xd1\x90"}); }).find("train.max_steps must be an integer"),
+            std::string::npos);
+  fs::remove(path);
+}
+
 TEST(Config, DeviceAndDtypeKeys) {
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-dtype-{}.toml", getpid());
   write(path, "[train]\nmax_steps = 10\ndtype = \"float8\"\n");
@@ -503,7 +558,7 @@ TEST_F(Train, IdenticalRunsWriteIdenticalCheckpoints) {
   for (const char* step : {"step-00000003", "step-00000006"}) {
     std::set<std::string> names;
     for (const auto& e : fs::directory_iterator(a + step)) names.insert(e.path().filename().string());
-    EXPECT_EQ(names, (std::set<std::string>{"index.h5", "rank-00000-of-00001.h5"})) << step;
+    EXPECT_EQ(names, (std::set<std::string>{"index.h5", "index.h5.crc32", "rank-00000-of-00001.h5"})) << step;
     const std::string rank_file = std::string(step) + "/rank-00000-of-00001.h5";
     const std::string ra = file_bytes(a + rank_file), rb = file_bytes(b + rank_file);
     EXPECT_GT(ra.size(), 100000u);

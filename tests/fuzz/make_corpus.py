@@ -177,10 +177,16 @@ def make_tokenizer_text():
     put("tokenizer_text", "empty.txt", "")
 
 
+def checkpoint_folder(index, line, rank):
+    """The checkpoint target's input for a folder: byte 0, the lengths of index.h5 and of
+    index.h5.crc32 (4 bytes each, little-endian), then index.h5, index.h5.crc32, the rank file."""
+    return b"\x00" + struct.pack("<II", len(index), len(line)) + index + line + rank
+
+
 def make_checkpoint(coil):
     """A checkpoint of the smallest model coil trains (d_model 8, 1 layer, d_state 2, 400 ids), as a
-    folder (index.h5 + one rank file) and consolidated; the target's input is byte 0 (0: folder,
-    1: consolidated), then for a folder the index's length (4 bytes) and the two files."""
+    folder (index.h5, index.h5.crc32 and one rank file) and consolidated; the target's input is
+    byte 0 (0: folder, 1: consolidated), then a folder's files (checkpoint_folder) or the one file."""
     with tempfile.TemporaryDirectory() as tmp:
         train_tokenizers(coil, tmp)
         with open(os.path.join(tmp, "tiny.toml"), "w") as f:
@@ -192,16 +198,34 @@ def make_checkpoint(coil):
         ck = os.path.join(tmp, "run", "checkpoints", "step-00000001")
         run_coil(coil, "ckpt", "consolidate", ck, "consolidated.h5", cwd=tmp)
         index = open(os.path.join(ck, "index.h5"), "rb").read()
+        line = open(os.path.join(ck, "index.h5.crc32"), "rb").read()
         rank = open(os.path.join(ck, "rank-00000-of-00001.h5"), "rb").read()
         consolidated = open(os.path.join(tmp, "consolidated.h5"), "rb").read()
 
-    def folder(index, rank):
-        return b"\x00" + struct.pack("<I", len(index)) + index + rank
-
-    put("checkpoint", "folder.bin", folder(index, rank))
+    put("checkpoint", "folder.bin", checkpoint_folder(index, line, rank))
     put("checkpoint", "consolidated.bin", b"\x01" + consolidated)
-    put("checkpoint", "rank-truncated.bin", folder(index, rank[: len(rank) // 3]))
-    put("checkpoint", "no-rank-file.bin", folder(index, b""))
+    put("checkpoint", "rank-truncated.bin", checkpoint_folder(index, line, rank[: len(rank) // 3]))
+    put("checkpoint", "no-rank-file.bin", checkpoint_folder(index, line, b""))
+    put("checkpoint", "empty-checksum-line.bin", checkpoint_folder(index, b"", rank))
+
+
+def make_hdf5_crashes():
+    """The inputs on which HDF5 1.10.8 crashed (tests/fuzz/hdf5-crashes/, docs/RELIABILITY.md
+    finding 7), in the target's layout of the time (a folder: byte 0, the index's length, index.h5,
+    the rank file; consolidated: byte 1, the file), given the checksums that Coil records now: those
+    of the seeds they are mutations of (the corpus of commit 58e65c2: rank-truncated.bin's index,
+    one byte away; consolidated.bin, 19 bytes away). So they are damaged files as a reader meets
+    them, which must now be one-line errors before HDF5 sees a byte."""
+    crashes = os.path.join(HERE, "hdf5-crashes")
+    old = gzip.open(os.path.join(crashes, "select-deserialize-overflow.bin.gz")).read()
+    assert old[0] == 0
+    (n,) = struct.unpack("<I", old[1:5])
+    put("checkpoint", "hdf5-select-deserialize-overflow.bin",
+        checkpoint_folder(old[5:5 + n], b"a86f66a0 34647 index.h5\n", old[5 + n:]))
+    old = gzip.open(os.path.join(crashes, "link-table-free-segv.bin.gz")).read()
+    assert old[0] == 1
+    block = b"COIL-CRC32 e675ee45 %d\n" % (512 + 74753)
+    put("checkpoint", "hdf5-link-table-free-segv.bin", b"\x01" + block.ljust(512, b"\x00") + old[1:])
 
 
 def make_tokenizer_json():
@@ -276,7 +300,7 @@ def main():
     args = ap.parse_args()
     makers = {"jsonl": make_jsonl, "alpaca": make_alpaca, "config": make_config, "safetensors": make_safetensors,
               "sentencepiece": lambda: make_sentencepiece(args.coil), "tokenizer_text": make_tokenizer_text,
-              "checkpoint": lambda: make_checkpoint(args.coil), "tokenizer_json": make_tokenizer_json,
+              "checkpoint": lambda: make_checkpoint(args.coil), "hdf5_crashes": make_hdf5_crashes, "tokenizer_json": make_tokenizer_json,
               "parquet": make_parquet}
     for t in args.targets or makers:
         makers[t]()
