@@ -10,4 +10,6 @@ export LSAN_OPTIONS="suppressions=$_coil_san_dir/lsan.supp:print_suppressions=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 # Open MPI's mpirun passes these to every rank (as `-x NAME` would).
 export OMPI_MCA_mca_base_env_list="ASAN_OPTIONS;LSAN_OPTIONS;UBSAN_OPTIONS"
+# What the tests read to scale their own waits (scripts/test --sanitize sets it too).
+export COIL_SANITIZE=1
 unset _coil_san_dir
