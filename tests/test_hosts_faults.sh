@@ -17,15 +17,7 @@ set -u
 coil=$(realpath "$1")
 python=$2
 src=$(cd "$(dirname "$0")/.." && pwd)
-[ "$(id -u)" -eq 0 ] || { echo "skipped: simulated hosts need root (network namespaces)"; exit 77; }
-for p in mpirun sbatch /usr/sbin/slurmctld /usr/sbin/munged ip unshare; do
-  command -v "$p" >/dev/null || { echo "skipped: $p is not installed (scripts/setup installs it)"; exit 77; }
-done
-ip netns add "coil-probe-$$" 2>/dev/null || { echo "skipped: network namespaces are refused here"; exit 77; }
-ip netns del "coil-probe-$$"
-tmp=$(mktemp -d)
-cluster=$tmp/cluster
-trap '"$src/slurm/local-cluster" stop "$cluster" >/dev/null 2>&1; [ "${KEEP:-0}" = 1 ] || rm -rf "$tmp"' EXIT
+source "$src/tests/hosts_prelude.sh"  # skips where it cannot run; $tmp, $cluster, the exit trap
 seed=${FAULT_SEED:-$(date +%s)}
 RANDOM=$seed
 echo "fault seed $seed (FAULT_SEED=$seed repeats these moments)"
