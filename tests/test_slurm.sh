@@ -56,8 +56,9 @@ threads = 1
 EOF
 cpu=(--ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --output="$tmp/%x-%j.log")
 submit() { (cd "$src" && sbatch --parsable "${cpu[@]}" "$@"); }
-wait_job() {  # until the job has left the queue (at most 4 minutes)
-  for _ in $(seq 480); do squeue -h -j "$1" 2>/dev/null | grep -q . || return 0; sleep 0.5; done
+slow=1; [ "${COIL_SANITIZE:-0}" = 1 ] && slow=3  # under AddressSanitizer (scripts/test --sanitize)
+wait_job() {  # until the job has left the queue (at most 4 minutes; 12 under the sanitizers)
+  for _ in $(seq $((480 * slow))); do squeue -h -j "$1" 2>/dev/null | grep -q . || return 0; sleep 0.5; done
   fail "job $1 did not finish"; scancel "$1"
 }
 final_loss() { python3 -c 'import json,sys; print([json.loads(l) for l in open(sys.argv[1])][-1]["loss"])' "$1"; }
