@@ -17,9 +17,9 @@
 # being written: Slurm marks node2 DOWN and ends the step, slurm/coil-job finds node2 gone and
 # starts the step again on node1 alone (2 tasks), which resumes the latest intact checkpoint (4
 # ranks resharded to 2); the job ends COMPLETED with the parameters and optimizer state of the
-# replay that went from 4 to 2 ranks at the same step, every step's batch the undisturbed run's, no
-# coil process left. Then a job on node1 + node3 with MIN_NODES=2 loses node3: one line naming
-# node3 and COIL_MIN_NODES, the job FAILED with exit 1, within 60 s of the loss.
+# replay that went from 4 to 2 ranks at the same step and its (step, loss, batch hash) lines, every
+# step's batch the undisturbed run's, no coil process left. Then a job on node1 + node3 with MIN_NODES=2 loses node3: one line naming
+# node3 and COIL_MIN_NODES, the job FAILED with exit 1, out of the queue within 120 s of the loss.
 # Skipped (exit 77) where not root, namespaces are refused, or Slurm / Open MPI are missing.
 #   tests/test_hosts_faults.sh path/to/coil path/to/python-with-h5py [launch|slurm]
 #   (FAULT_SEED=n repeats a run)
@@ -131,8 +131,8 @@ if [ "$part" = slurm ]; then
   lose_at=$((4 + RANDOM % 10))
   job=$(submit slurm node1,node2 MIN_NODES=1) || fail "sbatch on node1,node2"
   wait_steps slurm $lose_at "$job"
-  until=$(($(date +%s) + 60))
-  while ! compgen -G "slurm/checkpoints/*.tmp" >/dev/null && [ "$(date +%s)" -lt $until ]; do :; done
+  until=$((SECONDS + 60))  # no process started in this loop: a save is short
+  while ! compgen -G "slurm/checkpoints/*.tmp" >/dev/null && [ $SECONDS -lt $until ]; do :; done
   in_save=$(compgen -G "slurm/checkpoints/*.tmp")
   cluster_do lose node2
   lost_at=$(date +%s)
@@ -162,7 +162,7 @@ if [ "$part" = slurm ]; then
   lost_at=$(date +%s)
   wait_job "$bad" 120
   echo "slurm, MIN_NODES=2: node3 lost; the job left the queue $(( $(date +%s) - lost_at )) s later: $(job_state "$bad")"
-  [ "$(grep -c "coil-job: error: lost node3 (state DOWN[^)]*); 1 of the 2 node(s) answer, fewer than COIL_MIN_NODES=2: giving up" bad.log)" -eq 1 ] ||
+  [ "$(grep -c "coil-job: error: the step failed (exit [0-9]*) and lost node3 (state DOWN[^)]*); 1 of the 2 node(s) answer, fewer than COIL_MIN_NODES=2: giving up" bad.log)" -eq 1 ] ||
     fail "slurm, MIN_NODES=2: not one line naming node3 and COIL_MIN_NODES: $(grep coil-job bad.log)"
   [ "$(grep -c "coil-job: error" bad.log)" -eq 1 ] || fail "slurm, MIN_NODES=2: more than one coil-job error"
   [ "$(job_state "$bad")" = "FAILED 1:0" ] || fail "slurm, MIN_NODES=2: the job ended $(job_state "$bad"), not FAILED 1:0"
@@ -175,7 +175,11 @@ if [ "$part" = slurm ]; then
   [ "$(only_hashes slurm)" = "$(only_hashes calm)" ] ||
     fail "slurm: the batch hashes differ: $(diff <(only_hashes calm) <(only_hashes slurm) | head -4)"
   "$coil" ckpt verify slurm/checkpoints/final >/dev/null || fail "slurm: the final checkpoint does not verify"
-  [ -n "$resumed" ] && replay slurm "$resumed"
+  if [ -n "$resumed" ]; then
+    replay slurm "$resumed"
+    [ "$(hashes slurm)" = "$(hashes replay-slurm)" ] ||
+      fail "slurm: the (step, loss, batch hash) lines differ from the replay's: $(diff <(hashes replay-slurm) <(hashes slurm) | head -4)"
+  fi
   [ "$failed" -eq 0 ] && echo "hosts_slurm_lost: ok ($(elapsed))"
   [ "$failed" -eq 0 ] || { echo "--- slurm.log"; grep -v '"loss"' slurm.log | tail -20; echo "--- bad.log"; tail -10 bad.log; }
   exit "$failed"
