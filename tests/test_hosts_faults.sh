@@ -20,6 +20,7 @@
 # replay that went from 4 to 2 ranks at the same step and its (step, loss, batch hash) lines, every
 # step's batch the undisturbed run's, no coil process left. Then a job on node1 + node3 with MIN_NODES=2 loses node3: one line naming
 # node3 and COIL_MIN_NODES, the job FAILED with exit 1, out of the queue within 120 s of the loss.
+# Before these, MIN_NODES=x and MIN_NODES=3 (of 2 nodes): one line each, exit 1, no step started.
 # Skipped (exit 77) where not root, namespaces are refused, or Slurm / Open MPI are missing.
 #   tests/test_hosts_faults.sh path/to/coil path/to/python-with-h5py [launch|slurm]
 #   (FAULT_SEED=n repeats a run)
@@ -127,6 +128,19 @@ if [ "$part" = slurm ]; then
       sleep 0.05
     done
   }
+
+  # A MIN_NODES that is not a node count of the job: one line, exit 1, no step started.
+  for v in x 3; do
+    j=$(submit "min-$v" node1,node2 MIN_NODES=$v) || fail "sbatch with MIN_NODES=$v"
+    wait_job "$j" 120
+    case $v in
+      x) want="coil-job: error: COIL_MIN_NODES (the scripts' MIN_NODES) must be a whole number >= 1, not 'x'" ;;
+      3) want="coil-job: error: COIL_MIN_NODES=3 (the scripts' MIN_NODES) is more than the job's 2 node(s)" ;;
+    esac
+    [ "$(cat "min-$v.log")" = "$want" ] || fail "MIN_NODES=$v: not the one line '$want': $(cat "min-$v.log")"
+    [ "$(job_state "$j")" = "FAILED 1:0" ] || fail "MIN_NODES=$v: the job ended $(job_state "$j"), not FAILED 1:0"
+    [ -e "min-$v" ] && fail "MIN_NODES=$v: a run directory was made"
+  done
 
   lose_at=$((4 + RANDOM % 10))
   job=$(submit slurm node1,node2 MIN_NODES=1) || fail "sbatch on node1,node2"
