@@ -89,6 +89,8 @@ def sft(a, work):
           f"{pk['response_tokens_per_s'] / pad['response_tokens_per_s']:.2f}x response tokens/s, "
           f"{pk['rows_per_s'] / pad['rows_per_s']:.3f}x rows/s")
 
+    if a.steps == 0:  # throughput only
+        return figures
     # Quality at equal examples seen and equal optimizer steps.
     ratio = pad["rows"] / pk["rows"]
     packed_batch = max(1, round(a.batch / ratio))
@@ -153,7 +155,7 @@ def main():
     s.add_argument("--pretrained", default="", help="train.pretrained_checkpoint_path (default: the config's)")
     s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--batch", type=int, default=16, help="rows per step of the padded runs")
-    s.add_argument("--steps", type=int, default=200, help="steps of the quality runs")
+    s.add_argument("--steps", type=int, default=200, help="steps of the quality runs (0: none, throughput only)")
     s.add_argument("--throughput-steps", type=int, default=30)
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
