@@ -178,8 +178,7 @@ SftPacking pack_best_fit_decreasing(const std::vector<int64_t>& lengths, int64_t
   SftPacking p;
   p.order.reserve(static_cast<size_t>(n));
   p.row_start.reserve(static_cast<size_t>(n / 2 + 2));
-  std::vector<int64_t> by_length;
-  std::vector<std::vector<int64_t>> rows;
+  std::vector<int64_t> by_length, row_of, count, start;
   std::set<std::pair<int64_t, int64_t>> room;  // (free tokens, row) of the rows with room left
   for (int64_t w = 0, from = 0; from < n; ++w, from += window) {
     const int64_t to = std::min(n, from + window);
@@ -189,30 +188,35 @@ SftPacking pack_best_fit_decreasing(const std::vector<int64_t>& lengths, int64_t
       const int64_t lx = lengths[static_cast<size_t>(x)], ly = lengths[static_cast<size_t>(y)];
       return lx != ly ? lx > ly : x < y;
     });
-    rows.clear();
+    row_of.assign(static_cast<size_t>(to - from), 0);
     room.clear();
+    int64_t rows = 0;
     for (const int64_t k : by_length) {
       const int64_t len = lengths[static_cast<size_t>(k)];
       COIL_CHECK(len >= 1 && len <= cols, "an example of {} tokens for rows of {}", len, cols);
       auto it = room.lower_bound({len, -1});  // the least room that fits; the row opened first
-      int64_t row, free;
+      int64_t row = rows, free = cols;
       if (it == room.end()) {
-        row = static_cast<int64_t>(rows.size());
-        free = cols;
-        rows.emplace_back();
+        ++rows;
       } else {
         std::tie(free, row) = *it;
         room.erase(it);
       }
-      rows[static_cast<size_t>(row)].push_back(k);
+      row_of[static_cast<size_t>(k - from)] = row;
       if (free - len > 0) room.emplace(free - len, row);
     }
-    const Permutation shuffle(rows.size(), mix64(key ^ mix64(static_cast<uint64_t>(w) + 1)));
-    for (uint64_t r = 0; r < rows.size(); ++r) {
-      std::vector<int64_t>& row = rows[static_cast<size_t>(shuffle(r))];
-      std::sort(row.begin(), row.end());  // the epoch's order within a row
+    // Each row's positions in the epoch's order (a counting sort by row), the rows shuffled.
+    count.assign(static_cast<size_t>(rows) + 1, 0);
+    for (const int64_t r : row_of) ++count[static_cast<size_t>(r) + 1];
+    std::partial_sum(count.begin(), count.end(), count.begin());  // count[r]: where row r starts
+    start = count;
+    std::vector<int64_t> grouped(row_of.size());
+    for (int64_t k = from; k < to; ++k) grouped[static_cast<size_t>(start[static_cast<size_t>(row_of[static_cast<size_t>(k - from)])]++)] = k;
+    const Permutation shuffle(static_cast<uint64_t>(rows), mix64(key ^ mix64(static_cast<uint64_t>(w) + 1)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint64_t src = shuffle(static_cast<uint64_t>(r));
       p.row_start.push_back(static_cast<int64_t>(p.order.size()));
-      p.order.insert(p.order.end(), row.begin(), row.end());
+      p.order.insert(p.order.end(), grouped.begin() + count[src], grouped.begin() + count[src + 1]);
     }
   }
   p.row_start.push_back(n);

@@ -127,9 +127,10 @@ class SftDataset : public SampleSource {
 // by free space, O(n log n). A row keeps its examples in the epoch's order. The window's rows are
 // then shuffled by a permutation keyed by (seed, epoch, window), so that rows do not come sorted by
 // length, and the windows' rows follow one another. On Alpaca-like lengths at seq_len 512 this
-// leaves about 1% of padding (3.02x the examples a row of padded SFT, the ceiling being 3.03x) where
-// first fit over 16 open rows left 3.6% (2.93x; docs/PERFORMANCE.md); a 52k-example epoch packs in
-// a few milliseconds. So an epoch's rows are a pure function of (seed, epoch), never of the number
+// leaves 1.0% of padding, 3.00x the examples a row of padded SFT (no packing of whole examples can
+// pass 3.03x there), where first fit over the 16 rows opened last (before 2026-12-01) left 4.3%
+// (2.90x); on the demo's short examples 8.41x (docs/PERFORMANCE.md). An epoch of 20k examples
+// packs in ~13 ms of CPU. So an epoch's rows are a pure function of (seed, epoch), never of the number
 // of ranks, and the loader's order contract holds with rows in place of samples: global row g is
 // row g - R(e) of epoch e, R(e) being the rows of the epochs before e (they vary a little from
 // epoch to epoch). N-independence, exact resume and resharding hold as for the padded loader; the
@@ -153,8 +154,10 @@ SftPacking pack_best_fit_decreasing(const std::vector<int64_t>& lengths, int64_t
 
 class PackedSftSamples : public SampleSource {
  public:
-  // Examples per BFD window: 3.02x on Alpaca-like lengths against 3.00x for windows of 4,096 and
-  // 2.96x for 1,024 (docs/PERFORMANCE.md); Stanford Alpaca's 52k examples are 2 windows.
+  // Examples per BFD window. On Alpaca-like lengths (20k examples) windows of 1,024 / 4,096 /
+  // 32,768 make 6,683 / 6,670 / 6,669 rows (docs/PERFORMANCE.md): past a few thousand the window
+  // hardly matters, and a large one costs only memory (two int64 a example). Stanford Alpaca's 52k
+  // examples are 2 windows.
   static constexpr int64_t kPackWindow = 32768;
   // seed: the run's (size() is the row count of its epoch 0).
   PackedSftSamples(std::shared_ptr<const SftDataset> examples, uint64_t seed);
@@ -168,7 +171,9 @@ class PackedSftSamples : public SampleSource {
   void fill_seq_idx(int64_t i, int32_t* seq_idx) const override;
   void fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const override;
   std::string kind() const override { return "sft"; }
-  std::string fingerprint() const override { return examples_->fingerprint() + ":packed"; }
+  // ":packed-bfd": the state of a run packed first-fit (before 2026-12-01, ":packed") counts other rows,
+  // so it is refused rather than resumed into other examples.
+  std::string fingerprint() const override { return examples_->fingerprint() + ":packed-bfd"; }
   // The examples of row `row` of epoch `epoch` (indices into the SftDataset), in order.
   std::vector<int64_t> row_examples(uint64_t seed, int64_t epoch, int64_t row) const;
   int64_t rows_in_epoch(uint64_t seed, int64_t epoch) const;
