@@ -21,6 +21,8 @@ and reads its step-0 / final val loss.
   bench/packing_effect.py sft --coil build/bin/coil --config configs/demo-sft.toml \
       --train data/demo/alpaca/train.json --val data/demo/alpaca/val.jsonl [--steps 200] [--seq-len 512]
   bench/packing_effect.py pretrain --coil build/bin/coil --config configs/demo-pretrain.toml [--seeds 0 1]
+`sft --steps 0` measures the throughput only; `--concurrent` runs its padded and packed runs at the
+same time, so that on a loaded machine both see the same load.
 Prints a table; --json FILE writes the figures.
 """
 import argparse
@@ -33,15 +35,27 @@ import sys
 import tempfile
 
 
-def run(coil, phase, config, sets, run_dir):
+def start(coil, phase, config, sets, run_dir):
     cmd = [coil, phase, "--config", config, "--set", f"train.run_dir={run_dir}"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(run_dir + ".log", "w+")  # a file, not a pipe: two runs at once never block on output
+    return cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def finish(cmd, p, log, run_dir):
+    p.wait()
+    log.seek(0)
+    out = log.read()
+    log.close()
     if p.returncode != 0:
-        sys.exit(f"packing_effect: {' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}")
+        sys.exit(f"packing_effect: {' '.join(cmd)} failed ({p.returncode}):\n{out[-3000:]}")
     lines = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return p.stdout, lines
+    return out, lines
+
+
+def run(coil, phase, config, sets, run_dir):
+    return finish(*start(coil, phase, config, sets, run_dir), run_dir)
 
 
 def val_losses(lines):
@@ -68,12 +82,19 @@ def sft(a, work):
     if a.pretrained:
         common["train.pretrained_checkpoint_path"] = a.pretrained
     figures = {}
-    # Throughput: the same rows per step, the same steps.
+    # Throughput: the same rows per step, the same steps; --concurrent runs the two at once, so that
+    # on a loaded machine both see the same load (each then gets about half of what is left).
+    started = {}
     for mode in ("padded", "packed"):
         sets = dict(common, **{"data.sft_packing": str(mode == "packed").lower(), "train.max_steps": a.throughput_steps,
                                "train.global_batch_size": a.batch, "train.micro_batch_size": a.batch,
                                "train.eval_interval": 0})
-        out, lines = run(a.coil, "sft", a.config, sets, os.path.join(work, f"tp-{mode}"))
+        d = os.path.join(work, f"tp-{mode}")
+        started[mode] = (start(a.coil, "sft", a.config, sets, d), d)
+        if not a.concurrent:
+            started[mode] = finish(*started[mode][0], d)
+    for mode in ("padded", "packed"):
+        out, lines = finish(*started[mode][0], started[mode][1]) if a.concurrent else started[mode]
         ex, resp, rows = sft_summary(out)
         rows_s = a.batch / seconds_per_step(lines)
         figures[mode] = {"examples": ex, "response_tokens": resp, "rows": rows, "rows_per_s": rows_s,
@@ -89,6 +110,8 @@ def sft(a, work):
           f"{pk['response_tokens_per_s'] / pad['response_tokens_per_s']:.2f}x response tokens/s, "
           f"{pk['rows_per_s'] / pad['rows_per_s']:.3f}x rows/s")
 
+    if a.steps == 0:  # throughput only
+        return figures
     # Quality at equal examples seen and equal optimizer steps.
     ratio = pad["rows"] / pk["rows"]
     packed_batch = max(1, round(a.batch / ratio))
@@ -153,8 +176,9 @@ def main():
     s.add_argument("--pretrained", default="", help="train.pretrained_checkpoint_path (default: the config's)")
     s.add_argument("--seq-len", type=int, default=512)
     s.add_argument("--batch", type=int, default=16, help="rows per step of the padded runs")
-    s.add_argument("--steps", type=int, default=200, help="steps of the quality runs")
+    s.add_argument("--steps", type=int, default=200, help="steps of the quality runs (0: none, throughput only)")
     s.add_argument("--throughput-steps", type=int, default=30)
+    s.add_argument("--concurrent", action="store_true", help="run the padded and packed throughput runs at once")
     s.add_argument("--eval-batches", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("pretrain")

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cctype>
-#include <deque>
 #include <map>
+#include <numeric>
+#include <set>
 #include <thread>
+#include <tuple>
 
 #include "data/tokenizer.h"
 #include "util/error.h"
@@ -170,40 +172,72 @@ PackedSftSamples::PackedSftSamples(std::shared_ptr<const SftDataset> examples, u
   rows0_ = rows_in_epoch(seed, 0);
 }
 
+SftPacking pack_best_fit_decreasing(const std::vector<int64_t>& lengths, int64_t cols, int64_t window, uint64_t key) {
+  COIL_CHECK(window > 0 && cols > 0, "packing window {} and row length {}", window, cols);
+  const int64_t n = static_cast<int64_t>(lengths.size());
+  SftPacking p;
+  p.order.reserve(static_cast<size_t>(n));
+  p.row_start.reserve(static_cast<size_t>(n / 2 + 2));
+  std::vector<int64_t> by_length, row_of, count, start;
+  std::set<std::pair<int64_t, int64_t>> room;  // (free tokens, row) of the rows with room left
+  for (int64_t w = 0, from = 0; from < n; ++w, from += window) {
+    const int64_t to = std::min(n, from + window);
+    by_length.resize(static_cast<size_t>(to - from));
+    std::iota(by_length.begin(), by_length.end(), from);
+    std::sort(by_length.begin(), by_length.end(), [&](int64_t x, int64_t y) {
+      const int64_t lx = lengths[static_cast<size_t>(x)], ly = lengths[static_cast<size_t>(y)];
+      return lx != ly ? lx > ly : x < y;
+    });
+    row_of.assign(static_cast<size_t>(to - from), 0);
+    room.clear();
+    int64_t rows = 0;
+    for (const int64_t k : by_length) {
+      const int64_t len = lengths[static_cast<size_t>(k)];
+      COIL_CHECK(len >= 1 && len <= cols, "an example of {} tokens for rows of {}", len, cols);
+      auto it = room.lower_bound({len, -1});  // the least room that fits; the row opened first
+      int64_t row = rows, free = cols;
+      if (it == room.end()) {
+        ++rows;
+      } else {
+        std::tie(free, row) = *it;
+        room.erase(it);
+      }
+      row_of[static_cast<size_t>(k - from)] = row;
+      if (free - len > 0) room.emplace(free - len, row);
+    }
+    // Each row's positions in the epoch's order (a counting sort by row), the rows shuffled.
+    count.assign(static_cast<size_t>(rows) + 1, 0);
+    for (const int64_t r : row_of) ++count[static_cast<size_t>(r) + 1];
+    std::partial_sum(count.begin(), count.end(), count.begin());  // count[r]: where row r starts
+    start = count;
+    std::vector<int64_t> grouped(row_of.size());
+    for (int64_t k = from; k < to; ++k) grouped[static_cast<size_t>(start[static_cast<size_t>(row_of[static_cast<size_t>(k - from)])]++)] = k;
+    const Permutation shuffle(static_cast<uint64_t>(rows), mix64(key ^ mix64(static_cast<uint64_t>(w) + 1)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint64_t src = shuffle(static_cast<uint64_t>(r));
+      p.row_start.push_back(static_cast<int64_t>(p.order.size()));
+      p.order.insert(p.order.end(), grouped.begin() + count[src], grouped.begin() + count[src + 1]);
+    }
+  }
+  p.row_start.push_back(n);
+  return p;
+}
+
 std::shared_ptr<const PackedSftSamples::Packing> PackedSftSamples::packing(uint64_t seed, int64_t epoch) const {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cache_.find({seed, epoch});
     if (it != cache_.end()) return it->second;
   }
-  auto p = std::make_shared<Packing>();
-  const int64_t n = examples_->size(), cols = examples_->cols();
-  // First fit over the kOpenRows rows opened last: an example goes into the first of them it fits
-  // in, else into a new row, which closes the oldest one when there are too many.
-  struct Open {
-    int64_t used = 0;
-    std::vector<int64_t> examples;
-  };
-  std::deque<Open> open;
-  auto close = [&] {
-    p->row_start.push_back(static_cast<int64_t>(p->order.size()));
-    p->order.insert(p->order.end(), open.front().examples.begin(), open.front().examples.end());
-    open.pop_front();
-  };
-  p->order.reserve(static_cast<size_t>(n));
+  const int64_t n = examples_->size();
+  std::vector<int64_t> examples(static_cast<size_t>(n)), lengths(static_cast<size_t>(n));
   for (int64_t k = 0; k < n; ++k) {
-    const int64_t e = sample_at(epoch * n + k, n, seed), len = (*examples_)[e].length;
-    auto fits = std::find_if(open.begin(), open.end(), [&](const Open& r) { return r.used + len <= cols; });
-    if (fits == open.end()) {
-      if (static_cast<int64_t>(open.size()) == kOpenRows) close();
-      open.emplace_back();
-      fits = open.end() - 1;
-    }
-    fits->used += len;
-    fits->examples.push_back(e);
+    examples[static_cast<size_t>(k)] = sample_at(epoch * n + k, n, seed);
+    lengths[static_cast<size_t>(k)] = (*examples_)[examples[static_cast<size_t>(k)]].length;
   }
-  while (!open.empty()) close();
-  p->row_start.push_back(n);
+  auto p = std::make_shared<Packing>(pack_best_fit_decreasing(
+      lengths, examples_->cols(), kPackWindow, mix64(seed) ^ mix64(static_cast<uint64_t>(epoch) * 0x9e3779b97f4a7c15ULL + 1)));
+  for (int64_t& k : p->order) k = examples[static_cast<size_t>(k)];  // positions -> examples
   std::lock_guard<std::mutex> lock(mu_);
   if (cache_.size() >= 4) cache_.erase(cache_.begin());  // the lowest (seed, epoch): training moves forward
   cache_[{seed, epoch}] = p;

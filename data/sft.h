@@ -117,25 +117,48 @@ class SftDataset : public SampleSource {
 
 // ---- Packing (data.sft_packing) ------------------------------------------------------------------
 //
-// Examples packed several to a row of seq_len + 1 tokens instead of one per padded row. In epoch e
-// the examples are taken in the order of the indexed loader's permutation of that epoch
-// (sample_at(e S + k, S, seed), data/loader.h) and laid out first-fit over the last kOpenRows rows
-// opened: each example (its tokens, cut as in make_sft_sample, ending with its EOS) goes into the
-// first of those rows with room for it, else into a new row, which closes the oldest open row (padded
-// at its end) when there are more than kOpenRows; rows come in the order they close. A window of 16
-// leaves a few percent of padding where next fit (one open row) leaves about 20% on Alpaca-like
-// lengths (docs/PERFORMANCE.md), and keeps the rows near the epoch's order. So an epoch's rows are a pure
-// function of (seed, epoch), never of the number of ranks, and the loader's order contract holds
-// with rows in place of samples: global row g is row g - R(e) of epoch e, R(e) being the rows of
-// the epochs before e (they vary a little from epoch to epoch). N-independence, exact resume and
-// resharding hold as for the padded loader; the state's next_sample counts rows.
+// Examples packed several to a row of seq_len + 1 tokens instead of one per padded row, by best fit
+// decreasing (BFD, as TRL's default packing_strategy="bfd"). In epoch e the examples are taken in
+// the order of the indexed loader's permutation of that epoch (sample_at(e S + k, S, seed),
+// data/loader.h) and cut into windows of kPackWindow examples (the last one shorter); within a
+// window they are sorted by length, longest first (ties: the earlier in that order first), and each
+// (its tokens, cut as in make_sft_sample, ending with its EOS) goes into the open row with the least
+// room that still fits it (ties: the row opened first), else into a new row: an ordered set keyed
+// by free space, O(n log n). A row keeps its examples in the epoch's order. The window's rows are
+// then shuffled by a permutation keyed by (seed, epoch, window), so that rows do not come sorted by
+// length, and the windows' rows follow one another. On Alpaca-like lengths at seq_len 512 this
+// leaves 1.0% of padding, 3.00x the examples a row of padded SFT (no packing of whole examples can
+// pass 3.03x there), where first fit over the 16 rows opened last (before 2026-12-01) left 4.3%
+// (2.90x); on the demo's short examples 8.41x (docs/PERFORMANCE.md). An epoch of 20k examples
+// packs in ~13 ms of CPU. So an epoch's rows are a pure function of (seed, epoch), never of the number
+// of ranks, and the loader's order contract holds with rows in place of samples: global row g is
+// row g - R(e) of epoch e, R(e) being the rows of the epochs before e (they vary a little from
+// epoch to epoch). N-independence, exact resume and resharding hold as for the padded loader; the
+// state's next_sample counts rows.
 //
 // In a row, seq_idx numbers the examples 0, 1, 2, ... and the padding gets the next number; the
 // mask is each example's own (response and EOS), 0 on the padding, and 0 on each example's first
 // token (which would otherwise be a target predicted from the previous example's EOS).
+
+// An epoch's packing: positions into the epoch's order, row after row.
+struct SftPacking {
+  std::vector<int64_t> order;      // positions k (the k-th example of the epoch's order)
+  std::vector<int64_t> row_start;  // row r holds order[row_start[r], row_start[r + 1]); rows + 1 entries
+  int64_t rows() const { return static_cast<int64_t>(row_start.size()) - 1; }
+};
+
+// Best fit decreasing of lengths[k] (the k-th example's tokens, each 1..cols) into rows of cols,
+// in windows of `window` positions, each window's rows shuffled by a permutation keyed by
+// mix64(key ^ mix64(window index + 1)): the packing PackedSftSamples uses (key: of seed and epoch).
+SftPacking pack_best_fit_decreasing(const std::vector<int64_t>& lengths, int64_t cols, int64_t window, uint64_t key);
+
 class PackedSftSamples : public SampleSource {
  public:
-  static constexpr int64_t kOpenRows = 16;
+  // Examples per BFD window. On Alpaca-like lengths (20k examples) windows of 1,024 / 4,096 /
+  // 32,768 make 6,683 / 6,670 / 6,669 rows (docs/PERFORMANCE.md): past a few thousand the window
+  // hardly matters, and a large one costs only memory (two int64 a example). Stanford Alpaca's 52k
+  // examples are 2 windows.
+  static constexpr int64_t kPackWindow = 32768;
   // seed: the run's (size() is the row count of its epoch 0).
   PackedSftSamples(std::shared_ptr<const SftDataset> examples, uint64_t seed);
   int64_t size() const override { return rows0_; }  // rows of epoch 0 (others differ a little)
@@ -148,16 +171,15 @@ class PackedSftSamples : public SampleSource {
   void fill_seq_idx(int64_t i, int32_t* seq_idx) const override;
   void fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const override;
   std::string kind() const override { return "sft"; }
-  std::string fingerprint() const override { return examples_->fingerprint() + ":packed"; }
+  // ":packed-bfd": the state of a run packed first-fit (before 2026-12-01, ":packed") counts other rows,
+  // so it is refused rather than resumed into other examples.
+  std::string fingerprint() const override { return examples_->fingerprint() + ":packed-bfd"; }
   // The examples of row `row` of epoch `epoch` (indices into the SftDataset), in order.
   std::vector<int64_t> row_examples(uint64_t seed, int64_t epoch, int64_t row) const;
   int64_t rows_in_epoch(uint64_t seed, int64_t epoch) const;
 
  private:
-  struct Packing {
-    std::vector<int64_t> order;      // the epoch's examples, row after row
-    std::vector<int64_t> row_start;  // row r holds order[row_start[r], row_start[r + 1])
-  };
+  using Packing = SftPacking;  // here order holds the examples (indices into the SftDataset)
   std::shared_ptr<const Packing> packing(uint64_t seed, int64_t epoch) const;
   // The epoch of global row g and the row within it.
   std::pair<int64_t, int64_t> locate(uint64_t seed, int64_t g) const;

@@ -1194,6 +1194,177 @@ TEST_F(Corpus, SftPackingIsIndependentOfRanksAndResumesExactly) {
   }
 }
 
+namespace {
+
+// Best fit decreasing written plainly: per window of `window` positions, longest first (ties: the
+// earlier position), each into the row with the least room that fits it (ties: the row opened
+// first; a linear scan), else a new row. The rows of each window, their positions sorted, in the
+// order they were opened (no shuffle).
+std::vector<std::vector<std::vector<int64_t>>> reference_bfd(const std::vector<int64_t>& lengths, int64_t cols, int64_t window) {
+  std::vector<std::vector<std::vector<int64_t>>> windows;
+  for (int64_t from = 0; from < static_cast<int64_t>(lengths.size()); from += window) {
+    std::vector<int64_t> ks;
+    for (int64_t k = from; k < std::min<int64_t>(from + window, static_cast<int64_t>(lengths.size())); ++k) ks.push_back(k);
+    std::stable_sort(ks.begin(), ks.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+    std::vector<std::vector<int64_t>> rows;
+    std::vector<int64_t> used;
+    for (int64_t k : ks) {
+      int64_t best = -1;
+      for (size_t r = 0; r < rows.size(); ++r)
+        if (used[r] + lengths[k] <= cols && (best < 0 || used[r] > used[best])) best = static_cast<int64_t>(r);
+      if (best < 0) {
+        rows.emplace_back();
+        used.push_back(0);
+        best = static_cast<int64_t>(rows.size()) - 1;
+      }
+      rows[best].push_back(k);
+      used[best] += lengths[k];
+    }
+    for (auto& row : rows) std::sort(row.begin(), row.end());
+    windows.push_back(rows);
+  }
+  return windows;
+}
+
+std::vector<std::vector<int64_t>> rows_of(const SftPacking& p) {
+  std::vector<std::vector<int64_t>> rows;
+  for (int64_t r = 0; r < p.rows(); ++r) rows.emplace_back(p.order.begin() + p.row_start[r], p.order.begin() + p.row_start[r + 1]);
+  return rows;
+}
+
+// Lengths of Alpaca's shape for rows of `cols`: mostly short, a long tail, some a whole row.
+std::vector<int64_t> alpaca_like_lengths(int64_t n, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int64_t> lengths;
+  for (int64_t i = 0; i < n; ++i) {
+    double x = 40 + std::exp(4.3 + 0.9 * std::normal_distribution<double>(0, 1)(rng));
+    lengths.push_back(std::clamp<int64_t>(static_cast<int64_t>(x), 1, cols));
+  }
+  return lengths;
+}
+
+}  // namespace
+
+// Hand-packed cases. 3 3 3 7 7 7 into rows of 10: the longest first, each 3 into the first of the
+// rows with 3 free, {3 7} three times (first fit in the given order needs 4 rows). 6 5 4 3 2 2:
+// the 4 into the 6's row (the least room), {6 4} {5 3 2} {2}; the same list reversed packs alike.
+TEST(SftPacking, BestFitDecreasingPacksKnownLists) {
+  auto sorted_rows = [](const SftPacking& p) {
+    std::vector<std::vector<int64_t>> rows = rows_of(p);
+    std::sort(rows.begin(), rows.end());
+    return rows;
+  };
+  EXPECT_EQ(sorted_rows(pack_best_fit_decreasing({3, 3, 3, 7, 7, 7}, 10, 6, 7)),
+            (std::vector<std::vector<int64_t>>{{0, 3}, {1, 4}, {2, 5}}));
+  EXPECT_EQ(sorted_rows(pack_best_fit_decreasing({6, 5, 4, 3, 2, 2}, 10, 6, 7)),
+            (std::vector<std::vector<int64_t>>{{0, 2}, {1, 3, 4}, {5}}));
+  EXPECT_EQ(sorted_rows(pack_best_fit_decreasing({2, 2, 3, 4, 5, 6}, 10, 6, 7)),
+            (std::vector<std::vector<int64_t>>{{0, 2, 4}, {1}, {3, 5}}));
+  // Windows of 3: 3 3 3 then 7 7 7 apart, 4 rows: {0 1 2} then the 7s one a row.
+  EXPECT_EQ(sorted_rows(pack_best_fit_decreasing({3, 3, 3, 7, 7, 7}, 10, 3, 7)),
+            (std::vector<std::vector<int64_t>>{{0, 1, 2}, {3}, {4}, {5}}));
+  EXPECT_THROW(pack_best_fit_decreasing({3, 11}, 10, 6, 7), coil::Error);  // longer than a row
+  EXPECT_THROW(pack_best_fit_decreasing({3, 0}, 10, 6, 7), coil::Error);
+}
+
+// On Alpaca-like lengths, in windows: each window holds the rows a plain BFD makes of it (so the
+// same fill), shuffled; every position once, no row over cols; the same key packs the same rows in
+// the same order, another key the same rows in another order.
+TEST(SftPacking, BestFitDecreasingMatchesAPlainReference) {
+  const int64_t cols = 513, window = 700;
+  const std::vector<int64_t> lengths = alpaca_like_lengths(2000, cols, 3);  // 3 windows, the last short
+  ASSERT_GT(std::count(lengths.begin(), lengths.end(), cols), 0);
+  const SftPacking p = pack_best_fit_decreasing(lengths, cols, window, 42);
+  const auto reference = reference_bfd(lengths, cols, window);
+  ASSERT_EQ(reference.size(), 3u);
+  const std::vector<std::vector<int64_t>> rows = rows_of(p);
+  std::vector<int64_t> seen;
+  size_t at = 0, ref_rows = 0;
+  bool shuffled = false;
+  for (const auto& ref : reference) {
+    ref_rows += ref.size();
+    ASSERT_LE(at + ref.size(), rows.size());
+    std::vector<std::vector<int64_t>> got(rows.begin() + at, rows.begin() + at + ref.size());
+    shuffled |= got != ref;
+    std::sort(got.begin(), got.end());
+    std::vector<std::vector<int64_t>> want = ref;
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(got, want) << "window " << &ref - reference.data();
+    at += ref.size();
+  }
+  EXPECT_EQ(rows.size(), ref_rows);
+  EXPECT_TRUE(shuffled);
+  for (const auto& row : rows) {
+    int64_t used = 0;
+    for (int64_t k : row) used += lengths[k];
+    EXPECT_LE(used, cols);
+    EXPECT_TRUE(std::is_sorted(row.begin(), row.end()));
+    seen.insert(seen.end(), row.begin(), row.end());
+  }
+  std::sort(seen.begin(), seen.end());
+  std::vector<int64_t> all(lengths.size());
+  std::iota(all.begin(), all.end(), 0);
+  EXPECT_EQ(seen, all);
+  // Fuller than first fit over the lengths as they come (one pass, every row open).
+  std::vector<int64_t> first_fit;
+  for (int64_t len : lengths) {
+    auto r = std::find_if(first_fit.begin(), first_fit.end(), [&](int64_t used) { return used + len <= cols; });
+    if (r == first_fit.end()) first_fit.push_back(len); else *r += len;
+  }
+  EXPECT_LT(rows.size(), first_fit.size());
+  const SftPacking again = pack_best_fit_decreasing(lengths, cols, window, 42);
+  EXPECT_EQ(again.order, p.order);
+  EXPECT_EQ(again.row_start, p.row_start);
+  std::vector<std::vector<int64_t>> other = rows_of(pack_best_fit_decreasing(lengths, cols, window, 43)), sorted = rows;
+  EXPECT_NE(other, rows);
+  std::sort(other.begin(), other.end());
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_EQ(other, sorted);
+}
+
+// The packed SFT source's epoch is that BFD of the epoch's order (one window here): rebuilt from
+// scratch it is the same; another epoch is another packing.
+TEST_F(Corpus, SftPackingIsBestFitDecreasingOfTheEpochsOrder) {
+  TempDir dir;
+  const int64_t seq_len = 160;
+  auto ds = packing_examples(dir.str(), *tokenizer_, seq_len);
+  const int64_t n = ds->size();
+  ASSERT_LE(n, PackedSftSamples::kPackWindow);
+  PackedSftSamples packed(ds, 9), again(ds, 9);
+  std::vector<std::vector<std::vector<int64_t>>> epochs;
+  for (int64_t epoch = 0; epoch < 3; ++epoch) {
+    std::vector<int64_t> examples, lengths;
+    for (int64_t k = 0; k < n; ++k) {
+      examples.push_back(sample_at(epoch * n + k, n, 9));
+      lengths.push_back((*ds)[examples.back()].length);
+    }
+    auto want = reference_bfd(lengths, seq_len + 1, n)[0];
+    for (auto& row : want)
+      for (int64_t& k : row) k = examples[k];
+    const int64_t rows = packed.rows_in_epoch(9, epoch);
+    ASSERT_EQ(rows, static_cast<int64_t>(want.size())) << "epoch " << epoch;
+    EXPECT_EQ(again.rows_in_epoch(9, epoch), rows);
+    std::vector<std::vector<int64_t>> got;
+    for (int64_t r = 0; r < rows; ++r) {
+      got.push_back(packed.row_examples(9, epoch, r));
+      EXPECT_EQ(again.row_examples(9, epoch, r), got.back()) << "epoch " << epoch << " row " << r;
+    }
+    epochs.push_back(got);
+    std::vector<int64_t> position(static_cast<size_t>(n));
+    for (int64_t k = 0; k < n; ++k) position[examples[k]] = k;
+    for (const auto& row : got)  // a row keeps the epoch's order
+      EXPECT_TRUE(std::is_sorted(row.begin(), row.end(), [&](int64_t a, int64_t b) { return position[a] < position[b]; }));
+    // The same rows as the reference: compared as sets (each row's examples sorted, the rows sorted).
+    for (auto* rows_ : {&got, &want}) {
+      for (auto& row : *rows_) std::sort(row.begin(), row.end());
+      std::sort(rows_->begin(), rows_->end());
+    }
+    EXPECT_EQ(got, want) << "epoch " << epoch;
+  }
+  EXPECT_NE(epochs[0], epochs[1]);
+  EXPECT_NE(epochs[1], epochs[2]);
+}
+
 // data.sft_packing with a train.seq_len shorter than the template itself: one line naming the keys.
 TEST_F(Corpus, SftPackingRefusesASeqLenShorterThanTheTemplate) {
   const SftTemplate alpaca;
