@@ -17,6 +17,7 @@
 #include "model/mamba.h"
 #include "optim/hybrid.h"
 #include "util/cpu_memory.h"
+#include "util/error.h"
 
 using namespace coil;
 using namespace coil::dist;
@@ -751,7 +752,7 @@ TEST(Fsdp, PackedRowsEqualEachDocumentAlone) {
   try {
     fsdp3.forward(tokens.narrow(0, 0, 1), seq_idx.narrow(0, 0, 1).flip(1).contiguous());
     ADD_FAILURE() << "no error for a decreasing seq_idx";
-  } catch (const Error& e) {
+  } catch (const coil::Error& e) {
     EXPECT_EQ(std::string(e.what()).rfind("FsdpMamba::forward: seq_idx decreases within a row", 0), 0u) << e.what();
   }
 }
