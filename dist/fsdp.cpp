@@ -11,6 +11,7 @@
 #include <ATen/core/ivalue.h>
 #include <c10/core/StorageImpl.h>
 
+#include "model/seq_idx.h"
 #include "util/error.h"
 
 namespace coil::dist {
@@ -484,6 +485,8 @@ std::vector<std::vector<int64_t>> FsdpMamba::whole_shapes() const {
 }
 
 at::Tensor FsdpMamba::forward(const at::Tensor& tokens, const at::Tensor& seq_idx) {
+  // Once here, not per layer (on CUDA the order check is a sync: model/seq_idx.h).
+  if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "FsdpMamba::forward", true);
   seq_idx_ = seq_idx;
   drop_prefetches();  // none are left as a rule; one left by an error would hold stale weights
   finish_reduces();

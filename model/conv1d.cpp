@@ -9,6 +9,7 @@
 
 #if defined(COIL_WITH_CUDA)
 #include "model/conv1d_cuda.h"
+#include "model/seq_idx.h"
 #endif
 #include "util/error.h"
 
@@ -186,18 +187,10 @@ struct CausalConvCuda : public torch::autograd::Function<CausalConvCuda> {
 };
 #endif
 
-// seq_idx [B, L] int32 non-decreasing (checked), initial_state [B, I, K-1] floating.
+// seq_idx [B, L] int32 non-decreasing (model/seq_idx.h says when the order is checked), initial_state [B, I, K-1] floating.
 void check_boundaries(const Tensor& x, int64_t K, const Tensor& seq_idx, const Tensor& init) {
   const int64_t B = x.size(0), L = x.size(1), I = x.size(2);
-  if (seq_idx.defined()) {
-    COIL_CHECK(seq_idx.scalar_type() == torch::kInt, "causal_conv1d: seq_idx must be int32, got {}",
-               c10::toString(seq_idx.scalar_type()));
-    COIL_CHECK(seq_idx.dim() == 2 && seq_idx.size(0) == B && seq_idx.size(1) == L,
-               "causal_conv1d: seq_idx has shape {}, expected [{}, {}]", c10::str(seq_idx.sizes()), B, L);
-    if (L > 1)
-      COIL_CHECK(!(seq_idx.narrow(1, 1, L - 1) < seq_idx.narrow(1, 0, L - 1)).any().item<bool>(),
-                 "causal_conv1d: seq_idx decreases within a row (document numbers must be non-decreasing)");
-  }
+  check_seq_idx(seq_idx, B, L, "causal_conv1d");
   if (init.defined()) {
     COIL_CHECK(at::isFloatingType(init.scalar_type()), "causal_conv1d: initial_state must be floating point, got {}",
                c10::toString(init.scalar_type()));

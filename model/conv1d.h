@@ -11,8 +11,8 @@
 //     (a running max, computed once) and skips the taps before it.
 //   initial_state [B, I, K-1]: the K-1 inputs before position 0, oldest first (instead of zeros),
 //     read by the first document of the row only. Its gradient comes out of backward.
-// Checked (coil::Error naming the tensor): seq_idx int32 [B, L] non-decreasing, initial_state
-// floating point [B, I, K-1].
+// Checked (coil::Error naming the tensor): seq_idx int32 [B, L] (non-decreasing: on CPU; on CUDA
+// once per forward by the model, model/seq_idx.h), initial_state floating point [B, I, K-1].
 // On CUDA: without seq_idx and initial_state, torch's grouped conv1d (cuDNN) as before; with either,
 // the kernel of conv1d_cuda.h (one thread per output element, float32 arithmetic, x in float32 or
 // bfloat16; dw and dbias as deterministic partial sums), the initial state's gradient included.

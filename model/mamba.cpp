@@ -8,6 +8,7 @@
 #include "model/conv1d.h"
 #include "model/linear_cpu.h"
 #include "model/selective_scan.h"
+#include "model/seq_idx.h"
 #include "util/error.h"
 
 namespace coil {
@@ -175,6 +176,8 @@ Tensor MambaLM::forward(const Tensor& tokens, const Tensor& seq_idx) const {
 }
 
 Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute, const Tensor& seq_idx) const {
+  // Once here, not per layer (on CUDA the order check is a sync: model/seq_idx.h).
+  if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "MambaLM::forward", true);
   const Tensor emb = embedding.to(compute);  // a no-op in the weights' own dtype
   Tensor h = embed(emb, tokens);
   for (size_t l = 0; l < layers.size(); ++l) h = run_block(l, h, compute, seq_idx);

@@ -9,7 +9,8 @@
 //
 // Packed sequences: forward and block take an optional seq_idx [B, L] int32 (document numbers,
 // non-decreasing per row); the mixer passes it to the causal conv and the selective scan, which
-// restart at each document (model/conv1d.h, model/selective_scan.h). Decoding (prefill, step)
+// restart at each document (model/conv1d.h, model/selective_scan.h); forward checks it once
+// (model/seq_idx.h). Decoding (prefill, step)
 // takes none: generation starts from a zero state, and the recurrent step needs no boundaries.
 #pragma once
 

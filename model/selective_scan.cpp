@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include "model/scan_cpu.h"
+#include "model/seq_idx.h"
 #if defined(COIL_WITH_CUDA)
 #include "model/scan_cuda.h"
 #endif
@@ -44,21 +45,6 @@ void check_shapes(const Tensor& u, const Tensor& delta, const Tensor& A, const T
   if (delta_bias.defined()) same(delta_bias, {I}, "delta_bias");
   COIL_CHECK(N <= scan_cpu::kMaxState, "selective_scan: state size {} exceeds {}", N,
              scan_cpu::kMaxState);
-}
-
-// seq_idx [B, L] int32, non-decreasing within each row (one pass over B x L ints, against the
-// scan's B x L x I x N: always checked).
-void check_seq_idx(const Tensor& seq_idx, int64_t B, int64_t L, const char* who) {
-  if (!seq_idx.defined()) return;
-  COIL_CHECK(seq_idx.scalar_type() == torch::kInt, "{}: seq_idx must be int32, got {}", who,
-             c10::toString(seq_idx.scalar_type()));
-  COIL_CHECK(seq_idx.dim() == 2 && seq_idx.size(0) == B && seq_idx.size(1) == L,
-             "{}: seq_idx has shape {}, expected {}x{}", who, fmt::to_string(fmt::join(seq_idx.sizes(), "x")), B, L);
-  if (L > 1) {
-    const Tensor down = seq_idx.narrow(1, 1, L - 1) < seq_idx.narrow(1, 0, L - 1);
-    COIL_CHECK(!down.any().item<bool>(), "{}: seq_idx decreases within a row (document numbers must be non-decreasing)",
-               who);
-  }
 }
 
 void check_h0(const Tensor& h0, int64_t B, int64_t I, int64_t N) {

@@ -12,8 +12,8 @@
 //     mamba_ssm's Mamba-2 and causal_conv1d take it). Where seq_idx[b, t] != seq_idx[b, t-1] a
 //     document starts: h_{t-1} reads as zero there, so no state crosses the boundary. The kernels
 //     get it as one flag per position (1 = restart), a branch per (t, channel) that costs nothing
-//     measurable when absent. Checked: int32, [B, L], non-decreasing (one pass over B x L ints,
-//     negligible beside the scan's B x L x I x N work, so always done).
+//     measurable when absent. Checked: int32, [B, L], and non-decreasing on CPU (on CUDA
+//     the order is checked once per forward by the model: model/seq_idx.h).
 //   h0 [B, I, N] float32 or float64: the state before position 0 (instead of zero); with seq_idx it
 //     is the start state of the row's first document only. Its gradient comes out of backward.
 //     (Continuing rows in chunks: a chunk whose position 0 starts a new document takes a zero h0

@@ -397,5 +397,30 @@ TEST(MixerBoundaries, PackedBlockEqualsEachDocumentAlone) {
   EXPECT_TRUE(torch::equal(m.forward(tokens, torch::zeros({1, L}, torch::kInt)), m.forward(tokens)));
 }
 
+// seq_idx's order is checked once per forward by the model (model/seq_idx.h): the error names
+// MambaLM::forward, before any layer's kernel sees the tensor; dtype and shape too.
+TEST(MixerBoundaries, ModelChecksSeqIdxAtForward) {
+  MambaConfig cfg = MambaConfig::preset("tiny");
+  cfg.n_layer = 2;
+  MambaLM m(cfg, 3);
+  const Tensor tokens = torch::randint(cfg.vocab_size, {2, 5}, torch::kLong);
+  torch::NoGradGuard ng;
+  const Tensor decreasing = torch::tensor({0, 1, 1, 0, 2}, torch::kInt).repeat({2, 1});
+  const std::pair<Tensor, std::string> cases[] = {
+      {decreasing, "MambaLM::forward: seq_idx decreases within a row"},
+      {torch::zeros({2, 4}, torch::kInt), "MambaLM::forward: seq_idx has shape 2x4, expected 2x5"},
+      {torch::zeros({2, 5}, torch::kLong), "MambaLM::forward: seq_idx must be int32"}};
+  for (const auto& [bad, message] : cases) {
+    try {
+      m.forward(tokens, bad);
+      ADD_FAILURE() << "no error for " << message;
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).rfind(message, 0), 0u) << e.what();
+    }
+  }
+  EXPECT_TRUE(torch::equal(m.forward(tokens, torch::tensor({0, 0, 1, 1, 1}, torch::kInt).repeat({2, 1})),
+                           m.forward(tokens, torch::tensor({3, 3, 7, 7, 7}, torch::kInt).repeat({2, 1}))));
+}
+
 }  // namespace
 }  // namespace coil

@@ -17,6 +17,7 @@
 #include "model/mamba.h"
 #include "optim/hybrid.h"
 #include "util/cpu_memory.h"
+#include "util/error.h"
 
 using namespace coil;
 using namespace coil::dist;
@@ -743,5 +744,15 @@ TEST(Fsdp, PackedRowsEqualEachDocumentAlone) {
     for (size_t i = 0; i < params.size(); ++i)
       EXPECT_LT(rel_error(fsdp.local_parameters()[i].tensor.grad(), fsdp.layout(i).slice(params[i].tensor.grad(), r)), 1e-5)
           << params[i].name << (ac == ActivationCheckpointing::full ? " (checkpointed)" : "");
+  }
+  // seq_idx's order is checked once, at the sharded model's forward, before any collective: every
+  // rank gets the one-line error and none waits for the others (model/seq_idx.h).
+  MambaLM model3(tiny(), 7);
+  FsdpMamba fsdp3(model3, comm, true);
+  try {
+    fsdp3.forward(tokens.narrow(0, 0, 1), seq_idx.narrow(0, 0, 1).flip(1).contiguous());
+    ADD_FAILURE() << "no error for a decreasing seq_idx";
+  } catch (const coil::Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("FsdpMamba::forward: seq_idx decreases within a row", 0), 0u) << e.what();
   }
 }

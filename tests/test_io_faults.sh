@@ -130,6 +130,7 @@ rm -f "$tmp/ext2.img"
 # ---- A stop signal whose checkpoint does not fit: exit 1, not 0. ----
 m=$tmp/full-stop
 mkdir "$m" && mount -t tmpfs -o size=3m tmpfs "$m"
+: >"$tmp/err"  # emptied first: the loop below must not find the previous run's warning
 "$coil" pretrain "${args[@]}" --set train.max_steps=100000 --set train.async_checkpoint=true --set "train.run_dir=$m/run" \
   >"$tmp/out" 2>"$tmp/err" &
 pid=$!

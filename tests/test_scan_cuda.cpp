@@ -14,6 +14,7 @@
 #include <cstdio>
 
 #include "model/conv1d.h"
+#include "model/mamba.h"
 #include "model/selective_scan.h"
 #if defined(COIL_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -733,6 +734,38 @@ TEST(ConvCuda, MixerTwoHalvesFromFinalStatesEqualTheWhole) {
     for (size_t k = 0; k < params.size(); ++k)
       expect_close(cpu(g[k]), cpu(g_whole[k]), kRtolF32, std::string(names[k]) + " " + where);
   }
+}
+
+// On CUDA the kernels do not check seq_idx's order (a device sync per call: model/seq_idx.h): a
+// decreasing seq_idx whose numbers do not come back gives what the same starts numbered upwards
+// give, bit for bit; the model checks the order once per forward and names itself.
+TEST(ScanCuda, SeqIdxOrderIsCheckedByTheModelNotByEachKernel) {
+  SKIP_WITHOUT_GPU();
+  torch::manual_seed(46);
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const Tensor down = torch::tensor({3, 1, 1, 0, 0, 2, 6, 6, 4}, torch::kInt).repeat({2, 1}).to(torch::kCUDA);
+  const Tensor up = torch::tensor({0, 1, 1, 2, 2, 3, 4, 4, 5}, torch::kInt).repeat({2, 1}).to(torch::kCUDA);
+  const int64_t B = 2, L = 9, I = 12, N = 16;
+  const Tensor u = torch::randn({B, L, I}, cuda), delta = torch::randn({B, L, I}, cuda) * 0.5;
+  const Tensor A = -torch::rand({I, N}, cuda) * 8 - 1, Bm = torch::randn({B, L, N}, cuda), Cm = torch::randn({B, L, N}, cuda);
+  const Tensor D = torch::randn({I}, cuda), z = torch::randn({B, L, I}, cuda), bias = torch::randn({I}, cuda) * 0.1;
+  EXPECT_TRUE(torch::equal(selective_scan(u, delta, A, Bm, Cm, D, z, bias, true, nullptr, down),
+                           selective_scan(u, delta, A, Bm, Cm, D, z, bias, true, nullptr, up)));
+  const Tensor w = torch::randn({I, 1, 4}, cuda), b = torch::randn({I}, cuda);
+  EXPECT_TRUE(torch::equal(causal_conv1d(u, w, b, down), causal_conv1d(u, w, b, up)));
+  MambaConfig cfg = MambaConfig::preset("tiny");
+  cfg.n_layer = 2;
+  MambaLM m(cfg, 3);
+  m.to(torch::kCUDA);
+  const Tensor tokens = torch::randint(cfg.vocab_size, {B, L}, cuda.dtype(torch::kLong));
+  torch::NoGradGuard ng;
+  try {
+    m.forward(tokens, down);
+    ADD_FAILURE() << "no error for a decreasing seq_idx on CUDA";
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).rfind("MambaLM::forward: seq_idx decreases within a row", 0), 0u) << e.what();
+  }
+  EXPECT_EQ(m.forward(tokens, up).sizes(), (std::vector<int64_t>{B, L, cfg.vocab_size}));
 }
 
 }  // namespace
