@@ -344,18 +344,29 @@ Job make_job(const LaunchOptions& o, const std::vector<Host>& hosts, bool severa
   job.ranks = several ? static_cast<int>(job.host_of_rank.size()) : o.nproc;
   job.threads = std::max(1, cores / per_node_most);
   std::vector<std::string>& argv = job.argv;
-  argv = {mpirun, "-np", std::to_string(job.ranks), "--bind-to", "none", "--tag-output",
-          "-x", fmt::format("OMP_NUM_THREADS={}", job.threads)};
+  argv = {mpirun, "-np", std::to_string(job.ranks), "--bind-to", "none", "--tag-output"};
+  // The variables every rank gets ("NAME=value", or "NAME": the launcher's value).
+  std::vector<std::string> exports{fmt::format("OMP_NUM_THREADS={}", job.threads)};
   if (several) argv.insert(argv.end(), {"--host", job.host_list, "--map-by", "slot"});
   if (per_node_most > cores || o.oversubscribe) argv.push_back("--oversubscribe");
   if (!o.iface.empty()) {
     argv.insert(argv.end(), {"--mca", "btl_tcp_if_include", o.iface, "--mca", "oob_tcp_if_include", o.iface});
-    if (o.iface.find('/') == std::string::npos) argv.insert(argv.end(), {"-x", "NCCL_SOCKET_IFNAME=" + o.iface});
+    if (o.iface.find('/') == std::string::npos) exports.push_back("NCCL_SOCKET_IFNAME=" + o.iface);
   }
   for (char** e = environ; *e; ++e) {  // NCCL's settings reach every rank (OMPI_MCA_* do by themselves)
     const std::string var(*e);
     const std::string name = var.substr(0, var.find('='));
-    if (name.rfind("NCCL_", 0) == 0 && !(name == "NCCL_SOCKET_IFNAME" && !o.iface.empty() && o.iface.find('/') == std::string::npos)) argv.insert(argv.end(), {"-x", name});
+    if (name.rfind("NCCL_", 0) == 0 && !(name == "NCCL_SOCKET_IFNAME" && !o.iface.empty() && o.iface.find('/') == std::string::npos)) exports.push_back(name);
+  }
+  // Open MPI refuses -x beside the MCA parameter mca_base_env_list (the user's, in the environment:
+  // "mixing these two methods"); then the exports join that list instead (one --mca overriding it).
+  const char* env_list = std::getenv("OMPI_MCA_mca_base_env_list");
+  if (env_list && *env_list) {
+    std::string list = env_list;
+    for (const std::string& x : exports) list += ";" + x;
+    argv.insert(argv.end(), {"--mca", "mca_base_env_list", list});
+  } else {
+    for (const std::string& x : exports) argv.insert(argv.end(), {"-x", x});
   }
   if (::geteuid() == 0) argv.push_back("--allow-run-as-root");
   argv.push_back(program);

@@ -41,6 +41,13 @@ expect no_command 2 "command is required" -- launch --nproc-per-node 1
 expect zero 1 "--nproc-per-node must be >= 1" -- launch --nproc-per-node 0 -- coil --version
 expect bad_flag 2 "--bogus" -- launch --nproc-per-node 1 --bogus -- coil --version
 left_running && fail "a job was left running"
+# The ranks' environment when the user forwards variables with Open MPI's mca_base_env_list (as
+# tests/sanitizer/env.sh does), which Open MPI refuses to mix with -x: the launcher's
+# OMP_NUM_THREADS joins that list, and the user's variable arrives too.
+threads=$((cores / 2 > 0 ? cores / 2 : 1))
+COIL_PROBE=probe-value OMPI_MCA_mca_base_env_list=COIL_PROBE expect env_list 0 "" -- launch --nproc-per-node 2 -- \
+  sh -c 'echo "env $OMP_NUM_THREADS $COIL_PROBE"'
+[ "$(grep -cx "\[rank [01]\] env $threads probe-value" out)" -eq 2 ] && ok || { fail "env_list: the ranks' environment"; cat out err; }
 # A usage or configuration error in the job (bad TOML, an unknown key, a value of the wrong type, an
 # unknown flag): coil exits 2 on every rank, and the launcher does not restart it (--max-restarts 3
 # notwithstanding): exit 2, one line saying so, the error itself (from a rank: MPI_Abort may cut the
