@@ -7,9 +7,9 @@
 #include <cstring>
 #include <vector>
 
+#include "model/seq_idx.h"
 #if defined(COIL_WITH_CUDA)
 #include "model/conv1d_cuda.h"
-#include "model/seq_idx.h"
 #endif
 #include "util/error.h"
 
