@@ -60,7 +60,8 @@ args=(--config /dev/null --set "data.train=$tmp/data" --set "data.tokenizer=$tmp
 check() {
   local name=$1 rc=$2 want_rc=$3 err=$4 final=$5 warn=$6 dir=${7:-}
   if [ "$rc" -ne "$want_rc" ]; then flunk "$name: exit $rc, want $want_rc" "$err"; return; fi
-  if grep -qE 'HDF5|H5[A-Z]|#0[0-9][0-9]:' "$err"; then flunk "$name: HDF5 talks on stderr" "$err"; return; fi
+  # (the paths' own $tmp left out: mktemp's random name may hold "H5" and a capital)
+  if sed "s|$tmp|TMP|g" "$err" | grep -qE 'HDF5|H5[A-Z]|#0[0-9][0-9]:'; then flunk "$name: HDF5 talks on stderr" "$err"; return; fi
   if [ "$want_rc" -ne 0 ] && ! tail -n 1 "$err" | grep -q "^coil: error: .*$final"; then
     flunk "$name: the last line is not the error naming '$final'" "$err"; return
   fi
