@@ -73,6 +73,15 @@ no_coil_left() {
     ip netns pids "$ns" | xargs -r ps -o comm= -p | grep -qx coil && fail "a coil process is left in $ns"
   done
 }
+# resumed_on_node1 LOG WHAT NAME PREFIX: LOG shows a resume from a checkpoint saved on 4 ranks, on
+# node1's 2 ranks (the start-up line after PREFIX), run to the end; sets $resumed to its step.
+resumed_on_node1() {
+  resumed=$(sed -n 's/.*pretrain: resuming .*(saved on 4 rank(s)) at step \([0-9]*\) of.*/\1/p' "$1" | head -1)
+  [ -n "$resumed" ] && grep -q "$4pretrain: 1 node(s) x 2 rank(s) per node" "$1" &&
+    grep -q "pretrain: done, $steps steps" "$1" || fail "$2: no resume on node1's 2 ranks to the end"
+  echo "$3: resumed at step ${resumed:-?} on 2 ranks"
+}
+
 # replay NAME RESUMED: the undisturbed run's checkpoint of step RESUMED, resumed on 2 ranks of one
 # host (in replay-NAME), must end with NAME's final parameters and optimizer state.
 replay() {
@@ -162,10 +171,7 @@ if [ "$part" = slurm ]; then
   echo "slurm: the job left the queue $(( $(date +%s) - lost_at )) s after the loss: $(job_state "$job") ($(elapsed))"
   grep -q "coil-job: lost node2 (state DOWN[^)]*); going on without it on 1 node(s), 2 task(s): node1 (COIL_MIN_NODES=1)" slurm.log ||
     fail "slurm: coil-job did not go on without node2: $(grep coil-job slurm.log)"
-  resumed=$(sed -n 's/.*pretrain: resuming .*(saved on 4 rank(s)) at step \([0-9]*\) of.*/\1/p' slurm.log | head -1)
-  [ -n "$resumed" ] && grep -q "pretrain: 1 node(s) x 2 rank(s) per node" slurm.log &&
-    grep -q "pretrain: done, $steps steps" slurm.log || fail "slurm: no resume on node1's 2 ranks to the end"
-  echo "slurm: resumed at step ${resumed:-?} on 2 ranks"
+  resumed_on_node1 slurm.log slurm slurm ""
   [ "$(job_state "$job")" = "COMPLETED 0:0" ] || fail "slurm: the job ended $(job_state "$job"), not COMPLETED 0:0"
   no_coil_left
 
@@ -223,7 +229,7 @@ cluster_do link node2 up
 wait $launcher || fail "link down: the launcher exited $?: $(tail -3 link.log)"
 echo "link: done ($(elapsed))"
 # One watchdog line names the rank (the launcher's prefix says the same rank) and what it waited for.
-grep -Eq '^\[rank ([0-3]) node[12]\] coil: error: rank \1: no progress for [0-9]+ s \(train.watchdog_timeout = 15\) at step [0-9]+; last operation: (forward and backward \(all-gathers, reduce-scatters\)|the all-reduce of the target count|the all-reduce of the loss and gradient norm|committing a checkpoint)' link.log ||
+grep -Eq '^\[rank ([0-3]) node[12]\] coil: error: rank \1: no progress for [0-9]+ s \(train.watchdog_timeout = 15\) at step [0-9]+; last operation: (forward and backward \(all-gathers, reduce-scatters\)|the all-reduce of the target count|the all-reduce of the loss and gradient norm|saving a checkpoint|committing a checkpoint)' link.log ||
   fail "link down: no watchdog line naming the rank and a collective: $(grep -m2 'no progress' link.log)"
 grep -q "coil launch: the job failed with status .*; restart 1 of 1 on 4 rank(s) on node1:2,node2:2" link.log ||
   fail "link down: no restart on both hosts: $(grep 'coil launch' link.log)"
@@ -246,10 +252,7 @@ echo "lost: done ($(elapsed))"
 grep -q "coil launch: cannot reach host 'node2' (.* node2 true exited with status 255) after [0-9]* s; going on without it on 1 host(s) (--min-nodes 1)" lost.log &&
   grep -q "coil launch: the job failed with status .*; restart 1 of 1 on 2 rank(s) on node1:2" lost.log ||
   fail "lost node: the launcher did not go on without node2: $(grep 'coil launch' lost.log)"
-resumed=$(sed -n 's/.*pretrain: resuming .*(saved on 4 rank(s)) at step \([0-9]*\) of.*/\1/p' lost.log | head -1)
-[ -n "$resumed" ] && grep -q "\[rank 0 node1\] pretrain: 1 node(s) x 2 rank(s) per node" lost.log &&
-  grep -q "pretrain: done, $steps steps" lost.log || fail "lost node: no resume on node1's 2 ranks to the end"
-echo "lost: resumed at step ${resumed:-?} on 2 ranks"
+resumed_on_node1 lost.log "lost node" lost "\[rank 0 node1\] "
 no_coil_left
 "$src/slurm/local-cluster" stop "$cluster" >/dev/null 2>&1  # the replay runs on this host
 unset OMPI_MCA_plm_rsh_agent SLURM_CONF
