@@ -131,7 +131,8 @@ struct FsdpMamba::Unit {
   FsdpMamba* owner;
   size_t position;            // in units_ (the forward order)
   std::vector<size_t> index;  // the unit's parameters (into params_ / layouts_)
-  std::function<at::Tensor(const at::Tensor& x, const std::vector<at::Tensor>& whole)> compute;
+  // x: the unit's input; seq_idx: the forward's document numbers (undefined: none; the blocks read it).
+  std::function<at::Tensor(const at::Tensor& x, const std::vector<at::Tensor>& whole, const at::Tensor& seq_idx)> compute;
   bool block = false;                          // a Mamba block: activation checkpointing applies
   // Whether its backward reads the weights: the embedding's does not (its gradient needs only the
   // token ids and the row count), so it is not gathered again for backward.
@@ -140,11 +141,11 @@ struct FsdpMamba::Unit {
   std::unique_ptr<PendingGather> prefetched;
 
   // The unit's function, counted (FsdpStats::unit_forwards).
-  at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& whole) const {
+  at::Tensor run(const at::Tensor& x, const std::vector<at::Tensor>& whole, const at::Tensor& seq_idx) const {
     auto& n = owner->stats_.unit_forwards;
     if (n.size() < owner->units_.size()) n.resize(owner->units_.size(), 0);
     n[position] += 1;
-    return compute(x, whole);
+    return compute(x, whole, seq_idx);
   }
 
   int64_t flat_numel() const {
@@ -368,7 +369,7 @@ struct GatherFunction : public torch::autograd::Function<GatherFunction> {
 
 }  // namespace
 
-at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x) {
+at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x, const at::Tensor& seq_idx) {
   const bool grad = c10::GradMode::is_enabled();
   const bool keep = grad && !options_.reshard_after_forward;  // ZeRO-2: gathered once per step
   c10::intrusive_ptr<WholeWeights> w = keep ? u.kept : c10::intrusive_ptr<WholeWeights>();
@@ -379,7 +380,7 @@ at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x) {
   }
   prefetch(u.position + 1);  // runs while this unit computes
   if (!grad) {
-    at::Tensor y = u.run(x, w->tensors);
+    at::Tensor y = u.run(x, w->tensors, seq_idx);
     w->release();
     return y;
   }
@@ -390,11 +391,13 @@ at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x) {
   if (u.block && options_.activation_checkpointing == ActivationCheckpointing::full) {
     std::vector<at::Tensor> inputs{x};
     inputs.insert(inputs.end(), whole.begin(), whole.end());
+    // seq_idx (not differentiable) is captured: the recompute sees this forward's, whichever ran since.
     const Unit* unit = &u;
-    y = checkpointed([unit](const std::vector<at::Tensor>& in) { return unit->run(in[0], {in.begin() + 1, in.end()}); },
-                     inputs);
+    y = checkpointed(
+        [unit, seq_idx](const std::vector<at::Tensor>& in) { return unit->run(in[0], {in.begin() + 1, in.end()}, seq_idx); },
+        inputs);
   } else {
-    y = u.run(x, whole);
+    y = u.run(x, whole, seq_idx);
   }
   if (keep) return y;
   // ZeRO-3: the weights' bytes go now; the activations (and the handles on the weights) stay.
@@ -444,16 +447,18 @@ FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const Fsd
     u->block = block;
     units_.push_back(std::move(u));
   };
-  unit({0}, false, [](const at::Tensor& tokens, const std::vector<at::Tensor>& w) { return MambaLM::embed(w[0], tokens); });
+  unit({0}, false, [](const at::Tensor& tokens, const std::vector<at::Tensor>& w, const at::Tensor&) {
+    return MambaLM::embed(w[0], tokens);
+  });
   units_.back()->weights_in_backward = false;
   for (int64_t b = 0; b < config_.n_layer; ++b) {
     std::vector<size_t> index;
     for (size_t k = 0; k < 10; ++k) index.push_back(1 + static_cast<size_t>(b) * 10 + k);
-    unit(index, true, [cfg, this](const at::Tensor& h, const std::vector<at::Tensor>& w) {
-      return MambaLM::block(MambaLM::block_weights(w), cfg, h, nullptr, nullptr, seq_idx_);
+    unit(index, true, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w, const at::Tensor& seq_idx) {
+      return MambaLM::block(MambaLM::block_weights(w), cfg, h, nullptr, nullptr, seq_idx);
     });
   }
-  unit({0, last}, false, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w) {
+  unit({0, last}, false, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w, const at::Tensor&) {
     return MambaLM::head(w[0], w[1], cfg, h);
   });
 }
@@ -487,11 +492,10 @@ std::vector<std::vector<int64_t>> FsdpMamba::whole_shapes() const {
 at::Tensor FsdpMamba::forward(const at::Tensor& tokens, const at::Tensor& seq_idx) {
   // Once here, not per layer (on CUDA the order check is a sync: model/seq_idx.h).
   if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "FsdpMamba::forward", true);
-  seq_idx_ = seq_idx;
   drop_prefetches();  // none are left as a rule; one left by an error would hold stale weights
   finish_reduces();
   at::Tensor h = tokens;
-  for (auto& u : units_) h = run_unit(*u, h);
+  for (auto& u : units_) h = run_unit(*u, h, seq_idx);
   return h;
 }
 

@@ -147,7 +147,7 @@ class FsdpMamba {
   void finish_reduces_when_backward_ends();  // once per backward pass: an autograd final callback
 
  private:
-  at::Tensor run_unit(Unit& unit, const at::Tensor& x);
+  at::Tensor run_unit(Unit& unit, const at::Tensor& x, const at::Tensor& seq_idx);
   bool overlapping() const;
   void accumulate(size_t param, const at::Tensor& grad);
   void drop_prefetches();
@@ -162,7 +162,6 @@ class FsdpMamba {
   std::vector<at::Tensor> accum_;  // ZeRO-2: the step's whole gradients, float32, by parameter
   bool flush_queued_ = false;  // a final callback of the running backward will finish_reduces()
   FsdpStats stats_;
-  at::Tensor seq_idx_;  // of the last forward (the blocks read it, also when recomputed in backward)
 };
 
 // Muon's orthogonalization under sharding: each matrix's momentum update is gathered whole on its

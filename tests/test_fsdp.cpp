@@ -693,7 +693,7 @@ TEST(Hsdp, MatchesOneProcessAndFsdp) {
 // Issue 19's defining test of packing, through the sharded model: rows packed with several documents
 // each (seq_idx numbering them, the SSM and conv state reset at each start) give, on 1 to 4 ranks and
 // with activation checkpointing or not, the logits and the parameter gradients that one process
-// running every document alone gives (1e-5 relative, float32).
+// running every document alone gives (1e-5 relative, float32). Several forwards, then one backward.
 TEST(Fsdp, PackedRowsEqualEachDocumentAlone) {
   auto comm = std::shared_ptr<Comm>(make_mpi_comm());
   const int r = comm->rank(), n = comm->size();
@@ -735,11 +735,15 @@ TEST(Fsdp, PackedRowsEqualEachDocumentAlone) {
     FsdpMamba fsdp(model2, comm, o);
     const int64_t per_rank = kRows / n;
     for (auto& p : fsdp.local_parameters()) p.tensor.mutable_grad() = at::Tensor();
-    for (int64_t row = r * per_rank; row < (r + 1) * per_rank; ++row) {  // a micro batch of one row
+    // Every row's forward (one row each, its own seq_idx), then one backward of them all: each
+    // checkpointed block's recompute must see its own forward's seq_idx, not the last one's.
+    at::Tensor loss = at::zeros({}, at::kFloat);
+    for (int64_t row = r * per_rank; row < (r + 1) * per_rank; ++row) {
       at::Tensor logits = fsdp.forward(tokens.narrow(0, row, 1), seq_idx.narrow(0, row, 1));
       EXPECT_LT(rel_error(logits[0].detach(), alone_logits[row]), 1e-5) << "row " << row;
-      (logits[0] * weights[row]).sum().backward();
+      loss = loss + (logits[0] * weights[row]).sum();
     }
+    loss.backward();
     fsdp.finish_step();
     for (size_t i = 0; i < params.size(); ++i)
       EXPECT_LT(rel_error(fsdp.local_parameters()[i].tensor.grad(), fsdp.layout(i).slice(params[i].tensor.grad(), r)), 1e-5)
