@@ -486,12 +486,22 @@ void skip_record(const std::string& file, int64_t line, const std::string& why, 
 
 void for_each_document(const std::vector<std::string>& files, const ReadOptions& options,
                        const std::function<void(std::string&& text)>& fn, ReadStats* stats_out) {
+  for_each_document_while(files, options, [&](std::string&& text) {
+    fn(std::move(text));
+    return true;
+  }, stats_out);
+}
+
+void for_each_document_while(const std::vector<std::string>& files, const ReadOptions& options,
+                             const std::function<bool(std::string&& text)>& fn, ReadStats* stats_out) {
   ReadStats stats;
   std::string text, why;
-  for (const auto& file : files) {
+  bool more = true;
+  for (size_t f = 0; f < files.size() && more; ++f) {
+    const std::string& file = files[f];
     RecordReader reader(file, options);
     Record r;
-    while (reader.next(r)) {
+    while (more && reader.next(r)) {
       ++stats.records;
       if (r.too_long) {
         skip_record(file, r.line, fmt::format("record longer than {} bytes", options.max_record_bytes), options,
@@ -503,7 +513,7 @@ void for_each_document(const std::vector<std::string>& files, const ReadOptions&
       } else {
         ++stats.documents;
         if (options.progress) options.progress->add_documents(1);
-        fn(std::move(text));
+        more = fn(std::move(text));
       }
     }
   }

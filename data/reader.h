@@ -90,6 +90,9 @@ bool alpaca_example(const Record& record, AlpacaExample& example, std::string& w
 // options say. Reports skipped records on stderr with file:line (the first few of each file).
 void for_each_document(const std::vector<std::string>& files, const ReadOptions& options,
                        const std::function<void(std::string&& text)>& fn, ReadStats* stats = nullptr);
+// The same until `fn` returns false (no record after that one is read).
+void for_each_document_while(const std::vector<std::string>& files, const ReadOptions& options,
+                             const std::function<bool(std::string&& text)>& fn, ReadStats* stats = nullptr);
 
 // Reads every Alpaca example of the files, in order.
 std::vector<AlpacaExample> read_alpaca(const std::vector<std::string>& files, const ReadOptions& options,
