@@ -20,6 +20,9 @@ void add_train_commands(CLI::App& app);
 // `coil generate` and `coil chat`: text from a checkpoint.
 void add_generate_command(CLI::App& app);
 
+// `coil eval`: a checkpoint's loss, perplexity and bits per byte on held-out data.
+void add_eval_command(CLI::App& app);
+
 // `coil ckpt inspect|verify|consolidate|export-hf`: checkpoints.
 void add_ckpt_command(CLI::App& app);
 

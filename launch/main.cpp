@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   coil::add_train_commands(app);
   coil::add_model_command(app);
   coil::add_generate_command(app);
+  coil::add_eval_command(app);
   coil::add_tokenizer_command(app);
   coil::add_data_command(app);
   coil::add_ckpt_command(app);
