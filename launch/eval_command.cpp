@@ -102,7 +102,6 @@ void run_eval(const EvalOptions& o) {
   if (o.sft) {
     auto examples = std::make_shared<data::SftDataset>(files, *m.tokenizer, seq_len, read, 0, sft_template(c));
     const data::PackedSftSamples rows(examples, 0);
-    documents = examples->size();
     b.cols = rows.cols();
     for (int64_t i = 0; i < rows.size() && (o.max_tokens == 0 || scorer.targets < o.max_tokens); i += b.rows) {
       b.rows = std::min(o.batch_size, rows.size() - i);
@@ -112,7 +111,9 @@ void run_eval(const EvalOptions& o) {
       for (int64_t r = 0; r < b.rows; ++r) {
         rows.fill(i + r, b.tokens.data() + r * b.cols, b.mask.data() + r * b.cols);
         rows.fill_seq_idx(i + r, b.seq_idx.data() + r * b.cols);
-        progress.add_documents(static_cast<int64_t>(rows.row_examples(0, 0, i + r).size()));
+        const auto n = static_cast<int64_t>(rows.row_examples(0, 0, i + r).size());
+        documents += n;
+        progress.add_documents(n);
       }
       scorer.add(b);
     }
@@ -122,8 +123,9 @@ void run_eval(const EvalOptions& o) {
       sh = std::make_unique<data::TokenShards>(o.data);
       data::check_vocab_fits(sh->vocab_size(), m.model->config().vocab_size, o.data);
       COIL_CHECK(!m.tokenizer || sh->tokenizer_sha256() == m.tokenizer->sha256(),
-                 "{} was prepared with another tokenizer (sha256 {}) than the checkpoint's ({})", o.data,
-                 sh->tokenizer_sha256().substr(0, 12), m.tokenizer ? m.tokenizer->sha256().substr(0, 12) : "");
+                 "{} was prepared with another tokenizer (sha256 {}) than {} ({})", o.data,
+                 sh->tokenizer_sha256().substr(0, 12), m.tokenizer ? m.tokenizer->path() : "",
+                 m.tokenizer ? m.tokenizer->sha256().substr(0, 12) : "");
     }
     data::EvalRows rows(seq_len, o.batch_size, shards ? sh->eos() : m.tokenizer->eos(), masking);
     // Adds a document, scores the rows it completes; false once --max-tokens targets are in.
@@ -135,8 +137,8 @@ void run_eval(const EvalOptions& o) {
       return o.max_tokens == 0 || rows.targets() < o.max_tokens;
     };
     if (shards) {
-      for (int64_t i = 0; i < sh->documents() && add(sh->document(i)); ++i) {
-      }
+      for (int64_t i = 0; i < sh->documents(); ++i)
+        if (!add(sh->document(i))) break;
     } else {
       std::vector<int32_t> ids;
       data::ReadStats stats;
