@@ -120,6 +120,7 @@ void import_hf(const std::string& hf_dir, const std::string& out, const std::str
   dist::RankPart part;
   for (const auto& p : model.named_parameters())
     part.tensors.push_back({"model/" + p.name, p.tensor.sizes().vec(), 0, p.tensor.contiguous()});
+  part.strings["loader_state"] = "";  // as a trained checkpoint's rank file has it (consolidate copies it)
   const std::string tmp = out + ".tmp";
   try {
     fs::remove_all(tmp);
