@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <vector>
 
 #include "data/eval_rows.h"
 #include "data/progress.h"
@@ -36,7 +37,8 @@ namespace coil {
 namespace {
 
 struct EvalOptions {
-  std::string checkpoint, data, tokenizer, document_masking, text_field, device = "auto", dtype = "float32";
+  std::vector<std::string> checkpoints;
+  std::string data, tokenizer, document_masking, text_field, device = "auto", dtype = "float32";
   bool sft = false, json = false;
   int64_t seq_len = 0, batch_size = 8, max_tokens = 0;
 };
@@ -67,12 +69,9 @@ class Scorer {
   at::Tensor sum_;
 };
 
-void run_eval(const EvalOptions& o) {
-  COIL_CHECK(o.seq_len >= 0, "--seq-len must be >= 1 (or 0: the run's train.seq_len), got {}", o.seq_len);
-  COIL_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got {}", o.batch_size);
-  COIL_CHECK(o.max_tokens >= 0, "--max-tokens must be >= 0 (0: all the data), got {}", o.max_tokens);
+void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
   const bool shards = !o.sft && std::filesystem::exists(std::filesystem::path(o.data) / "manifest.json");
-  LoadedModel m = load_model(o.checkpoint, o.tokenizer, /*need_tokenizer=*/!shards);
+  LoadedModel m = load_model(checkpoint, o.tokenizer, /*need_tokenizer=*/!shards);
   const RunConfig& c = m.config;
   const int64_t seq_len = o.seq_len > 0 ? o.seq_len : c.seq_len;
   const bool masking = o.document_masking.empty() ? c.data_document_masking : o.document_masking == "true";
@@ -90,7 +89,7 @@ void run_eval(const EvalOptions& o) {
   data::Progress progress("eval", text && o.max_tokens == 0 ? data::total_file_bytes(files) : 0, /*with_tokens=*/true);
   read.progress = text ? &progress : nullptr;
   if (!o.json)
-    fmt::print("eval: {} on {}: rows of {} tokens, {} a batch, {}, device {}{}, compute {}\n", o.checkpoint, o.data,
+    fmt::print("eval: {} on {}: rows of {} tokens, {} a batch, {}, device {}{}, compute {}\n", checkpoint, o.data,
                seq_len, o.batch_size,
                o.sft ? "SFT examples (the loss on responses)" : masking ? "document masking on" : "document masking off",
                device.str(), device_why.empty() ? "" : " (" + device_why + ")", o.dtype);
@@ -161,7 +160,7 @@ void run_eval(const EvalOptions& o) {
   const double bpb = bytes > 0 ? sum / std::log(2.0) / static_cast<double>(bytes) : 0;
   COIL_CHECK(std::isfinite(loss), "eval: the loss is {} (the checkpoint's weights are not finite?)", loss);
   if (o.json) {
-    nlohmann::json j = {{"loss", loss}, {"perplexity", std::exp(loss)}, {"targets", scorer.targets},
+    nlohmann::json j = {{"checkpoint", checkpoint}, {"loss", loss}, {"perplexity", std::exp(loss)}, {"targets", scorer.targets},
                         {"rows", scorer.rows}, {"seq_len", seq_len}, {o.sft ? "examples" : "documents", documents},
                         {"document_masking", !o.sft && masking}, {"seconds", seconds}};
     if (bytes > 0) j.update({{"bytes", bytes}, {"bits_per_byte", bpb}});
@@ -174,12 +173,21 @@ void run_eval(const EvalOptions& o) {
              bytes > 0 ? fmt::format(", bits per byte {:.4f} ({} bytes)", bpb, bytes) : "");
 }
 
+void run_eval(const EvalOptions& o) {
+  COIL_CHECK(o.seq_len >= 0, "--seq-len must be >= 1 (or 0: the run's train.seq_len), got {}", o.seq_len);
+  COIL_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got {}", o.batch_size);
+  COIL_CHECK(o.max_tokens >= 0, "--max-tokens must be >= 0 (0: all the data), got {}", o.max_tokens);
+  for (const std::string& checkpoint : o.checkpoints) eval_checkpoint(o, checkpoint);
+}
+
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
   auto o = std::make_shared<EvalOptions>();
   CLI::App* cmd = app.add_subcommand("eval", "Score a checkpoint on held-out data: loss, perplexity and bits per byte");
-  cmd->add_option("--checkpoint", o->checkpoint, "a checkpoint (e.g. runs/x/checkpoints/final, or a consolidated .h5)")
+  cmd->add_option("--checkpoint", o->checkpoints,
+                  "one or more checkpoints (e.g. runs/x/checkpoints/final, runs/x/checkpoints/step-*, or a "
+                  "consolidated .h5), each scored in turn")
       ->required();
   cmd->add_option("--data", o->data,
                   "prepared shards (a directory of coil data prepare), or text files: JSONL (.gz, .zst), Parquet or "
@@ -201,7 +209,9 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "compute dtype: float32, bfloat16 or float16 (the weights are cast, the loss stays float32)")
       ->capture_default_str();
-  cmd->add_flag("--json", o->json, "print one JSON line (loss, perplexity, targets, documents, bytes, bits_per_byte, ...)");
+  cmd->add_flag("--json", o->json,
+                "print one JSON line a checkpoint (checkpoint, loss, perplexity, targets, documents, bytes, "
+                "bits_per_byte, ...)");
   cmd->footer(
       "Every token of every document (and its EOS) is a target once: rows of --seq-len + 1 tokens overlapping by "
       "one, the last one padded.\nBits per byte = the summed loss / ln 2 / the documents' UTF-8 bytes: comparable "

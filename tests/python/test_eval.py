@@ -101,6 +101,17 @@ def test_prepared_shards_score_as_the_text_they_were_prepared_from(hf, text, tmp
     assert r.returncode == 1 and "was prepared with another tokenizer" in r.stderr, r.stderr
 
 
+def test_several_checkpoints_in_one_call(hf, text, tmp_path):
+    """A line each, in order; the consolidated copy of a checkpoint scores as the checkpoint does."""
+    tmp, _, _ = hf
+    path, _, _ = text
+    coil("ckpt", "consolidate", tmp / "ck-text", tmp_path / "one.h5")
+    r = coil("eval", "--checkpoint", tmp / "ck-text", tmp_path / "one.h5", "--data", path, "--json", "--seq-len", 16)
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [g["checkpoint"] for g in lines] == [str(tmp / "ck-text"), str(tmp_path / "one.h5")]
+    assert lines[0]["loss"] == lines[1]["loss"] and lines[0]["targets"] == lines[1]["targets"]
+
+
 def test_max_tokens_stops_after_the_document_that_reaches_it(hf, text):
     tmp, _, _ = hf
     path, ids, _ = text
