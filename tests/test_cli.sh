@@ -39,7 +39,7 @@ echo '{"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_
 expect bad_config 1 "config.json: model config: vocab_size must be positive, got 0" -- model --hf "$tmp/hf"
 expect bad_option 2 "coil: error: Could not convert: --batch = x" -- model --smoke-steps 1 --batch x
 expect no_command 2 "coil: error: A subcommand is required" --
-expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: pretrain, sft, model, generate, chat, tokenizer, data" -- bogus
+expect unknown_command 2 "coil: error: unknown command 'bogus' (commands: pretrain, sft, model, generate, chat, eval, tokenizer, data" -- bogus
 expect smoke 0 "smoke run ok" -- model --preset tiny --smoke-steps 3 --seq-len 32
 
 # Data: a tokenizer and shards from a small corpus (Debian's license texts), and bad input.
