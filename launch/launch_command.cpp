@@ -349,14 +349,16 @@ Job make_job(const LaunchOptions& o, const std::vector<Host>& hosts, bool severa
   std::vector<std::string> exports{fmt::format("OMP_NUM_THREADS={}", job.threads)};
   if (several) argv.insert(argv.end(), {"--host", job.host_list, "--map-by", "slot"});
   if (per_node_most > cores || o.oversubscribe) argv.push_back("--oversubscribe");
+  // NCCL takes an interface name only; a CIDR (for MPI) leaves NCCL_SOCKET_IFNAME to the user.
+  const bool iface_is_name = !o.iface.empty() && o.iface.find('/') == std::string::npos;
   if (!o.iface.empty()) {
     argv.insert(argv.end(), {"--mca", "btl_tcp_if_include", o.iface, "--mca", "oob_tcp_if_include", o.iface});
-    if (o.iface.find('/') == std::string::npos) exports.push_back("NCCL_SOCKET_IFNAME=" + o.iface);
+    if (iface_is_name) exports.push_back("NCCL_SOCKET_IFNAME=" + o.iface);
   }
   for (char** e = environ; *e; ++e) {  // NCCL's settings reach every rank (OMPI_MCA_* do by themselves)
     const std::string var(*e);
     const std::string name = var.substr(0, var.find('='));
-    if (name.rfind("NCCL_", 0) == 0 && !(name == "NCCL_SOCKET_IFNAME" && !o.iface.empty() && o.iface.find('/') == std::string::npos)) exports.push_back(name);
+    if (name.rfind("NCCL_", 0) == 0 && !(name == "NCCL_SOCKET_IFNAME" && iface_is_name)) exports.push_back(name);
   }
   // Open MPI refuses -x beside the MCA parameter mca_base_env_list (the user's, in the environment:
   // "mixing these two methods"); then the exports join that list instead (one --mca overriding it).

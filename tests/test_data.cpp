@@ -19,38 +19,14 @@
 #include "data/shards.h"
 #include "data/streaming.h"
 #include "data/tokenizer.h"
+#include "tests/test_util.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
 using namespace coil::data;
+using namespace coil::test;
 
 namespace {
-
-// A fresh directory per test.
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() / fmt::format("coil-test-{}-{}-{}", info->test_suite_name(), info->name(), getpid());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-  std::string str() const { return path_.string(); }
-
- private:
-  fs::path path_;
-};
-
-void write_file(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary) << bytes;
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 std::string gzip(const std::string& data) {
   z_stream z{};

@@ -95,30 +95,47 @@ double forward_backward(FsdpMamba& fsdp, const std::vector<NamedTensor>& params,
   return loss;
 }
 
+// Muon on FSDP's shards: each matrix that Muon updates (none without Muon) is gathered whole over
+// `comm`, the ranks that hold its rows, to be orthogonalized.
+void orthogonalize_over(optim::HybridOptimizer& opt, const FsdpMamba& fsdp, bool use_muon, std::shared_ptr<Comm> comm) {
+  const auto& params = fsdp.local_parameters();
+  std::vector<ShardLayout> muon_layouts;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (use_muon && optim::group_of(params[i].name, static_cast<int64_t>(fsdp.layout(i).shape.size())).muon)
+      muon_layouts.push_back(fsdp.layout(i));
+  opt.muon().set_orthogonalize(sharded_orthogonalize(std::move(comm), muon_layouts, 5));
+}
+
+// `steps` steps on this rank's shards: every rank of `all` its slice of each global batch, in micro
+// batches; the loss and the squared gradient norm summed over `all` (the norm weighted 1 / replicas,
+// since each replica group holds the same gradient shards), the gradients clipped to kClip.
+// Returns the losses.
+std::vector<double> train_steps(FsdpMamba& fsdp, optim::HybridOptimizer& opt, const std::string& kind, Comm& all,
+                                int64_t micro, int64_t steps, int replicas = 1) {
+  const auto& params = fsdp.local_parameters();
+  std::vector<double> losses;
+  const int64_t per_rank = kGlobal / all.size();
+  for (int64_t s = 0; s < steps; ++s) {
+    at::Tensor t = batch(s).narrow(0, all.rank() * per_rank, per_rank);
+    const double loss = forward_backward(fsdp, params, t, micro);
+    at::Tensor sums = at::tensor({loss, optim::grad_sq_norm(params) / replicas}, at::kDouble);
+    all.all_reduce(sums);
+    optim::clip_grads(params, std::sqrt(sums[1].item<double>()), kClip);
+    opt.step(0.02, lr_adamw(kind));
+    losses.push_back(sums[0].item<double>());
+  }
+  return losses;
+}
+
 // The same on this rank's shards and slice of every global batch, in micro batches.
 Outcome sharded(const std::string& kind, const FsdpOptions& o, int64_t micro, int64_t steps = kSteps) {
   auto comm = std::shared_ptr<Comm>(make_mpi_comm());
-  const int r = comm->rank(), n = comm->size();
   MambaLM model(tiny(), 7);
   FsdpMamba fsdp(model, comm, o);
-  const auto& params = fsdp.local_parameters();
-  optim::HybridOptimizer opt(params, optimizer(kind), fsdp.whole_shapes());
-  std::vector<ShardLayout> muon_layouts;
-  for (size_t i = 0; i < params.size(); ++i)
-    if (optimizer(kind).use_muon && optim::group_of(params[i].name, static_cast<int64_t>(fsdp.layout(i).shape.size())).muon)
-      muon_layouts.push_back(fsdp.layout(i));
-  opt.muon().set_orthogonalize(sharded_orthogonalize(comm, muon_layouts, 5));
+  optim::HybridOptimizer opt(fsdp.local_parameters(), optimizer(kind), fsdp.whole_shapes());
+  orthogonalize_over(opt, fsdp, optimizer(kind).use_muon, comm);
   Outcome out;
-  const int64_t per_rank = kGlobal / n;
-  for (int64_t s = 0; s < steps; ++s) {
-    at::Tensor t = batch(s).narrow(0, r * per_rank, per_rank);
-    const double loss = forward_backward(fsdp, params, t, micro);
-    at::Tensor sums = at::tensor({loss, optim::grad_sq_norm(params)}, at::kDouble);
-    comm->all_reduce(sums);
-    optim::clip_grads(params, std::sqrt(sums[1].item<double>()), kClip);
-    opt.step(0.02, lr_adamw(kind));
-    out.losses.push_back(sums[0].item<double>());
-  }
+  out.losses = train_steps(fsdp, opt, kind, *comm, micro, steps);
   out.params = fsdp.gather_whole();
   return out;
 }
@@ -225,10 +242,7 @@ TEST(Fsdp, GradientsAndOneStepMatch) {
   for (size_t i = 0; i < params.size(); ++i)
     EXPECT_LT(rel_error(fsdp.local_parameters()[i].tensor.grad(), fsdp.layout(i).slice(params[i].tensor.grad(), r)), 1e-6) << "clipped " << params[i].name;
   optim::HybridOptimizer a(params, optimizer("hybrid")), b(fsdp.local_parameters(), optimizer("hybrid"), fsdp.whole_shapes());
-  std::vector<ShardLayout> muon_layouts;
-  for (size_t i = 0; i < params.size(); ++i)
-    if (optim::group_of(params[i].name, static_cast<int64_t>(fsdp.layout(i).shape.size())).muon) muon_layouts.push_back(fsdp.layout(i));
-  b.muon().set_orthogonalize(sharded_orthogonalize(comm, muon_layouts, 5));
+  orthogonalize_over(b, fsdp, true, comm);
   a.step(0.02, 3e-3);
   b.step(0.02, 3e-3);
   for (size_t i = 0; i < params.size(); ++i)
@@ -369,11 +383,7 @@ TrainRun train_sharded(std::shared_ptr<Comm> comm, const FsdpOptions& o, int64_t
   FsdpMamba fsdp(model, comm, o);
   const auto& params = fsdp.local_parameters();
   optim::HybridOptimizer opt(params, optimizer("hybrid"), fsdp.whole_shapes());
-  std::vector<ShardLayout> muon_layouts;
-  for (size_t i = 0; i < params.size(); ++i)
-    if (optim::group_of(params[i].name, static_cast<int64_t>(fsdp.layout(i).shape.size())).muon)
-      muon_layouts.push_back(fsdp.layout(i));
-  opt.muon().set_orthogonalize(sharded_orthogonalize(comm, muon_layouts, 5));
+  orthogonalize_over(opt, fsdp, true, comm);
   auto mpi = std::shared_ptr<Comm>(make_mpi_comm());  // the loss sums, on CPU
   TrainRun out;
   const int64_t per_rank = per_rank_rows > 0 ? per_rank_rows : kGlobal / n,
@@ -633,22 +643,10 @@ Hybrid hybrid(const std::string& kind, int shard, int64_t steps = kSteps) {
   FsdpMamba fsdp(model, shard_comm, o);
   const auto& params = fsdp.local_parameters();
   optim::HybridOptimizer opt(params, optimizer(kind), fsdp.whole_shapes());
-  std::vector<ShardLayout> muon_layouts;
-  for (size_t i = 0; i < params.size(); ++i)
-    if (optimizer(kind).use_muon && optim::group_of(params[i].name, static_cast<int64_t>(fsdp.layout(i).shape.size())).muon)
-      muon_layouts.push_back(fsdp.layout(i));
-  opt.muon().set_orthogonalize(sharded_orthogonalize(shard_comm, muon_layouts, 5));
+  orthogonalize_over(opt, fsdp, optimizer(kind).use_muon, shard_comm);
   Hybrid out;
   const int64_t per_rank = kGlobal / n, micro = per_rank % 2 == 0 ? per_rank / 2 : 1;
-  for (int64_t s = 0; s < steps; ++s) {
-    at::Tensor t = batch(s).narrow(0, g * per_rank, per_rank);  // every global rank its own rows
-    const double loss = forward_backward(fsdp, params, t, micro);
-    at::Tensor sums = at::tensor({loss, optim::grad_sq_norm(params) / replicas}, at::kDouble);
-    all->all_reduce(sums);
-    optim::clip_grads(params, std::sqrt(sums[1].item<double>()), kClip);
-    opt.step(0.02, lr_adamw(kind));
-    out.outcome.losses.push_back(sums[0].item<double>());
-  }
+  out.outcome.losses = train_steps(fsdp, opt, kind, *all, micro, steps, replicas);  // every global rank its own rows
   for (size_t i = 0; i < params.size(); ++i) {
     out.local_numel += params[i].tensor.numel();
     const ShardLayout& l = fsdp.layout(i);

@@ -8,30 +8,11 @@
 set -u
 coil=$(realpath "$1")
 here=$(cd "$(dirname "$0")" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-cd "$tmp"
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1
-mpirun=(mpirun --oversubscribe --bind-to none)
-failed=0
-fail() { echo "FAIL $*"; failed=1; }
-
-python3 "$here/tiny_corpus.py" c.jsonl
-"$coil" tokenizer train --input c.jsonl --vocab-size 300 --output tok >/dev/null || fail tokenizer
-"$coil" data prepare --input c.jsonl --tokenizer tok.model --output shards >/dev/null || fail prepare
+source "$here/mpi_cli_prelude.sh"  # $tmp (the working folder), $mpirun, fail, tok.model, shards/, compare
 args=(--config /dev/null --set data.train=shards --set data.val=shards --set data.tokenizer=tok.model
   --set train.seq_len=32 --set train.global_batch_size=6 --set train.micro_batch_size=1 --set train.max_steps=8
   --set train.eval_interval=4 --set train.eval_batches=2 --set train.checkpoint_interval=4 --set train.threads=1
   --set train.device=cpu)  # CPU ranks even where a GPU is visible (train.device = "auto" would take it)
-compare() {  # the losses and val losses of two runs, within $3 relative (default 1e-5)
-  python3 -c '
-import json, sys
-a, b = ([json.loads(l) for l in open(f + "/metrics.jsonl")] for f in sys.argv[1:3])
-assert len(a) == len(b), (len(a), len(b))
-for x, y in zip(a, b):
-    k = "loss" if "loss" in x else "val_loss"
-    assert x["step"] == y["step"] and abs(x[k] - y[k]) <= float(sys.argv[3]) * abs(x[k]), (x, y)' "$1" "$2" "${3:-1e-5}"
-}
 "$coil" pretrain "${args[@]}" --set train.run_dir=one >one.log 2>&1 || fail "1 process: $(tail -1 one.log)"
 "${mpirun[@]}" -np 3 "$coil" pretrain "${args[@]}" --set train.run_dir=three >three.log 2>&1 || fail "3 ranks: $(tail -3 three.log)"
 compare one three || fail "3 ranks log other losses than 1 process"

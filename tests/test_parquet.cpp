@@ -21,33 +21,14 @@
 #include "data/reader.h"
 #include "data/streaming.h"
 #include "data/tokenizer.h"
+#include "tests/test_util.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
 using namespace coil::data;
+using namespace coil::test;
 
 namespace {
-
-class TempDir {
- public:
-  TempDir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    path_ = fs::temp_directory_path() / fmt::format("coil-pq-{}-{}-{}", info->test_suite_name(), info->name(), getpid());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string operator/(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
-
-void write_file(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 using Strings = std::vector<std::optional<std::string>>;
 
@@ -109,15 +90,6 @@ std::vector<std::string> documents(const std::vector<std::string>& files, const 
   std::vector<std::string> docs;
   for_each_document(files, o, [&](std::string&& t) { docs.push_back(t); }, stats);
   return docs;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const coil::Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }

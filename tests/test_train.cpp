@@ -26,28 +26,19 @@
 #include "model/mamba.h"
 #include "optim/loss_scale.h"
 #include "optim/schedule.h"
+#include "tests/test_util.h"
 #include "util/error.h"
 
 namespace fs = std::filesystem;
 using namespace coil;
+using namespace coil::test;
 
 namespace {
-
-void write(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 std::string file_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   EXPECT_TRUE(in.good()) << path;
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const coil::Error& e) {
-    return e.what();
-  }
-  return "no error";
 }
 
 // A tokenizer, prepared shards and an Alpaca set, made once for the suite.
@@ -71,8 +62,8 @@ class Train : public ::testing::Test {
                       .dump() +
                   "\n";
     }
-    write(*dir_ + "/corpus.jsonl", jsonl);
-    write(*dir_ + "/alpaca.jsonl", alpaca);
+    write_file(*dir_ + "/corpus.jsonl", jsonl);
+    write_file(*dir_ + "/alpaca.jsonl", alpaca);
     data::TokenizerTrainOptions t;
     t.inputs = {*dir_ + "/corpus.jsonl"};
     t.output_prefix = *dir_ + "/tok";
@@ -115,18 +106,18 @@ std::string* Train::dir_ = nullptr;
 
 TEST(Config, ErrorsNameTheKeyAndTheLine) {
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-{}.toml", getpid());
-  write(path, "[train]\nmax_steps = 10\nseq_len = \"long\"\n");
+  write_file(path, "[train]\nmax_steps = 10\nseq_len = \"long\"\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find(path + ":3: train.seq_len must be an integer"),
             std::string::npos);
-  write(path, "[train]\nmax_steps = 10\n\n[optim]\nlearning_rate = 0.1\n");
+  write_file(path, "[train]\nmax_steps = 10\n\n[optim]\nlearning_rate = 0.1\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find(path + ":5: unknown key optim.learning_rate"),
             std::string::npos);
-  write(path, "[trian]\nmax_steps = 10\n");
+  write_file(path, "[trian]\nmax_steps = 10\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find("unknown section [trian]"), std::string::npos);
-  write(path, "[train]\nmax_steps = = 10\n");
+  write_file(path, "[train]\nmax_steps = = 10\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); }).find(path + ":2:"), std::string::npos);
   EXPECT_NE(error_of([&] { RunConfig::load(path + ".missing", {}); }).find("cannot read config"), std::string::npos);
-  write(path, "[train]\nmax_steps = 10\n[optim]\nlearning_rate_adamw = 1\n");
+  write_file(path, "[train]\nmax_steps = 10\n[optim]\nlearning_rate_adamw = 1\n");
   RunConfig c = RunConfig::load(path, {"train.max_steps=20", "optim.muon_scale=moonlight", "train.run_dir=/x/y",
                                        "optim.use_muon=false", "optim.learning_rate_muon=5e-3"});
   EXPECT_EQ(c.max_steps, 20);
@@ -140,7 +131,7 @@ TEST(Config, ErrorsNameTheKeyAndTheLine) {
   EXPECT_NE(error_of([&] { RunConfig::load(path, {"train.bogus=1"}); }).find("unknown key train.bogus"), std::string::npos);
   EXPECT_NE(error_of([&] { RunConfig::load(path, {"max_steps"}); }).find("expected section.key=value"), std::string::npos);
   // The resolved config reads back to the same values.
-  write(path, c.to_toml());
+  write_file(path, c.to_toml());
   RunConfig again = RunConfig::load(path, {});
   EXPECT_EQ(again.to_toml(), c.to_toml());
   fs::remove(path);
@@ -158,7 +149,7 @@ TEST(Config, NonAsciiOutsideStringsIsALineAndColumnError) {
                          "characters only inside strings and comments)");
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-ascii-{}.toml", getpid());
   auto load_error = [&](const std::string& text) {
-    write(path, text);
+    write_file(path, text);
     return error_of([&] { RunConfig::load(path, {}); });
   };
   auto starts = [](const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; };
@@ -181,7 +172,7 @@ TEST(Config, NonAsciiOutsideStringsIsALineAndColumnError) {
   EXPECT_PRED2(starts, load_error("[data]\ntrain = \"\"\"a\\  \n  \xc3\xa9\"\"\"\n"),
                path + ":3:3: the character U+00E9 first after a line-ending backslash");
   // Inside strings and comments: read as before.
-  write(path,
+  write_file(path,
         "# caf\xc3\xa9 \xd1\x90 comment\n[data]\ntrain=\"caf\xc3\xa9 \xd1\x90\"# \xd1\x90\n"
         "val = 'na\xc3\xafve \\ \"x\"'\ntokenizer = \"\"\"\n\xd1\x90 line \"\" \\\" one\n\xc3\xa9\"\"\"\n"
         "[train]\npretrained_checkpoint_path = '''\n\xc3\xa9 '' two'''\n");
@@ -204,7 +195,7 @@ TEST(Config, NonAsciiOutsideStringsIsALineAndColumnError) {
 
 TEST(Config, DeviceAndDtypeKeys) {
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-dtype-{}.toml", getpid());
-  write(path, "[train]\nmax_steps = 10\ndtype = \"float8\"\n");
+  write_file(path, "[train]\nmax_steps = 10\ndtype = \"float8\"\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
                 .find(path + ":3: train.dtype must be \"float32\" or \"bfloat16\" or \"float16\", not \"float8\""),
             std::string::npos);
@@ -229,7 +220,7 @@ TEST(Config, DeviceAndDtypeKeys) {
 // and file:line.
 TEST(Config, ActivationCheckpointingKey) {
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-ckpt-{}.toml", getpid());
-  write(path, "[train]\nmax_steps = 10\nactivation_checkpointing = \"selective\"\n");
+  write_file(path, "[train]\nmax_steps = 10\nactivation_checkpointing = \"selective\"\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
                 .find(path + ":3: train.activation_checkpointing must be \"none\" or \"full\", not \"selective\""),
             std::string::npos);
@@ -349,7 +340,7 @@ TEST(Config, EveryKeyIsRangeChecked) {
   for (const Bad& b : bad) {
     const std::string key = b.key, section = key.substr(0, key.find('.')), name = key.substr(key.find('.') + 1);
     covered.insert(key);
-    write(path, fmt::format("# one bad value\n[{}]\n{} = {}\n", section, name, b.value));
+    write_file(path, fmt::format("# one bad value\n[{}]\n{} = {}\n", section, name, b.value));
     const std::string from_file = error_of([&] { RunConfig::load(path, {}); });
     EXPECT_NE(from_file.find(fmt::format("{}:3: {} {}", path, key, b.message)), std::string::npos) << from_file;
     const std::string set = fmt::format("{}={}", key, b.value);
@@ -390,13 +381,13 @@ TEST(Config, SftTemplatesAreChecked) {
       {"\"Q: {instruction} {input}\\nA: {response} {response}\"", "must have one {response} slot, not 2"},
   };
   for (const auto& [value, message] : bad) {
-    write(path, fmt::format("[data]\ntrain = \"x\"\nsft_template = {}\n", value));
+    write_file(path, fmt::format("[data]\ntrain = \"x\"\nsft_template = {}\n", value));
     const std::string e = error_of([&] { RunConfig::load(path, {}); });
     EXPECT_NE(e.find(fmt::format("{}:3: data.sft_template {}", path, message)), std::string::npos) << e;
     EXPECT_EQ(e.find('\n'), std::string::npos) << e;
   }
   // A good one, a multi-line TOML string, with its no-input variant.
-  write(path, "[data]\nsft_template = \"\"\"\n<|user|> {instruction}\n{input}\n<|assistant|> {response}\"\"\"\n"
+  write_file(path, "[data]\nsft_template = \"\"\"\n<|user|> {instruction}\n{input}\n<|assistant|> {response}\"\"\"\n"
               "sft_template_no_input = \"<|user|> {instruction}\\n<|assistant|> {response}\"\n");
   const RunConfig c = RunConfig::load(path, {});
   EXPECT_EQ(c.data_sft_template, "<|user|> {instruction}\n{input}\n<|assistant|> {response}");
@@ -404,7 +395,7 @@ TEST(Config, SftTemplatesAreChecked) {
   EXPECT_EQ(sft_template(c).prompt({"hi", "there", ""}), "<|user|> hi\nthere\n<|assistant|> ");
   EXPECT_EQ(sft_template(RunConfig::load("", {})).prompt({"hi", "", ""}), coil::data::alpaca_prompt({"hi", "", ""}));
   // The variant must not have {input}; named by its line.
-  write(path, "[data]\nsft_template = \"{instruction} {input} {response}\"\nsft_template_no_input = \"{input}{instruction}{response}\"\n");
+  write_file(path, "[data]\nsft_template = \"{instruction} {input} {response}\"\nsft_template_no_input = \"{input}{instruction}{response}\"\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
                 .find(path + ":3: data.sft_template_no_input is for examples without an input: it must have no {input} slot"),
             std::string::npos);
@@ -434,7 +425,7 @@ TEST(Metrics, TrainFlopsPerTokenCountsTheMatrixProducts) {
 // The checks between keys name where the later of the two was set.
 TEST(Config, ChecksBetweenKeys) {
   const std::string path = fs::temp_directory_path() / fmt::format("coil-config-cross-{}.toml", getpid());
-  write(path, "[optim]\nwarmup_steps = 50\n\n[train]\nmax_steps = 40\n");
+  write_file(path, "[optim]\nwarmup_steps = 50\n\n[train]\nmax_steps = 40\n");
   EXPECT_NE(error_of([&] { RunConfig::load(path, {}); })
                 .find(path + ":5: optim.warmup_steps (50) must be <= train.max_steps (40)"),
             std::string::npos);

@@ -6,6 +6,7 @@ within 1e-4."""
 import json
 import os
 import subprocess
+import sys
 import zlib
 
 import h5py
@@ -14,6 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import MambaForCausalLM
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_data  # noqa: E402
 
 COIL = os.environ["COIL"]
 PROBE = os.environ["COIL_HF_PROBE"]
@@ -30,12 +34,7 @@ def run(*args, mpi=0):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
-    words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
-    with open(tmp / "c.jsonl", "w") as f:
-        for d in range(200):
-            f.write(json.dumps({"text": " ".join(words[(d * 7 + i) % len(words)] for i in range(40))}) + "\n")
-    run("tokenizer", "train", "--input", tmp / "c.jsonl", "--vocab-size", 300, "--output", tmp / "tok")
-    run("data", "prepare", "--input", tmp / "c.jsonl", "--tokenizer", tmp / "tok.model", "--output", tmp / "shards")
+    tiny_data.prepare(tmp, run)
     run("pretrain", "--config", "/dev/null", "--set", f"data.train={tmp / 'shards'}",
         "--set", f"data.tokenizer={tmp / 'tok.model'}", "--set", f"train.run_dir={tmp / 'run'}",
         "--set", "train.max_steps=3", "--set", "train.seq_len=32", "--set", "train.global_batch_size=3",

@@ -4,6 +4,10 @@ put instructions in it: their answers equal `coil generate --prompt` of the fill
 import json
 import os
 import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_data  # noqa: E402
 
 COIL = os.environ["COIL"]
 TEMPLATE = "<|user|>\n{instruction}\n<|context|>\n{input}\n<|assistant|>\n{response}"
@@ -15,18 +19,13 @@ def run(*args, stdin=None):
 
 
 def test_sft_generate_and_chat_use_the_template_of_the_run(tmp_path):
-    words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
-    with open(tmp_path / "c.jsonl", "w") as f:
-        for d in range(200):
-            f.write(json.dumps({"text": " ".join(words[(d * 7 + i) % len(words)] for i in range(40))}) + "\n")
+    tiny_data.prepare(tmp_path, run)
+    words = tiny_data.WORDS
     with open(tmp_path / "alpaca.jsonl", "w") as f:
         for d in range(40):
             f.write(json.dumps({"instruction": f"Say something about {words[d % len(words)]}.",
                                 "input": words[d % 5] if d % 2 else "",
                                 "output": " ".join(words[(d + i) % len(words)] for i in range(8))}) + "\n")
-    run("tokenizer", "train", "--input", tmp_path / "c.jsonl", "--vocab-size", 300, "--output", tmp_path / "tok")
-    run("data", "prepare", "--input", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "tok.model",
-        "--output", tmp_path / "shards")
     common = ["--set", f"data.tokenizer={tmp_path / 'tok.model'}", "--set", "train.seq_len=48",
               "--set", "train.global_batch_size=4", "--set", "train.micro_batch_size=4", "--set", "train.threads=2"]
     run("pretrain", "--config", "/dev/null", "--set", f"data.train={tmp_path / 'shards'}",

@@ -3,9 +3,13 @@ the same scalars as metrics.jsonl."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_data  # noqa: E402
 
 COIL = os.environ["COIL"]
 
@@ -15,13 +19,7 @@ def run(*args):
 
 
 def test_event_file_matches_metrics(tmp_path):
-    words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
-    with open(tmp_path / "c.jsonl", "w") as f:
-        for d in range(200):
-            f.write(json.dumps({"text": " ".join(words[(d * 7 + i) % len(words)] for i in range(40))}) + "\n")
-    run("tokenizer", "train", "--input", tmp_path / "c.jsonl", "--vocab-size", 300, "--output", tmp_path / "tok")
-    run("data", "prepare", "--input", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "tok.model",
-        "--output", tmp_path / "shards")
+    tiny_data.prepare(tmp_path, run)
     run_dir = tmp_path / "run"
     run("pretrain", "--config", "/dev/null", "--set", f"data.train={tmp_path / 'shards'}",
         "--set", f"data.val={tmp_path / 'shards'}", "--set", f"data.tokenizer={tmp_path / 'tok.model'}",

@@ -14,6 +14,9 @@ import time
 import pytest
 from wandb.proto import wandb_internal_pb2
 
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_data  # noqa: E402
+
 COIL = os.environ["COIL"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIDECAR = os.path.join(HERE, "..", "..", "launch", "wandb_sidecar.py")
@@ -84,13 +87,7 @@ def expected(metrics):
 def data(tmp_path_factory):
     """A tokenizer and prepared shards, made once for the tests of this file."""
     tmp_path = tmp_path_factory.mktemp("data")
-    words = "the snake coils around a warm stone and sleeps while rain falls on green hills".split()
-    with open(tmp_path / "c.jsonl", "w") as f:
-        for d in range(200):
-            f.write(json.dumps({"text": " ".join(words[(d * 7 + i) % len(words)] for i in range(40))}) + "\n")
-    run("tokenizer", "train", "--input", tmp_path / "c.jsonl", "--vocab-size", 300, "--output", tmp_path / "tok")
-    run("data", "prepare", "--input", tmp_path / "c.jsonl", "--tokenizer", tmp_path / "tok.model",
-        "--output", tmp_path / "shards")
+    tiny_data.prepare(tmp_path, run)
     return tmp_path
 
 
