@@ -108,8 +108,7 @@ void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
       b.mask.resize(b.tokens.size());
       b.seq_idx.resize(b.tokens.size());
       for (int64_t r = 0; r < b.rows; ++r) {
-        rows.fill(i + r, b.tokens.data() + r * b.cols, b.mask.data() + r * b.cols);
-        rows.fill_seq_idx(i + r, b.seq_idx.data() + r * b.cols);
+        rows.fill_at(i + r, 0, b.tokens.data() + r * b.cols, b.mask.data() + r * b.cols, b.seq_idx.data() + r * b.cols);
         const auto n = static_cast<int64_t>(rows.row_examples(0, 0, i + r).size());
         documents += n;
         progress.add_documents(n);
