@@ -93,6 +93,8 @@ struct ShardWriter {
 
 }  // namespace
 
+bool is_prepared(const std::string& path) { return fs::exists(fs::path(path) / "manifest.json"); }
+
 PrepareResult prepare_shards(const PrepareOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   COIL_CHECK(!o.output.empty(), "no output directory given");

@@ -41,6 +41,9 @@ struct PrepareResult {
 
 PrepareResult prepare_shards(const PrepareOptions& options);
 
+// Whether `path` is a prepared directory (it holds a manifest.json), rather than text files.
+bool is_prepared(const std::string& path);
+
 // A prepared directory, memory-mapped: the concatenation of its shards is one token stream.
 class TokenShards {
  public:

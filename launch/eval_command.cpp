@@ -1,33 +1,21 @@
-// `coil eval`: how well a checkpoint predicts held-out data, every target scored once.
-//
-//   prepared shards or text files (JSONL, .gz/.zst, Parquet, text): the documents, each followed by
-//     EOS, cut into rows of seq_len + 1 tokens that overlap by one (data/eval_rows.h): every token
-//     of every document, and its EOS, is a target exactly once, the last row padded, nothing dropped;
-//   --sft: Alpaca-format examples in the run's template, the loss on the response tokens only, the
-//     examples packed with the state reset between them (the same loss as one example per row).
-//
-// It prints the mean loss in nats per target token and the perplexity (exp of it) and, for text,
-// the bits per UTF-8 byte of the documents (the summed loss / ln 2 / their bytes), which does not
-// depend on the tokenizer, so models with different tokenizers compare. One process, one device;
-// the trainer's val loss (train.eval_batches micro batches of data.val) is a sample of this.
+// `coil eval`: how well checkpoints predict held-out data, every target scored once
+// (launch/evaluation.h): prepared shards or text files (JSONL, .gz/.zst, Parquet, text), or
+// Alpaca-format examples with --sft. It prints, for each checkpoint in turn, the mean loss in nats
+// per target token, the perplexity and, for text, the bits per UTF-8 byte (comparable across
+// tokenizers), or a JSON line each with --json. One process, one device; the trainer's val loss
+// (train.eval_batches micro batches of data.val) is a sample of the same quantity.
 #include <ATen/ATen.h>
-#include <c10/core/GradMode.h>
 #include <fmt/format.h>
 
-#include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
-#include "data/eval_rows.h"
-#include "data/progress.h"
-#include "data/reader.h"
-#include "data/sft.h"
 #include "data/shards.h"
-#include "launch/batch.h"
 #include "launch/commands.h"
+#include "launch/evaluation.h"
 #include "launch/load_model.h"
 #include "launch/parallel.h"
 #include "launch/run_data.h"
@@ -43,139 +31,48 @@ struct EvalOptions {
   int64_t seq_len = 0, batch_size = 8, max_tokens = 0;
 };
 
-// The loss summed over the batches' targets, on the device until the end.
-class Scorer {
- public:
-  Scorer(const MambaLM& model, at::Device device, at::ScalarType compute, data::Progress& progress)
-      : device_(device), progress_(progress), sum_(at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device))) {
-    forward_ = [&model, compute](const at::Tensor& tokens, const at::Tensor& seq_idx) {
-      return model.forward(tokens, compute, seq_idx);
-    };
-  }
-  void add(const data::Batch& b) {
-    const DeviceBatch d = to_device(b, device_);
-    sum_ += loss_sum(forward_, d).to(at::kDouble);
-    targets += d.count;
-    rows += b.rows;
-    progress_.add_tokens(d.count);
-  }
-  double sum() const { return sum_.item<double>(); }  // waits for the device
-  int64_t targets = 0, rows = 0;
-
- private:
-  at::Device device_;
-  data::Progress& progress_;
-  Forward forward_;
-  at::Tensor sum_;
-};
-
 void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
-  const bool shards = !o.sft && std::filesystem::exists(std::filesystem::path(o.data) / "manifest.json");
+  const bool shards = !o.sft && data::is_prepared(o.data);
   LoadedModel m = load_model(checkpoint, o.tokenizer, /*need_tokenizer=*/!shards);
   const RunConfig& c = m.config;
-  const int64_t seq_len = o.seq_len > 0 ? o.seq_len : c.seq_len;
-  const bool masking = o.document_masking.empty() ? c.data_document_masking : o.document_masking == "true";
+  EvalRequest q;
+  q.data = o.data;
+  q.sft = o.sft;
+  q.seq_len = o.seq_len > 0 ? o.seq_len : c.seq_len;
+  q.batch_size = o.batch_size;
+  q.max_tokens = o.max_tokens;
+  q.document_masking = o.document_masking.empty() ? c.data_document_masking : o.document_masking == "true";
+  q.read.text_field = o.text_field.empty() ? c.data_text_field : o.text_field;
+  q.read.max_bad_records = c.data_max_bad_records;
+  q.templ = sft_template(c);
   std::string device_why;
   const at::Device device = pick_device(o.device, 0, 1, &device_why);
-  const at::ScalarType compute = compute_dtype(o.dtype, device);
+  q.compute = compute_dtype(o.dtype, device);
   m.model->to(device);
-  c10::NoGradGuard no_grad;
-
-  data::ReadOptions read;
-  read.text_field = o.text_field.empty() ? c.data_text_field : o.text_field;
-  read.max_bad_records = c.data_max_bad_records;
-  const bool text = !o.sft && !shards;
-  const std::vector<std::string> files = shards ? std::vector<std::string>{} : data::expand_inputs(o.data);
-  data::Progress progress("eval", text && o.max_tokens == 0 ? data::total_file_bytes(files) : 0, /*with_tokens=*/true);
-  read.progress = text ? &progress : nullptr;
   if (!o.json)
     fmt::print("eval: {} on {}: rows of {} tokens, {} a batch, {}, device {}{}, compute {}\n", checkpoint, o.data,
-               seq_len, o.batch_size,
-               o.sft ? "SFT examples (the loss on responses)" : masking ? "document masking on" : "document masking off",
+               q.seq_len, q.batch_size,
+               o.sft ? "SFT examples (the loss on responses)"
+                     : q.document_masking ? "document masking on" : "document masking off",
                device.str(), device_why.empty() ? "" : " (" + device_why + ")", o.dtype);
-
-  Scorer scorer(*m.model, device, compute, progress);
-  const auto t0 = std::chrono::steady_clock::now();
-  int64_t documents = 0, bytes = 0;
-  data::Batch b;
-  if (o.sft) {
-    auto examples = std::make_shared<data::SftDataset>(files, *m.tokenizer, seq_len, read, 0, sft_template(c));
-    const data::PackedSftSamples rows(examples, 0);
-    b.cols = rows.cols();
-    for (int64_t i = 0; i < rows.size() && (o.max_tokens == 0 || scorer.targets < o.max_tokens); i += b.rows) {
-      b.rows = std::min(o.batch_size, rows.size() - i);
-      b.tokens.resize(static_cast<size_t>(b.rows * b.cols));
-      b.mask.resize(b.tokens.size());
-      b.seq_idx.resize(b.tokens.size());
-      for (int64_t r = 0; r < b.rows; ++r) {
-        rows.fill_at(i + r, 0, b.tokens.data() + r * b.cols, b.mask.data() + r * b.cols, b.seq_idx.data() + r * b.cols);
-        const auto n = static_cast<int64_t>(rows.row_examples(0, 0, i + r).size());
-        documents += n;
-        progress.add_documents(n);
-      }
-      scorer.add(b);
-    }
-  } else {
-    std::unique_ptr<data::TokenShards> sh;
-    if (shards) {
-      sh = std::make_unique<data::TokenShards>(o.data);
-      data::check_vocab_fits(sh->vocab_size(), m.model->config().vocab_size, o.data);
-      COIL_CHECK(!m.tokenizer || sh->tokenizer_sha256() == m.tokenizer->sha256(),
-                 "{} was prepared with another tokenizer (sha256 {}) than {} ({})", o.data,
-                 sh->tokenizer_sha256().substr(0, 12), m.tokenizer ? m.tokenizer->path() : "",
-                 m.tokenizer ? m.tokenizer->sha256().substr(0, 12) : "");
-    }
-    data::EvalRows rows(seq_len, o.batch_size, shards ? sh->eos() : m.tokenizer->eos(), masking);
-    // Adds a document, scores the rows it completes; false once --max-tokens targets are in.
-    auto add = [&](const std::vector<int32_t>& doc) {
-      ++documents;
-      if (shards) progress.add_documents(1);  // the text reader counts its own
-      rows.add(doc);
-      while (rows.next(b)) scorer.add(b);
-      return o.max_tokens == 0 || rows.targets() < o.max_tokens;
-    };
-    if (shards) {
-      for (int64_t i = 0; i < sh->documents(); ++i)
-        if (!add(sh->document(i))) break;
-    } else {
-      std::vector<int32_t> ids;
-      data::ReadStats stats;
-      data::for_each_document_while(files, read, [&](std::string&& doc) {
-        bytes += static_cast<int64_t>(doc.size());
-        ids.clear();
-        m.tokenizer->encode(doc, ids);
-        return add(ids);
-      }, &stats);
-      COIL_CHECK(documents > 0, "{}: no document to score ({})", o.data, stats.summary());
-    }
-    while (rows.finish(b)) scorer.add(b);
-  }
-  COIL_CHECK(scorer.targets > 0, "{}: no target to score{}", o.data,
-             o.sft ? " (no example has a response token within --seq-len)" : "");
-  const double sum = scorer.sum();
-  progress.finish();
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double loss = sum / static_cast<double>(scorer.targets);
-  const double bpb = bytes > 0 ? sum / std::log(2.0) / static_cast<double>(bytes) : 0;
-  COIL_CHECK(std::isfinite(loss), "eval: the loss is {} (the checkpoint's weights are not finite?)", loss);
+  const EvalResult r = score(*m.model, m.tokenizer.get(), q);
+  const char* what = o.sft ? "examples" : "documents";
   if (o.json) {
-    nlohmann::json j = {{"checkpoint", checkpoint}, {"loss", loss}, {"perplexity", std::exp(loss)}, {"targets", scorer.targets},
-                        {"rows", scorer.rows}, {"seq_len", seq_len}, {o.sft ? "examples" : "documents", documents},
-                        {"document_masking", !o.sft && masking}, {"seconds", seconds}};
-    if (bytes > 0) j.update({{"bytes", bytes}, {"bits_per_byte", bpb}});
+    nlohmann::json j = {{"checkpoint", checkpoint}, {"loss", r.loss()}, {"perplexity", std::exp(r.loss())},
+                        {"targets", r.targets}, {"rows", r.rows}, {"seq_len", q.seq_len}, {what, r.documents},
+                        {"document_masking", !o.sft && q.document_masking}, {"seconds", r.seconds}};
+    if (r.bytes > 0) j.update({{"bytes", r.bytes}, {"bits_per_byte", r.bits_per_byte()}});
     fmt::print("{}\n", j.dump());
     return;
   }
-  fmt::print("eval: {} targets of {} {} in {} rows, {:.1f} s ({:.0f} tokens/s)\n", scorer.targets, documents,
-             o.sft ? "examples" : "documents", scorer.rows, seconds, static_cast<double>(scorer.targets) / seconds);
-  fmt::print("eval: loss {:.4f}, perplexity {:.2f}{}\n", loss, std::exp(loss),
-             bytes > 0 ? fmt::format(", bits per byte {:.4f} ({} bytes)", bpb, bytes) : "");
+  fmt::print("eval: {} targets of {} {} in {} rows, {:.1f} s ({:.0f} tokens/s)\n", r.targets, r.documents, what, r.rows,
+             r.seconds, static_cast<double>(r.targets) / r.seconds);
+  fmt::print("eval: loss {:.4f}, perplexity {:.2f}{}\n", r.loss(), std::exp(r.loss()),
+             r.bytes > 0 ? fmt::format(", bits per byte {:.4f} ({} bytes)", r.bits_per_byte(), r.bytes) : "");
 }
 
 void run_eval(const EvalOptions& o) {
   COIL_CHECK(o.seq_len >= 0, "--seq-len must be >= 1 (or 0: the run's train.seq_len), got {}", o.seq_len);
-  COIL_CHECK(o.batch_size >= 1, "--batch-size must be >= 1, got {}", o.batch_size);
-  COIL_CHECK(o.max_tokens >= 0, "--max-tokens must be >= 0 (0: all the data), got {}", o.max_tokens);
   for (const std::string& checkpoint : o.checkpoints) eval_checkpoint(o, checkpoint);
 }
 

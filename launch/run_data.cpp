@@ -3,15 +3,12 @@
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 
-#include <filesystem>
-
 #include "data/sft.h"
 #include "data/shards.h"
 #include "data/streaming.h"
 #include "util/error.h"
 
 namespace coil {
-namespace fs = std::filesystem;
 
 data::SftTemplate sft_template(const RunConfig& c) {
   return data::SftTemplate::from_config(c.data_sft_template, c.data_sft_template_no_input);
@@ -66,7 +63,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     d.summary = fmt::format("prepared data {}: {} sequences of {} tokens per epoch", c.data_train, samples->size(), c.seq_len);
   }
   if (!c.data_val.empty()) {
-    if (fs::exists(fs::path(c.data_val) / "manifest.json")) {
+    if (data::is_prepared(c.data_val)) {
       auto val = open_shards(c.data_val);
       d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
     } else {
