@@ -45,6 +45,8 @@ void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
   q.read.text_field = o.text_field.empty() ? c.data_text_field : o.text_field;
   q.read.max_bad_records = c.data_max_bad_records;
   q.templ = sft_template(c);
+  COIL_CHECK(o.device != "cuda" || (at::hasCUDA() && at::getNumGPUs() > 0),
+             "--device cuda: CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
   std::string device_why;
   const at::Device device = pick_device(o.device, 0, 1, &device_why);
   q.compute = compute_dtype(o.dtype, device);
@@ -104,6 +106,7 @@ void add_eval_command(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_option("--dtype", o->dtype, "compute dtype: float32, bfloat16 or float16 (the weights are cast, the loss stays float32)")
+      ->check(CLI::IsMember({"float32", "bfloat16", "float16"}))
       ->capture_default_str();
   cmd->add_flag("--json", o->json,
                 "print one JSON line a checkpoint (checkpoint, loss, perplexity, targets, documents, bytes, "

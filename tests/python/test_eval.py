@@ -161,6 +161,12 @@ def test_bad_input(hf, tmp_path):
     r = coil("eval", "--checkpoint", tmp / "ck-text", "--data", tmp_path / "empty.jsonl", "--document-masking", "yes",
              check=False)
     assert r.returncode == 2 and "--document-masking" in r.stderr
+    r = coil("eval", "--checkpoint", tmp / "ck-text", "--data", tmp_path / "empty.jsonl", "--dtype", "fp8", check=False)
+    assert r.returncode == 2 and "--dtype" in r.stderr
+    if not torch.cuda.is_available():
+        r = coil("eval", "--checkpoint", tmp / "ck-text", "--data", tmp_path / "empty.jsonl", "--device", "cuda",
+                 check=False)
+        assert r.returncode == 1 and "--device cuda: CUDA is not available here" in r.stderr, r.stderr
     r = coil("eval", "--checkpoint", tmp / "ck", "--data", tmp_path / "empty.jsonl", check=False)
     assert r.returncode == 1 and "holds no tokenizer" in r.stderr
     r = coil("eval", "--checkpoint", tmp_path / "no-checkpoint", "--data", tmp_path / "empty.jsonl", check=False)
