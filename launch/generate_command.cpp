@@ -27,6 +27,7 @@ namespace {
 
 struct GenerateOptions {
   std::string checkpoint, tokenizer, prompt, instruction, input, prompts_file, prompt_ids, dtype = "float32";
+  std::string device = "cpu";
   int64_t max_new_tokens = 128, top_k = 40, batch_size = 16;
   double temperature = 0.0, top_p = 1.0;
   uint64_t seed = 0;
@@ -45,13 +46,21 @@ void add_sampling_options(CLI::App* cmd, GenerateOptions& o) {
                   "half the bytes per token (faster on CPU; the weights rounded to bfloat16, arithmetic stays "
                   "float32)")
       ->capture_default_str();
+  cmd->add_option("--device", o.device,
+                  "cpu (fused decoding kernels) or cuda (the first GPU; the tokens are chosen on the CPU, so a seed "
+                  "gives the same choices from the same logits)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
 }
 
-// The checkpoint's model and tokenizer, the matrices stored in --dtype.
+// The checkpoint's model and tokenizer, the matrices stored in --dtype, on --device.
 LoadedModel load_for_decoding(const GenerateOptions& o, bool need_tokenizer) {
   COIL_CHECK(o.dtype == "float32" || o.dtype == "bfloat16", "--dtype must be float32 or bfloat16, got '{}'", o.dtype);
+  COIL_CHECK(o.device != "cuda" || (at::hasCUDA() && at::getNumGPUs() > 0),
+             "--device cuda: CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
   LoadedModel loaded = load_model(o.checkpoint, o.tokenizer, need_tokenizer);
   if (o.dtype == "bfloat16") loaded.model->store_matrices(at::kBFloat16);
+  if (o.device == "cuda") loaded.model->to(at::Device(at::kCUDA, 0));
   return loaded;
 }
 

@@ -49,7 +49,10 @@ std::vector<std::vector<int32_t>> generate(const MambaLM& model, const GenerateR
              model.config().vocab_size, r.vocab);
   std::vector<std::vector<int32_t>> out(n);
   if (n == 0 || r.max_new_tokens <= 0) return out;
+  // The model's device computes; sampling runs on the CPU (its generator), so that a seed gives the
+  // same text on any device, and the batch's bookkeeping reads the tokens there.
   at::Generator gen = at::detail::createCPUGenerator(r.seed);
+  const at::Device device = model.embedding.device();
 
   // Prefill: each prompt alone (prompts differ in length, and Mamba has no padding mask), then
   // the caches are stacked into one batch.
@@ -61,7 +64,8 @@ std::vector<std::vector<int32_t>> generate(const MambaLM& model, const GenerateR
     for (int32_t t : r.prompts[i])
       COIL_CHECK(t >= 0 && t < model.config().vocab_size, "generate: prompt {} holds token {}, outside [0, {})", i + 1,
                  t, model.config().vocab_size);
-    const at::Tensor ids = at::tensor(std::vector<int64_t>(r.prompts[i].begin(), r.prompts[i].end()), at::kLong);
+    const at::Tensor ids =
+        at::tensor(std::vector<int64_t>(r.prompts[i].begin(), r.prompts[i].end()), at::kLong).to(device);
     logits_rows.push_back(model.prefill(ids.unsqueeze(0), caches[i]));
   }
   for (size_t l = 0; l < caches[0].conv.size(); ++l) {
@@ -77,7 +81,7 @@ std::vector<std::vector<int32_t>> generate(const MambaLM& model, const GenerateR
   std::vector<int64_t> active(n);
   for (size_t i = 0; i < n; ++i) active[i] = static_cast<int64_t>(i);
   for (int64_t t = 0; t < r.max_new_tokens && !active.empty(); ++t) {
-    const at::Tensor next = sample_next(logits, r.vocab, r.sampling, gen);
+    const at::Tensor next = sample_next(logits.to(at::kCPU), r.vocab, r.sampling, gen);  // [B] on the CPU
     const auto* ids = next.data_ptr<int64_t>();
     std::vector<int64_t> keep;
     for (size_t row = 0; row < active.size(); ++row) {
@@ -91,14 +95,15 @@ std::vector<std::vector<int32_t>> generate(const MambaLM& model, const GenerateR
     at::Tensor tokens = next;
     if (keep.size() < active.size()) {  // drop finished sequences from the batch and its state
       const at::Tensor rows = at::tensor(keep, at::kLong);
-      for (auto& c : cache.conv) c = c.index_select(0, rows);
-      for (auto& s : cache.ssm) s = s.index_select(0, rows);
+      const at::Tensor on_device = rows.to(device);
+      for (auto& c : cache.conv) c = c.index_select(0, on_device);
+      for (auto& s : cache.ssm) s = s.index_select(0, on_device);
       tokens = next.index_select(0, rows);
       std::vector<int64_t> still;
       for (int64_t row : keep) still.push_back(active[static_cast<size_t>(row)]);
       active = std::move(still);
     }
-    logits = model.step(tokens, cache);
+    logits = model.step(tokens.to(device), cache);
   }
   return out;
 }

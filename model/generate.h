@@ -41,7 +41,9 @@ struct GenerateRequest {
 
 // The tokens generated for each prompt. on_token(i, token) is called as soon as prompt i's next
 // token is known (for streaming). A sequence's tokens do not depend on the other prompts of the
-// batch when decoding greedily.
+// batch when decoding greedily. The model computes on its device (MambaLM::to: on the CPU with the
+// fused decoding kernels, elsewhere with LibTorch ops); the next tokens are chosen on the CPU, so a
+// seed gives the same choices from the same logits on any device.
 std::vector<std::vector<int32_t>> generate(const MambaLM& model, const GenerateRequest& request,
                                            const std::function<void(size_t, int32_t)>& on_token = {});
 

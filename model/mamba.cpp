@@ -217,9 +217,9 @@ void MambaLM::store_matrices(at::ScalarType dtype) {
 MambaCache MambaLM::new_cache(int64_t batch) const {
   MambaCache cache;
   for (int64_t l = 0; l < config_.n_layer; ++l) {
-    const auto dtype = wide(norm_f.scalar_type());
-    cache.conv.push_back(torch::zeros({batch, config_.d_conv - 1, config_.d_inner()}, dtype));
-    cache.ssm.push_back(torch::zeros({batch, config_.d_inner(), config_.d_state}, dtype));
+    const auto options = torch::TensorOptions().dtype(wide(norm_f.scalar_type())).device(norm_f.device());
+    cache.conv.push_back(torch::zeros({batch, config_.d_conv - 1, config_.d_inner()}, options));
+    cache.ssm.push_back(torch::zeros({batch, config_.d_inner(), config_.d_state}, options));
   }
   return cache;
 }
@@ -244,7 +244,7 @@ Tensor MambaLM::decode_head(const Tensor& hidden) const {
 }
 
 // One token through every block (as Hugging Face's cached path), the conv and the scan advanced by
-// one step, their states updated in place (CPU float32):
+// one step, their states updated in place (fused kernels on the CPU in float32, LibTorch ops elsewhere):
 //   window = [conv state, x_t];  u = silu(<w, window> + b);  h = exp(dt A) h + dt u B;  y = <h, C> + D u
 Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
   torch::NoGradGuard no_grad;

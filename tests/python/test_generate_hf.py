@@ -177,6 +177,9 @@ def test_bad_input(hf, tmp_path):
     assert r.returncode == 1 and "outside [0, 320)" in r.stderr
     r = coil("generate", "--checkpoint", tmp / "ck", "--prompt-ids", "1", "--dtype", "float16", check=False)
     assert r.returncode == 1 and "--dtype must be float32 or bfloat16, got 'float16'" in r.stderr
+    if not torch.cuda.is_available():
+        r = coil("generate", "--checkpoint", tmp / "ck", "--prompt-ids", "1", "--device", "cuda", check=False)
+        assert r.returncode == 1 and "--device cuda: CUDA is not available here" in r.stderr, r.stderr
 
 
 def test_sft_from_an_imported_model(hf, tmp_path):
