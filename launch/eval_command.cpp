@@ -75,7 +75,14 @@ void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
 
 void run_eval(const EvalOptions& o) {
   COIL_CHECK(o.seq_len >= 0, "--seq-len must be >= 1 (or 0: the run's train.seq_len), got {}", o.seq_len);
-  for (const std::string& checkpoint : o.checkpoints) eval_checkpoint(o, checkpoint);
+  for (const std::string& checkpoint : o.checkpoints) {
+    // A glob such as step-* also matches a save in progress, or one a crash interrupted.
+    if (o.checkpoints.size() > 1 && checkpoint.size() > 4 && checkpoint.compare(checkpoint.size() - 4, 4, ".tmp") == 0) {
+      fmt::print(stderr, "coil: warning: skipping {}: a checkpoint not yet (or never) committed\n", checkpoint);
+      continue;
+    }
+    eval_checkpoint(o, checkpoint);
+  }
 }
 
 }  // namespace

@@ -102,11 +102,15 @@ def test_prepared_shards_score_as_the_text_they_were_prepared_from(hf, text, tmp
 
 
 def test_several_checkpoints_in_one_call(hf, text, tmp_path):
-    """A line each, in order; the consolidated copy of a checkpoint scores as the checkpoint does."""
+    """A line each, in order (an uncommitted .tmp skipped); the consolidated copy of a checkpoint scores
+    as the checkpoint does."""
     tmp, _, _ = hf
     path, _, _ = text
     coil("ckpt", "consolidate", tmp / "ck-text", tmp_path / "one.h5")
-    r = coil("eval", "--checkpoint", tmp / "ck-text", tmp_path / "one.h5", "--data", path, "--json", "--seq-len", 16)
+    (tmp_path / "step-00000009.tmp").mkdir()  # a save in progress, as a glob of step-* finds it
+    r = coil("eval", "--checkpoint", tmp / "ck-text", tmp_path / "step-00000009.tmp", tmp_path / "one.h5", "--data", path,
+             "--json", "--seq-len", 16)
+    assert "skipping" in r.stderr and "step-00000009.tmp" in r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [g["checkpoint"] for g in lines] == [str(tmp / "ck-text"), str(tmp_path / "one.h5")]
     assert lines[0]["loss"] == lines[1]["loss"] and lines[0]["targets"] == lines[1]["targets"]
