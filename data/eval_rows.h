@@ -27,8 +27,8 @@ class EvalRows {
   void add(const std::vector<int32_t>& document);
   // A batch of `rows` whole rows, when the documents added so far fill that many (call until false).
   bool next(Batch& batch);
-  // After the last document: the rows left (fewer than `rows`; the last one padded), or false when
-  // every target is already in a batch.
+  // After the last document: the rows left, at most `rows` a call (call until false), the last one
+  // padded; false when every target is already in a batch.
   bool finish(Batch& batch);
 
   int64_t targets() const { return targets_; }  // targets added: document tokens and their EOS
