@@ -95,6 +95,11 @@ struct ShardWriter {
 
 bool is_prepared(const std::string& path) { return fs::exists(fs::path(path) / "manifest.json"); }
 
+void check_prepared_with(const TokenShards& shards, const Tokenizer& tokenizer, const std::string& what) {
+  COIL_CHECK(shards.tokenizer_sha256() == tokenizer.sha256(), "{} was prepared with another tokenizer (sha256 {}) than {} ({})",
+             shards.dir(), shards.tokenizer_sha256().substr(0, 12), what, tokenizer.sha256().substr(0, 12));
+}
+
 PrepareResult prepare_shards(const PrepareOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   COIL_CHECK(!o.output.empty(), "no output directory given");

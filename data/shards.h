@@ -44,6 +44,12 @@ PrepareResult prepare_shards(const PrepareOptions& options);
 // Whether `path` is a prepared directory (it holds a manifest.json), rather than text files.
 bool is_prepared(const std::string& path);
 
+class Tokenizer;   // data/tokenizer.h
+class TokenShards;
+// A coil::Error unless `shards` were prepared with `tokenizer` (the same SHA-256); `what` names the
+// tokenizer in the message (e.g. "data.tokenizer tok.model").
+void check_prepared_with(const TokenShards& shards, const Tokenizer& tokenizer, const std::string& what);
+
 // A prepared directory, memory-mapped: the concatenation of its shards is one token stream.
 class TokenShards {
  public:

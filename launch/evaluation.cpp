@@ -72,9 +72,7 @@ void score_documents(const MambaLM& model, const data::Tokenizer* tok, const Eva
   if (shards) {
     sh = std::make_unique<data::TokenShards>(q.data);
     data::check_vocab_fits(sh->vocab_size(), model.config().vocab_size, q.data);
-    COIL_CHECK(!tok || sh->tokenizer_sha256() == tok->sha256(),
-               "{} was prepared with another tokenizer (sha256 {}) than {} ({})", q.data,
-               sh->tokenizer_sha256().substr(0, 12), tok ? tok->path() : "", tok ? tok->sha256().substr(0, 12) : "");
+    if (tok) data::check_prepared_with(*sh, *tok, tok->path());
   }
   data::EvalRows rows(q.seq_len, q.batch_size, shards ? sh->eos() : tok->eos(), q.document_masking);
   data::Batch b;

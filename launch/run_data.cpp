@@ -42,9 +42,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   }
   auto open_shards = [&](const std::string& dir) {
     auto shards = std::make_shared<data::TokenShards>(dir);
-    COIL_CHECK(shards->tokenizer_sha256() == tok.sha256(),
-               "{} was prepared with another tokenizer (sha256 {}) than data.tokenizer {} ({})", dir,
-               shards->tokenizer_sha256().substr(0, 12), tok.path(), tok.sha256().substr(0, 12));
+    data::check_prepared_with(*shards, tok, "data.tokenizer " + tok.path());
     return std::make_shared<data::PackedSamples>(shards, c.seq_len, c.data_document_masking);
   };
   if (c.data_streaming) {
