@@ -136,55 +136,8 @@ struct CausalConv : public torch::autograd::Function<CausalConv> {
 };
 
 #if defined(COIL_WITH_CUDA)
-// The CUDA kernel (conv1d_cuda.cu) as an autograd function: x [B, L, I] channels contiguous, float32
-// or bfloat16 (y and dx come back in it); wT [K, I], bias [I] float32 contiguous; seq [B, L] int32
-// contiguous (absent: no boundaries); init [B, K-1, I] float32 contiguous (absent: zeros). dw, dbias
-// and dinit are float32.
-struct CausalConvCuda : public torch::autograd::Function<CausalConvCuda> {
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& wT,
-                        const Tensor& bias, const std::optional<Tensor>& seq_opt,
-                        const std::optional<Tensor>& init_opt) {
-    const Tensor seq = seq_opt.value_or(Tensor()), init = init_opt.value_or(Tensor());
-    Tensor y = torch::empty(x.sizes(), x.options());
-    conv_cuda::Params p = params(x, wT, bias, seq, init);
-    p.y = y.data_ptr();
-    if (const char* err = conv_cuda::forward(p)) fail("causal_conv1d: CUDA forward failed: {}", err);
-    ctx->save_for_backward({x, wT, bias, seq, init});
-    return y;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto s = ctx->get_saved_variables();
-    const Tensor &x = s[0], &wT = s[1], &bias = s[2], &seq = s[3], &init = s[4];
-    const Tensor dy = channels_contiguous(grads[0].to(x.scalar_type()));
-    const int64_t B = x.size(0), L = x.size(1), I = x.size(2), K = wT.size(0);
-    const auto f32 = x.options().dtype(torch::kFloat);
-    conv_cuda::Params p = params(x, wT, bias, seq, init);
-    Tensor dx = torch::empty({B, L, I}, x.options());
-    Tensor dinit = init.defined() ? torch::empty({B, K - 1, I}, f32) : Tensor();
-    const int64_t rows = conv_cuda::partial_rows(p);
-    Tensor dw_part = torch::empty({rows, K, I}, f32), dbias_part = torch::empty({rows, I}, f32);
-    p.dy = dy.data_ptr(), p.dy_sb = dy.stride(0), p.dy_st = dy.stride(1);
-    p.dx = dx.data_ptr();
-    p.dinit = init.defined() ? dinit.data_ptr<float>() : nullptr;
-    p.dw_part = dw_part.data_ptr<float>(), p.dbias_part = dbias_part.data_ptr<float>();
-    if (const char* err = conv_cuda::backward(p)) fail("causal_conv1d: CUDA backward failed: {}", err);
-    // The partial rows summed here: a fixed-shape reduction, deterministic.
-    return {dx, dw_part.sum(0), dbias_part.sum(0), Tensor(), dinit};
-  }
-  static conv_cuda::Params params(const Tensor& x, const Tensor& wT, const Tensor& bias, const Tensor& seq,
-                                  const Tensor& init) {
-    conv_cuda::Params p;
-    p.device = x.device().index();
-    p.dtype = x.scalar_type() == torch::kBFloat16 ? conv_cuda::DType::kBFloat16 : conv_cuda::DType::kFloat32;
-    p.B = x.size(0), p.L = x.size(1), p.I = x.size(2), p.K = wT.size(0);
-    p.x = x.data_ptr(), p.x_sb = x.stride(0), p.x_st = x.stride(1);
-    p.w = wT.data_ptr<float>(), p.bias = bias.data_ptr<float>();
-    p.seq_idx = seq.defined() ? seq.data_ptr<int32_t>() : nullptr;
-    p.init = init.defined() ? init.data_ptr<float>() : nullptr;
-    return p;
-  }
-};
+namespace kernels = conv_cuda;
+#include "model/conv1d_cuda_autograd.inc"
 #endif
 
 // seq_idx [B, L] int32 non-decreasing (model/seq_idx.h says when the order is checked), initial_state [B, I, K-1] floating.
@@ -310,18 +263,7 @@ Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor& bias, const
     const int64_t K = weight_2d(w, I).size(1);
     if (x.is_cuda() && (seq_idx.defined() || initial_state.defined()) && K <= conv_cuda::kMaxTaps) {
       check_boundaries(x, K, seq_idx, initial_state);
-      for (const Tensor* other : {&w, &bias, &seq_idx, &initial_state})
-        COIL_CHECK(!other->defined() || other->device() == x.device(), "causal_conv1d: inputs on {} and {}",
-                   x.device().str(), other->device().str());
-      const auto io = t == torch::kBFloat16 ? torch::kBFloat16 : torch::kFloat;
-      auto opt = [](const Tensor& v) { return v.defined() ? std::optional<Tensor>(v) : std::nullopt; };
-      const Tensor wT = weight_2d(w, I).t().to(torch::kFloat).contiguous();
-      const Tensor init = initial_state.defined()
-                              ? initial_state.to(torch::kFloat).transpose(1, 2).contiguous()  // [B, K-1, I]
-                              : Tensor();
-      return CausalConvCuda::apply(channels_contiguous(x.to(io)), wT, bias.to(torch::kFloat).contiguous(),
-                                   opt(seq_idx.defined() ? seq_idx.contiguous() : seq_idx), opt(init))
-          .to(t);
+      return causal_conv1d_cuda(x, weight_2d(w, I), bias, seq_idx, initial_state);
     }
 #endif
     return causal_conv1d_ref(x, w.to(t), bias.to(t), seq_idx,

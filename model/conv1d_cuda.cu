@@ -11,15 +11,13 @@
 //                range of rows; each thread sums its rows in registers, the block adds its 8 lanes in
 //                a fixed order through shared memory and writes one partial row, the caller sums
 //                the R rows (no atomics, so the result does not vary between runs).
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "model/conv1d_cuda.h"
+#include "model/cuda_kernel.cuh"
 
 namespace coil::conv_cuda {
 namespace {
@@ -30,11 +28,9 @@ constexpr int kRowLanes = kThreads / kChannels;  // dw: row lanes per block
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // blocks of a grid-stride launch
 constexpr int64_t kMaxPartialRows = 64;
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+using cuda_kernel::from_f32;
+using cuda_kernel::launch;
+using cuda_kernel::to_f32;
 
 // Does position s (s < 0: the initial state, which belongs to the row's first document) lie in the
 // document of position t >= s? seq: the row's document numbers, or null (one document).
@@ -153,10 +149,8 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(const Params p, int64_t ro
   }
 }
 
-const char* last_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
+// The error's text, or null for cudaSuccess.
+const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
 unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGrid)); }
 
 template <typename T>
@@ -164,21 +158,14 @@ const char* launch(const Params& p, bool backward) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
   const int64_t n = p.B * p.L * p.I;
   if (n == 0) return nullptr;
-  if (!backward) {
-    forward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(p);
-    return last_error();
-  }
-  dx_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(p);
-  if (const char* err = last_error()) return err;
+  if (!backward) return message(launch(forward_kernel<T>, grid_for(n), kThreads, 0, stream, p));
+  if (const char* err = message(launch(dx_kernel<T>, grid_for(n), kThreads, 0, stream, p))) return err;
   const int64_t n_init = p.B * (p.K - 1) * p.I;
-  if (p.dinit && n_init > 0) {
-    dinit_kernel<T><<<grid_for(n_init), kThreads, 0, stream>>>(p);
-    if (const char* err = last_error()) return err;
-  }
+  if (p.dinit && n_init > 0)
+    if (const char* err = message(launch(dinit_kernel<T>, grid_for(n_init), kThreads, 0, stream, p))) return err;
   const int64_t R = partial_rows(p), rows_per = (p.B * p.L + R - 1) / R;
   const dim3 grid(unsigned((p.I + kChannels - 1) / kChannels), unsigned(R));
-  dw_kernel<T><<<grid, kThreads, 0, stream>>>(p, rows_per);
-  return last_error();
+  return message(launch(dw_kernel<T>, grid, kThreads, 0, stream, p, rows_per));
 }
 
 const char* run(const Params& p, bool backward) {

@@ -37,15 +37,13 @@
 // (as much as u itself at mamba-130m sizes); the price of atomics is that the order of the I/8
 // additions varies between runs, so dB and dC vary in their last bits (as in mamba_ssm, which
 // adds every channel atomically).
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <type_traits>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "model/cuda_kernel.cuh"
 #include "model/scan_cuda.h"
 
 namespace coil::scan_cuda {
@@ -60,14 +58,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kThreads % 32 == 0, "whole warps");
 static_assert(32 % kQuarters == 0, "a channel's threads share a warp");
 
-// Loads and stores of the input dtype, converted to and from float32.
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);  // round to nearest even
-}
+// Loads and stores of the input dtype, converted to and from float32; launches.
+using cuda_kernel::dynamic_shared_floats;
+using cuda_kernel::from_f32;
+using cuda_kernel::launch;
+using cuda_kernel::to_f32;
 
 // softplus(x) = log(1 + e^x), and x itself above 20 (as ATen's softplus with threshold 20).
 __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(expf(x)); }
@@ -293,7 +288,7 @@ constexpr size_t backward_smem_floats() {
 template <typename T, int NS>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const Params p) {
   constexpr int NP = kQuarters * NS;
-  extern __shared__ __align__(16) float smem[];
+  float* const smem = dynamic_shared_floats();
   float* u_s = smem;                // u
   float* dt_s = u_s + kTile;        // dt = softplus(delta + bias)
   float* dsig_s = dt_s + kTile;     // d dt / d delta: sigmoid(x), or 1 without softplus
@@ -821,7 +816,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * Q, bwd_min_blocks<Q>()) se
   // within 128 registers without spills.
   constexpr int kRolled = Q == 16 ? 1 : 0;
   static_assert(kTile % NT == 0 && (kChunk * NP) % NT == 0, "whole tiles per thread");
-  extern __shared__ __align__(16) float smem[];
+  float* const smem = dynamic_shared_floats();
   // Local pass: dt, ds, C. Full pass: the layout of version 1, hist for KH steps.
   float* dt_s = smem;
   float* ds_s = dt_s + kTile;
@@ -1080,31 +1075,29 @@ Tuning g_tuning;  // set by tests and benchmarks only (not thread-safe)
 cudaStream_t current_stream(const Params& p) { return c10::cuda::getCurrentCUDAStream(p.device).stream(); }
 
 // Version 1: NS = N/4 rounded up to a power of two (N <= 64), and the input dtype.
+// The error's text, or null for cudaSuccess.
+const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
+
 template <typename T, int NS>
-const char* launch(const Params& p, bool backward) {
+const char* launch_sequential(const Params& p, bool backward) {
   const dim3 grid(unsigned(num_channel_blocks(p.I)), unsigned(p.B));
   cudaStream_t stream = current_stream(p);
-  if (!backward) {
-    forward_kernel<T, NS><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    const size_t bytes = backward_smem_floats<NS>() * sizeof(float);
-    // Above 48 KiB a kernel must ask for its dynamic shared memory explicitly.
-    cudaError_t err = cudaFuncSetAttribute(backward_kernel<T, NS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(bytes));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-    backward_kernel<T, NS><<<grid, kThreads, bytes, stream>>>(p);
-  }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  if (!backward) return message(launch(forward_kernel<T, NS>, grid, kThreads, 0, stream, p));
+  const size_t bytes = backward_smem_floats<NS>() * sizeof(float);
+  // Above 48 KiB a kernel must ask for its dynamic shared memory explicitly.
+  if (const char* err = message(cudaFuncSetAttribute(backward_kernel<T, NS>,
+                                                     cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes))))
+    return err;
+  return message(launch(backward_kernel<T, NS>, grid, kThreads, bytes, stream, p));
 }
 
 template <typename T>
 const char* launch_ns(const Params& p, bool backward) {
-  if (p.N <= 4) return launch<T, 1>(p, backward);
-  if (p.N <= 8) return launch<T, 2>(p, backward);
-  if (p.N <= 16) return launch<T, 4>(p, backward);
-  if (p.N <= 32) return launch<T, 8>(p, backward);
-  if (p.N <= kMaxState) return launch<T, 16>(p, backward);
+  if (p.N <= 4) return launch_sequential<T, 1>(p, backward);
+  if (p.N <= 8) return launch_sequential<T, 2>(p, backward);
+  if (p.N <= 16) return launch_sequential<T, 4>(p, backward);
+  if (p.N <= 32) return launch_sequential<T, 8>(p, backward);
+  if (p.N <= kMaxState) return launch_sequential<T, 16>(p, backward);
   return "state size above kMaxState";
 }
 
@@ -1124,18 +1117,12 @@ const char* with_config(const Params& p, F&& f) {
   return p.dtype == DType::kBFloat16 ? with_state_layout<__nv_bfloat16>(p, f) : with_state_layout<float>(p, f);
 }
 
-const char* last_error() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 // The backward kernels' dynamic shared memory, allowed above 48 KiB.
 template <typename T, int NS, int Q, bool kLocal>
 const char* backward_attributes(size_t& bytes) {
   bytes = seg_backward_smem_floats<NS, Q, kLocal>() * sizeof(float);
-  const cudaError_t err = cudaFuncSetAttribute(seg_backward_kernel<T, NS, Q, kLocal>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return message(cudaFuncSetAttribute(seg_backward_kernel<T, NS, Q, kLocal>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
 template <typename T, int NS, int Q>
@@ -1147,40 +1134,29 @@ const char* launch_segmented(const Params& p, bool backward) {
   const char* err = nullptr;
   if (!backward) {
     if (p.segments > 1) {
-      seg_forward_kernel<T, NS, Q, true><<<grid, NT, 0, stream>>>(p);
-      if ((err = last_error())) return err;
-      combine_kernel<false><<<combine_blocks, 256, 0, stream>>>(p);
-      if ((err = last_error())) return err;
+      if ((err = message(launch(seg_forward_kernel<T, NS, Q, true>, grid, NT, 0, stream, p)))) return err;
+      if ((err = message(launch(combine_kernel<false>, combine_blocks, 256, 0, stream, p)))) return err;
     }
-    seg_forward_kernel<T, NS, Q, false><<<grid, NT, 0, stream>>>(p);
-    return last_error();
+    return message(launch(seg_forward_kernel<T, NS, Q, false>, grid, NT, 0, stream, p));
   }
   size_t bytes = 0;
   if (p.segments > 1) {
     if ((err = backward_attributes<T, NS, Q, true>(bytes))) return err;
-    seg_backward_kernel<T, NS, Q, true><<<grid, NT, bytes, stream>>>(p);
-    if ((err = last_error())) return err;
-    combine_kernel<true><<<combine_blocks, 256, 0, stream>>>(p);
-    if ((err = last_error())) return err;
+    if ((err = message(launch(seg_backward_kernel<T, NS, Q, true>, grid, NT, bytes, stream, p)))) return err;
+    if ((err = message(launch(combine_kernel<true>, combine_blocks, 256, 0, stream, p)))) return err;
   }
   if ((err = backward_attributes<T, NS, Q, false>(bytes))) return err;
-  seg_backward_kernel<T, NS, Q, false><<<grid, NT, bytes, stream>>>(p);
-  return last_error();
+  return message(launch(seg_backward_kernel<T, NS, Q, false>, grid, NT, bytes, stream, p));
 }
 
 // Resident blocks per SM of the full pass (the one that bounds the choice of S).
 template <typename T, int NS, int Q>
 const char* blocks_per_sm(bool backward, int& n) {
   constexpr int NT = kChannelsPerBlock * Q;
-  cudaError_t err;
-  if (backward) {
-    size_t bytes = 0;
-    if (const char* e = backward_attributes<T, NS, Q, false>(bytes)) return e;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_backward_kernel<T, NS, Q, false>, NT, bytes);
-  } else {
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_forward_kernel<T, NS, Q, false>, NT, 0);
-  }
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  if (!backward) return message(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_forward_kernel<T, NS, Q, false>, NT, 0));
+  size_t bytes = 0;
+  if (const char* e = backward_attributes<T, NS, Q, false>(bytes)) return e;
+  return message(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_backward_kernel<T, NS, Q, false>, NT, bytes));
 }
 
 // A segment is at least this many chunks (128 steps): shorter ones would make the local and
@@ -1215,8 +1191,7 @@ const char* plan(Params& p, bool backward) {
   if (S <= 0) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
     int sms = 0, per_sm = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device) != cudaSuccess)
-      return cudaGetErrorString(cudaGetLastError());
+    if (const char* err = message(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device))) return err;
     if (const char* err = with_config(p, [&](auto t, auto ns, auto q) {
           return blocks_per_sm<decltype(t), decltype(ns)::value, decltype(q)::value>(backward, per_sm);
         }))

@@ -56,15 +56,6 @@ void check_h0(const Tensor& h0, int64_t B, int64_t I, int64_t N) {
              N);
 }
 
-// 1 where a document starts at t > 0 (seq_idx changes), as uint8 [B, L]; undefined without seq_idx.
-Tensor reset_flags(const Tensor& seq_idx) {
-  if (!seq_idx.defined()) return Tensor();
-  const int64_t L = seq_idx.size(1);
-  Tensor r = torch::zeros(seq_idx.sizes(), seq_idx.options().dtype(torch::kByte));
-  if (L > 1) r.narrow(1, 1, L - 1).copy_(seq_idx.narrow(1, 1, L - 1) != seq_idx.narrow(1, 0, L - 1));
-  return r.contiguous();
-}
-
 // Channels contiguous (stride 1 on the last dim) as the kernel needs; other strides are kept.
 Tensor channels_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -144,144 +135,9 @@ struct ScanCore : public torch::autograd::Function<ScanCore> {
 };
 
 #if defined(COIL_WITH_CUDA)
-// The fused CUDA kernel (scan_cuda.cu) as an autograd function: the whole scan, delta bias, softplus,
-// D skip and SiLU gate included. u, delta, z, B, C share one dtype, float32 or bfloat16 (y and their
-// gradients come back in it); A, D, delta_bias are float32 (and so are their gradients). D, z and
-// delta_bias may be absent. h0 [B, I, N] float32 contiguous and reset [B, L] uint8 contiguous (the
-// document starts, reset_flags()) may be absent too: a zero start state, one document per row.
-// keep_states: store each chunk's final state for the backward pass (false when no gradient will
-// be asked for). Returns {y, final state [B, I, N] float32}; the final state is differentiable
-// (its gradient seeds the adjoint, for chunked training), and h0's gradient comes back.
-struct ScanCuda : public torch::autograd::Function<ScanCuda> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& u,
-                                                const Tensor& delta, const Tensor& A, const Tensor& Bm,
-                                                const Tensor& Cm, const std::optional<Tensor>& D,
-                                                const std::optional<Tensor>& z,
-                                                const std::optional<Tensor>& delta_bias,
-                                                const std::optional<Tensor>& h0,
-                                                const std::optional<Tensor>& reset, bool softplus,
-                                                bool keep_states) {
-    const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
-    const auto f32 = u.options().dtype(torch::kFloat);
-    Tensor y = torch::empty({B, L, I}, u.options());
-    Tensor states = keep_states ? torch::empty({B, I, scan_cuda::num_chunks(L), N}, f32) : Tensor();
-    Tensor last = torch::empty({B, I, N}, f32);
-    const Tensor Dt = D.value_or(Tensor()), zt = z.value_or(Tensor()), bt = delta_bias.value_or(Tensor());
-    const Tensor h0t = h0.value_or(Tensor()), rt = reset.value_or(Tensor());
-    scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, Dt, zt, bt, h0t, rt, softplus);
-    p.y = y.data_ptr(), p.final_state = last.data_ptr<float>();
-    p.states = keep_states ? states.data_ptr<float>() : nullptr;
-    const Tensor scratch = plan(p, false, f32);
-    if (const char* err = scan_cuda::forward(p)) fail("selective_scan: CUDA forward failed: {}", err);
-    ctx->save_for_backward({u, delta, A, Bm, Cm, Dt, zt, bt, states, h0t, rt});
-    ctx->saved_data["softplus"] = softplus;
-    // Unused outputs bring undefined gradients (no dlast: the kernel's null pointer, not zeros).
-    ctx->set_materialize_grads(false);
-    return {y, last};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto s = ctx->get_saved_variables();
-    const Tensor &u = s[0], &delta = s[1], &A = s[2], &Bm = s[3], &Cm = s[4];
-    const Tensor &D = s[5], &z = s[6], &bias = s[7], &states = s[8], &h0 = s[9], &reset = s[10];
-    COIL_CHECK(states.defined(), "selective_scan: backward through a CUDA scan run without gradients");
-    const int64_t B = u.size(0), L = u.size(1), I = u.size(2), N = A.size(1);
-    const Tensor dy = grads[0].defined() ? channels_contiguous(grads[0].to(u.scalar_type()))
-                                         : torch::zeros({B, L, I}, u.options());
-    const auto f32 = u.options().dtype(torch::kFloat);
-    Tensor du = torch::empty({B, L, I}, u.options()), ddelta = torch::empty({B, L, I}, u.options());
-    Tensor dz = z.defined() ? torch::empty({B, L, I}, u.options()) : Tensor();
-    Tensor dB = torch::zeros({B, L, N}, f32), dC = torch::zeros({B, L, N}, f32);
-    const Tensor dlast = grads[1].defined() ? grads[1].to(torch::kFloat).contiguous() : Tensor();
-    Tensor dh0 = h0.defined() ? torch::empty({B, I, N}, f32) : Tensor();
-    scan_cuda::Params p = make_params(u, delta, A, Bm, Cm, D, z, bias, h0, reset, ctx->saved_data["softplus"].toBool());
-    p.dlast = dlast.defined() ? dlast.data_ptr<float>() : nullptr;
-    p.dh0 = h0.defined() ? dh0.data_ptr<float>() : nullptr;
-    const Tensor scratch = plan(p, true, f32);
-    // One partial row per (batch row, time segment).
-    const int64_t rows = scan_cuda::partial_rows(p);
-    Tensor dA_part = torch::empty({rows, I, N}, f32), dD_part = torch::empty({rows, I}, f32);
-    Tensor dbias_part = torch::empty({rows, I}, f32);
-    p.states = states.data_ptr<float>();
-    p.dy = dy.data_ptr(), p.dy_sb = dy.stride(0), p.dy_st = dy.stride(1);
-    p.du = du.data_ptr(), p.ddelta = ddelta.data_ptr(), p.dz = z.defined() ? dz.data_ptr() : nullptr;
-    p.dA_part = dA_part.data_ptr<float>(), p.dD_part = dD_part.data_ptr<float>();
-    p.dbias_part = dbias_part.data_ptr<float>();
-    p.dB = dB.data_ptr<float>(), p.dC = dC.data_ptr<float>();
-    if (const char* err = scan_cuda::backward(p)) fail("selective_scan: CUDA backward failed: {}", err);
-    // dA, dD and ddelta_bias come per (batch row, segment); summing the rows here (a reduction of a
-    // fixed shape, no atomics) keeps them deterministic.
-    return {du,
-            ddelta,
-            dA_part.sum(0),
-            dB.to(Bm.scalar_type()),
-            dC.to(Cm.scalar_type()),
-            D.defined() ? dD_part.sum(0) : Tensor(),
-            dz,
-            bias.defined() ? dbias_part.sum(0) : Tensor(),
-            dh0,
-            Tensor(),
-            Tensor(),
-            Tensor()};
-  }
-
-  // Picks the kernel and its time segments (scan_cuda::plan) and allocates its scratch.
-  static Tensor plan(scan_cuda::Params& p, bool backward, const torch::TensorOptions& f32) {
-    if (const char* err = scan_cuda::plan(p, backward)) fail("selective_scan: CUDA launch plan failed: {}", err);
-    const int64_t n = scan_cuda::scratch_floats(p);
-    Tensor scratch = n > 0 ? torch::empty({n}, f32) : Tensor();
-    p.scratch = n > 0 ? scratch.data_ptr<float>() : nullptr;
-    return scratch;
-  }
-
-  // Pointers, strides and sizes of the (already converted and laid out) inputs.
-  static scan_cuda::Params make_params(const Tensor& u, const Tensor& delta, const Tensor& A,
-                                       const Tensor& Bm, const Tensor& Cm, const Tensor& D,
-                                       const Tensor& z, const Tensor& bias, const Tensor& h0,
-                                       const Tensor& reset, bool softplus) {
-    scan_cuda::Params p;
-    p.device = u.device().index();
-    p.dtype = u.scalar_type() == torch::kBFloat16 ? scan_cuda::DType::kBFloat16 : scan_cuda::DType::kFloat32;
-    p.B = u.size(0), p.L = u.size(1), p.I = u.size(2), p.N = A.size(1);
-    p.softplus = softplus;
-    p.u = u.data_ptr(), p.u_sb = u.stride(0), p.u_st = u.stride(1);
-    p.delta = delta.data_ptr(), p.delta_sb = delta.stride(0), p.delta_st = delta.stride(1);
-    if (z.defined()) p.z = z.data_ptr(), p.z_sb = z.stride(0), p.z_st = z.stride(1);
-    p.Bm = Bm.data_ptr(), p.Cm = Cm.data_ptr();
-    p.A = A.data_ptr<float>();
-    p.D = D.defined() ? D.data_ptr<float>() : nullptr;
-    p.delta_bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    p.h0 = h0.defined() ? h0.data_ptr<float>() : nullptr;
-    p.reset = reset.defined() ? reset.data_ptr<uint8_t>() : nullptr;
-    return p;
-  }
-};
-
-// selective_scan on CUDA tensors: converts the inputs to what the kernel takes (see ScanCuda).
-Tensor selective_scan_cuda(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& Bm,
-                           const Tensor& Cm, const Tensor& D, const Tensor& z, const Tensor& delta_bias,
-                           bool delta_softplus, Tensor* final_state, const Tensor& seq_idx, const Tensor& h0) {
-  for (const Tensor* t : {&delta, &A, &Bm, &Cm, &D, &z, &delta_bias, &seq_idx, &h0})
-    COIL_CHECK(!t->defined() || t->device() == u.device(), "selective_scan: inputs on {} and {}",
-               u.device().str(), t->device().str());
-  COIL_CHECK(A.size(1) <= scan_cuda::kMaxState, "selective_scan: the CUDA kernel takes a state size up to {}, got {}",
-             scan_cuda::kMaxState, A.size(1));
-  const auto dtype = u.scalar_type() == torch::kBFloat16 ? torch::kBFloat16 : torch::kFloat;
-  auto in = [&](const Tensor& t) { return t.defined() ? channels_contiguous(t.to(dtype)) : t; };
-  auto param = [](const Tensor& t) { return t.defined() ? t.to(torch::kFloat).contiguous() : t; };
-  auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
-  bool needs_grad = false;
-  for (const Tensor* t : {&u, &delta, &A, &Bm, &Cm, &D, &z, &delta_bias, &h0})
-    needs_grad = needs_grad || (t->defined() && t->requires_grad());
-  needs_grad = needs_grad && torch::GradMode::is_enabled();
-  auto out = ScanCuda::apply(in(u), in(delta), param(A), in(Bm).contiguous(), in(Cm).contiguous(),
-                             opt(param(D)), opt(in(z)), opt(param(delta_bias)), opt(param(h0)),
-                             opt(reset_flags(seq_idx)), delta_softplus, needs_grad);
-  if (final_state) *final_state = out[1];
-  return out[0].to(u.scalar_type());
-}
-#endif  // COIL_WITH_CUDA
+namespace kernels = scan_cuda;
+#include "model/scan_cuda_autograd.inc"
+#endif
 
 }  // namespace
 

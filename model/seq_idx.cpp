@@ -19,4 +19,12 @@ void check_seq_idx(const at::Tensor& seq_idx, int64_t B, int64_t L, const char* 
              who);
 }
 
+at::Tensor reset_flags(const at::Tensor& seq_idx) {
+  if (!seq_idx.defined()) return at::Tensor();
+  const int64_t L = seq_idx.size(1);
+  at::Tensor r = torch::zeros(seq_idx.sizes(), seq_idx.options().dtype(torch::kByte));
+  if (L > 1) r.narrow(1, 1, L - 1).copy_(seq_idx.narrow(1, 1, L - 1) != seq_idx.narrow(1, 0, L - 1));
+  return r.contiguous();
+}
+
 }  // namespace coil

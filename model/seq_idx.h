@@ -20,4 +20,8 @@ namespace coil {
 void check_seq_idx(const at::Tensor& seq_idx, int64_t B, int64_t L, const char* who,
                    bool order_on_device = false);
 
+// 1 where a document starts at t > 0 (seq_idx changes), as uint8 [B, L] contiguous; undefined
+// without seq_idx. What the scan kernels take: where the state restarts from zero.
+at::Tensor reset_flags(const at::Tensor& seq_idx);
+
 }  // namespace coil
