@@ -28,6 +28,7 @@ constexpr int kRowLanes = kThreads / kChannels;  // dw: row lanes per block
 constexpr int64_t kMaxGrid = int64_t(1) << 20;   // blocks of a grid-stride launch
 constexpr int64_t kMaxPartialRows = 64;
 
+using cuda_kernel::error_text;
 using cuda_kernel::from_f32;
 using cuda_kernel::launch;
 using cuda_kernel::to_f32;
@@ -149,30 +150,29 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(const Params p, int64_t ro
   }
 }
 
-// The error's text, or null for cudaSuccess.
-const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
 unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGrid)); }
 
 template <typename T>
-const char* launch(const Params& p, bool backward) {
+const char* launch_passes(const Params& p, bool backward) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
   const int64_t n = p.B * p.L * p.I;
   if (n == 0) return nullptr;
-  if (!backward) return message(launch(forward_kernel<T>, grid_for(n), kThreads, 0, stream, p));
-  if (const char* err = message(launch(dx_kernel<T>, grid_for(n), kThreads, 0, stream, p))) return err;
+  if (!backward) return error_text(launch(forward_kernel<T>, grid_for(n), kThreads, 0, stream, p));
+  if (const char* err = error_text(launch(dx_kernel<T>, grid_for(n), kThreads, 0, stream, p))) return err;
   const int64_t n_init = p.B * (p.K - 1) * p.I;
-  if (p.dinit && n_init > 0)
-    if (const char* err = message(launch(dinit_kernel<T>, grid_for(n_init), kThreads, 0, stream, p))) return err;
+  if (p.dinit && n_init > 0) {
+    if (const char* err = error_text(launch(dinit_kernel<T>, grid_for(n_init), kThreads, 0, stream, p))) return err;
+  }
   const int64_t R = partial_rows(p), rows_per = (p.B * p.L + R - 1) / R;
   const dim3 grid(unsigned((p.I + kChannels - 1) / kChannels), unsigned(R));
-  return message(launch(dw_kernel<T>, grid, kThreads, 0, stream, p, rows_per));
+  return error_text(launch(dw_kernel<T>, grid, kThreads, 0, stream, p, rows_per));
 }
 
 const char* run(const Params& p, bool backward) {
   if (p.K < 1 || p.K > kMaxTaps) return "taps outside [1, kMaxTaps]";
   if ((p.I + kChannels - 1) / kChannels > 2147483647) return "too many channels";
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
-  return p.dtype == DType::kBFloat16 ? launch<__nv_bfloat16>(p, backward) : launch<float>(p, backward);
+  return p.dtype == DType::kBFloat16 ? launch_passes<__nv_bfloat16>(p, backward) : launch_passes<float>(p, backward);
 }
 
 }  // namespace

@@ -20,6 +20,9 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16(x);  // round to nearest even
 }
 
+// An error's text, or null for cudaSuccess (what the launch functions return).
+inline const char* error_text(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
+
 #if defined(COIL_CUDA_EMULATION)
 using coil_emu::launch;
 __device__ __forceinline__ float* dynamic_shared_floats() { return coil_emu::dynamic_shared_floats(); }

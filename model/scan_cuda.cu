@@ -60,6 +60,7 @@ static_assert(32 % kQuarters == 0, "a channel's threads share a warp");
 
 // Loads and stores of the input dtype, converted to and from float32; launches.
 using cuda_kernel::dynamic_shared_floats;
+using cuda_kernel::error_text;
 using cuda_kernel::from_f32;
 using cuda_kernel::launch;
 using cuda_kernel::to_f32;
@@ -1075,20 +1076,17 @@ Tuning g_tuning;  // set by tests and benchmarks only (not thread-safe)
 cudaStream_t current_stream(const Params& p) { return c10::cuda::getCurrentCUDAStream(p.device).stream(); }
 
 // Version 1: NS = N/4 rounded up to a power of two (N <= 64), and the input dtype.
-// The error's text, or null for cudaSuccess.
-const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
-
 template <typename T, int NS>
 const char* launch_sequential(const Params& p, bool backward) {
   const dim3 grid(unsigned(num_channel_blocks(p.I)), unsigned(p.B));
   cudaStream_t stream = current_stream(p);
-  if (!backward) return message(launch(forward_kernel<T, NS>, grid, kThreads, 0, stream, p));
+  if (!backward) return error_text(launch(forward_kernel<T, NS>, grid, kThreads, 0, stream, p));
   const size_t bytes = backward_smem_floats<NS>() * sizeof(float);
   // Above 48 KiB a kernel must ask for its dynamic shared memory explicitly.
-  if (const char* err = message(cudaFuncSetAttribute(backward_kernel<T, NS>,
+  if (const char* err = error_text(cudaFuncSetAttribute(backward_kernel<T, NS>,
                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes))))
     return err;
-  return message(launch(backward_kernel<T, NS>, grid, kThreads, bytes, stream, p));
+  return error_text(launch(backward_kernel<T, NS>, grid, kThreads, bytes, stream, p));
 }
 
 template <typename T>
@@ -1121,7 +1119,7 @@ const char* with_config(const Params& p, F&& f) {
 template <typename T, int NS, int Q, bool kLocal>
 const char* backward_attributes(size_t& bytes) {
   bytes = seg_backward_smem_floats<NS, Q, kLocal>() * sizeof(float);
-  return message(cudaFuncSetAttribute(seg_backward_kernel<T, NS, Q, kLocal>,
+  return error_text(cudaFuncSetAttribute(seg_backward_kernel<T, NS, Q, kLocal>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
@@ -1134,29 +1132,30 @@ const char* launch_segmented(const Params& p, bool backward) {
   const char* err = nullptr;
   if (!backward) {
     if (p.segments > 1) {
-      if ((err = message(launch(seg_forward_kernel<T, NS, Q, true>, grid, NT, 0, stream, p)))) return err;
-      if ((err = message(launch(combine_kernel<false>, combine_blocks, 256, 0, stream, p)))) return err;
+      if ((err = error_text(launch(seg_forward_kernel<T, NS, Q, true>, grid, NT, 0, stream, p)))) return err;
+      if ((err = error_text(launch(combine_kernel<false>, combine_blocks, 256, 0, stream, p)))) return err;
     }
-    return message(launch(seg_forward_kernel<T, NS, Q, false>, grid, NT, 0, stream, p));
+    return error_text(launch(seg_forward_kernel<T, NS, Q, false>, grid, NT, 0, stream, p));
   }
   size_t bytes = 0;
   if (p.segments > 1) {
     if ((err = backward_attributes<T, NS, Q, true>(bytes))) return err;
-    if ((err = message(launch(seg_backward_kernel<T, NS, Q, true>, grid, NT, bytes, stream, p)))) return err;
-    if ((err = message(launch(combine_kernel<true>, combine_blocks, 256, 0, stream, p)))) return err;
+    if ((err = error_text(launch(seg_backward_kernel<T, NS, Q, true>, grid, NT, bytes, stream, p)))) return err;
+    if ((err = error_text(launch(combine_kernel<true>, combine_blocks, 256, 0, stream, p)))) return err;
   }
   if ((err = backward_attributes<T, NS, Q, false>(bytes))) return err;
-  return message(launch(seg_backward_kernel<T, NS, Q, false>, grid, NT, bytes, stream, p));
+  return error_text(launch(seg_backward_kernel<T, NS, Q, false>, grid, NT, bytes, stream, p));
 }
 
 // Resident blocks per SM of the full pass (the one that bounds the choice of S).
 template <typename T, int NS, int Q>
 const char* blocks_per_sm(bool backward, int& n) {
   constexpr int NT = kChannelsPerBlock * Q;
-  if (!backward) return message(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_forward_kernel<T, NS, Q, false>, NT, 0));
+  if (!backward)
+    return error_text(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_forward_kernel<T, NS, Q, false>, NT, 0));
   size_t bytes = 0;
   if (const char* e = backward_attributes<T, NS, Q, false>(bytes)) return e;
-  return message(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_backward_kernel<T, NS, Q, false>, NT, bytes));
+  return error_text(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, seg_backward_kernel<T, NS, Q, false>, NT, bytes));
 }
 
 // A segment is at least this many chunks (128 steps): shorter ones would make the local and
@@ -1191,7 +1190,8 @@ const char* plan(Params& p, bool backward) {
   if (S <= 0) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
     int sms = 0, per_sm = 0;
-    if (const char* err = message(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device))) return err;
+    if (const char* err = error_text(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device)))
+      return err;
     if (const char* err = with_config(p, [&](auto t, auto ns, auto q) {
           return blocks_per_sm<decltype(t), decltype(ns)::value, decltype(q)::value>(backward, per_sm);
         }))

@@ -157,7 +157,6 @@ bool run_block(Launch& l, std::mt19937_64& rng) {
       l.current = int(t);
       threadIdx = f.idx;
       swapcontext(&l.scheduler, &f.ctx);
-      ++g_counts.switches;
       ran = true;
       if (!l.error.empty()) return false;
     }
