@@ -14,6 +14,15 @@
 
 #include <cuda_runtime.h>
 
+// Under AddressSanitizer (COIL_SANITIZE) every switch between fibers is announced, so ASan knows
+// which stack is live (its fake stacks for use-after-return are per fiber).
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define COIL_EMU_ASAN 1
+#else
+#define COIL_EMU_ASAN 0
+#endif
+
 uint3 threadIdx{0, 0, 0}, blockIdx{0, 0, 0};
 dim3 blockDim, gridDim;
 
@@ -26,6 +35,7 @@ enum class Wait { kRunnable, kBlockBarrier, kWarp, kDone };
 
 struct Fiber {
   ucontext_t ctx{};
+  void* fake_stack = nullptr;  // ASan's, while the fiber is switched out
   uint3 idx{};
   Wait wait = Wait::kRunnable;
   // A warp collective in progress: this lane's part, then its result.
@@ -40,6 +50,9 @@ struct Launch {
   std::vector<Fiber> fibers;
   std::unique_ptr<char[]> stacks;
   ucontext_t scheduler{};
+  void* scheduler_fake_stack = nullptr;
+  const void* scheduler_stack = nullptr;  // its bounds, for ASan (from the first switch into a fiber)
+  size_t scheduler_stack_bytes = 0;
   int current = -1;
   int at_barrier = 0, done = 0;
   std::vector<float> smem;
@@ -54,23 +67,41 @@ cudaError_t g_last = cudaSuccess;
 std::string g_message;
 std::map<const void*, int> g_smem_limits;
 
+// swapcontext(from, to), announced to ASan: `from_fake` keeps the leaving context's fake stack
+// (null: it never runs again), `to_stack` is where the entered one's stack lies.
+void switch_context(ucontext_t* from, void** from_fake, ucontext_t* to, const void* to_stack, size_t to_bytes) {
+#if COIL_EMU_ASAN
+  __sanitizer_start_switch_fiber(from_fake, to_stack, to_bytes);
+#else
+  (void)from_fake, (void)to_stack, (void)to_bytes;
+#endif
+  swapcontext(from, to);
+#if COIL_EMU_ASAN
+  __sanitizer_finish_switch_fiber(from_fake ? *from_fake : nullptr, nullptr, nullptr);
+#endif
+}
+
+// The current fiber hands control back to the scheduler until it is runnable again.
+void yield() {
+  Launch& l = *g_launch;
+  Fiber& f = l.fibers[size_t(l.current)];
+  switch_context(&f.ctx, &f.fake_stack, &l.scheduler, l.scheduler_stack, l.scheduler_stack_bytes);
+}
+
+// Thrown inside a fiber once its launch has failed: unwinds it to fiber_main (its temporaries
+// destroyed), which returns to the scheduler; no fiber of the launch runs again.
+struct LaunchFailed {};
+
 std::string where(const Launch& l, int t) {
   const uint3& i = l.fibers[size_t(t)].idx;
   return "thread (" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) + ") of block (" +
          std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," + std::to_string(blockIdx.z) + ")";
 }
 
-// Ends the launch from inside a fiber: records why and returns to the scheduler for good.
+// Ends the launch from inside a fiber: records why and unwinds the fiber.
 [[noreturn]] void fail_in_fiber(const std::string& why) {
-  Launch& l = *g_launch;
-  l.error = why;
-  swapcontext(&l.fibers[size_t(l.current)].ctx, &l.scheduler);
-  std::abort();  // never resumed
-}
-
-void yield() {
-  Launch& l = *g_launch;
-  swapcontext(&l.fibers[size_t(l.current)].ctx, &l.scheduler);
+  g_launch->error = why;
+  throw LaunchFailed{};
 }
 
 // Lanes of warp w that the block has, as a mask.
@@ -108,9 +139,8 @@ bool try_release_warp(Launch& l, int warp, unsigned mask) {
   return true;
 }
 
-void fiber_main() {
-  Launch& l = *g_launch;
-  (*l.body)();
+// A thread leaves the kernel: an error if its block or its warp still waits for it.
+void leave_kernel(Launch& l) {
   const int t = l.current;
   l.fibers[size_t(t)].wait = Wait::kDone;
   ++l.done;
@@ -123,7 +153,22 @@ void fiber_main() {
     if (f.wait == Wait::kWarp && ((f.mask >> (t % 32)) & 1u))
       fail_in_fiber(where(l, t) + " left the kernel while its warp waits for it at a shuffle or ballot");
   }
-  // Returning resumes the scheduler (uc_link).
+}
+
+// A fiber's whole life; returning resumes the scheduler (uc_link).
+void fiber_main() {
+  Launch& l = *g_launch;
+#if COIL_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &l.scheduler_stack, &l.scheduler_stack_bytes);
+#endif
+  try {
+    (*l.body)();
+    leave_kernel(l);
+  } catch (const LaunchFailed&) {
+  }
+#if COIL_EMU_ASAN
+  __sanitizer_start_switch_fiber(nullptr, l.scheduler_stack, l.scheduler_stack_bytes);
+#endif
 }
 
 std::vector<int64_t> order_of(int64_t n, std::mt19937_64& rng) {
@@ -134,6 +179,16 @@ std::vector<int64_t> order_of(int64_t n, std::mt19937_64& rng) {
   return v;
 }
 
+// A fiber that starts in fiber_main on `stack` and returns to `scheduler`. On its own, out of line:
+// getcontext returns twice, which would leave the caller's locals "might be clobbered".
+[[gnu::noinline]] void make_fiber(Fiber& f, char* stack, ucontext_t* scheduler) {
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack;
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = scheduler;
+  makecontext(&f.ctx, fiber_main, 0);
+}
+
 // Runs one block to its end; false (with l.error set) if it failed.
 bool run_block(Launch& l, std::mt19937_64& rng) {
   const int n = int(l.fibers.size());
@@ -141,11 +196,7 @@ bool run_block(Launch& l, std::mt19937_64& rng) {
     Fiber& f = l.fibers[size_t(t)];
     f = Fiber{};
     f.idx = {unsigned(t) % blockDim.x, unsigned(t) / blockDim.x % blockDim.y, unsigned(t) / (blockDim.x * blockDim.y)};
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = l.stacks.get() + size_t(t) * kStackBytes;
-    f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &l.scheduler;
-    makecontext(&f.ctx, fiber_main, 0);
+    make_fiber(f, l.stacks.get() + size_t(t) * kStackBytes, &l.scheduler);
   }
   l.at_barrier = l.done = 0;
   std::fill(l.smem.begin(), l.smem.end(), std::numeric_limits<float>::quiet_NaN());
@@ -156,7 +207,7 @@ bool run_block(Launch& l, std::mt19937_64& rng) {
       if (f.wait != Wait::kRunnable) continue;
       l.current = int(t);
       threadIdx = f.idx;
-      swapcontext(&l.scheduler, &f.ctx);
+      switch_context(&l.scheduler, &l.scheduler_fake_stack, &f.ctx, f.ctx.uc_stack.ss_sp, kStackBytes);
       ran = true;
       if (!l.error.empty()) return false;
     }

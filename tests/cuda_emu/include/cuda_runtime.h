@@ -14,6 +14,9 @@
 //     launch shapes outside CUDA's limits and more than 48 KiB of dynamic shared memory without
 //     cudaFuncSetAttribute (or above the H100/H200 limit of 227 KiB).
 //   * Dynamic shared memory starts as NaN, so a kernel reading what it did not write sees NaNs.
+//   * Under AddressSanitizer (scripts/test --sanitize) every fiber switch is announced to it, and
+//     every access is bounds-checked: global memory is LibTorch's heap tensors, static __shared__
+//     arrays are globals, dynamic shared memory is a heap vector of exactly the launch's bytes.
 //   * Not emulated: timing, the memory model beyond barriers, register limits, __launch_bounds__.
 //     Atomics are plain additions (one OS thread). Math is the host's libm in float32.
 #pragma once
