@@ -39,41 +39,64 @@ __device__ __forceinline__ bool same_document(const int32_t* seq, int64_t s, int
   return !seq || seq[s < 0 ? 0 : s] == seq[t];
 }
 
+// The grid-stride loop of the elementwise kernels: the first element of this thread, then the step.
+__device__ __forceinline__ int64_t first_element() { return int64_t(blockIdx.x) * kThreads + threadIdx.x; }
+__device__ __forceinline__ int64_t element_stride() { return int64_t(gridDim.x) * kThreads; }
+
+// Element e of a contiguous channels-last [B, positions, channels] tensor:
+// e = (b positions + t) channels + i.
+struct Index {
+  int64_t b, t, i;
+};
+__device__ __forceinline__ Index decode(int64_t e, int64_t positions, int64_t channels) {
+  const int64_t bt = e / channels;
+  return {bt / positions, bt % positions, e % channels};
+}
+
+// What tap k of position t of row b reads, s = t - (K-1) + k: x (already at row b, channel i) for
+// s >= 0, the initial state for s < 0. Returns false where the tap reads nothing: s in another
+// document than t, or s < 0 with no initial state.
+template <typename T>
+__device__ __forceinline__ bool tap_input(const Params& p, const T* x, const int32_t* seq, int64_t b, int64_t s,
+                                          int64_t t, int64_t i, float& value) {
+  if (!same_document(seq, s, t)) return false;
+  if (s >= 0) {
+    value = to_f32(x[s * p.x_st]);
+    return true;
+  }
+  if (!p.init) return false;
+  value = p.init[(b * (p.K - 1) + (p.K - 1 + s)) * p.I + i];
+  return true;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p) {
-  const int64_t n = p.B * p.L * p.I, I = p.I, L = p.L;
+  const int64_t n = p.B * p.L * p.I;
   const int K = int(p.K);
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t i = e % I, bt = e / I, t = bt % L, b = bt / L;
+  for (int64_t e = first_element(); e < n; e += element_stride()) {
+    const auto [b, t, i] = decode(e, p.L, p.I);  // y is contiguous
     const T* x = static_cast<const T*>(p.x) + b * p.x_sb + i;
-    const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
-    float acc = p.bias ? p.bias[i] : 0.f;
-    for (int k = 0; k < K; ++k) {
-      const int64_t s = t - (K - 1) + k;
-      if (!same_document(seq, s, t)) continue;
-      if (s >= 0)
-        acc += p.w[k * I + i] * to_f32(x[s * p.x_st]);
-      else if (p.init)
-        acc += p.w[k * I + i] * p.init[(b * (K - 1) + (K - 1 + s)) * I + i];
-    }
-    static_cast<T*>(p.y)[e] = from_f32<T>(acc);  // y contiguous: e = (b L + t) I + i
+    const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.L : nullptr;
+    float acc = p.bias ? p.bias[i] : 0.f, v = 0.f;
+    for (int k = 0; k < K; ++k)
+      if (tap_input(p, x, seq, b, t - (K - 1) + k, t, i, v)) acc += p.w[k * p.I + i] * v;
+    static_cast<T*>(p.y)[e] = from_f32<T>(acc);
   }
 }
 
 // dx[b,s,i]: the taps of the positions r = s + (K-1) - k that read s (r in s's document).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dx_kernel(const Params p) {
-  const int64_t n = p.B * p.L * p.I, I = p.I, L = p.L;
+  const int64_t n = p.B * p.L * p.I;
   const int K = int(p.K);
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t i = e % I, bs = e / I, s = bs % L, b = bs / L;
+  for (int64_t e = first_element(); e < n; e += element_stride()) {
+    const auto [b, s, i] = decode(e, p.L, p.I);  // dx is contiguous
     const T* dy = static_cast<const T*>(p.dy) + b * p.dy_sb + i;
-    const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
+    const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.L : nullptr;
     float acc = 0.f;
     for (int k = 0; k < K; ++k) {
       const int64_t r = s + (K - 1) - k;
-      if (r >= L || !same_document(seq, s, r)) continue;
-      acc += p.w[k * I + i] * to_f32(dy[r * p.dy_st]);
+      if (r < p.L && same_document(seq, s, r)) acc += p.w[k * p.I + i] * to_f32(dy[r * p.dy_st]);
     }
     static_cast<T*>(p.dx)[e] = from_f32<T>(acc);
   }
@@ -83,19 +106,18 @@ __global__ void __launch_bounds__(kThreads) dx_kernel(const Params p) {
 // the row's first document.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) dinit_kernel(const Params p) {
-  const int64_t I = p.I, L = p.L, H = p.K - 1, n = p.B * H * I;
+  const int64_t n = p.B * (p.K - 1) * p.I;
   const int K = int(p.K);
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t i = e % I, bj = e / I, j = bj % H, b = bj / H;
+  for (int64_t e = first_element(); e < n; e += element_stride()) {
+    const auto [b, j, i] = decode(e, p.K - 1, p.I);  // dinit is [B, K-1, I], contiguous
     const T* dy = static_cast<const T*>(p.dy) + b * p.dy_sb + i;
-    const int32_t* seq = p.seq_idx ? p.seq_idx + b * L : nullptr;
+    const int32_t* seq = p.seq_idx ? p.seq_idx + b * p.L : nullptr;
     float acc = 0.f;
     for (int k = 0; k < K; ++k) {
       const int64_t t = j - k;
-      if (t < 0 || t >= L || !same_document(seq, -1, t)) continue;
-      acc += p.w[k * I + i] * to_f32(dy[t * p.dy_st]);
+      if (t >= 0 && t < p.L && same_document(seq, -1, t)) acc += p.w[k * p.I + i] * to_f32(dy[t * p.dy_st]);
     }
-    p.dinit[e] = acc;  // [B, K-1, I] contiguous: e = (b (K-1) + j) I + i
+    p.dinit[e] = acc;
   }
 }
 
@@ -123,12 +145,8 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(const Params p, int64_t ro
 #pragma unroll
       for (int k = 0; k < kMaxTaps; ++k) {
         if (k >= K) break;
-        const int64_t s = t - (K - 1) + k;
-        if (!same_document(seq, s, t)) continue;
-        if (s >= 0)
-          acc[k] += g * to_f32(x[s * p.x_st]);
-        else if (p.init)
-          acc[k] += g * p.init[(b * (K - 1) + (K - 1 + s)) * I + i];
+        float v = 0.f;
+        if (tap_input(p, x, seq, b, t - (K - 1) + k, t, i, v)) acc[k] += g * v;
       }
     }
   }
