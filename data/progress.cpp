@@ -51,7 +51,7 @@ Progress::Progress(std::string what, int64_t total_bytes, bool with_tokens, std:
       total_(total_bytes),
       with_tokens_(with_tokens),
       out_(out),
-      tty_(isatty(fileno(out)) != 0),
+      tty_(out && isatty(fileno(out)) != 0),
       interval_(interval_from_env()),
       t0_(std::chrono::steady_clock::now()) {
   // A terminal is redrawn a few times a second; a log gets a line per interval.
@@ -112,7 +112,7 @@ std::string Progress::line() const {
 
 void Progress::print(bool last) {
   std::lock_guard<std::mutex> lock(print_mu_);
-  if (finished_) return;
+  if (finished_ || !out_) return;
   const std::string s = line();
   if (tty_)
     fmt::print(out_, "\r{}\x1b[K{}", s, last ? "\n" : "");

@@ -26,7 +26,8 @@ namespace coil::data {
 class Progress {
  public:
   // `what` starts each line ("prepare", "tokenizer"); total_bytes 0: unknown (no share, no ETA).
-  // with_tokens: show tokens and tokens/s, else MB/s of input.
+  // with_tokens: show tokens and tokens/s, else MB/s of input. out null: counts only, prints nothing
+  // (the ranks other than the first of a data-parallel job).
   Progress(std::string what, int64_t total_bytes, bool with_tokens, std::FILE* out = stderr);
   ~Progress();
   Progress(const Progress&) = delete;

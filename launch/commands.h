@@ -31,6 +31,11 @@ void add_launch_command(CLI::App& app);
 
 // Registers what runs when `command` is the one selected on the command line.
 void on_run(CLI::App* command, std::function<void()> run);
+// The same for a command whose ranks (under mpirun or srun) work together: an error on one rank
+// ends them all (MPI_Abort, with the error's line), since the others would wait for it forever in
+// a collective. A configuration error keeps its exit status through it (coil launch does not
+// restart it).
+void on_run_all_ranks(CLI::App* command, std::function<void()> run);
 // Runs whichever subcommand the command line selected.
 void run_selected_command(CLI::App& app);
 

@@ -2,9 +2,12 @@
 // (launch/evaluation.h): prepared shards or text files (JSONL, .gz/.zst, Parquet, text), or
 // Alpaca-format examples with --sft. It prints, for each checkpoint in turn, the mean loss in nats
 // per target token, the perplexity and, for text, the bits per UTF-8 byte (comparable across
-// tokenizers), or a JSON line each with --json. One process, one device; the trainer's val loss
-// (train.eval_batches micro batches of data.val) is a sample of the same quantity.
+// tokenizers), or a JSON line each with --json. One process on one device, or data parallel
+// under mpirun / srun: each rank holds the whole model on its own device (the GPU of its local
+// rank, as training picks it) and scores its share of the batches; the first rank prints. The
+// trainer's val loss (train.eval_batches micro batches of data.val) is a sample of the same quantity.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <fmt/format.h>
 
 #include <cmath>
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "data/shards.h"
+#include "dist/world.h"
 #include "launch/commands.h"
 #include "launch/evaluation.h"
 #include "launch/load_model.h"
@@ -31,7 +35,14 @@ struct EvalOptions {
   int64_t seq_len = 0, batch_size = 8, max_tokens = 0;
 };
 
-void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
+// The ranks of a data-parallel eval (none on one process).
+struct Ranks {
+  std::unique_ptr<dist::Comm> comm;  // null on one process
+  int local_rank = 0, local_size = 1;
+  bool root() const { return !comm || comm->rank() == 0; }
+};
+
+void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint, const Ranks& ranks) {
   const bool shards = !o.sft && data::is_prepared(o.data);
   LoadedModel m = load_model(checkpoint, o.tokenizer, /*need_tokenizer=*/!shards);
   const RunConfig& c = m.config;
@@ -48,16 +59,19 @@ void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
   COIL_CHECK(o.device != "cuda" || (at::hasCUDA() && at::getNumGPUs() > 0),
              "--device cuda: CUDA is not available here (no GPU visible, no driver, or a LibTorch without CUDA)");
   std::string device_why;
-  const at::Device device = pick_device(o.device, 0, 1, &device_why);
+  const at::Device device = pick_device(o.device, ranks.local_rank, ranks.local_size, &device_why);
   q.compute = compute_dtype(o.dtype, device);
+  q.comm = ranks.comm.get();
   m.model->to(device);
-  if (!o.json)
-    fmt::print("eval: {} on {}: rows of {} tokens, {} a batch, {}, device {}{}, compute {}\n", checkpoint, o.data,
+  if (!o.json && ranks.root())
+    fmt::print("eval: {} on {}: rows of {} tokens, {} a batch, {}, device {}{}{}, compute {}\n", checkpoint, o.data,
                q.seq_len, q.batch_size,
                o.sft ? "SFT examples (the loss on responses)"
                      : q.document_masking ? "document masking on" : "document masking off",
-               device.str(), device_why.empty() ? "" : " (" + device_why + ")", o.dtype);
+               device.str(), device_why.empty() ? "" : " (" + device_why + ")",
+               q.comm ? fmt::format(", {} ranks", q.comm->size()) : "", o.dtype);
   const EvalResult r = score(*m.model, m.tokenizer.get(), q);
+  if (!ranks.root()) return;
   const char* what = o.sft ? "examples" : "documents";
   if (o.json) {
     nlohmann::json j = {{"checkpoint", checkpoint}, {"loss", r.loss()}, {"perplexity", std::exp(r.loss())},
@@ -75,13 +89,20 @@ void eval_checkpoint(const EvalOptions& o, const std::string& checkpoint) {
 
 void run_eval(const EvalOptions& o) {
   COIL_CHECK(o.seq_len >= 0, "--seq-len must be >= 1 (or 0: the run's train.seq_len), got {}", o.seq_len);
+  Ranks ranks;
+  if (dist::launched_by_mpi() && dist::world().size > 1) {
+    ranks.comm = dist::make_mpi_comm();
+    ranks.local_rank = dist::world().local_rank;
+    ranks.local_size = dist::world().local_size;
+    at::set_num_threads(dist::cores_per_rank());
+  }
   for (const std::string& checkpoint : o.checkpoints) {
     // A glob such as step-* also matches a save in progress, or one a crash interrupted.
     if (o.checkpoints.size() > 1 && checkpoint.size() > 4 && checkpoint.compare(checkpoint.size() - 4, 4, ".tmp") == 0) {
-      fmt::print(stderr, "coil: warning: skipping {}: a checkpoint not yet (or never) committed\n", checkpoint);
+      if (ranks.root()) fmt::print(stderr, "coil: warning: skipping {}: a checkpoint not yet (or never) committed\n", checkpoint);
       continue;
     }
-    eval_checkpoint(o, checkpoint);
+    eval_checkpoint(o, checkpoint, ranks);
   }
 }
 
@@ -121,8 +142,9 @@ void add_eval_command(CLI::App& app) {
   cmd->footer(
       "Every token of every document (and its EOS) is a target once: rows of --seq-len + 1 tokens overlapping by "
       "one, the last one padded.\nBits per byte = the summed loss / ln 2 / the documents' UTF-8 bytes: comparable "
-      "across tokenizers.");
-  on_run(cmd, [o] { run_eval(*o); });
+      "across tokenizers.\nUnder mpirun or srun the ranks share the batches (each on its own device) and the first "
+      "rank prints: the result of one process.");
+  on_run_all_ranks(cmd, [o] { run_eval(*o); });
 }
 
 }  // namespace coil

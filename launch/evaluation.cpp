@@ -16,31 +16,41 @@
 namespace coil {
 namespace {
 
-// The loss summed over the batches' targets, on the model's device until the end.
+// The loss summed over the batches' targets (this rank's share of them), on the model's device
+// until the end.
 class Scorer {
  public:
-  Scorer(const MambaLM& model, at::ScalarType compute, data::Progress& progress)
+  Scorer(const MambaLM& model, at::ScalarType compute, data::Progress& progress, dist::Comm* comm)
       : device_(model.embedding.device()),
         progress_(progress),
+        comm_(comm),
         sum_(at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_))) {
     forward_ = [&model, compute](const at::Tensor& tokens, const at::Tensor& seq_idx) {
       return model.forward(tokens, compute, seq_idx);
     };
   }
   void add(const data::Batch& b, EvalResult& r) {
-    const DeviceBatch d = to_device(b, device_);
-    sum_ += loss_sum(forward_, d).to(at::kDouble);
-    r.targets += d.count;
+    const int64_t count = target_count(b);
+    if (!comm_ || batches_ % comm_->size() == comm_->rank()) sum_ += loss_sum(forward_, to_device(b, device_)).to(at::kDouble);
+    ++batches_;
+    r.targets += count;
     r.rows += b.rows;
-    progress_.add_tokens(d.count);
+    progress_.add_tokens(count);
   }
-  double sum() const { return sum_.item<double>(); }  // waits for the device
+  // The sum over every batch: waits for the device (and for the other ranks).
+  double sum() const {
+    at::Tensor total = sum_.cpu();
+    if (comm_) comm_->all_reduce(total);
+    return total.item<double>();
+  }
 
  private:
   at::Device device_;
   data::Progress& progress_;
+  dist::Comm* comm_;
   Forward forward_;
   at::Tensor sum_;
+  int64_t batches_ = 0;
 };
 
 // SFT examples, packed (seed 0), a batch of rows at a time.
@@ -113,11 +123,12 @@ EvalResult score(const MambaLM& model, const data::Tokenizer* tok, const EvalReq
   COIL_CHECK(shards || tok, "eval: {} needs a tokenizer (pass --tokenizer)", request.data);
   const std::vector<std::string> files = shards ? std::vector<std::string>{} : data::expand_inputs(request.data);
   const bool text = !shards && !request.sft;
-  data::Progress progress("eval", text && request.max_tokens == 0 ? data::total_file_bytes(files) : 0, /*with_tokens=*/true);
+  data::Progress progress("eval", text && request.max_tokens == 0 ? data::total_file_bytes(files) : 0, /*with_tokens=*/true,
+                         !request.comm || request.comm->rank() == 0 ? stderr : nullptr);
   EvalRequest q = request;
   q.read.progress = text ? &progress : nullptr;
   c10::NoGradGuard no_grad;
-  Scorer scorer(model, q.compute, progress);
+  Scorer scorer(model, q.compute, progress, q.comm);
   EvalResult r;
   const auto t0 = std::chrono::steady_clock::now();
   if (q.sft)

@@ -9,6 +9,11 @@
 //     packed as data.sft_packing packs them (the state reset between examples: the loss of each
 //     example alone).
 //
+// Data parallel (`coil eval` under mpirun or srun, request.comm set): every rank reads and counts
+// all the data, in the same order, and scores every size-th batch (batch k on rank k mod size);
+// the loss sums are added over the ranks at the end (one all-reduce of a double), so every rank
+// returns the whole result, that of one process up to the order of the double additions.
+//
 // The loss stays on the device until the end (one sync). Bits per byte are for text input only
 // (shards keep no text): the summed loss / ln 2 / the documents' UTF-8 bytes, which does not depend
 // on the tokenizer.
@@ -22,6 +27,7 @@
 #include "data/reader.h"
 #include "data/sft.h"
 #include "data/tokenizer.h"
+#include "dist/comm.h"
 #include "model/mamba.h"
 
 namespace coil {
@@ -35,6 +41,7 @@ struct EvalRequest {
   at::ScalarType compute = at::kFloat;
   data::ReadOptions read;  // (read.progress is score()'s own)
   data::SftTemplate templ;
+  dist::Comm* comm = nullptr;  // several ranks: each scores its share of the batches (MPI, CPU tensors)
 };
 
 struct EvalResult {
@@ -47,7 +54,7 @@ struct EvalResult {
 };
 
 // Scores the model (already on its device, where the batches go) on the request's data, with a
-// progress line on stderr (data/progress.h). The tokenizer may be null for prepared shards; when
+// progress line on stderr (data/progress.h; the first rank's only). The tokenizer may be null for prepared shards; when
 // given, shards of another tokenizer are an error. Errors (no such file, nothing to score, a bad
 // request) are coil::Error naming the data.
 EvalResult score(const MambaLM& model, const data::Tokenizer* tokenizer, const EvalRequest& request);

@@ -4,8 +4,6 @@
 #include "launch/commands.h"
 #include "launch/config.h"
 #include "launch/trainer.h"
-#include "dist/world.h"
-#include "util/error.h"
 
 namespace coil {
 namespace {
@@ -27,19 +25,7 @@ void add_phase(CLI::App& app, const char* name, const char* help, Phase phase) {
   cmd->footer(
       "A run resumes by itself from <train.run_dir>/checkpoints/latest when it exists, bit-exactly.\n"
       "Writes <run_dir>/config.toml (the resolved config), metrics.jsonl and checkpoints/ (step-N, latest, best, final).");
-  on_run(cmd, [o, phase] {
-    try {
-      train(RunConfig::load(o->config, o->overrides), phase, o->resume);
-    } catch (const std::exception& e) {
-      // One failing rank ends them all: the others would wait for it forever in a collective. A
-      // configuration error keeps its exit status through MPI_Abort (coil launch does not restart it).
-      if (dist::launched_by_mpi() && dist::world().size > 1) {
-        std::string what = e.what();
-        dist::abort_all(what.substr(0, what.find('\n')), dynamic_cast<const ConfigError*>(&e) ? kConfigErrorExit : 1);
-      }
-      throw;
-    }
-  });
+  on_run_all_ranks(cmd, [o, phase] { train(RunConfig::load(o->config, o->overrides), phase, o->resume); });
 }
 
 }  // namespace

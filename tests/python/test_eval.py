@@ -3,10 +3,12 @@ tokenizer.json (test_generate_hf's fixture) scores held-out text, and Coil's los
 bits per byte equal those computed here with transformers and `tokenizers` on the same rows (EOS,
 each document + EOS, cut into rows of seq_len + 1 that overlap by one); with document masking,
 each document scored from a fresh state; with --sft, the mean loss over the response tokens (and
-EOS) of each example alone in the Alpaca template; bad input is one line and exit 2 or 1."""
+EOS) of each example alone in the Alpaca template; under mpirun the ranks share the batches and the
+first prints what one process prints; bad input is one line and exit 2 or 1."""
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -151,6 +153,53 @@ def test_sft_loss_is_the_mean_over_responses_of_each_example_alone(hf, text, tmp
     assert got["examples"] == 3 and got["targets"] == count
     assert got["loss"] == pytest.approx(want / count, rel=1e-5)
     assert "bits_per_byte" not in got
+
+
+def mpi_eval(ranks, *args):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    return subprocess.run(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks), os.environ["COIL"], "eval",
+                           *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("ranks,seq_len,batch", [(3, 7, 1), (2, 16, 3), (3, 512, 8)])
+def test_ranks_share_the_batches_and_give_the_result_of_one_process(hf, text, ranks, seq_len, batch):
+    """Text (every rank scores batches: 7 / 1 gives 11 batches; 512 / 8 gives one, so two ranks score
+    none), and SFT examples: the same counts, the same loss up to the order of the double additions, one
+    line. The one process is a rank alone under mpirun: one thread, as each rank has (with two its
+    float32 sums would differ in the last bits)."""
+    tmp, _, _ = hf
+    path, _, _ = text
+    args = ["--checkpoint", tmp / "ck-text", "--data", path, "--json", "--seq-len", seq_len, "--batch-size", batch]
+    one = json.loads(mpi_eval(1, *args).stdout)
+    r = mpi_eval(ranks, *args)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout
+    got = json.loads(lines[0])
+    for key in ("targets", "rows", "documents", "bytes"):
+        assert got[key] == one[key], key
+    assert got["loss"] == pytest.approx(one["loss"], rel=1e-12)
+    assert r.stderr.count("eval: ") <= 2, r.stderr  # the first rank's progress lines only
+
+    sft = tmp / "sft-ranks.jsonl"
+    with open(sft, "w") as f:
+        for i in range(7):
+            f.write(json.dumps({"instruction": f"Count to {i}.", "input": "", "output": " ".join(map(str, range(i + 1)))})
+                    + "\n")
+    args = ["--checkpoint", tmp / "ck-text", "--data", sft, "--sft", "--seq-len", 160, "--batch-size", 1, "--json"]  # a row each
+    one = json.loads(mpi_eval(1, *args).stdout)
+    r = mpi_eval(ranks, *args)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert (got["targets"], got["rows"], got["examples"]) == (one["targets"], one["rows"], 7)
+    assert one["rows"] == 7
+    assert got["loss"] == pytest.approx(one["loss"], rel=1e-12)
+
+
+def test_an_error_on_the_ranks_ends_them_all(hf, tmp_path):
+    tmp, _, _ = hf
+    r = mpi_eval(2, "--checkpoint", tmp / "ck-text", "--data", tmp_path / "nothing*.jsonl")
+    assert r.returncode == 1 and "no file matches" in r.stderr, r.stderr
 
 
 def test_bad_input(hf, tmp_path):
