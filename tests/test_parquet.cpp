@@ -401,6 +401,12 @@ TEST(Progress, LinesCountDocumentsTokensAndTheShareRead) {
   EXPECT_TRUE(has(unknown.line(), "tokenizer: 0 documents, ")) << unknown.line();
   EXPECT_TRUE(has(unknown.line(), " MB/s, ")) << unknown.line();
   EXPECT_TRUE(has(unknown.line(), " elapsed")) << unknown.line();
+  // No stream (the other ranks of a data-parallel eval): it counts and prints nothing.
+  Progress silent("eval", 0, true, nullptr);
+  EXPECT_FALSE(silent.terminal());
+  silent.add_tokens(7);
+  silent.finish();
+  EXPECT_TRUE(has(silent.line(), "eval: 0 documents, 7 tokens, ")) << silent.line();
 }
 
 // Found by fuzz_parquet (tests/fuzz/corpus/parquet/footer-row-count.parquet, docs/RELIABILITY.md):
