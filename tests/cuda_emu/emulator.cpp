@@ -68,7 +68,8 @@ std::string g_message;
 std::map<const void*, int> g_smem_limits;
 
 // swapcontext(from, to), announced to ASan: `from_fake` keeps the leaving context's fake stack
-// (null: it never runs again), `to_stack` is where the entered one's stack lies.
+// until it is resumed, `to_stack` is where the entered one's stack lies. (A fiber that ends tells
+// ASan itself, at the end of fiber_main, with no fake stack to keep.)
 void switch_context(ucontext_t* from, void** from_fake, ucontext_t* to, const void* to_stack, size_t to_bytes) {
 #if COIL_EMU_ASAN
   __sanitizer_start_switch_fiber(from_fake, to_stack, to_bytes);
