@@ -7,7 +7,8 @@
 // 64). Each case runs with the block's threads in ascending, descending and random order, and the
 // results must be equal bit for bit (a missing __syncthreads shows as a difference) except for dB
 // and dC, which the kernel sums with atomics. The ScanCuda.* and ConvCuda.* tests run the same
-// kernels on a GPU; the probe tests show that each check of the emulator can fail.
+// kernels on a GPU; the probe tests show that each check of the emulator can fail. What the glue
+// allocates uninitialized starts as NaN, so an output element no thread writes fails the comparison.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -46,6 +47,15 @@ namespace kernels = coil::conv_cuda_emu;
 namespace {
 
 using coil_emu::Order;
+
+// Every tensor the glue allocates with torch::empty (the kernels' outputs, partial rows and scratch)
+// starts as NaN (LibTorch's deterministic mode fills uninitialized memory), so an element that no
+// thread writes, or scratch read before it is written, shows in the comparison with the reference.
+const bool kEmptyIsNaN = [] {
+  at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
+  at::globalContext().setDeterministicFillUninitializedMemory(true);
+  return true;
+}();
 
 struct Schedule {
   Order order;
