@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# slurm/pretrain.sbatch and slurm/sft.sbatch on a real one-node Slurm (slurm/local-cluster), with
-# a tiny CPU config and 2 tasks: a job runs to its checkpoint and metrics; a job requeued mid-run
+# slurm/pretrain.sbatch, sft.sbatch and eval.sbatch on a real one-node Slurm (slurm/local-cluster),
+# with a tiny CPU config and 2 tasks: a job runs to its checkpoint and metrics; a job requeued mid-run
 # (scontrol requeue: SIGTERM, then the job starts again) saves, resumes from its checkpoint and ends
-# with the same final loss as the undisturbed one; the SFT script runs on the result; a missing
-# setting fails the job at once with a clear message. Skipped (exit 77) where Slurm cannot be
+# with the same final loss as the undisturbed one; the SFT script runs on the result; the eval
+# script scores its checkpoints as one process does; a missing setting fails the job at once with
+# a clear message. Skipped (exit 77) where Slurm cannot be
 # started (not root, or Slurm not installed).
 #   tests/test_slurm.sh path/to/coil
 set -u
@@ -83,6 +84,24 @@ s=$(COIL=$coil CONFIG=$tmp/sft.toml RUN_DIR=$tmp/S PRETRAINED=$tmp/B/checkpoints
 wait_job "$s"
 grep -q "sft: done, 20 steps" "coil-sft-$s.log" || { fail "the SFT job did not finish"; tail -5 "coil-sft-$s.log"; }
 "$coil" ckpt verify S/checkpoints/final >/dev/null || fail "the SFT checkpoint does not verify"
+
+# slurm/eval.sbatch: 2 tasks score pretraining's checkpoints (a glob) as one process with one thread does.
+e=$(COIL=$coil CHECKPOINT="$tmp/B/checkpoints/step-000000[12]0" DATA=$tmp/c.jsonl submit "$src/slurm/eval.sbatch" --json --seq-len 16)
+wait_job "$e"
+OMP_NUM_THREADS=1 "$coil" eval --checkpoint "$tmp"/B/checkpoints/step-000000[12]0 --data c.jsonl --json --seq-len 16 >eval-one.jsonl 2>/dev/null ||
+  fail "coil eval on one process"
+python3 - "coil-eval-$e.log" eval-one.jsonl <<'PY' || fail "the eval job differs from one process (coil-eval-$e.log)"
+import json, sys
+job = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+one = [json.loads(l) for l in open(sys.argv[2])]
+assert len(one) == 2 and len(job) == len(one), (len(job), len(one))
+for j, o in zip(job, one):
+    assert j["checkpoint"] == o["checkpoint"] and j["targets"] == o["targets"] and j["rows"] == o["rows"], (j, o)
+    assert abs(j["loss"] - o["loss"]) <= 1e-12 * abs(o["loss"]), (j["loss"], o["loss"])
+PY
+d=$(COIL=$coil submit "$src/slurm/eval.sbatch")
+wait_job "$d"
+grep -q "eval.sbatch: error: DATA is empty" "coil-eval-$d.log" || fail "eval without DATA: no clear error"
 
 m=$(COIL=$coil CONFIG=$tmp/missing.toml RUN_DIR=$tmp/M submit "$src/slurm/pretrain.sbatch")
 wait_job "$m"
