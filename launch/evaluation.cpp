@@ -31,8 +31,8 @@ class Scorer {
   }
   void add(const data::Batch& b, EvalResult& r) {
     const int64_t count = target_count(b);
-    if (!comm_ || batches_ % comm_->size() == comm_->rank()) sum_ += loss_sum(forward_, to_device(b, device_)).to(at::kDouble);
-    ++batches_;
+    const bool mine = !comm_ || batches_++ % comm_->size() == comm_->rank();
+    if (mine) sum_ += loss_sum(forward_, to_device(b, device_)).to(at::kDouble);
     r.targets += count;
     r.rows += b.rows;
     progress_.add_tokens(count);

@@ -54,9 +54,9 @@ struct EvalResult {
 };
 
 // Scores the model (already on its device, where the batches go) on the request's data, with a
-// progress line on stderr (data/progress.h; the first rank's only). The tokenizer may be null for prepared shards; when
-// given, shards of another tokenizer are an error. Errors (no such file, nothing to score, a bad
-// request) are coil::Error naming the data.
+// progress line on stderr (data/progress.h; the first rank's only). The tokenizer may be null for
+// prepared shards; when given, shards of another tokenizer are an error. Errors (no such file,
+// nothing to score, a bad request) are coil::Error naming the data.
 EvalResult score(const MambaLM& model, const data::Tokenizer* tokenizer, const EvalRequest& request);
 
 }  // namespace coil

@@ -164,7 +164,7 @@ def mpi_eval(ranks, *args):
 
 @pytest.mark.parametrize("ranks,seq_len,batch", [(3, 7, 1), (2, 16, 3), (3, 512, 8)])
 def test_ranks_share_the_batches_and_give_the_result_of_one_process(hf, text, ranks, seq_len, batch):
-    """Text (every rank scores batches: 7 / 1 gives 11 batches; 512 / 8 gives one, so two ranks score
+    """Text (every rank scores batches: 7 / 1 gives 31 batches; 512 / 8 gives one, so two ranks score
     none), and SFT examples: the same counts, the same loss up to the order of the double additions, one
     line. The one process is a rank alone under mpirun: one thread, as each rank has (with two its
     float32 sums would differ in the last bits)."""
