@@ -155,11 +155,14 @@ def test_sft_loss_is_the_mean_over_responses_of_each_example_alone(hf, text, tmp
     assert "bits_per_byte" not in got
 
 
-def mpi_eval(ranks, *args):
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+MPI_ENV = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
                COIL_PROGRESS_INTERVAL_S="3600")  # the progress line: the final one only
-    return subprocess.run(["mpirun", "--oversubscribe", "--bind-to", "none", "-np", str(ranks), os.environ["COIL"], "eval",
-                           *map(str, args)], capture_output=True, text=True, env=env)
+MPIRUN = ["mpirun", "--oversubscribe", "--bind-to", "none"]
+
+
+def mpi_eval(ranks, *args):
+    return subprocess.run(MPIRUN + ["-np", str(ranks), os.environ["COIL"], "eval", *map(str, args)],
+                          capture_output=True, text=True, env=MPI_ENV)
 
 
 @pytest.mark.parametrize("ranks,seq_len,batch", [(3, 7, 1), (2, 16, 3), (3, 512, 8)])
@@ -197,9 +200,14 @@ def test_ranks_share_the_batches_and_give_the_result_of_one_process(hf, text, ra
     assert got["loss"] == pytest.approx(one["loss"], rel=1e-12)
 
 
-def test_an_error_on_the_ranks_ends_them_all(hf, tmp_path):
+def test_an_error_on_one_rank_ends_them_all(hf, text, tmp_path):
+    """Rank 0 scores good data and waits in the final all-reduce; rank 1 (its own command line, MPI's
+    MPMD form) has none: its error must end rank 0 too, not leave it waiting forever."""
     tmp, _, _ = hf
-    r = mpi_eval(2, "--checkpoint", tmp / "ck-text", "--data", tmp_path / "nothing*.jsonl")
+    path, _, _ = text
+    eval_of = lambda data: [os.environ["COIL"], "eval", "--checkpoint", str(tmp / "ck-text"), "--data", str(data)]
+    r = subprocess.run(MPIRUN + ["-np", "1", *eval_of(path), ":", "-np", "1", *eval_of(tmp_path / "nothing*.jsonl")],
+                       capture_output=True, text=True, env=MPI_ENV, timeout=120)
     assert r.returncode == 1 and "no file matches" in r.stderr, r.stderr
 
 
