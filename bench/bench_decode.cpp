@@ -1,7 +1,9 @@
-// Decoding on CPU: tokens/s of the recurrent step at several batch sizes, and the time per token
-// after a short and after a long context (Mamba's state has a fixed size: it must not grow).
+// Decoding: tokens/s of the recurrent step at several batch sizes, and the time per token after a
+// short and after a long context (Mamba's state has a fixed size: it must not grow).
 //   bench_decode [--preset 130m | --hf DIR] [--batch 1,16] [--prompt 100] [--long 4000] [--new 32]
-//                [--weights float32|bfloat16] [--kernels]
+//                [--weights float32|bfloat16] [--kernels] [--device cpu|cuda]
+// --device cuda: the model on the first GPU, as `coil generate --device cuda` runs it (the fused
+// conv and scan step kernels; sampling on the CPU), the clock read after a device synchronize.
 // --weights: the dtype the matrices are held in (MambaLM::store_matrices; `coil generate --dtype`);
 // --kernels: also the decoding matmuls alone per shape, against at::linear.
 // A step's time is measured after the prompts' prefill: the recurrent step over every layer and
@@ -31,15 +33,21 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 // prompts of `context` tokens, after their prefill.
 double step_seconds(const coil::MambaLM& model, int64_t batch, int64_t context, int64_t new_tokens, int reps) {
   torch::manual_seed(static_cast<uint64_t>(context));
-  const torch::Tensor prompts = torch::randint(model.config().vocab_size, {batch, context});
+  const torch::Device device = model.embedding.device();
+  const torch::Tensor prompts = torch::randint(model.config().vocab_size, {batch, context}).to(device);
+  auto sync = [&] {
+    if (device.is_cuda()) torch::cuda::synchronize();
+  };
   at::Generator gen = at::detail::createCPUGenerator(0);
   double best = 1e30;
   for (int rep = 0; rep <= reps; ++rep) {  // the first is a warm-up
     coil::MambaCache cache;
     torch::Tensor logits = model.prefill(prompts, cache);
+    sync();
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t t = 0; t < new_tokens; ++t)
-      logits = model.step(coil::sample_next(logits, model.config().vocab_size, {}, gen), cache);
+    for (int64_t t = 0; t < new_tokens; ++t)  // sampling on the CPU, as coil::generate
+      logits = model.step(coil::sample_next(logits.to(torch::kCPU), model.config().vocab_size, {}, gen).to(device), cache);
+    sync();
     if (rep > 0) best = std::min(best, seconds_since(t0) / static_cast<double>(new_tokens));
   }
   return best;
@@ -74,7 +82,7 @@ void linear_shapes(const coil::MambaConfig& c, const std::vector<int64_t>& batch
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Mamba decoding benchmark (CPU)"};
+  CLI::App app{"Mamba decoding benchmark"};
   std::string preset = "130m", hf;
   std::vector<int64_t> batches{1, 16};
   int64_t prompt = 100, long_context = 4000, new_tokens = 32;
@@ -90,16 +98,23 @@ int main(int argc, char** argv) {
   std::string weights = "float32";
   app.add_option("--weights", weights, "dtype the matrices are stored in for decoding: float32 or bfloat16")
       ->check(CLI::IsMember({"float32", "bfloat16"}));
-  app.add_flag("--kernels", kernels, "also time the decoding matmuls alone, per shape");
+  app.add_flag("--kernels", kernels, "also time the decoding matmuls alone, per shape (CPU)");
+  std::string device_name = "cpu";
+  app.add_option("--device", device_name, "cpu, or cuda: the first GPU")->check(CLI::IsMember({"cpu", "cuda"}));
   CLI11_PARSE(app, argc, argv);
+  if (device_name == "cuda" && !torch::cuda::is_available()) {
+    fmt::print(stderr, "bench_decode: --device cuda, but no CUDA device is visible\n");
+    return 1;
+  }
   const at::ScalarType wtype = weights == "bfloat16" ? at::kBFloat16 : at::kFloat;
 
   c10::InferenceMode inference;
   coil::MambaLM model = hf.empty() ? coil::MambaLM(coil::MambaConfig::preset(preset)) : coil::load_hf(hf);
   model.store_matrices(wtype);
-  fmt::print("model {}, {} threads, weights {}\n", model.config().describe(), at::get_num_threads(), weights);
+  if (device_name == "cuda") model.to(torch::Device(torch::kCUDA, 0));
+  fmt::print("model {}, {}, {} threads, weights {}\n", model.config().describe(), device_name, at::get_num_threads(), weights);
   if (kernels) linear_shapes(model.config(), batches, wtype);
-  nlohmann::json out{{"threads", at::get_num_threads()}};
+  nlohmann::json out{{"threads", at::get_num_threads()}, {"device", device_name}};
   for (int64_t b : batches) {
     const double s = step_seconds(model, b, prompt, new_tokens, reps);
     fmt::print("batch {:3d}: {:8.2f} ms per step, {:9.1f} tokens/s (after {} prompt tokens)\n", b, s * 1e3,

@@ -200,6 +200,11 @@ Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const
   const Tensor w2d = weight_2d(w, I);
   COIL_CHECK(w2d.size(1) == K, "causal_conv1d_step: weight has {} taps, the state {} + 1", w2d.size(1), K - 1);
   const auto t = x.scalar_type();
+#if defined(COIL_WITH_CUDA)
+  if (x.is_cuda() && t == torch::kFloat && state.scalar_type() == t && state.is_contiguous() &&
+      K <= conv_cuda::kMaxTaps)
+    return causal_conv1d_step_cuda(x, state, w2d, bias);
+#endif
   const bool fused = x.is_cpu() && state.is_cpu() && (t == torch::kFloat || t == torch::kDouble) &&
                      state.scalar_type() == t && state.is_contiguous();
   if (!fused) return causal_conv1d_step_ref(x, state, w, bias);

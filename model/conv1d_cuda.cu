@@ -168,6 +168,23 @@ __global__ void __launch_bounds__(kThreads) dw_kernel(const Params p, int64_t ro
   }
 }
 
+// Decoding: one thread per (b, i), which reads and rewrites its own column of the state (coalesced
+// across the warp's adjacent channels), in the CPU kernel's order of additions.
+__global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p) {
+  const int K = int(p.K);
+  for (int64_t e = first_element(); e < p.B * p.I; e += element_stride()) {
+    const int64_t b = e / p.I, i = e % p.I;
+    const float* w = p.w + i * K;
+    float* state = p.state + b * (K - 1) * p.I + i;
+    const float x = p.x[b * p.x_sb + i];
+    float acc = (p.bias ? p.bias[i] : 0.f) + w[K - 1] * x;
+    for (int k = 0; k < K - 1; ++k) acc += w[k] * state[k * p.I];
+    for (int k = 0; k + 1 < K - 1; ++k) state[k * p.I] = state[(k + 1) * p.I];
+    if (K > 1) state[(K - 2) * p.I] = x;
+    p.y[e] = acc;
+  }
+}
+
 unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGrid)); }
 
 template <typename T>
@@ -203,5 +220,14 @@ int64_t partial_rows(const Params& p) {
 
 const char* forward(const Params& p) { return run(p, false); }
 const char* backward(const Params& p) { return run(p, true); }
+
+const char* step(const StepParams& p) {
+  if (p.K < 1 || p.K > kMaxTaps) return "taps outside [1, kMaxTaps]";
+  const int64_t n = p.B * p.I;
+  if (n == 0) return nullptr;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  return error_text(launch(step_kernel, grid_for(n), kThreads, 0, stream, p));
+}
 
 }  // namespace coil::conv_cuda

@@ -27,6 +27,13 @@
 //   dx[b,s,i]   = sum_k w[k,i] dy[b, r, i],  r = s+(K-1)-k < L, seq[b, r] == seq[b, s]
 //   dinit[b,j,i]= sum_k w[k,i] dy[b, j-k, i], 0 <= j-k < L, seq[b, j-k] == seq[b, 0]
 //   dw[k,i]     = sum_{b,t, tap k valid} dy[b,t,i] x[b, t-(K-1)+k, i],   dbias[i] = sum_{b,t} dy[b,t,i]
+//
+// Decoding (step): one token per row, float32, the state updated in place (conv1d.h's
+// causal_conv1d_step on CUDA tensors; one launch instead of the reference's six LibTorch ops):
+//   x [B, I] (channel stride 1, row stride x_sb), state [B, K-1, I] contiguous (oldest input first),
+//   w [I, K] contiguous (as the parameter is stored), bias [I] (may be null), y [B, I] contiguous:
+//   y[b,i] = bias[i] + w[i,K-1] x[b,i] + sum_{k<K-1} w[i,k] state[b,k,i], then state[b,k,i] =
+//   state[b,k+1,i] for k < K-2 and state[b,K-2,i] = x[b,i]
 #pragma once
 
 #include <cstdint>
@@ -56,11 +63,22 @@ struct Params {
   float *dw_part = nullptr, *dbias_part = nullptr;
 };
 
+struct StepParams {
+  int device = 0;
+  int64_t B = 0, I = 0, K = 0;
+  const float* x = nullptr;
+  int64_t x_sb = 0;
+  float* state = nullptr;
+  const float *w = nullptr, *bias = nullptr;
+  float* y = nullptr;
+};
+
 // Rows of dw_part / dbias_part a backward launch writes.
 int64_t partial_rows(const Params& p);
 
 // Launch on the current CUDA stream of p.device; null, or CUDA's message.
 const char* forward(const Params& p);
 const char* backward(const Params& p);
+const char* step(const StepParams& p);
 
 }  // namespace coil::conv_cuda

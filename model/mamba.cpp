@@ -244,7 +244,8 @@ Tensor MambaLM::decode_head(const Tensor& hidden) const {
 }
 
 // One token through every block (as Hugging Face's cached path), the conv and the scan advanced by
-// one step, their states updated in place (fused kernels on the CPU in float32, LibTorch ops elsewhere):
+// one step, their states updated in place (fused kernels on the CPU and on CUDA in float32, LibTorch
+// ops elsewhere):
 //   window = [conv state, x_t];  u = silu(<w, window> + b);  h = exp(dt A) h + dt u B;  y = <h, C> + D u
 Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
   torch::NoGradGuard no_grad;

@@ -1176,6 +1176,36 @@ const char* run(const Params& p, bool backward) {
   });
 }
 
+// Decoding: one step of one token (StepParams), one thread per (b, i) with its N states in a loop
+// (read once and written once, as the CPU step kernel; B_t and C_t are the same for the warp's
+// channels: broadcast loads).
+constexpr int kStepThreads = 128;
+__global__ void __launch_bounds__(kStepThreads) step_kernel(const StepParams p) {
+  const int64_t n = p.B * p.I;
+  for (int64_t e = int64_t(blockIdx.x) * kStepThreads + threadIdx.x; e < n; e += int64_t(gridDim.x) * kStepThreads) {
+    const int64_t b = e / p.I, i = e % p.I;
+    const float u = p.u[b * p.u_sb + i];
+    const float dt = step_size(p.delta[b * p.delta_sb + i] + (p.delta_bias ? p.delta_bias[i] : 0.f), p.softplus);
+    const float du = dt * u;
+    const float* A = p.A + i * p.N;
+    const float* Bm = p.Bm + b * p.B_sb;
+    const float* Cm = p.Cm + b * p.C_sb;
+    float* h = p.state + e * p.N;
+    float y = 0.f;
+    for (int64_t k = 0; k < p.N; ++k) {
+      const float hk = expf(dt * A[k]) * h[k] + du * Bm[k];
+      h[k] = hk;
+      y += hk * Cm[k];
+    }
+    if (p.D) y += p.D[i] * u;
+    if (p.z) {
+      const float zz = p.z[b * p.z_sb + i];
+      y *= zz * sigmoid(zz);
+    }
+    p.y[e] = y;
+  }
+}
+
 }  // namespace
 
 void set_tuning(const Tuning& t) { g_tuning = t; }
@@ -1217,5 +1247,14 @@ int64_t partial_rows(const Params& p) { return p.B * p.segments; }
 
 const char* forward(const Params& p) { return run(p, false); }
 const char* backward(const Params& p) { return run(p, true); }
+
+const char* step(const StepParams& p) {
+  const int64_t n = p.B * p.I;
+  if (n == 0) return nullptr;
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
+  const unsigned grid = unsigned(std::min<int64_t>((n + kStepThreads - 1) / kStepThreads, int64_t(1) << 20));
+  return error_text(launch(step_kernel, grid, kStepThreads, 0, stream, p));
+}
 
 }  // namespace coil::scan_cuda

@@ -54,6 +54,12 @@
 // S > 1) a segment holding a reset has P = 0 in the combine pass (its end state does not depend on
 // its start state, nor its start carry on its end carry): the local passes write one flag per
 // (b, segment) after the step sums in scratch; the combine passes start from h0 and from dlast.
+//
+// Decoding (step): one token per row, float32, the state updated in place (selective_scan.h's
+// selective_scan_step on CUDA tensors; one launch instead of the reference's dozen LibTorch ops):
+//   u, delta, z [B, I] and Bm, Cm [B, N] (last dim contiguous, row strides *_sb), A [I, N], D,
+//   delta_bias [I] contiguous (D, z, delta_bias may be null), state [B, I, N] contiguous, y [B, I]
+//   contiguous: the recurrence above for one t, from h_{t-1} = state, which becomes h_t.
 #pragma once
 
 #include <cstdint>
@@ -107,6 +113,17 @@ struct Params {
   float* scratch = nullptr;
 };
 
+struct StepParams {
+  int device = 0;
+  int64_t B = 0, I = 0, N = 0;
+  bool softplus = true;
+  const float *u = nullptr, *delta = nullptr, *z = nullptr, *Bm = nullptr, *Cm = nullptr;
+  int64_t u_sb = 0, delta_sb = 0, z_sb = 0, B_sb = 0, C_sb = 0;
+  const float *A = nullptr, *D = nullptr, *delta_bias = nullptr;
+  float* state = nullptr;
+  float* y = nullptr;
+};
+
 // Which kernel to run and how finely to split time: automatic (the default) unless set here, for
 // tests and benchmarks. segments = 0: chosen from B*I, the SM count and the kernel's occupancy.
 struct Tuning {
@@ -128,5 +145,6 @@ int64_t partial_rows(const Params& p);
 // (the caller turns it into a coil::Error).
 const char* forward(const Params& p);
 const char* backward(const Params& p);
+const char* step(const StepParams& p);
 
 }  // namespace coil::scan_cuda

@@ -214,8 +214,14 @@ Tensor selective_scan_step(const Tensor& u, const Tensor& delta, const Tensor& A
   c10::NoGradGuard no_grad;
   auto f32 = [](const Tensor& t) { return !t.defined() || (t.is_cpu() && t.scalar_type() == torch::kFloat); };
   const bool fused = u.is_cpu() && f32(u) && f32(delta) && f32(Bm) && f32(Cm) && f32(z) && f32(delta_bias) && f32(state);
+#if defined(COIL_WITH_CUDA)
+  auto cuda_f32 = [](const Tensor& t) { return !t.defined() || (t.is_cuda() && t.scalar_type() == torch::kFloat); };
+  if (u.is_cuda() && cuda_f32(u) && cuda_f32(delta) && cuda_f32(Bm) && cuda_f32(Cm) && cuda_f32(z) &&
+      cuda_f32(state) && state.is_contiguous())
+    return selective_scan_step_cuda(u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus, state);
+#endif
   if (!fused) {
-    // Off the fused kernel (CUDA, other dtypes): the recurrence written out.
+    // Off the fused kernels (other dtypes; CUDA in a build without its kernels): the recurrence written out.
     const Tensor dt = prepare_delta(delta, delta_bias, delta_softplus).to(state.scalar_type());
     state = torch::exp(dt.unsqueeze(-1) * A) * state + (dt * u).unsqueeze(-1) * Bm.unsqueeze(1);
     Tensor y = (state * Cm.unsqueeze(1)).sum(-1);

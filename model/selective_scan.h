@@ -54,8 +54,9 @@ at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at
 
 // One step of the recurrence for decoding, without autograd: u, delta, z [B, I], Bm, Cm [B, N];
 // `state` [B, I, N] becomes the state after the step: overwritten in place by the fused CPU kernel
-// (CPU float32 inputs, contiguous state), else replaced by a new tensor. Returns y [B, I]. Equal
-// to selective_scan over the whole sequence, step after step.
+// (CPU float32 inputs, contiguous state) or the CUDA one (CUDA float32, contiguous state; one
+// launch, scan_cuda.h), else replaced by a new tensor. Returns y [B, I]. Equal to selective_scan
+// over the whole sequence, step after step.
 at::Tensor selective_scan_step(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& D,
                                const at::Tensor& z, const at::Tensor& delta_bias, bool delta_softplus,

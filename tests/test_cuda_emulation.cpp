@@ -6,8 +6,9 @@
 // segments, on odd shapes that cover every register layout of the state (N = 3, 5, 16, 17, 33,
 // 64). Each case runs with the block's threads in ascending, descending and random order, and the
 // results must be equal bit for bit (a missing __syncthreads shows as a difference) except for dB
-// and dC, which the kernel sums with atomics. The ScanCuda.* and ConvCuda.* tests run the same
-// kernels on a GPU; the probe tests show that each check of the emulator can fail. What the glue
+// and dC, which the kernel sums with atomics. The decoding step kernels too: L steps against the
+// references over the whole sequence. The ScanCuda.* and ConvCuda.* tests run the same kernels on
+// a GPU; the probe tests show that each check of the emulator can fail. What the glue
 // allocates uninitialized starts as NaN, so an output element no thread writes fails the comparison.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -311,6 +312,75 @@ TEST(ConvEmulated, MatchesTheReference) {
                                                  {2, 9, 33, 8, kF32, true, true},
                                                  {2, 40, 36, 4, kBF16, true, true}})
     check_conv(c);
+}
+
+// ---- Decoding steps ------------------------------------------------------------------------------
+// L steps of the step kernels (float32, the state carried in place), on inputs strided as the
+// model's narrows of its projections, against the float64 references over the whole sequence from
+// the same initial state: every step's y and the final state.
+struct StepCase {
+  int64_t B, L, I, N, K;
+  bool optional, softplus;
+};
+
+void check_steps(const StepCase& c) {
+  SCOPED_TRACE(fmt::format("B={} L={} I={} N={} K={} optional={} softplus={}", c.B, c.L, c.I, c.N, c.K,
+                           c.optional, c.softplus));
+  torch::manual_seed(uint64_t(c.B * 1009 + c.L * 31 + c.I * 7 + c.N * 3 + c.K));
+  auto o = torch::TensorOptions().dtype(torch::kFloat);
+  auto f64 = [](const Tensor& t) { return t.defined() ? t.to(torch::kDouble) : t; };
+  // The conv: x is the first half of an in_proj output [B, L, 2I], state [B, K-1, I].
+  const Tensor xz = torch::randn({c.B, c.L, 2 * c.I}, o), x = xz.narrow(2, 0, c.I);
+  const Tensor w = torch::randn({c.I, 1, c.K}, o), bias = torch::randn({c.I}, o);
+  const Tensor conv0 = torch::randn({c.B, c.K - 1, c.I}, o);
+  // The scan: u, delta, z [B, L, I], B and C narrows of an x_proj output [B, L, 3 + 2N].
+  const Tensor u = torch::randn({c.B, c.L, c.I}, o), delta = torch::randn({c.B, c.L, c.I}, o) * 0.5;
+  const Tensor x_dbl = torch::randn({c.B, c.L, 3 + 2 * c.N}, o);
+  const Tensor Bm = x_dbl.narrow(2, 3, c.N), Cm = x_dbl.narrow(2, 3 + c.N, c.N);
+  const Tensor A = -(torch::rand({c.I, c.N}, o) * 15 + 1);
+  const Tensor D = c.optional ? torch::randn({c.I}, o) : Tensor();
+  const Tensor z = c.optional ? xz.narrow(2, c.I, c.I) : Tensor();
+  // Without softplus delta + delta_bias is the step itself: kept positive, else the state explodes.
+  const Tensor dbias = !c.optional ? Tensor() : c.softplus ? torch::rand({c.I}, o) - 4 : torch::rand({c.I}, o) * 0.1;
+  const Tensor d = c.softplus ? delta : delta.abs();
+  const Tensor h0 = torch::randn({c.B, c.I, c.N}, o);
+
+  Tensor ref_last;
+  const Tensor conv_ref = causal_conv1d_ref(f64(x), f64(w), f64(bias), {}, f64(conv0).transpose(1, 2));
+  const Tensor scan_ref = selective_scan_ref(f64(u), f64(d), f64(A), f64(Bm), f64(Cm), f64(D), f64(z), f64(dbias),
+                                             c.softplus, {}, f64(h0), &ref_last);
+  const Tensor conv_last_ref = f64(torch::cat({conv0, x}, 1).narrow(1, c.L, c.K - 1));
+  std::vector<std::vector<Tensor>> runs;
+  for (const Schedule& s : kSchedules) {
+    SCOPED_TRACE(s.name);
+    coil_emu::set_schedule(s.order, 5);
+    Tensor conv_state = conv0.clone(), h = h0.clone();
+    std::vector<Tensor> ys, us;
+    for (int64_t t = 0; t < c.L; ++t) {
+      auto at = [t](const Tensor& v) { return v.defined() ? v.select(1, t) : v; };
+      const float* before = conv_state.data_ptr<float>();
+      ys.push_back(conv::causal_conv1d_step_cuda(at(x), conv_state, w.view({c.I, c.K}), bias));
+      us.push_back(scan::selective_scan_step_cuda(at(u), at(d), A, at(Bm), at(Cm), D, at(z), dbias, c.softplus, h));
+      ASSERT_EQ(conv_state.data_ptr<float>(), before) << "the conv state is updated in place";
+    }
+    expect_close(torch::stack(ys, 1), conv_ref, 1e-5, "conv y");
+    expect_close(torch::stack(us, 1), scan_ref, 1e-5, "scan y");
+    if (c.K > 1) expect_close(conv_state, conv_last_ref, 0, "conv state");  // K = 1 keeps no state
+    expect_close(h, ref_last, 1e-5, "scan state");
+    runs.push_back({torch::stack(ys, 1), torch::stack(us, 1), conv_state, h});
+  }
+  coil_emu::set_schedule(Order::kAscending, 0);
+  for (size_t r = 1; r < runs.size(); ++r)
+    for (size_t k = 0; k < runs[0].size(); ++k) EXPECT_TRUE(torch::equal(runs[r][k], runs[0][k])) << k;
+}
+
+TEST(StepEmulated, ConvAndScanStepsMatchTheReferences) {
+  for (const StepCase& c : std::vector<StepCase>{{1, 6, 33, 16, 4, true, true},
+                                                 {3, 5, 7, 3, 2, false, true},
+                                                 {2, 4, 130, 17, 5, true, false},
+                                                 {5, 3, 1, 1, 1, true, true},
+                                                 {2, 9, 65, 64, 8, false, false}})
+    check_steps(c);
 }
 
 // ---- The emulator's own checks -----------------------------------------------------------------

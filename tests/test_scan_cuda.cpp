@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <array>
 #include <cstdio>
 
 #include "model/conv1d.h"
@@ -766,6 +767,48 @@ TEST(ScanCuda, SeqIdxOrderIsCheckedByTheModelNotByEachKernel) {
     EXPECT_EQ(std::string(e.what()).rfind("MambaLM::forward: seq_idx decreases within a row", 0), 0u) << e.what();
   }
   EXPECT_EQ(m.forward(tokens, up).sizes(), (std::vector<int64_t>{B, L, cfg.vocab_size}));
+}
+
+// Decoding on CUDA: L steps of causal_conv1d_step and selective_scan_step (the fused step kernels,
+// which update both states in place) on views strided as the model's narrows, against the same
+// steps on the CPU (its fused step kernels), step by step: y, the conv state and the SSM state.
+TEST(ScanCuda, DecodeStepsMatchTheCpuSteps) {
+  SKIP_WITHOUT_GPU();
+  for (const auto& shape : std::vector<std::array<int64_t, 4>>{{1, 1536, 16, 4}, {3, 37, 5, 3}, {16, 65, 64, 2}}) {
+    const int64_t B = shape[0], I = shape[1], N = shape[2], K = shape[3];
+    SCOPED_TRACE(fmt::format("B={} I={} N={} K={}", B, I, N, K));
+    torch::manual_seed(uint64_t(B * 100 + I + N + K));
+    const int64_t L = 7;
+    const Tensor xz = torch::randn({B, L, 2 * I}), u = torch::randn({B, L, I}), delta = torch::randn({B, L, I}) * 0.5;
+    const Tensor x_dbl = torch::randn({B, L, 3 + 2 * N});
+    const Tensor w = torch::randn({I, 1, K}), bias = torch::randn({I}), A = -(torch::rand({I, N}) * 15 + 1);
+    const Tensor D = torch::randn({I}), dbias = torch::rand({I}) - 4;
+    Tensor conv_cpu = torch::randn({B, K - 1, I}), h_cpu = torch::randn({B, I, N});
+    Tensor conv_gpu = conv_cpu.cuda(), h_gpu = h_cpu.cuda();
+    const void* conv_at = conv_gpu.data_ptr();
+    const void* h_at = h_gpu.data_ptr();
+    auto run = [&](const Tensor& xz_, const Tensor& u_, const Tensor& d_, const Tensor& xd, const Tensor& w_,
+                   const Tensor& b_, const Tensor& A_, const Tensor& D_, const Tensor& db_, Tensor& conv, Tensor& h,
+                   int64_t t) {
+      const Tensor x = xz_.select(1, t).narrow(1, 0, I), z = xz_.select(1, t).narrow(1, I, I);
+      const Tensor c = causal_conv1d_step(x, conv, w_, b_);
+      const Tensor Bm = xd.select(1, t).narrow(1, 3, N), Cm = xd.select(1, t).narrow(1, 3 + N, N);
+      const Tensor y = selective_scan_step(u_.select(1, t), d_.select(1, t), A_, Bm, Cm, D_, z, db_, true, h);
+      return std::make_pair(c, y);
+    };
+    const Tensor xz_g = xz.cuda(), u_g = u.cuda(), d_g = delta.cuda(), xd_g = x_dbl.cuda(), w_g = w.cuda(),
+                 b_g = bias.cuda(), A_g = A.cuda(), D_g = D.cuda(), db_g = dbias.cuda();
+    for (int64_t t = 0; t < L; ++t) {
+      const auto [c_cpu, y_cpu] = run(xz, u, delta, x_dbl, w, bias, A, D, dbias, conv_cpu, h_cpu, t);
+      const auto [c_gpu, y_gpu] = run(xz_g, u_g, d_g, xd_g, w_g, b_g, A_g, D_g, db_g, conv_gpu, h_gpu, t);
+      expect_close(c_gpu.cpu(), c_cpu, 1e-5, fmt::format("conv y, step {}", t));
+      expect_close(y_gpu.cpu(), y_cpu, 1e-5, fmt::format("scan y, step {}", t));
+    }
+    expect_close(conv_gpu.cpu(), conv_cpu, 0, "conv state");
+    expect_close(h_gpu.cpu(), h_cpu, 1e-5, "scan state");
+    EXPECT_EQ(conv_gpu.data_ptr(), conv_at) << "the conv state is updated in place (the CUDA step kernel)";
+    EXPECT_EQ(h_gpu.data_ptr(), h_at) << "the SSM state is updated in place (the CUDA step kernel)";
+  }
 }
 
 }  // namespace
