@@ -15,7 +15,8 @@
 // One step in a handful of kernels: the momentum and the Nesterov update are _foreach_ ops over all
 // the matrices (bit for bit the per-tensor ops on CPU), Newton-Schulz runs once per distinct shape
 // on the stack [k, rows, cols] of that shape's matrices (newton_schulz_batched: bmm/baddbmm, the
-// same iteration matrix by matrix), and the decay and the update are _foreach_ ops, one per scale.
+// same iteration matrix by matrix, equal to it within float32 rounding: the BLAS's batched GEMM
+// may round otherwise than its GEMM), and the decay and the update are _foreach_ ops, one per scale.
 // Muon::set_reference(true) runs the plain per-matrix loop instead (the tests' and benchmark's
 // reference).
 //
