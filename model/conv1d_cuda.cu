@@ -25,7 +25,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kChannels = 32;                    // dw: channels per block
 constexpr int kRowLanes = kThreads / kChannels;  // dw: row lanes per block
-constexpr int64_t kMaxGrid = int64_t(1) << 20;   // blocks of a grid-stride launch
 constexpr int64_t kMaxPartialRows = 64;
 
 using cuda_kernel::error_text;
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p) {
   }
 }
 
-unsigned grid_for(int64_t n) { return unsigned(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxGrid)); }
+unsigned grid_for(int64_t n) { return cuda_kernel::grid_stride_blocks(n, kThreads); }
 
 template <typename T>
 const char* launch_passes(const Params& p, bool backward) {

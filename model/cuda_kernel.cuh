@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <utility>
 
 namespace coil::cuda_kernel {
@@ -18,6 +20,11 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);  // round to nearest even
+}
+
+// Blocks of a grid-stride launch over n elements, `threads` each: enough to cover them, at most 2^20.
+inline unsigned grid_stride_blocks(int64_t n, int threads) {
+  return unsigned(std::min<int64_t>((n + threads - 1) / threads, int64_t(1) << 20));
 }
 
 // An error's text, or null for cudaSuccess (what the launch functions return).

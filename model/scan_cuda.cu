@@ -1253,8 +1253,7 @@ const char* step(const StepParams& p) {
   if (n == 0) return nullptr;
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(p.device));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(p.device).stream();
-  const unsigned grid = unsigned(std::min<int64_t>((n + kStepThreads - 1) / kStepThreads, int64_t(1) << 20));
-  return error_text(launch(step_kernel, grid, kStepThreads, 0, stream, p));
+  return error_text(launch(step_kernel, cuda_kernel::grid_stride_blocks(n, kStepThreads), kStepThreads, 0, stream, p));
 }
 
 }  // namespace coil::scan_cuda
