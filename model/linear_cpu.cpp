@@ -2,12 +2,18 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+
+#if defined(COIL_WITH_CUDA)
+#include "model/linear_cuda.h"
+#include "util/error.h"
 #endif
 
 namespace coil {
@@ -130,6 +136,21 @@ bool cpu_has_avx2() {
 bool cpu_has_avx2() { return false; }
 #endif
 
+#if defined(COIL_WITH_CUDA)
+using at::Tensor;
+namespace kernels = linear_cuda;
+#include "model/linear_cuda_call.inc"
+
+// The CUDA kernel's case: a bfloat16 W beside float32 x on one GPU, no gradient wanted.
+bool fits_cuda_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() ||
+                                                   (bias.defined() && bias.requires_grad()));
+  return !grad && x.is_cuda() && x.dim() == 2 && x.size(0) <= kMaxRows && w.dim() == 2 && x.size(1) == w.size(1) &&
+         x.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16 && w.device() == x.device() &&
+         (!bias.defined() || (bias.device() == x.device() && bias.numel() == w.size(0)));
+}
+#endif
+
 }  // namespace
 
 bool decode_linear_has_kernel() { return cpu_has_avx2(); }
@@ -139,6 +160,9 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w, const at::Ten
                     x.is_cpu() && w.is_cpu() && x.scalar_type() == at::kFloat &&
                     (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
                     (!bias.defined() || (bias.is_cpu() && bias.scalar_type() == at::kFloat && bias.numel() == w.size(0)));
+#if defined(COIL_WITH_CUDA)
+  if (fits_cuda_kernel(x, w, bias)) return decode_linear_bf16_cuda(x, w, bias);
+#endif
   if (!fits || !cpu_has_avx2()) {
     const at::Tensor wx = w.to(x.scalar_type());
     return bias.defined() ? at::linear(x, wx, bias.to(x.scalar_type())) : at::linear(x, wx);

@@ -7,8 +7,10 @@
 //   x [B, K] float32, W [N, K] float32 or bfloat16, bias [N] float32 or undefined -> y [B, N] float32.
 // A bfloat16 W is widened to float32 as it is loaded (exactly: bf16 is float32's top half), so
 // all arithmetic is float32 whatever W's dtype: y equals at::linear(x, W.to(float32)) up to the
-// order of the sums. Larger batches, other dtypes or devices go to at::linear (W cast to x's dtype),
-// which is also the reference the tests compare with.
+// order of the sums. On CUDA, a bfloat16 W beside float32 x (up to 64 rows, no gradient) goes to
+// linear_cuda.h's kernel, which reads W once as stored instead of casting it every step. Larger
+// batches, other dtypes or devices go to at::linear (W cast to x's dtype), which is also the
+// reference the tests compare with.
 #pragma once
 
 #include <ATen/core/Tensor.h>

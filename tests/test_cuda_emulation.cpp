@@ -1,15 +1,17 @@
-// The CUDA kernels run on the CPU: model/scan_cuda.cu and model/conv1d_cuda.cu, compiled unchanged
-// for the emulator of tests/cuda_emu, with their autograd glue (model/*_cuda_autograd.inc, the code
-// selective_scan.cpp and conv1d.cpp run on a GPU) on CPU tensors. Against the float64 references:
-// y, the final state and every gradient (inputs, parameters, h0, the initial conv state), float32
-// and bfloat16, with and without document boundaries, both scan versions and several time
-// segments, on odd shapes that cover every register layout of the state (N = 3, 5, 16, 17, 33,
-// 64). Each case runs with the block's threads in ascending, descending and random order, and the
-// results must be equal bit for bit (a missing __syncthreads shows as a difference) except for dB
-// and dC, which the kernel sums with atomics. The decoding step kernels too: L steps against the
-// references over the whole sequence. The ScanCuda.* and ConvCuda.* tests run the same kernels on
-// a GPU; the probe tests show that each check of the emulator can fail. What the glue
-// allocates uninitialized starts as NaN, so an output element no thread writes fails the comparison.
+// The CUDA kernels run on the CPU: model/scan_cuda.cu, model/conv1d_cuda.cu and
+// model/linear_cuda.cu, compiled unchanged for the emulator of tests/cuda_emu, with their glue
+// (model/*_cuda_autograd.inc and linear_cuda_call.inc, the code selective_scan.cpp, conv1d.cpp and
+// linear_cpu.cpp run on a GPU) on CPU tensors. Against the float64 references: y, the final state
+// and every gradient (inputs, parameters, h0, the initial conv state), float32 and bfloat16, with
+// and without document boundaries, both scan versions and several time segments, on odd shapes
+// that cover every register layout of the state (N = 3, 5, 16, 17, 33, 64). Each case runs with
+// the block's threads in ascending, descending and random order, and the results must be equal
+// bit for bit (a missing __syncthreads shows as a difference) except for dB and dC, which the
+// kernel sums with atomics. The decoding step kernels too: L steps against the references over the
+// whole sequence; and decoding's bfloat16 matrix-vector product against the float64 product. The
+// ScanCuda.*, ConvCuda.* and LinearCuda.* tests run the same kernels on a GPU; the probe tests show
+// that each check of the emulator can fail. What the glue allocates uninitialized starts as NaN,
+// so an output element no thread writes fails the comparison.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -26,10 +28,13 @@
 // The kernels' headers under the names the emulated build gives them (tests/cuda_emu/*_emu.cpp).
 #define scan_cuda scan_cuda_emu
 #define conv_cuda conv_cuda_emu
+#define linear_cuda linear_cuda_emu
 #include "model/conv1d_cuda.h"
+#include "model/linear_cuda.h"
 #include "model/scan_cuda.h"
 #undef scan_cuda
 #undef conv_cuda
+#undef linear_cuda
 
 namespace coil::emulated {
 
@@ -44,6 +49,10 @@ namespace conv {
 namespace kernels = coil::conv_cuda_emu;
 #include "model/conv1d_cuda_autograd.inc"
 }  // namespace conv
+namespace linear {
+namespace kernels = coil::linear_cuda_emu;
+#include "model/linear_cuda_call.inc"
+}  // namespace linear
 
 namespace {
 
@@ -381,6 +390,52 @@ TEST(StepEmulated, ConvAndScanStepsMatchTheReferences) {
                                                  {5, 3, 1, 1, 1, true, true},
                                                  {2, 9, 65, 64, 8, false, false}})
     check_steps(c);
+}
+
+// ---- Decoding's bfloat16 matrix-vector product ---------------------------------------------------
+struct LinearCase {
+  int64_t B, K, N;
+  bool bias;
+  int64_t x_pad;   // x is a [B, K] view into rows of K + x_pad floats (x_sb = K + x_pad)
+  int64_t offset;  // x and W start this many elements into their storage (odd: not 16-byte aligned)
+};
+
+// decode_linear's CUDA kernel against the float64 product of the same values (W rounded to
+// bfloat16, x float32), under every schedule, which must give the same bits.
+void check_linear(const LinearCase& c) {
+  const std::string what = fmt::format("B={} K={} N={} bias={} x_pad={} offset={}", c.B, c.K, c.N, c.bias,
+                                       c.x_pad, c.offset);
+  const Tensor xs = torch::randn({c.offset + c.B * (c.K + c.x_pad)});
+  const Tensor x = xs.narrow(0, c.offset, c.B * (c.K + c.x_pad)).view({c.B, c.K + c.x_pad}).narrow(1, 0, c.K);
+  const Tensor ws = torch::randn({c.offset + c.N * c.K}).to(torch::kBFloat16);
+  const Tensor w = ws.narrow(0, c.offset, c.N * c.K).view({c.N, c.K});
+  const Tensor bias = c.bias ? torch::randn({c.N}) : Tensor();
+  ASSERT_TRUE(w.is_contiguous()) << what;  // (so the glue passes the offset pointer itself)
+  Tensor want = torch::matmul(x.to(torch::kDouble), w.to(torch::kDouble).t());
+  if (c.bias) want = want + bias.to(torch::kDouble);
+  std::vector<Tensor> runs;
+  for (const Schedule& s : kSchedules) {
+    coil_emu::set_schedule(s.order, 11);
+    runs.push_back(linear::decode_linear_bf16_cuda(x, w, bias));
+    expect_close(runs.back(), want, 1e-5, what + " " + s.name);
+  }
+  coil_emu::set_schedule(Order::kAscending, 0);
+  for (size_t r = 1; r < runs.size(); ++r) EXPECT_TRUE(torch::equal(runs[r], runs[0])) << what;
+}
+
+TEST(LinearEmulated, Bf16MatrixVectorProductsMatchTheFloat64Product) {
+  torch::manual_seed(5);
+  for (const LinearCase& c : std::vector<LinearCase>{
+           {1, 768, 37, true, 0, 0},     // 16-byte loads, three per lane
+           {3, 48, 20, false, 0, 0},     // K < 256: some lanes hold nothing
+           {16, 264, 9, true, 4, 0},     // strided rows of x, K not a multiple of 256
+           {5, 13, 11, true, 0, 0},      // K % 8 != 0: one weight at a time
+           {17, 40, 5, false, 0, 0},     // two launches: 16 rows, then 1
+           {7, 64, 10, true, 1, 0},      // x rows not 16-byte aligned: one weight at a time
+           {2, 64, 10, true, 0, 3},      // x and W not 16-byte aligned
+           {6, 1, 3, true, 0, 0},        // K = 1
+           {9, 96, 200, false, 0, 0}})   // more rows of W than one block's warps, many blocks
+    check_linear(c);
 }
 
 // ---- The emulator's own checks -----------------------------------------------------------------

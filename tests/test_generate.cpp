@@ -5,6 +5,9 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <array>
+#include <cmath>
+
 #include "model/generate.h"
 #include "model/linear_cpu.h"
 #include "model/mamba.h"
@@ -202,6 +205,50 @@ TEST(GenerateCuda, MatchesTheCpu) {
   EXPECT_EQ(generate(gpu, r), free_run);
   r.eos = free_run[0][2];  // the first sequence leaves the batch after two tokens
   EXPECT_EQ(generate(gpu, r), generate(cpu, r));
+}
+
+// A model whose matrices are stored in bfloat16 decodes on CUDA (decode_linear's bfloat16 kernel,
+// model/linear_cuda.h) as on the CPU (its AVX2 kernel or at::linear on the widened W).
+TEST(GenerateCuda, Bf16MatricesMatchTheCpu) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  MambaLM cpu = random_model(), gpu = random_model();
+  cpu.store_matrices(torch::kBFloat16);
+  gpu.store_matrices(torch::kBFloat16);
+  gpu.to(at::Device(at::kCUDA, 0));
+  torch::NoGradGuard ng;
+  const Tensor prompt = torch::tensor(std::vector<int64_t>{3, 1, 4, 1, 5}).unsqueeze(0).repeat({3, 1});
+  MambaCache cc = cpu.new_cache(3), gc = gpu.new_cache(3);
+  Tensor a = cpu.prefill(prompt, cc), b = gpu.prefill(prompt.cuda(), gc);
+  EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4));
+  for (int t = 0; t < 8; ++t) {
+    const Tensor token = a.argmax(1);
+    a = cpu.step(token, cc);
+    b = gpu.step(token.cuda(), gc);
+    EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4)) << "step " << t;
+  }
+}
+
+// decode_linear on CUDA with a bfloat16 W (its own kernel) against the float64 product, on odd
+// shapes, strided and unaligned x, 1 to 40 rows.
+TEST(LinearCuda, Bf16MatchesTheFloat64Product) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  torch::NoGradGuard ng;
+  torch::manual_seed(3);
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  for (const auto& [B, K, N] : std::vector<std::array<int64_t, 3>>{
+           {1, 768, 3072}, {16, 1536, 768}, {3, 48, 1536}, {5, 13, 11}, {40, 264, 50}, {1, 768, 50280}}) {
+    for (const int64_t offset : {0, 1}) {
+      const Tensor xs = torch::randn({offset + B * K}, cuda);
+      const Tensor x = xs.narrow(0, offset, B * K).view({B, K});
+      const Tensor w = (torch::randn({N, K}, cuda) / std::sqrt(double(K))).to(torch::kBFloat16);
+      const Tensor bias = torch::randn({N}, cuda);
+      const Tensor want = (torch::matmul(x.to(torch::kDouble), w.to(torch::kDouble).t()) + bias.to(torch::kDouble));
+      const Tensor got = decode_linear(x, w, bias);
+      ASSERT_EQ(got.device(), x.device());
+      const double err = (got.to(torch::kDouble) - want).abs().max().item<double>();
+      EXPECT_LT(err, 1e-5 * (1 + want.abs().max().item<double>())) << B << " " << K << " " << N << " " << offset;
+    }
+  }
 }
 
 TEST(Generate, BadRequestsAreErrors) {

@@ -51,6 +51,9 @@ struct dim3 {
 struct __attribute__((aligned(16))) float4 {
   float x, y, z, w;
 };
+struct __attribute__((aligned(16))) uint4 {
+  unsigned x, y, z, w;
+};
 
 // Set by the emulator before it resumes a thread.
 extern uint3 threadIdx, blockIdx;
@@ -115,6 +118,11 @@ inline float atomicAdd(float* address, float v) {
   const float old = *address;
   *address = old + v;
   return old;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fmul_rn(float a, float b) { return a * b; }  // (the TU is built with -ffp-contract=off)
