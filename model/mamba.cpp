@@ -11,6 +11,10 @@
 #include "model/seq_idx.h"
 #include "util/error.h"
 
+#if defined(COIL_WITH_CUDA)
+#include "model/norm_cuda.h"
+#endif
+
 namespace coil {
 
 using torch::Tensor;
@@ -36,6 +40,26 @@ std::vector<Tensor> block_tensors(const MambaBlockWeights& w) {
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   const Tensor xf = x.to(wide(x.scalar_type()));
   return weight * (xf * torch::rsqrt(xf.pow(2).mean(-1, true) + eps));
+}
+
+#if defined(COIL_WITH_CUDA)
+namespace {
+namespace kernels = norm_cuda;
+#include "model/norm_cuda_call.inc"
+}  // namespace
+#endif
+
+Tensor add_rms_norm_(Tensor& h, const Tensor& delta, const Tensor& weight, double eps) {
+  COIL_CHECK(h.dim() == 2 && (!delta.defined() || delta.sizes() == h.sizes()) && weight.numel() == h.size(1),
+             "add_rms_norm_: h [B, H], delta as h and weight [H], got {}, {} and {}", c10::str(h.sizes()),
+             delta.defined() ? c10::str(delta.sizes()) : std::string("none"), c10::str(weight.sizes()));
+#if defined(COIL_WITH_CUDA)
+  if (h.is_cuda() && h.scalar_type() == torch::kFloat && h.is_contiguous() && weight.device() == h.device() &&
+      (!delta.defined() || (delta.device() == h.device() && delta.scalar_type() == torch::kFloat)))
+    return add_rms_norm_cuda(h, delta, weight, eps);
+#endif
+  if (delta.defined()) h.add_(delta);
+  return rms_norm(h, weight, eps);
 }
 
 Tensor lm_loss(const Tensor& logits, const Tensor& targets) {
@@ -234,14 +258,13 @@ Tensor MambaLM::prefill(const Tensor& tokens, MambaCache& cache) const {
     for (Tensor& t : w) t = t.to(wide(t.scalar_type()));
     h = block(block_weights(w), config_, h, &cache.conv[l], &cache.ssm[l]);
   }
-  return decode_head(h.select(1, -1));  // only the last position's logits: the next token's
+  Tensor last = h.select(1, -1).contiguous();  // only the last position's logits: the next token's
+  return decode_head(add_rms_norm_(last, {}, norm_f, config_.rms_eps));
 }
 
 // The tied head for a few positions as a matrix-vector product per sequence (model/linear_cpu.h),
 // in float32 whatever dtype the embedding is stored in.
-Tensor MambaLM::decode_head(const Tensor& hidden) const {
-  return decode_linear(rms_norm(hidden, norm_f, config_.rms_eps), embedding);
-}
+Tensor MambaLM::decode_head(const Tensor& normed) const { return decode_linear(normed, embedding); }
 
 // One token through every block (as Hugging Face's cached path), the conv and the scan advanced by
 // one step, their states updated in place (fused kernels on the CPU and on CUDA in float32, LibTorch
@@ -252,11 +275,12 @@ Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
   COIL_CHECK(token.dim() == 1, "step takes one token per sequence [B], got {} dims", token.dim());
   const MambaConfig& c = config_;
   const int64_t I = c.d_inner(), N = c.d_state, R = c.rank();
-  Tensor h = torch::embedding(embedding, token);  // [B, H]
-  h = h.to(wide(h.scalar_type()));
+  // The residual stream h [B, H], a fresh tensor; each block's output is added to it in place by
+  // the next norm (add_rms_norm_).
+  Tensor h = torch::embedding(embedding, token).to(wide(embedding.scalar_type())).contiguous(), out;
   for (size_t l = 0; l < layers.size(); ++l) {
     const MambaBlockWeights& w = layers[l];
-    const Tensor xz = decode_linear(rms_norm(h, w.norm, c.rms_eps), w.in_proj);
+    const Tensor xz = decode_linear(add_rms_norm_(h, out, w.norm, c.rms_eps), w.in_proj);
     const Tensor xs = xz.narrow(1, 0, I), z = xz.narrow(1, I, I);
     Tensor u = causal_conv1d_step(xs, cache.conv[l], w.conv_w, w.conv_b);  // [B, I]; the state slides
     torch::silu_(u);
@@ -265,9 +289,9 @@ Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
     const Tensor Bm = x_dbl.narrow(1, R, N), Cm = x_dbl.narrow(1, R + N, N);
     if (cache.A.size() <= l) cache.A.push_back(-torch::exp(w.A_log));
     const Tensor y = selective_scan_step(u, dt, cache.A[l], Bm, Cm, w.D, z, w.dt_b, true, cache.ssm[l]);
-    h = h + decode_linear(y, w.out_proj);
+    out = decode_linear(y, w.out_proj);
   }
-  return decode_head(h);
+  return decode_head(add_rms_norm_(h, out, norm_f, c.rms_eps));
 }
 
 }  // namespace coil

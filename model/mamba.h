@@ -122,7 +122,7 @@ class MambaLM {
   std::vector<MambaBlockWeights> layers;
 
  private:
-  at::Tensor decode_head(const at::Tensor& hidden) const;  // [B, H] -> float32 logits [B, V]
+  at::Tensor decode_head(const at::Tensor& normed) const;  // normed [B, H] -> float32 logits [B, V]
   // Block l on the residual stream h, its matrices cast to `compute`, checkpointed or not.
   at::Tensor run_block(size_t l, const at::Tensor& h, at::ScalarType compute, const at::Tensor& seq_idx) const;
 
@@ -132,6 +132,11 @@ class MambaLM {
 
 // RMSNorm as Hugging Face's MambaRMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float32.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Decoding's residual add and norm: h += delta (in place; delta may be undefined: no add), then
+// rms_norm(h, weight, eps). h and delta are [B, H]. On CUDA with float32 h and delta, one kernel
+// (model/norm_cuda.h) instead of seven LibTorch ops; elsewhere those ops. No autograd.
+at::Tensor add_rms_norm_(at::Tensor& h, const at::Tensor& delta, const at::Tensor& weight, double eps);
 
 // Mean cross-entropy of logits [B, L, V] against targets [B, L]; targets equal to -100 are ignored
 // (the SFT loss mask writes -100 there, as Hugging Face does).

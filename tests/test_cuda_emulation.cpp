@@ -1,17 +1,18 @@
-// The CUDA kernels run on the CPU: model/scan_cuda.cu, model/conv1d_cuda.cu and
-// model/linear_cuda.cu, compiled unchanged for the emulator of tests/cuda_emu, with their glue
-// (model/*_cuda_autograd.inc and linear_cuda_call.inc, the code selective_scan.cpp, conv1d.cpp and
-// linear_cpu.cpp run on a GPU) on CPU tensors. Against the float64 references: y, the final state
-// and every gradient (inputs, parameters, h0, the initial conv state), float32 and bfloat16, with
-// and without document boundaries, both scan versions and several time segments, on odd shapes
-// that cover every register layout of the state (N = 3, 5, 16, 17, 33, 64). Each case runs with
-// the block's threads in ascending, descending and random order, and the results must be equal
-// bit for bit (a missing __syncthreads shows as a difference) except for dB and dC, which the
-// kernel sums with atomics. The decoding step kernels too: L steps against the references over the
-// whole sequence; and decoding's bfloat16 matrix-vector product against the float64 product. The
-// ScanCuda.*, ConvCuda.* and LinearCuda.* tests run the same kernels on a GPU; the probe tests show
-// that each check of the emulator can fail. What the glue allocates uninitialized starts as NaN,
-// so an output element no thread writes fails the comparison.
+// The CUDA kernels run on the CPU: model/scan_cuda.cu, conv1d_cuda.cu, linear_cuda.cu and
+// norm_cuda.cu, compiled unchanged for the emulator of tests/cuda_emu, with their glue
+// (model/*_cuda_autograd.inc and *_cuda_call.inc, the code selective_scan.cpp, conv1d.cpp,
+// linear_cpu.cpp and mamba.cpp run on a GPU) on CPU tensors. Against the float64 references: y,
+// the final state and every gradient (inputs, parameters, h0, the initial conv state), float32 and
+// bfloat16, with and without document boundaries, both scan versions and several time segments,
+// on odd shapes that cover every register layout of the state (N = 3, 5, 16, 17, 33, 64). Each
+// case runs with the block's threads in ascending, descending and random order, and the results
+// must be equal bit for bit (a missing __syncthreads shows as a difference) except for dB and dC,
+// which the kernel sums with atomics. The decoding kernels too: the conv and scan steps for L steps
+// against the references over the whole sequence, the bfloat16 matrix-vector product and the
+// residual add + RMSNorm against float64. The ScanCuda.*, ConvCuda.*, LinearCuda.* and
+// GenerateCuda.* tests run the same kernels on a GPU; the probe tests show that each check of the
+// emulator can fail. What the glue allocates uninitialized starts as NaN, so an output element no
+// thread writes fails the comparison.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -29,12 +30,15 @@
 #define scan_cuda scan_cuda_emu
 #define conv_cuda conv_cuda_emu
 #define linear_cuda linear_cuda_emu
+#define norm_cuda norm_cuda_emu
 #include "model/conv1d_cuda.h"
 #include "model/linear_cuda.h"
+#include "model/norm_cuda.h"
 #include "model/scan_cuda.h"
 #undef scan_cuda
 #undef conv_cuda
 #undef linear_cuda
+#undef norm_cuda
 
 namespace coil::emulated {
 
@@ -53,6 +57,10 @@ namespace linear {
 namespace kernels = coil::linear_cuda_emu;
 #include "model/linear_cuda_call.inc"
 }  // namespace linear
+namespace norm {
+namespace kernels = coil::norm_cuda_emu;
+#include "model/norm_cuda_call.inc"
+}  // namespace norm
 
 namespace {
 
@@ -436,6 +444,36 @@ TEST(LinearEmulated, Bf16MatrixVectorProductsMatchTheFloat64Product) {
            {6, 1, 3, true, 0, 0},        // K = 1
            {9, 96, 200, false, 0, 0}})   // more rows of W than one block's warps, many blocks
     check_linear(c);
+}
+
+// ---- Decoding's residual add + RMSNorm -------------------------------------------------------------
+// The kernel against float64: h + delta (written back into h: exactly the float32 sum) and its
+// RMSNorm, under every schedule (the same bits in each).
+TEST(NormEmulated, AddRmsNormMatchesTheFloat64Reference) {
+  torch::manual_seed(9);
+  struct Case {
+    int64_t B, H;
+    bool delta;
+  };
+  for (const Case& c : std::vector<Case>{{1, 768, true}, {3, 13, false}, {5, 300, true}, {2, 1, true},
+                                         {4, 64, true}, {2, 600, false}}) {
+    const std::string what = fmt::format("B={} H={} delta={}", c.B, c.H, c.delta);
+    const Tensor h0 = torch::randn({c.B, c.H}) * 3, w = torch::randn({c.H});
+    const Tensor delta = c.delta ? torch::randn({c.B, c.H}) : Tensor();
+    const Tensor sum = c.delta ? h0 + delta : h0;  // float32, as the kernel adds
+    const Tensor s64 = sum.to(torch::kDouble);
+    const Tensor want = w.to(torch::kDouble) * s64 * torch::rsqrt(s64.pow(2).mean(-1, true) + 1e-5);
+    std::vector<Tensor> runs;
+    for (const Schedule& s : kSchedules) {
+      coil_emu::set_schedule(s.order, 4);
+      Tensor h = h0.clone();
+      runs.push_back(norm::add_rms_norm_cuda(h, delta, w, 1e-5));
+      EXPECT_TRUE(torch::equal(h, sum)) << what << " " << s.name;
+      expect_close(runs.back(), want, 1e-5, what + " " + s.name);
+    }
+    coil_emu::set_schedule(Order::kAscending, 0);
+    for (size_t r = 1; r < runs.size(); ++r) EXPECT_TRUE(torch::equal(runs[r], runs[0])) << what;
+  }
 }
 
 // ---- The emulator's own checks -----------------------------------------------------------------

@@ -251,6 +251,34 @@ TEST(LinearCuda, Bf16MatchesTheFloat64Product) {
   }
 }
 
+// Decoding's residual add + norm: h += delta in place, then rms_norm; shapes checked. On CUDA
+// (its kernel, model/norm_cuda.h, NormCuda below) the same within float32 rounding.
+TEST(AddRmsNorm, AddsInPlaceThenNorms) {
+  torch::manual_seed(2);
+  const Tensor h0 = torch::randn({3, 40}), delta = torch::randn({3, 40}), w = torch::randn({40});
+  Tensor h = h0.clone();
+  const Tensor y = add_rms_norm_(h, delta, w, 1e-5);
+  EXPECT_TRUE(torch::equal(h, h0 + delta));
+  EXPECT_TRUE(torch::equal(y, rms_norm(h0 + delta, w, 1e-5)));
+  Tensor g = h0.clone();
+  EXPECT_TRUE(torch::equal(add_rms_norm_(g, {}, w, 1e-5), rms_norm(h0, w, 1e-5)));
+  EXPECT_TRUE(torch::equal(g, h0));
+  EXPECT_THROW(add_rms_norm_(g, torch::randn({3, 41}), w, 1e-5), Error);
+  EXPECT_THROW(add_rms_norm_(g, {}, torch::randn({39}), 1e-5), Error);
+}
+
+TEST(NormCuda, AddRmsNormMatchesTheCpu) {
+  if (!at::hasCUDA() || at::getNumGPUs() == 0) GTEST_SKIP() << "no GPU";
+  torch::manual_seed(2);
+  for (const int64_t H : {1, 40, 768, 2560}) {
+    const Tensor h0 = torch::randn({5, H}), delta = torch::randn({5, H}), w = torch::randn({H});
+    Tensor h = h0.clone(), hc = h0.cuda();
+    const Tensor y = add_rms_norm_(h, delta, w, 1e-5), yc = add_rms_norm_(hc, delta.cuda(), w.cuda(), 1e-5);
+    EXPECT_TRUE(torch::equal(hc.cpu(), h)) << H;
+    EXPECT_TRUE(torch::allclose(yc.cpu(), y, 1e-5, 1e-6)) << H;
+  }
+}
+
 TEST(Generate, BadRequestsAreErrors) {
   const MambaLM m = random_model();
   GenerateRequest r;
