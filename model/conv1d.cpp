@@ -4,6 +4,7 @@
 #include <torch/autograd.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -173,10 +174,13 @@ Tensor weight_2d(const Tensor& w, int64_t I) {
 // parameters (kept by not inlining) let the compiler vectorize without run-time overlap checks.
 template <typename T>
 __attribute__((noinline)) void conv_step_row(const T* __restrict x, T* __restrict state, const T* __restrict wT,
-                                             const T* __restrict bias, T* __restrict y, int64_t I, int64_t K) {
+                                             const T* __restrict bias, T* __restrict y, int64_t I, int64_t K,
+                                             bool silu) {
   for (int64_t i = 0; i < I; ++i) y[i] = bias[i] + wT[(K - 1) * I + i] * x[i];
   for (int64_t k = 0; k < K - 1; ++k)
     for (int64_t i = 0; i < I; ++i) y[i] += wT[k * I + i] * state[k * I + i];
+  if (silu)
+    for (int64_t i = 0; i < I; ++i) y[i] = y[i] / (T(1) + std::exp(-y[i]));
   if (K < 2) return;
   std::memmove(state, state + I, (K - 2) * I * sizeof(T));
   std::memcpy(state + (K - 2) * I, x, I * sizeof(T));
@@ -184,14 +188,15 @@ __attribute__((noinline)) void conv_step_row(const T* __restrict x, T* __restric
 
 }  // namespace
 
-Tensor causal_conv1d_step_ref(const Tensor& x, Tensor& state, const Tensor& w, const Tensor& bias) {
+Tensor causal_conv1d_step_ref(const Tensor& x, Tensor& state, const Tensor& w, const Tensor& bias, bool silu) {
   const int64_t I = x.size(1), K = state.size(1) + 1;
   const Tensor window = torch::cat({state, x.unsqueeze(1)}, 1);  // [B, K, I]
   state = window.narrow(1, 1, K - 1).contiguous();
-  return (window * weight_2d(w, I).t()).sum(1) + bias;
+  const Tensor y = (window * weight_2d(w, I).t()).sum(1) + bias;
+  return silu ? torch::silu(y) : y;
 }
 
-Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const Tensor& bias) {
+Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const Tensor& bias, bool silu) {
   COIL_CHECK(x.dim() == 2 && state.dim() == 3 && state.size(0) == x.size(0) && state.size(2) == x.size(1),
              "causal_conv1d_step: x [B, I] and state [B, K-1, I], got {} and {}", c10::str(x.sizes()),
              c10::str(state.sizes()));
@@ -203,11 +208,11 @@ Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const
 #if defined(COIL_WITH_CUDA)
   if (x.is_cuda() && t == torch::kFloat && state.scalar_type() == t && state.is_contiguous() &&
       K <= conv_cuda::kMaxTaps)
-    return causal_conv1d_step_cuda(x, state, w2d, bias);
+    return causal_conv1d_step_cuda(x, state, w2d, bias, silu);
 #endif
   const bool fused = x.is_cpu() && state.is_cpu() && (t == torch::kFloat || t == torch::kDouble) &&
                      state.scalar_type() == t && state.is_contiguous();
-  if (!fused) return causal_conv1d_step_ref(x, state, w, bias);
+  if (!fused) return causal_conv1d_step_ref(x, state, w, bias, silu);
   const Tensor xc = channels_contiguous(x), w2 = w2d.to(t).contiguous(), bc = bias.to(t).contiguous();
   Tensor y = torch::empty({B, I}, x.options());
   AT_DISPATCH_FLOATING_TYPES(t, "causal_conv1d_step", [&] {
@@ -222,7 +227,7 @@ Tensor causal_conv1d_step(const Tensor& x, Tensor& state, const Tensor& w, const
     scalar_t* yp = y.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b)
       conv_step_row<scalar_t>(xp + b * xc.stride(0), sp + b * (K - 1) * I, wT.data(), bc.data_ptr<scalar_t>(),
-                              yp + b * I, I, K);
+                              yp + b * I, I, K, silu);
   });
   return y;
 }

@@ -39,9 +39,13 @@ at::Tensor causal_conv1d_final_state(const at::Tensor& x, int64_t K, const at::T
 // inputs), state [B, K-1, I] (the previous K-1 inputs, oldest first) -> y [B, I], the conv's output
 // at the new token; `state` becomes the last K-1 inputs: shifted in place on CPU (float32/64,
 // contiguous: one pass, no allocation but y) and on CUDA (float32, contiguous: one kernel,
-// conv1d_cuda.h), else replaced by a new tensor (the reference below).
-at::Tensor causal_conv1d_step(const at::Tensor& x, at::Tensor& state, const at::Tensor& w, const at::Tensor& bias);
-// The reference, in LibTorch ops: window = cat(state, x); y = sum_k w[:, k] * window[k] + bias.
-at::Tensor causal_conv1d_step_ref(const at::Tensor& x, at::Tensor& state, const at::Tensor& w, const at::Tensor& bias);
+// conv1d_cuda.h), else replaced by a new tensor (the reference below). silu: y = silu(conv), Mamba's
+// activation, in the same pass (the fused CPU loop, the CUDA kernel) rather than one more op.
+at::Tensor causal_conv1d_step(const at::Tensor& x, at::Tensor& state, const at::Tensor& w, const at::Tensor& bias,
+                              bool silu = false);
+// The reference, in LibTorch ops: window = cat(state, x); y = sum_k w[:, k] * window[k] + bias
+// (then torch::silu if asked).
+at::Tensor causal_conv1d_step_ref(const at::Tensor& x, at::Tensor& state, const at::Tensor& w, const at::Tensor& bias,
+                                  bool silu = false);
 
 }  // namespace coil

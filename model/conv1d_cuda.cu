@@ -12,6 +12,7 @@
 //                a fixed order through shared memory and writes one partial row, the caller sums
 //                the R rows (no atomics, so the result does not vary between runs).
 #include <algorithm>
+#include <cmath>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -180,7 +181,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepParams p) {
     for (int k = 0; k < K - 1; ++k) acc += w[k] * state[k * p.I];
     for (int k = 0; k + 1 < K - 1; ++k) state[k * p.I] = state[(k + 1) * p.I];
     if (K > 1) state[(K - 2) * p.I] = x;
-    p.y[e] = acc;
+    p.y[e] = p.silu ? acc / (1.f + expf(-acc)) : acc;
   }
 }
 

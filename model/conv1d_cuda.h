@@ -33,7 +33,7 @@
 //   x [B, I] (channel stride 1, row stride x_sb), state [B, K-1, I] contiguous (oldest input first),
 //   w [I, K] contiguous (as the parameter is stored), bias [I] (may be null), y [B, I] contiguous:
 //   y[b,i] = bias[i] + w[i,K-1] x[b,i] + sum_{k<K-1} w[i,k] state[b,k,i], then state[b,k,i] =
-//   state[b,k+1,i] for k < K-2 and state[b,K-2,i] = x[b,i]
+//   state[b,k+1,i] for k < K-2 and state[b,K-2,i] = x[b,i]; with silu, y[b,i] = silu(that sum)
 #pragma once
 
 #include <cstdint>
@@ -71,6 +71,7 @@ struct StepParams {
   float* state = nullptr;
   const float *w = nullptr, *bias = nullptr;
   float* y = nullptr;
+  bool silu = false;
 };
 
 // Rows of dw_part / dbias_part a backward launch writes.

@@ -282,8 +282,8 @@ Tensor MambaLM::step(const Tensor& token, MambaCache& cache) const {
     const MambaBlockWeights& w = layers[l];
     const Tensor xz = decode_linear(add_rms_norm_(h, out, w.norm, c.rms_eps), w.in_proj);
     const Tensor xs = xz.narrow(1, 0, I), z = xz.narrow(1, I, I);
-    Tensor u = causal_conv1d_step(xs, cache.conv[l], w.conv_w, w.conv_b);  // [B, I]; the state slides
-    torch::silu_(u);
+    // u [B, I], the SiLU applied in the conv step; the state slides.
+    const Tensor u = causal_conv1d_step(xs, cache.conv[l], w.conv_w, w.conv_b, /*silu=*/true);
     const Tensor x_dbl = decode_linear(u, w.x_proj);
     const Tensor dt = decode_linear(x_dbl.narrow(1, 0, R), w.dt_w);  // [B, I]; bias and softplus: in the step
     const Tensor Bm = x_dbl.narrow(1, R, N), Cm = x_dbl.narrow(1, R + N, N);

@@ -338,11 +338,12 @@ TEST(ConvEmulated, MatchesTheReference) {
 struct StepCase {
   int64_t B, L, I, N, K;
   bool optional, softplus;
+  bool silu;  // the conv step's SiLU (as the model decodes)
 };
 
 void check_steps(const StepCase& c) {
-  SCOPED_TRACE(fmt::format("B={} L={} I={} N={} K={} optional={} softplus={}", c.B, c.L, c.I, c.N, c.K,
-                           c.optional, c.softplus));
+  SCOPED_TRACE(fmt::format("B={} L={} I={} N={} K={} optional={} softplus={} silu={}", c.B, c.L, c.I, c.N, c.K,
+                           c.optional, c.softplus, c.silu));
   torch::manual_seed(uint64_t(c.B * 1009 + c.L * 31 + c.I * 7 + c.N * 3 + c.K));
   auto o = torch::TensorOptions().dtype(torch::kFloat);
   auto f64 = [](const Tensor& t) { return t.defined() ? t.to(torch::kDouble) : t; };
@@ -363,7 +364,8 @@ void check_steps(const StepCase& c) {
   const Tensor h0 = torch::randn({c.B, c.I, c.N}, o);
 
   Tensor ref_last;
-  const Tensor conv_ref = causal_conv1d_ref(f64(x), f64(w), f64(bias), {}, f64(conv0).transpose(1, 2));
+  Tensor conv_ref = causal_conv1d_ref(f64(x), f64(w), f64(bias), {}, f64(conv0).transpose(1, 2));
+  if (c.silu) conv_ref = torch::silu(conv_ref);
   const Tensor scan_ref = selective_scan_ref(f64(u), f64(d), f64(A), f64(Bm), f64(Cm), f64(D), f64(z), f64(dbias),
                                              c.softplus, {}, f64(h0), &ref_last);
   const Tensor conv_last_ref = f64(torch::cat({conv0, x}, 1).narrow(1, c.L, c.K - 1));
@@ -376,7 +378,7 @@ void check_steps(const StepCase& c) {
     for (int64_t t = 0; t < c.L; ++t) {
       auto at = [t](const Tensor& v) { return v.defined() ? v.select(1, t) : v; };
       const float* before = conv_state.data_ptr<float>();
-      ys.push_back(conv::causal_conv1d_step_cuda(at(x), conv_state, w.view({c.I, c.K}), bias));
+      ys.push_back(conv::causal_conv1d_step_cuda(at(x), conv_state, w.view({c.I, c.K}), bias, c.silu));
       us.push_back(scan::selective_scan_step_cuda(at(u), at(d), A, at(Bm), at(Cm), D, at(z), dbias, c.softplus, h));
       ASSERT_EQ(conv_state.data_ptr<float>(), before) << "the conv state is updated in place";
     }
@@ -392,11 +394,11 @@ void check_steps(const StepCase& c) {
 }
 
 TEST(StepEmulated, ConvAndScanStepsMatchTheReferences) {
-  for (const StepCase& c : std::vector<StepCase>{{1, 6, 33, 16, 4, true, true},
-                                                 {3, 5, 7, 3, 2, false, true},
-                                                 {2, 4, 130, 17, 5, true, false},
-                                                 {5, 3, 1, 1, 1, true, true},
-                                                 {2, 9, 65, 64, 8, false, false}})
+  for (const StepCase& c : std::vector<StepCase>{{1, 6, 33, 16, 4, true, true, true},
+                                                 {3, 5, 7, 3, 2, false, true, false},
+                                                 {2, 4, 130, 17, 5, true, false, true},
+                                                 {5, 3, 1, 1, 1, true, true, false},
+                                                 {2, 9, 65, 64, 8, false, false, true}})
     check_steps(c);
 }
 

@@ -71,23 +71,25 @@ TEST(CausalConv1d, StepMatchesItsReferenceAndTheWholeConv) {
   torch::manual_seed(4);
   for (auto dtype : {torch::kFloat, torch::kDouble})
     for (int64_t K : {1, 2, 4})
-      for (auto [B, I] : std::vector<std::pair<int64_t, int64_t>>{{1, 37}, {3, 64}, {2, 5}}) {
-        const int64_t L = 7;
-        const Tensor x = torch::randn({B, L, 2 * I}, dtype).narrow(2, 0, I);  // rows strided, as in_proj's half
-        const Tensor w = torch::randn({I, 1, K}, dtype), b = torch::randn({I}, dtype);
-        const Tensor whole = causal_conv1d_ref(x, w, b);
-        Tensor state = torch::zeros({B, K - 1, I}, dtype), ref_state = state.clone();
-        const void* storage = state.data_ptr();
-        for (int64_t t = 0; t < L; ++t) {
-          const Tensor y = causal_conv1d_step(x.select(1, t), state, w, b);
-          const Tensor y_ref = causal_conv1d_step_ref(x.select(1, t), ref_state, w, b);
-          const double tol = dtype == torch::kFloat ? 1e-5 : 1e-12;
-          EXPECT_TRUE(torch::allclose(y, y_ref, tol, tol)) << "K " << K << " I " << I << " t " << t;
-          EXPECT_TRUE(torch::allclose(y, whole.select(1, t), tol, tol)) << "K " << K << " I " << I << " t " << t;
-          EXPECT_TRUE(torch::equal(state, ref_state));
+      for (const bool silu : {false, true})
+        for (auto [B, I] : std::vector<std::pair<int64_t, int64_t>>{{1, 37}, {3, 64}, {2, 5}}) {
+          const int64_t L = 7;
+          const Tensor x = torch::randn({B, L, 2 * I}, dtype).narrow(2, 0, I);  // rows strided, as in_proj's half
+          const Tensor w = torch::randn({I, 1, K}, dtype), b = torch::randn({I}, dtype);
+          const Tensor conv = causal_conv1d_ref(x, w, b), whole = silu ? torch::silu(conv) : conv;
+          Tensor state = torch::zeros({B, K - 1, I}, dtype), ref_state = state.clone();
+          const void* storage = state.data_ptr();
+          for (int64_t t = 0; t < L; ++t) {
+            const std::string at = fmt::format("K {} I {} silu {} t {}", K, I, silu, t);
+            const Tensor y = causal_conv1d_step(x.select(1, t), state, w, b, silu);
+            const Tensor y_ref = causal_conv1d_step_ref(x.select(1, t), ref_state, w, b, silu);
+            const double tol = dtype == torch::kFloat ? 1e-5 : 1e-12;
+            EXPECT_TRUE(torch::allclose(y, y_ref, tol, tol)) << at;
+            EXPECT_TRUE(torch::allclose(y, whole.select(1, t), tol, tol)) << at;
+            EXPECT_TRUE(torch::equal(state, ref_state));
+          }
+          EXPECT_EQ(state.data_ptr(), storage);  // slid in place
         }
-        EXPECT_EQ(state.data_ptr(), storage);  // slid in place
-      }
   Tensor state = torch::zeros({1, 3, 8});
   EXPECT_THROW(causal_conv1d_step(torch::zeros({1, 9}), state, torch::zeros({8, 1, 4}), torch::zeros({8})), Error);
   EXPECT_THROW(causal_conv1d_step(torch::zeros({1, 8}), state, torch::zeros({8, 1, 3}), torch::zeros({8})), Error);

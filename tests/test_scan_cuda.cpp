@@ -791,7 +791,7 @@ TEST(ScanCuda, DecodeStepsMatchTheCpuSteps) {
                    const Tensor& b_, const Tensor& A_, const Tensor& D_, const Tensor& db_, Tensor& conv, Tensor& h,
                    int64_t t) {
       const Tensor x = xz_.select(1, t).narrow(1, 0, I), z = xz_.select(1, t).narrow(1, I, I);
-      const Tensor c = causal_conv1d_step(x, conv, w_, b_);
+      const Tensor c = causal_conv1d_step(x, conv, w_, b_, /*silu=*/t % 2 == 1);
       const Tensor Bm = xd.select(1, t).narrow(1, 3, N), Cm = xd.select(1, t).narrow(1, 3 + N, N);
       const Tensor y = selective_scan_step(u_.select(1, t), d_.select(1, t), A_, Bm, Cm, D_, z, db_, true, h);
       return std::make_pair(c, y);
