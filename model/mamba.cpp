@@ -1,6 +1,7 @@
 #include "model/mamba.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/types.h>
 
 #include <cmath>
@@ -54,7 +55,9 @@ Tensor add_rms_norm_(Tensor& h, const Tensor& delta, const Tensor& weight, doubl
              "add_rms_norm_: h [B, H], delta as h and weight [H], got {}, {} and {}", c10::str(h.sizes()),
              delta.defined() ? c10::str(delta.sizes()) : std::string("none"), c10::str(weight.sizes()));
 #if defined(COIL_WITH_CUDA)
-  if (h.is_cuda() && h.scalar_type() == torch::kFloat && h.is_contiguous() && weight.device() == h.device() &&
+  const bool grad = at::GradMode::is_enabled() && (h.requires_grad() || weight.requires_grad() ||
+                                                   (delta.defined() && delta.requires_grad()));
+  if (!grad && h.is_cuda() && h.scalar_type() == torch::kFloat && h.is_contiguous() && weight.device() == h.device() &&
       (!delta.defined() || (delta.device() == h.device() && delta.scalar_type() == torch::kFloat)))
     return add_rms_norm_cuda(h, delta, weight, eps);
 #endif

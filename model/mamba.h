@@ -134,8 +134,9 @@ class MambaLM {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // Decoding's residual add and norm: h += delta (in place; delta may be undefined: no add), then
-// rms_norm(h, weight, eps). h and delta are [B, H]. On CUDA with float32 h and delta, one kernel
-// (model/norm_cuda.h) instead of seven LibTorch ops; elsewhere those ops. No autograd.
+// rms_norm(h, weight, eps). h and delta are [B, H]. On CUDA with float32 h (contiguous) and delta
+// and no gradient wanted, one kernel (model/norm_cuda.h) instead of seven LibTorch ops; elsewhere
+// those ops.
 at::Tensor add_rms_norm_(at::Tensor& h, const at::Tensor& delta, const at::Tensor& weight, double eps);
 
 // Mean cross-entropy of logits [B, L, V] against targets [B, L]; targets equal to -100 are ignored

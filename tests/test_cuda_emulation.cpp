@@ -9,9 +9,9 @@
 // must be equal bit for bit (a missing __syncthreads shows as a difference) except for dB and dC,
 // which the kernel sums with atomics. The decoding kernels too: the conv and scan steps for L steps
 // against the references over the whole sequence, the bfloat16 matrix-vector product and the
-// residual add + RMSNorm against float64. The ScanCuda.*, ConvCuda.*, LinearCuda.* and
-// GenerateCuda.* tests run the same kernels on a GPU; the probe tests show that each check of the
-// emulator can fail. What the glue allocates uninitialized starts as NaN, so an output element no
+// residual add + RMSNorm against float64. The ScanCuda.*, ConvCuda.*, LinearCuda.*, NormCuda.*
+// and GenerateCuda.* tests run the same kernels on a GPU; the probe tests show that each check of
+// the emulator can fail. What the glue allocates uninitialized starts as NaN, so an output element no
 // thread writes fails the comparison.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
