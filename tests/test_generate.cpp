@@ -176,6 +176,21 @@ TEST(Generate, SamplingIsReproducibleWithItsSeed) {
   EXPECT_NE(generate(m, r), a);
 }
 
+// The prompts' prefill, then 8 greedy steps, on the CPU and on the GPU: the logits agree (1e-4).
+void expect_cuda_decodes_as_cpu(const MambaLM& cpu, const MambaLM& gpu, const Tensor& prompt) {
+  torch::NoGradGuard ng;
+  MambaCache cc = cpu.new_cache(prompt.size(0)), gc = gpu.new_cache(prompt.size(0));
+  Tensor a = cpu.prefill(prompt, cc), b = gpu.prefill(prompt.cuda(), gc);
+  EXPECT_TRUE(b.is_cuda());
+  EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4));
+  for (int t = 0; t < 8; ++t) {
+    const Tensor token = a.argmax(1);
+    a = cpu.step(token, cc);
+    b = gpu.step(token.cuda(), gc);
+    EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4)) << "step " << t;
+  }
+}
+
 // On a GPU (MambaLM::to): prefill and every step give the CPU's logits within 1e-4, and greedy
 // decoding, with a sequence leaving the batch at EOS, gives the CPU's tokens.
 TEST(GenerateCuda, MatchesTheCpu) {
@@ -183,20 +198,7 @@ TEST(GenerateCuda, MatchesTheCpu) {
   const MambaLM cpu = random_model();
   MambaLM gpu = random_model();
   gpu.to(at::Device(at::kCUDA, 0));
-  {
-    torch::NoGradGuard ng;
-    const Tensor prompt = torch::tensor(std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7}).unsqueeze(0);
-    MambaCache cc = cpu.new_cache(1), gc = gpu.new_cache(1);
-    Tensor a = cpu.prefill(prompt, cc), b = gpu.prefill(prompt.cuda(), gc);
-    EXPECT_TRUE(b.is_cuda());
-    EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4));
-    for (int t = 0; t < 8; ++t) {
-      const Tensor token = a.argmax(1);
-      a = cpu.step(token, cc);
-      b = gpu.step(token.cuda(), gc);
-      EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4)) << "step " << t;
-    }
-  }
+  expect_cuda_decodes_as_cpu(cpu, gpu, torch::tensor(std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7}).unsqueeze(0));
   GenerateRequest r;
   r.prompts = {{5}, {1, 2, 3, 4, 5, 6, 7}, {40, 2}};
   r.max_new_tokens = 12;
@@ -215,17 +217,7 @@ TEST(GenerateCuda, Bf16MatricesMatchTheCpu) {
   cpu.store_matrices(torch::kBFloat16);
   gpu.store_matrices(torch::kBFloat16);
   gpu.to(at::Device(at::kCUDA, 0));
-  torch::NoGradGuard ng;
-  const Tensor prompt = torch::tensor(std::vector<int64_t>{3, 1, 4, 1, 5}).unsqueeze(0).repeat({3, 1});
-  MambaCache cc = cpu.new_cache(3), gc = gpu.new_cache(3);
-  Tensor a = cpu.prefill(prompt, cc), b = gpu.prefill(prompt.cuda(), gc);
-  EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4));
-  for (int t = 0; t < 8; ++t) {
-    const Tensor token = a.argmax(1);
-    a = cpu.step(token, cc);
-    b = gpu.step(token.cuda(), gc);
-    EXPECT_TRUE(torch::allclose(b.cpu(), a, 1e-4, 1e-4)) << "step " << t;
-  }
+  expect_cuda_decodes_as_cpu(cpu, gpu, torch::tensor(std::vector<int64_t>{3, 1, 4, 1, 5}).unsqueeze(0).repeat({3, 1}));
 }
 
 // decode_linear on CUDA with a bfloat16 W (its own kernel) against the float64 product, on odd
