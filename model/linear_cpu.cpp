@@ -156,13 +156,13 @@ bool fits_cuda_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 bool decode_linear_has_kernel() { return cpu_has_avx2(); }
 
 at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+#if defined(COIL_WITH_CUDA)
+  if (fits_cuda_kernel(x, w, bias)) return decode_linear_bf16_cuda(x, w, bias);
+#endif
   const bool fits = x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.size(0) <= kMaxRows &&
                     x.is_cpu() && w.is_cpu() && x.scalar_type() == at::kFloat &&
                     (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
                     (!bias.defined() || (bias.is_cpu() && bias.scalar_type() == at::kFloat && bias.numel() == w.size(0)));
-#if defined(COIL_WITH_CUDA)
-  if (fits_cuda_kernel(x, w, bias)) return decode_linear_bf16_cuda(x, w, bias);
-#endif
   if (!fits || !cpu_has_avx2()) {
     const at::Tensor wx = w.to(x.scalar_type());
     return bias.defined() ? at::linear(x, wx, bias.to(x.scalar_type())) : at::linear(x, wx);

@@ -15,8 +15,9 @@
 //   bias [N]     float32 (null: none)
 //   y    [B, N]  float32 contiguous
 // Math: y[b, n] = bias[n] + sum_k x[b, k] w[n, k], each sum float32 in a fixed order (every run
-// gives the same bits): lane j of a warp sums k = 8j..8j+7 (mod 256) in increasing k, then the 32
-// lanes are added by a butterfly of shuffles.
+// gives the same bits): lane j of a warp sums its k in increasing order (k = 8j..8j+7 mod 256 with
+// 16-byte loads; k = j mod 32 one weight at a time), then the 32 lanes are added by a butterfly of
+// shuffles.
 #pragma once
 
 #include <cstdint>
