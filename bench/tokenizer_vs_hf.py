@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Encode speed on one thread: Coil's byte-level BPE (data/bpe.h) against PyPI's `tokenizers`, on
-the same text and the same tokenizer.json files (GPT-2, GPT-NeoX and Llama-3 style, made by
+"""Encode speed on one thread: Coil's BPE (data/bpe.h) against PyPI's `tokenizers`, on the same
+text and the same tokenizer.json files (byte-level GPT-2, GPT-NeoX and Llama-3 style, and
+character-level with byte fallback in Llama-2, Mistral and Gemma style, made by
 tests/python/tokenizer_json_cases.py), side by side in one run. Each side encodes every document
 once, from a fresh process state (an empty word cache), and the tokens counted are checked equal.
 
@@ -36,6 +37,9 @@ def main():
     lines = [l for t in docs for l in t.splitlines(keepends=True)]
     with tempfile.TemporaryDirectory() as d:
         paths = cases.make_tokenizers(docs[:1000], d, vocab_size=a.vocab)
+        char = cases.make_char_tokenizers(docs[:1000], d, vocab_size=a.vocab)
+        # llama2_whole (ignore_merges) is merged without the cut before U+2581: the cut's worth.
+        paths.update({k: char[k] for k in ("llama2", "llama2_whole", "mistral", "gemma")})
         for unit, texts in (("documents", docs), ("lines", lines)):
             bench(a, paths, unit, texts, d)
 
@@ -53,7 +57,7 @@ def bench(a, paths, unit, texts, d):
             out = subprocess.run([a.probe, path, rec, "--bench"], check=True, capture_output=True, text=True).stdout
             coil = json.loads(out)
             assert coil["tokens"] == n_hf, f"{name}: coil {coil['tokens']} tokens, tokenizers {n_hf}"
-            print(f"{name:7s} tokenizers {n_hf / s_hf / 1e6:6.2f} M tokens/s   coil {coil['tokens_per_s'] / 1e6:6.2f} "
+            print(f"{name:12s} tokenizers {n_hf / s_hf / 1e6:6.2f} M tokens/s   coil {coil['tokens_per_s'] / 1e6:6.2f} "
                   f"M tokens/s   coil/tokenizers {coil['tokens_per_s'] * s_hf / n_hf:5.2f}x   ({n_hf} tokens)")
 
 

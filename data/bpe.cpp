@@ -231,13 +231,49 @@ const char* kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p
 
 enum class Behavior { Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous };
 
+enum class Prepend { Always, First, Never };  // Metaspace's prepend_scheme
+
 struct PreStep {
   bool byte_level = false;
   bool add_prefix_space = false;
-  std::unique_ptr<Regex> regex;  // ByteLevel with use_regex, or Split
+  bool metaspace = false;       // Metaspace: ' ' -> replacement, then the prepend scheme
+  std::string replacement;      // Metaspace's (one character, e.g. U+2581)
+  Prepend prepend = Prepend::Always;
+  std::unique_ptr<Regex> regex;  // ByteLevel with use_regex, Split, or Metaspace with split
   Behavior behavior = Behavior::Isolated;
   bool invert = false;
 };
+
+// A normalizer step, in order: a Unicode normalization form, Prepend or Replace (with a string).
+struct NormStep {
+  int unicode = 0;      // utf8proc options; 0 for Prepend and Replace
+  std::string a, b;     // Prepend: a; Replace: a -> b
+  bool prepend = false;
+};
+
+// Decoders of character-level BPE (no ByteLevel): tokenizers' Replace (a string), ByteFallback,
+// Fuse, Strip and Metaspace, applied in order to the list of tokens, then joined.
+struct DecodeStep {
+  enum Kind { Replace, ByteFallback, Fuse, Strip, Metaspace } kind;
+  explicit DecodeStep(Kind k, std::string a_ = "", std::string b_ = "") : kind(k), a(std::move(a_)), b(std::move(b_)) {}
+  std::string a, b;     // Replace: a -> b; Strip: the character a; Metaspace: the replacement a
+  int64_t start = 0, stop = 0;  // Strip
+  bool drop_first = false;      // Metaspace: the first token's replacements vanish (prepend scheme not never)
+};
+
+void replace_all(std::string_view s, std::string_view from, std::string_view to, std::string& out) {
+  out.clear();
+  size_t i = 0;
+  for (size_t at = s.find(from); at != std::string_view::npos; at = s.find(from, i)) {
+    out.append(s.data() + i, at - i);
+    out.append(to);
+    i = at + from.size();
+  }
+  out.append(s.data() + i, s.size() - i);
+}
+
+// The length of the UTF-8 sequence that starts with lead byte c (valid input).
+inline size_t utf8_len(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
 
 // A byte trie of the added tokens, for leftmost-longest matching.
 struct Trie {
@@ -411,30 +447,50 @@ struct BpeTokenizer::Impl {
   std::vector<std::string> id_to_token;                // vocabulary and added tokens
   std::vector<std::string> id_to_bytes;                // what the ByteLevel decoder makes of each
   std::vector<uint8_t> is_special, assigned;
-  int32_t byte_id[256];
+  int32_t byte_id[256];      // byte-level: the id of each byte's character
+  // Character-level BPE (no ByteLevel pre-tokenizer: Llama-2, Mistral, Gemma style): the ids of the
+  // vocabulary's single characters, and byte_fallback's <0xXX> tokens.
+  bool byte_level = false;
+  int32_t ascii_id[128];
+  std::unordered_map<uint32_t, int32_t> char_id;  // non-ASCII code point -> id
+  int32_t fallback_id[256];
   MergeTable merges;
   int32_t unk = -1;
-  bool fuse_unk = false, ignore_merges = false;
+  bool fuse_unk = false, ignore_merges = false, byte_fallback = false;
   // Pipeline.
   std::vector<AddedToken> added;
   Trie raw_trie, norm_trie;
-  std::vector<int> normalizer_options;  // utf8proc options, applied in order
+  std::vector<NormStep> normalizers;  // applied in order
   std::vector<PreStep> steps;
+  bool decoder_byte_level = false;
+  std::vector<DecodeStep> decoders;  // character-level BPE's
+  bool split_at_meta = false;        // bpe_word's cut before U+2581 (character-level only)
   std::vector<int32_t> prefix, suffix;  // the post-processor's single template
   int32_t bos = -1, eos = -1, pad = -1;
   std::unique_ptr<Regex> white_space, word_char;  // Rust regex's \s and \w (single_word, lstrip, rstrip)
 
   void normalize(std::string_view s, std::string& out) const {
     out.assign(s);
-    bool ascii = true;
-    for (char c : s) ascii &= static_cast<unsigned char>(c) < 0x80;
-    if (ascii) return;  // every normalization form leaves ASCII as it is
-    for (int opt : normalizer_options) {
+    thread_local std::string tmp;
+    for (const NormStep& n : normalizers) {
+      if (n.prepend) {
+        if (!out.empty()) out.insert(0, n.a);  // tokenizers' Prepend leaves an empty string empty
+        continue;
+      }
+      if (!n.unicode) {
+        replace_all(out, n.a, n.b, tmp);
+        std::swap(out, tmp);
+        continue;
+      }
+      bool ascii = true;
+      for (char c : out) ascii &= static_cast<unsigned char>(c) < 0x80;
+      if (ascii) continue;  // every normalization form leaves ASCII as it is
       utf8proc_uint8_t* dst = nullptr;
-      const utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(out.data()),
-                                              static_cast<utf8proc_ssize_t>(out.size()), &dst, static_cast<utf8proc_option_t>(opt));
-      if (n < 0) fail("{}: normalization failed: {}", origin, utf8proc_errmsg(n));
-      out.assign(reinterpret_cast<char*>(dst), static_cast<size_t>(n));
+      const utf8proc_ssize_t k = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(out.data()),
+                                              static_cast<utf8proc_ssize_t>(out.size()), &dst,
+                                              static_cast<utf8proc_option_t>(n.unicode));
+      if (k < 0) fail("{}: normalization failed: {}", origin, utf8proc_errmsg(k));
+      out.assign(reinterpret_cast<char*>(dst), static_cast<size_t>(k));
       std::free(dst);
     }
   }
@@ -494,25 +550,37 @@ struct BpeTokenizer::Impl {
     if (start_offset != s.size()) f(-1, start_offset, s.size());
   }
 
-  // The pre-tokenizer's words of one piece, to f(word).
+  // The pre-tokenizer's words of one piece, to f(word). at_start: the piece begins the input
+  // (tokenizers' offsets_original().0 == 0, what Metaspace's prepend_scheme "first" asks).
   template <typename F>
-  void pre_tokenize(std::string_view piece, F f) const {
-    thread_local std::vector<std::string_view> cur, next;
+  void pre_tokenize(std::string_view piece, bool at_start, F f) const {
+    thread_local std::vector<std::pair<std::string_view, bool>> cur, next;
     thread_local std::deque<std::string> owned;
     thread_local std::vector<std::tuple<size_t, size_t, bool>> parts, merged;
     cur.clear();
     owned.clear();
-    cur.push_back(piece);
+    cur.emplace_back(piece, at_start);
     for (const PreStep& st : steps) {
       next.clear();
-      for (std::string_view s : cur) {
+      for (const auto& item : cur) {
+        std::string_view s = item.first;
+        const bool first = item.second;
         if (st.byte_level && st.add_prefix_space && !s.empty() && s[0] != ' ') {
           owned.emplace_back(" ");
           owned.back().append(s);
           s = owned.back();
         }
+        if (st.metaspace && !s.empty()) {
+          owned.emplace_back();
+          std::string& o = owned.back();
+          replace_all(s, " ", st.replacement, o);
+          const bool prepend = st.prepend == Prepend::Always || (st.prepend == Prepend::First && first);
+          if (prepend && o.compare(0, st.replacement.size(), st.replacement) != 0) o.insert(0, st.replacement);
+          s = o;
+        }
+        auto emit = [&](size_t b, size_t e) { next.emplace_back(s.substr(b, e - b), first && b == 0); };
         if (!st.regex) {
-          if (!s.empty()) next.push_back(s);
+          if (!s.empty()) emit(0, s.size());
           continue;
         }
         parts.clear();
@@ -527,7 +595,7 @@ struct BpeTokenizer::Impl {
           for (auto& p : parts) std::get<2>(p) = !std::get<2>(p);
         if (st.behavior == Behavior::Isolated) {
           for (auto& [b, e, m] : parts)
-            if (e > b) next.push_back(s.substr(b, e - b));
+            if (e > b) emit(b, e);
           continue;
         }
         merged.clear();
@@ -563,15 +631,31 @@ struct BpeTokenizer::Impl {
             break;
         }
         for (auto& [b, e, m] : merged)
-          if (e > b) next.push_back(s.substr(b, e - b));
+          if (e > b) emit(b, e);
       }
       std::swap(cur, next);
     }
-    for (std::string_view w : cur) f(w);
+    for (const auto& w : cur) f(w.first);
   }
 
-  // The BPE model on one word (bytes), as tokenizers' BPE::merge_word + Word::merge_all.
+  // The BPE model on one word, as tokenizers' BPE::merge_word + Word::merge_all. With split_at_meta
+  // (see parse_json) the word is cut before each U+2581 that follows another character, and each
+  // part is merged (and cached) alone: no merge can join across such a cut, so the ids are those
+  // of the whole word, and a Llama-2 style file (no pre-tokenizer: a word is a whole piece of
+  // text) gets a word cache as byte-level files have.
   void bpe_word(std::string_view w, std::vector<int32_t>& out) const {
+    if (!split_at_meta) return bpe_part(w, out);
+    static constexpr std::string_view kMeta = "\xe2\x96\x81";
+    size_t begin = 0;
+    for (size_t at = w.find(kMeta, 1); at != std::string_view::npos; at = w.find(kMeta, at + kMeta.size())) {
+      if (at >= kMeta.size() && w.compare(at - kMeta.size(), kMeta.size(), kMeta) == 0) continue;  // a run
+      bpe_part(w.substr(begin, at - begin), out);
+      begin = at;
+    }
+    bpe_part(w.substr(begin), out);
+  }
+
+  void bpe_part(std::string_view w, std::vector<int32_t>& out) const {
     struct Cache {
       uint64_t serial = 0;
       WordCache words;
@@ -592,8 +676,10 @@ struct BpeTokenizer::Impl {
     }
     if (ids.empty()) merge_word(w, ids);
     out.insert(out.end(), ids.begin(), ids.end());
-    cache.words.insert(w, h, ids.data(), ids.size());
+    // Not the long words: without a pre-tokenizer (Llama-2 style) a word is a whole piece of text.
+    if (w.size() < kMaxCachedWord) cache.words.insert(w, h, ids.data(), ids.size());
   }
+  static constexpr size_t kMaxCachedWord = 256;
 
   void merge_word(std::string_view w, std::vector<int32_t>& ids) const {
     struct Sym {
@@ -609,19 +695,27 @@ struct BpeTokenizer::Impl {
       sym.push_back({c, n - 1, -1, len});
       if (n > 0) sym[static_cast<size_t>(n - 1)].next = n;
     };
-    for (char ch : w) {
-      const int32_t id = byte_id[static_cast<unsigned char>(ch)];
+    // One symbol per byte (byte-level) or per character, as tokenizers' BPE::merge_word.
+    for (size_t i = 0; i < w.size();) {
+      const auto c = static_cast<unsigned char>(w[i]);
+      const int len = byte_level ? 1 : static_cast<int>(std::min(utf8_len(c), w.size() - i));
+      const int32_t id = byte_level ? byte_id[c] : char_symbol(w.substr(i, static_cast<size_t>(len)));
       if (id >= 0) {
         if (pending_unk >= 0) add(pending_unk, pending_len), pending_unk = -1;
-        add(id, 1);
+        add(id, len);
+      } else if (byte_fallback && fallback_covers(w.substr(i, static_cast<size_t>(len)))) {
+        // Its bytes' <0xXX> tokens. A pending unknown stays pending (it comes after them), as in
+        // tokenizers.
+        for (int k = 0; k < len; ++k) add(fallback_id[static_cast<unsigned char>(w[i + static_cast<size_t>(k)])], 1);
       } else if (unk >= 0) {
         if (pending_unk >= 0 && fuse_unk) {
-          pending_len += 1;
+          pending_len += len;
         } else {
           if (pending_unk >= 0) add(pending_unk, pending_len);
-          pending_unk = unk, pending_len = 1;
+          pending_unk = unk, pending_len = len;
         }
       }
+      i += static_cast<size_t>(len);
     }
     if (pending_unk >= 0) add(pending_unk, pending_len);
     struct Item {
@@ -660,28 +754,123 @@ struct BpeTokenizer::Impl {
       if (s.len) ids.push_back(s.c);
   }
 
-  void encode_normalizable(std::string_view piece, std::vector<int32_t>& out) const {
+  // The id of one character's symbol, or -1.
+  int32_t char_symbol(std::string_view c) const {
+    const auto c0 = static_cast<unsigned char>(c[0]);
+    if (c0 < 0x80) return ascii_id[c0];
+    utf8proc_int32_t cp = -1;
+    utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(c.data()), static_cast<utf8proc_ssize_t>(c.size()), &cp);
+    auto it = char_id.find(static_cast<uint32_t>(cp));
+    return it == char_id.end() ? -1 : it->second;
+  }
+  bool fallback_covers(std::string_view c) const {
+    for (char b : c)
+      if (fallback_id[static_cast<unsigned char>(b)] < 0) return false;
+    return true;
+  }
+
+  void encode_normalizable(std::string_view piece, bool at_start, std::vector<int32_t>& out) const {
     std::string normed;
-    if (!normalizer_options.empty()) {
+    if (!normalizers.empty()) {
       normalize(piece, normed);
       piece = normed;
     }
-    auto words = [&](std::string_view p) { pre_tokenize(p, [&](std::string_view w) { bpe_word(w, out); }); };
-    if (norm_trie.empty()) return words(piece);
+    auto words = [&](std::string_view p, bool first) {
+      pre_tokenize(p, first, [&](std::string_view w) { bpe_word(w, out); });
+    };
+    if (norm_trie.empty()) return words(piece, at_start);
     split_added(piece, norm_trie, [&](int t, size_t b, size_t e) {
       if (t >= 0) out.push_back(added[static_cast<size_t>(t)].id);
-      else words(piece.substr(b, e - b));
+      else words(piece.substr(b, e - b), at_start && b == 0);
     });
   }
 
   void encode(std::string_view text, std::vector<int32_t>& out) const {
     std::string fixed;
     if (replace_invalid_utf8(text, fixed)) text = fixed;
-    if (raw_trie.empty()) return encode_normalizable(text, out);
+    if (raw_trie.empty()) return encode_normalizable(text, true, out);
     split_added(text, raw_trie, [&](int t, size_t b, size_t e) {
       if (t >= 0) out.push_back(added[static_cast<size_t>(t)].id);
-      else encode_normalizable(text.substr(b, e - b), out);
+      else encode_normalizable(text.substr(b, e - b), b == 0, out);
     });
+  }
+
+  // Character-level BPE's decoders over the tokens (tokenizers' decode_chain of each), joined.
+  std::string decode_chars(std::vector<std::string>& tokens) const {
+    thread_local std::string tmp;
+    for (const DecodeStep& d : decoders) {
+      switch (d.kind) {
+        case DecodeStep::Replace:
+          for (std::string& t : tokens) replace_all(t, d.a, d.b, tmp), std::swap(t, tmp);
+          break;
+        case DecodeStep::ByteFallback: {
+          // Runs of <0xXX> tokens become their bytes when those are valid UTF-8, else one U+FFFD each.
+          std::vector<std::string> out;
+          std::string run;
+          size_t run_tokens = 0;
+          auto flush = [&] {
+            if (!run_tokens) return;
+            std::string fixed;
+            if (!replace_invalid_utf8(run, fixed)) out.push_back(run);
+            else for (size_t k = 0; k < run_tokens; ++k) out.emplace_back("\xEF\xBF\xBD");
+            run.clear(), run_tokens = 0;
+          };
+          for (std::string& t : tokens) {
+            const int b = byte_token(t);
+            if (b >= 0) {
+              run += static_cast<char>(b), ++run_tokens;
+            } else {
+              flush();
+              out.push_back(std::move(t));
+            }
+          }
+          flush();
+          tokens = std::move(out);
+          break;
+        }
+        case DecodeStep::Fuse: {
+          std::string all;
+          for (const std::string& t : tokens) all += t;
+          tokens.assign(1, std::move(all));
+          break;
+        }
+        case DecodeStep::Strip:
+          for (std::string& t : tokens) {
+            size_t b = 0, e = t.size();
+            for (int64_t k = 0; k < d.start && t.compare(b, d.a.size(), d.a) == 0; ++k) b += d.a.size();
+            for (int64_t k = 0; k < d.stop && e >= b + d.a.size() && t.compare(e - d.a.size(), d.a.size(), d.a) == 0; ++k)
+              e -= d.a.size();
+            t = t.substr(b, e - b);
+          }
+          break;
+        case DecodeStep::Metaspace:
+          for (size_t i = 0; i < tokens.size(); ++i) {
+            replace_all(tokens[i], d.a, i == 0 && d.drop_first ? "" : " ", tmp);
+            std::swap(tokens[i], tmp);
+          }
+          break;
+      }
+    }
+    std::string text;
+    for (const std::string& t : tokens) text += t;
+    return text;
+  }
+  // The byte of a "<0xXX>" token as tokenizers' ByteFallback reads it (u8::from_str_radix of the
+  // two characters after "<0x", so "+F" is 15 too), else -1.
+  static int byte_token(std::string_view t) {
+    if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return -1;
+    std::string_view h = t.substr(3, 2);
+    if (h[0] == '+') h.remove_prefix(1);
+    int v = 0;
+    for (char c : h) {
+      const int d = std::isdigit(static_cast<unsigned char>(c)) ? c - '0'
+                    : (c >= 'a' && c <= 'f')                    ? c - 'a' + 10
+                    : (c >= 'A' && c <= 'F')                    ? c - 'A' + 10
+                                                                : -1;
+      if (d < 0) return -1;
+      v = v * 16 + d;
+    }
+    return v;
   }
 
   // ---- Parsing ----
@@ -705,13 +894,13 @@ struct BpeTokenizer::Impl {
 
   void parse_model(const json& m) {
     const std::string type = type_of(m, "model");
-    if (type != "BPE") fail("{}: model type {} is not implemented (Coil reads byte-level BPE)", origin, type);
+    if (type != "BPE") fail("{}: model type {} is not implemented (Coil reads BPE)", origin, type);
     if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() != 0.0)
       fail("{}: model.dropout is not implemented", origin);
     for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
       if (m.contains(k) && !m[k].is_null() && !m[k].get<std::string>().empty())
         fail("{}: model.{} is not implemented", origin, k);
-    if (flag(m, "byte_fallback", false, "model")) fail("{}: model.byte_fallback is not implemented", origin);
+    byte_fallback = flag(m, "byte_fallback", false, "model");
     fuse_unk = flag(m, "fuse_unk", false, "model");
     ignore_merges = flag(m, "ignore_merges", false, "model");
     const json& v = need(m, "vocab", "model");
@@ -761,26 +950,48 @@ struct BpeTokenizer::Impl {
     assigned[static_cast<size_t>(id)] = 1;
   }
 
+  // A string field that must be present and non-empty.
+  std::string text_of(const json& o, const char* k, const std::string& where) const {
+    const json& v = need(o, k, where);
+    if (!v.is_string() || v.get<std::string>().empty()) fail("{}: {}.{} is not a non-empty string", origin, where, k);
+    return v.get<std::string>();
+  }
+  // Replace's pattern (normalizer or decoder): a String; a Regex is not implemented.
+  std::string replace_pattern(const json& r, const std::string& where) const {
+    const json& pat = need(r, "pattern", where);
+    if (pat.is_object() && pat.contains("String")) return text_of(pat, "String", where + ".pattern");
+    if (pat.is_object() && pat.contains("Regex")) fail("{}: {} with a Regex pattern is not implemented", origin, where);
+    fail("{}: {}.pattern is neither Regex nor String", origin, where);
+  }
+
   void parse_normalizer(const json& n) {
     if (n.is_null()) return;
     const std::string t = type_of(n, "normalizer");
+    auto unicode = [&](int opt) { normalizers.push_back({UTF8PROC_STABLE | opt, "", "", false}); };
     if (t == "Sequence") {
       for (const json& x : need(n, "normalizers", "normalizer")) parse_normalizer(x);
     } else if (t == "NFC") {
-      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+      unicode(UTF8PROC_COMPOSE);
     } else if (t == "NFD") {
-      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_DECOMPOSE);
+      unicode(UTF8PROC_DECOMPOSE);
     } else if (t == "NFKC") {
-      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_COMPOSE | UTF8PROC_COMPAT);
+      unicode(UTF8PROC_COMPOSE | UTF8PROC_COMPAT);
     } else if (t == "NFKD") {
-      normalizer_options.push_back(UTF8PROC_STABLE | UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT);
+      unicode(UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT);
+    } else if (t == "Prepend") {
+      normalizers.push_back({0, text_of(n, "prepend", "Prepend"), "", true});
+    } else if (t == "Replace") {
+      const json& c = need(n, "content", "Replace");
+      if (!c.is_string()) fail("{}: Replace.content is not a string", origin);
+      normalizers.push_back({0, replace_pattern(n, "normalizer Replace"), c.get<std::string>(), false});
     } else {
-      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD and Sequence)", origin, t);
+      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD, Prepend, Replace and Sequence)",
+           origin, t);
     }
   }
 
   void parse_pre_tokenizer(const json& p) {
-    if (p.is_null()) fail("{}: no pre_tokenizer: Coil reads byte-level BPE (a ByteLevel pre-tokenizer)", origin);
+    if (p.is_null()) return;  // the whole (normalized) piece is one word
     const std::string t = type_of(p, "pre_tokenizer");
     if (!steps.empty() && steps.back().byte_level)
       fail("{}: pre-tokenizer {} after ByteLevel is not implemented", origin, t);
@@ -813,8 +1024,28 @@ struct BpeTokenizer::Impl {
       else fail("{}: Split.behavior {} is not one of tokenizers' behaviors", origin, b);
       s.invert = flag(p, "invert", false, "Split");
       steps.push_back(std::move(s));
+    } else if (t == "Metaspace") {
+      PreStep s;
+      s.metaspace = true;
+      s.replacement = text_of(p, "replacement", "Metaspace");
+      if (utf8_len(static_cast<unsigned char>(s.replacement[0])) != s.replacement.size())
+        fail("{}: Metaspace.replacement {} is not one character", origin, need(p, "replacement", "Metaspace").dump());
+      if (p.contains("prepend_scheme") && !p["prepend_scheme"].is_null()) {
+        const std::string scheme = p["prepend_scheme"].is_string() ? p["prepend_scheme"].get<std::string>() : "";
+        if (scheme == "always") s.prepend = Prepend::Always;
+        else if (scheme == "first") s.prepend = Prepend::First;
+        else if (scheme == "never") s.prepend = Prepend::Never;
+        else fail("{}: Metaspace.prepend_scheme {} is not always, first or never", origin, p["prepend_scheme"].dump());
+      } else if (!flag(p, "add_prefix_space", true, "Metaspace")) {  // tokenizers refuses it too
+        fail("{}: Metaspace.add_prefix_space false without a prepend_scheme is not implemented", origin);
+      }
+      if (flag(p, "split", true, "Metaspace")) {
+        s.regex = std::make_unique<Regex>(escape_literal(s.replacement), origin + ": Metaspace");
+        s.behavior = Behavior::MergedWithNext;
+      }
+      steps.push_back(std::move(s));
     } else {
-      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split and Sequence)", origin, t);
+      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split, Metaspace and Sequence)", origin, t);
     }
   }
 
@@ -852,15 +1083,45 @@ struct BpeTokenizer::Impl {
     }
   }
 
+  // The decoder: ByteLevel for byte-level BPE; for character-level BPE a chain of Replace,
+  // ByteFallback, Fuse, Strip and Metaspace (checked against the pre-tokenizer in parse_json).
   void parse_decoder(const json& d) {
-    if (d.is_null()) fail("{}: no decoder: Coil decodes byte-level BPE (the ByteLevel decoder)", origin);
+    if (d.is_null()) fail("{}: no decoder (Coil has ByteLevel, or Replace, ByteFallback, Fuse, Strip and Metaspace)", origin);
     const std::string t = type_of(d, "decoder");
     if (t == "Sequence") {
-      const json& ds = need(d, "decoders", "decoder");
-      if (ds.size() != 1) fail("{}: a decoder Sequence other than [ByteLevel] is not implemented", origin);
-      parse_decoder(ds[0]);
-    } else if (t != "ByteLevel") {
-      fail("{}: decoder {} is not implemented (Coil has ByteLevel)", origin, t);
+      for (const json& x : need(d, "decoders", "decoder")) parse_decoder(x);
+    } else if (t == "ByteLevel") {
+      decoder_byte_level = true;
+    } else if (t == "Replace") {
+      const json& c = need(d, "content", "Replace");
+      if (!c.is_string()) fail("{}: decoder Replace.content is not a string", origin);
+      decoders.emplace_back(DecodeStep::Replace, replace_pattern(d, "decoder Replace"), c.get<std::string>());
+    } else if (t == "ByteFallback") {
+      decoders.emplace_back(DecodeStep::ByteFallback);
+    } else if (t == "Fuse") {
+      decoders.emplace_back(DecodeStep::Fuse);
+    } else if (t == "Strip") {
+      DecodeStep s(DecodeStep::Strip, text_of(d, "content", "Strip"));
+      if (utf8_len(static_cast<unsigned char>(s.a[0])) != s.a.size()) fail("{}: decoder Strip.content is not one character", origin);
+      for (auto [k, v] : {std::pair{"start", &s.start}, std::pair{"stop", &s.stop}}) {
+        const json& n = need(d, k, "Strip");
+        if (!n.is_number_unsigned()) fail("{}: decoder Strip.{} is not a count", origin, k);
+        *v = static_cast<int64_t>(std::min<uint64_t>(n.get<uint64_t>(), 1u << 30));
+      }
+      decoders.push_back(std::move(s));
+    } else if (t == "Metaspace") {
+      DecodeStep s(DecodeStep::Metaspace, text_of(d, "replacement", "Metaspace"));
+      std::string scheme = "always";
+      if (d.contains("prepend_scheme") && d["prepend_scheme"].is_string()) scheme = d["prepend_scheme"].get<std::string>();
+      else if (!flag(d, "add_prefix_space", true, "Metaspace"))  // tokenizers refuses it too
+        fail("{}: decoder Metaspace.add_prefix_space false without a prepend_scheme is not implemented", origin);
+      if (scheme != "always" && scheme != "first" && scheme != "never")
+        fail("{}: decoder Metaspace.prepend_scheme {} is not always, first or never", origin, scheme);
+      s.drop_first = scheme != "never";
+      decoders.push_back(std::move(s));
+    } else {
+      fail("{}: decoder {} is not implemented (Coil has ByteLevel, Replace, ByteFallback, Fuse, Strip and Metaspace)",
+           origin, t);
     }
   }
 
@@ -878,6 +1139,29 @@ struct BpeTokenizer::Impl {
     }
   }
 
+  // Whether cutting a word before a U+2581 that follows another character leaves the BPE's result
+  // as it is. At such a cut the right symbol is always U+2581's own (it is in the vocabulary) or a
+  // token merged from it, so its string starts with U+2581; the left symbol's string ends with the
+  // character before (or is <unk> or a <0xXX>): no merge (a, b) may have b start with U+2581 and
+  // a end otherwise. Unknowns do not fuse across the cut: U+2581 is known and ends a run.
+  bool can_cut_before_meta(const json& model) const {
+    static const std::string meta = "\xe2\x96\x81";
+    auto ends_meta = [&](const std::string& t) { return t.size() >= 3 && t.compare(t.size() - 3, 3, meta) == 0; };
+    if (!char_id.count(0x2581)) return false;
+    if (unk >= 0 && ends_meta(id_to_token[static_cast<size_t>(unk)])) return false;
+    for (const json& e : model.at("merges")) {
+      std::string a, b;
+      if (e.is_string()) {
+        const std::string m = e.get<std::string>();
+        a = m.substr(0, m.find(' ')), b = m.substr(m.find(' ') + 1);
+      } else {
+        a = e[0].get<std::string>(), b = e[1].get<std::string>();
+      }
+      if (b.compare(0, 3, meta) == 0 && !ends_meta(a)) return false;
+    }
+    return true;
+  }
+
   void parse_json(const json& j) {
     if (!j.is_object()) fail("{}: not a tokenizer.json (not a JSON object)", origin);
     for (const char* k : {"truncation", "padding"})
@@ -890,12 +1174,20 @@ struct BpeTokenizer::Impl {
     parse_model(model);
     parse_normalizer(j.value("normalizer", json()));
     parse_pre_tokenizer(j.value("pre_tokenizer", json()));
-    if (steps.empty() || !steps.back().byte_level)
-      fail("{}: the pre-tokenizer has no ByteLevel: Coil reads byte-level BPE only", origin);
     for (size_t i = 0; i + 1 < steps.size(); ++i)
       if (steps[i].byte_level) fail("{}: more than one ByteLevel pre-tokenizer is not implemented", origin);
+    // Byte-level BPE (a ByteLevel pre-tokenizer, last) or character-level BPE (none: the symbols
+    // are characters, unknown ones byte_fallback's <0xXX> tokens or unk).
+    byte_level = !steps.empty() && steps.back().byte_level;
     parse_post_processor(j.value("post_processor", json()));
     parse_decoder(j.value("decoder", json()));
+    if (byte_level && byte_fallback)
+      fail("{}: model.byte_fallback with a ByteLevel pre-tokenizer is not implemented", origin);
+    if (byte_level && (!decoder_byte_level || !decoders.empty()))
+      fail("{}: a ByteLevel pre-tokenizer needs the ByteLevel decoder alone (Coil implements no other decoder there)",
+           origin);
+    if (!byte_level && decoder_byte_level)
+      fail("{}: the ByteLevel decoder without a ByteLevel pre-tokenizer is not implemented", origin);
     white_space = std::make_unique<Regex>("\\p{White_Space}", origin);
     word_char = std::make_unique<Regex>("[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}]", origin);
     // Added tokens.
@@ -944,8 +1236,29 @@ struct BpeTokenizer::Impl {
         id_to_bytes[id] = id_to_token[id];
       }
     }
+    // Character-level: the vocabulary's single characters and <0xXX> tokens.
+    std::fill(std::begin(ascii_id), std::end(ascii_id), -1);
+    std::fill(std::begin(fallback_id), std::end(fallback_id), -1);
+    if (!byte_level) {
+      for (const auto& [tok, id] : vocab) {
+        if (tok.empty() || utf8_len(static_cast<unsigned char>(tok[0])) != tok.size()) continue;
+        const auto c0 = static_cast<unsigned char>(tok[0]);
+        if (c0 < 0x80) {
+          ascii_id[c0] = id;
+        } else {
+          uint32_t cp = 0;
+          if (for_each_cp(tok, [&](uint32_t c) { cp = c; })) char_id[cp] = id;
+        }
+      }
+      if (byte_fallback)
+        for (int b = 0; b < 256; ++b) {
+          auto it = vocab.find(fmt::format("<0x{:02X}>", b));
+          if (it != vocab.end()) fallback_id[b] = it->second;
+        }
+    }
     if (ignore_merges)
-      for (const auto& [tok, id] : vocab) raw_vocab[id_to_bytes[static_cast<size_t>(id)]] = id;
+      for (const auto& [tok, id] : vocab) raw_vocab[byte_level ? id_to_bytes[static_cast<size_t>(id)] : tok] = id;
+    split_at_meta = !byte_level && !ignore_merges && can_cut_before_meta(j.at("model"));
     for (const auto* ids : {&prefix, &suffix})
       for (int32_t id : *ids)
         if (id >= vocab_size_now() || !assigned[static_cast<size_t>(id)])
@@ -984,12 +1297,15 @@ void BpeTokenizer::encode_with_specials(std::string_view text, std::vector<int32
 
 std::string BpeTokenizer::decode(const std::vector<int32_t>& ids) const {
   std::string bytes;
+  std::vector<std::string> tokens;
   for (int32_t id : ids) {
     COIL_CHECK(id >= 0 && id < vocab_size() && impl_->assigned[static_cast<size_t>(id)],
                "token id {} is not in the vocabulary of {}", id, impl_->origin);
     if (impl_->is_special[static_cast<size_t>(id)]) continue;
-    bytes += impl_->id_to_bytes[static_cast<size_t>(id)];
+    if (impl_->byte_level) bytes += impl_->id_to_bytes[static_cast<size_t>(id)];
+    else tokens.push_back(impl_->id_to_token[static_cast<size_t>(id)]);
   }
+  if (!impl_->byte_level) bytes = impl_->decode_chars(tokens);
   std::string fixed;
   return replace_invalid_utf8(bytes, fixed) ? fixed : bytes;
 }

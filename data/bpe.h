@@ -1,22 +1,31 @@
-// Byte-level BPE read from Hugging Face's tokenizer.json (GPT-2, GPT-NeoX, Llama-3, Qwen style),
-// giving the ids that PyPI's `tokenizers` gives, token for token.
+// BPE read from Hugging Face's tokenizer.json, giving the ids that PyPI's `tokenizers` gives, token
+// for token, in both kinds the Hub's files come in:
+//   byte-level (GPT-2, GPT-NeoX, Llama-3, Qwen): a ByteLevel pre-tokenizer, last; the symbols are
+//     the bytes of each word;
+//   character-level (Llama-2, TinyLlama, Mistral, Gemma): no ByteLevel; spaces become U+2581 (a
+//     normalizer's Prepend/Replace, or a Metaspace pre-tokenizer), the symbols are characters,
+//     and with byte_fallback a character missing from the vocabulary becomes its bytes' <0xXX>
+//     tokens (else unk).
 //
 // The pipeline, in `tokenizers`' order:
 //   1. added tokens (the file's "added_tokens") whose "normalized" is false are cut out of the raw
 //      text first (leftmost-longest, with their single_word / lstrip / rstrip rules);
-//   2. the rest is normalized (NFC, NFD, NFKC, NFKD through utf8proc; a Sequence of them), and the
-//      added tokens whose "normalized" is true are cut out of the normalized text;
+//   2. the rest is normalized (NFC, NFD, NFKC, NFKD through utf8proc; Prepend; Replace with a
+//      string; a Sequence of them), and the added tokens whose "normalized" is true are cut out of
+//      the normalized text;
 //   3. the pre-tokenizer splits each remaining piece into words: ByteLevel (GPT-2's regex unless
 //      use_regex is false; add_prefix_space), Split (the file's own regex or string, with its
-//      behavior and invert), or a Sequence of them. Regexes run in PCRE2 (UTF, UCP, JIT);
+//      behavior and invert), Metaspace (' ' -> its replacement, its prepend_scheme, split), a
+//      Sequence of them, or none (the piece is one word). Regexes run in PCRE2 (UTF, UCP, JIT);
 //      `tokenizers` runs Oniguruma, whose \s also matches U+0085, so \s and \S are widened to it;
-//   4. each word, as bytes, goes through the BPE merges (lowest rank first, leftmost on ties, the
-//      same priority queue as `tokenizers`), with a per-thread word cache (word -> ids);
+//   4. each word goes through the BPE merges (lowest rank first, leftmost on ties, the same
+//      priority queue as `tokenizers`), with a per-thread word cache (word -> ids);
 //   5. with specials, the post-processor's template (TemplateProcessing's "single", or
 //      ByteLevel's, which adds nothing) puts its BOS/EOS around the ids.
-// decode() is the ByteLevel decoder: special added tokens are skipped (as `tokenizers`' decode
-// does by default), the bytes of each token are joined, and invalid UTF-8 in the result becomes
-// U+FFFD (as Rust's from_utf8_lossy).
+// decode() skips special added tokens (as `tokenizers`' decode does by default). Byte-level: the
+// ByteLevel decoder, the bytes of each token joined, invalid UTF-8 in the result becoming U+FFFD
+// (as Rust's from_utf8_lossy). Character-level: the file's chain of Replace, ByteFallback, Fuse,
+// Strip and Metaspace decoders over the tokens, then joined.
 //
 // Invalid UTF-8 in encode's input: `tokenizers` only takes valid strings (Python's str cannot hold
 // invalid bytes), so Coil replaces each maximal invalid subsequence by U+FFFD, exactly as Python's

@@ -87,6 +87,42 @@ std::string error_of(const std::string& text) {
 
 std::string error_of(const json& j) { return error_of(j.dump()); }
 
+const std::string SP = "\xe2\x96\x81";  // U+2581, sentencepiece's meta space
+
+// Character-level BPE with byte fallback as the Hub's Llama-2 tokenizer.json has it: <unk> <s> </s>
+// as 0 1 2, the 256 <0xXX> tokens as 3..258, then a few characters and merges (259 on).
+json char_base() {
+  json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}};
+  for (int b = 0; b < 256; ++b) vocab[fmt::format("<0x{:02X}>", b)] = 3 + b;
+  int id = 259;
+  for (const std::string& t : {SP, std::string("a"), std::string("b"), std::string("c"), SP + "a", std::string("ab"),
+                               SP + "ab", std::string("\xc3\xa9"), std::string("x")})
+    vocab[t] = id++;
+  json j = {{"version", "1.0"},
+            {"truncation", nullptr},
+            {"padding", nullptr},
+            {"added_tokens", json::array()},
+            {"normalizer", {{"type", "Sequence"},
+                            {"normalizers", {{{"type", "Prepend"}, {"prepend", SP}},
+                                             {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", SP}}}}}},
+            {"pre_tokenizer", nullptr},
+            {"post_processor", {{"type", "TemplateProcessing"},
+                                {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}}}}}},
+                                {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}}}}}}},
+            {"decoder", {{"type", "Sequence"},
+                         {"decoders", {{{"type", "Replace"}, {"pattern", {{"String", SP}}}, {"content", " "}},
+                                       {{"type", "ByteFallback"}},
+                                       {{"type", "Fuse"}},
+                                       {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
+            {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", "<unk>"}, {"fuse_unk", true},
+                       {"byte_fallback", true}, {"ignore_merges", false}, {"vocab", vocab},
+                       {"merges", json::array({json::array({SP, "a"}), json::array({"a", "b"}), json::array({SP + "a", "b"})})}}}};
+  add_token(j, "<unk>", 0, true);
+  add_token(j, "<s>", 1, true);
+  add_token(j, "</s>", 2, true);
+  return j;
+}
+
 std::vector<std::pair<std::string, std::string>> good_merges() {
   return {{G, "t"}, {"h", "e"}, {G + "t", "he"}, {"t", "he"}, {"c", "o"}, {"i", "l"}, {"co", "il"}};
 }
@@ -191,6 +227,74 @@ TEST(Bpe, NormalizerAndSplitPreTokenizer) {
   EXPECT_EQ(enc(*t, "the the"), (std::vector<int32_t>{259, ' ', 259}));
 }
 
+// The expected ids and texts are what PyPI's `tokenizers` 0.23.3 gives for the same files (its
+// Tokenizer.from_str of char_base()'s JSON and the variants below); the parity test compares
+// trained files of these pipelines on megabytes of text.
+TEST(Bpe, CharacterLevelWithByteFallbackAsLlama2) {
+  auto t = parse(char_base());
+  using V = std::vector<int32_t>;
+  EXPECT_EQ(enc(*t, "ab ab"), (V{265, 265}));
+  EXPECT_EQ(enc(*t, "a\xe4\xb8\xad" "b"), (V{263, 231, 187, 176, 261}));  // 中 as its three bytes
+  EXPECT_EQ(enc(*t, "ab</s>ab"), (V{265, 2, 265}));  // the prefix before each piece
+  EXPECT_EQ(enc(*t, " ab"), (V{259, 265}));
+  EXPECT_EQ(enc(*t, ""), V{});
+  EXPECT_EQ(enc(*t, "a\xc3\xa9\xc3\xbfz"), (V{263, 266, 198, 194, 125}));  // é in the vocabulary, ÿ and z not
+  EXPECT_EQ(enc(*t, "x" + SP + "y"), (V{259, 267, 259, 124}));
+  std::vector<int32_t> with;
+  t->encode_with_specials("ab", with);
+  EXPECT_EQ(with, (V{1, 265}));
+  EXPECT_EQ(t->bos(), 1);
+  EXPECT_EQ(t->eos(), 2);
+  EXPECT_EQ(t->decode({265, 265}), "ab ab");
+  EXPECT_EQ(t->decode({265, 2, 265}), "ab ab");
+  EXPECT_EQ(t->decode({259, 265}), " ab");
+  EXPECT_EQ(t->decode({263, 231, 187, 176, 261}), "a\xe4\xb8\xad" "b");
+  EXPECT_EQ(t->decode({231, 187, 260}), "\xef\xbf\xbd\xef\xbf\xbd" "a");  // an incomplete character: U+FFFD a byte
+  EXPECT_EQ(t->decode({259, 259, 265}), "  ab");
+  EXPECT_EQ(t->decode(enc(*t, "x" + SP + "y")), "x y");
+  // A character whose bytes are not all there is unknown; the unknown comes after the bytes of the
+  // next character (tokenizers' order), and consecutive unknowns fuse only with fuse_unk.
+  json j = char_base();
+  j["model"]["vocab"].erase("<0xE4>");
+  j["model"]["vocab"]["zz"] = 3 + 0xE4;
+  t = parse(j);
+  EXPECT_EQ(enc(*t, "\xe4\xb8\xad\xc3\xbf"), (V{259, 198, 194, 0}));
+  EXPECT_EQ(enc(*t, "\xe4\xb8\xad\xe4\xb8\xadx"), (V{259, 0, 267}));
+  j["model"]["fuse_unk"] = false;
+  EXPECT_EQ(enc(*parse(j), "\xe4\xb8\xad\xe4\xb8\xadx"), (V{259, 0, 0, 267}));
+  // A merge across "x|\u2581": words are not cut before U+2581 then (data/bpe.cpp, split_at_meta).
+  j = char_base();
+  j["model"]["vocab"][SP + "y"] = 268;
+  j["model"]["vocab"]["y"] = 269;
+  j["model"]["vocab"]["x" + SP + "y"] = 270;
+  j["model"]["merges"].push_back({SP, "y"});
+  j["model"]["merges"].push_back({"x", SP + "y"});
+  t = parse(j);
+  EXPECT_EQ(enc(*t, "x y"), (V{259, 270}));
+  EXPECT_EQ(enc(*t, "ab x y ab"), (V{265, 259, 270, 265}));
+  EXPECT_EQ(t->decode({265, 259, 270, 265}), "ab x y ab");
+}
+
+TEST(Bpe, MetaspacePreTokenizerAndDecoder) {
+  using V = std::vector<int32_t>;
+  json j = char_base();
+  j["normalizer"] = nullptr;
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", SP}, {"prepend_scheme", "first"}, {"split", false}};
+  j["decoder"] = {{"type", "Metaspace"}, {"replacement", SP}, {"prepend_scheme", "first"}, {"split", false}};
+  auto t = parse(j);
+  EXPECT_EQ(enc(*t, "ab</s>ab"), (V{265, 2, 264}));  // "first": no prefix after the special token
+  EXPECT_EQ(enc(*t, "</s>ab"), (V{2, 264}));
+  EXPECT_EQ(enc(*t, " ab  b"), (V{265, 259, 259, 261}));
+  EXPECT_EQ(t->decode({265, 2, 264}), "abab");
+  EXPECT_EQ(t->decode({265, 259, 259, 261}), "ab  b");
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", SP}, {"prepend_scheme", "always"}, {"split", true}};
+  t = parse(j);
+  EXPECT_EQ(enc(*t, "ab</s>ab"), (V{265, 2, 265}));
+  EXPECT_EQ(enc(*t, "ab  ab x"), (V{265, 259, 265, 259, 267}));
+  EXPECT_EQ(enc(*t, "abab"), (V{265, 264}));
+  EXPECT_EQ(t->decode({265, 259, 265, 259, 267}), "ab  ab x");
+}
+
 TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   auto expect = [](const std::string& what, const std::string& part) {
     EXPECT_NE(what.find(part), std::string::npos) << what;
@@ -207,10 +311,16 @@ TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   expect(error_of(j), "pre-tokenizer Whitespace is not implemented");
   j = base(good_merges());
   j["pre_tokenizer"] = nullptr;
-  expect(error_of(j), "no pre_tokenizer");
+  expect(error_of(j), "the ByteLevel decoder without a ByteLevel pre-tokenizer is not implemented");
   j = base(good_merges());
-  j["decoder"] = {{"type", "Metaspace"}};
-  expect(error_of(j), "decoder Metaspace is not implemented");
+  j["decoder"] = {{"type", "Metaspace"}, {"replacement", "\xe2\x96\x81"}};
+  expect(error_of(j), "a ByteLevel pre-tokenizer needs the ByteLevel decoder alone");
+  j = base(good_merges());
+  j["decoder"] = {{"type", "CTC"}};
+  expect(error_of(j), "decoder CTC is not implemented");
+  j = base(good_merges());
+  j["decoder"] = nullptr;
+  expect(error_of(j), "no decoder");
   j = base(good_merges());
   j["post_processor"] = {{"type", "RobertaProcessing"}};
   expect(error_of(j), "post-processor RobertaProcessing is not implemented");
@@ -222,7 +332,7 @@ TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   expect(error_of(j), "model.dropout is not implemented");
   j = base(good_merges());
   j["model"]["byte_fallback"] = true;
-  expect(error_of(j), "byte_fallback is not implemented");
+  expect(error_of(j), "byte_fallback with a ByteLevel pre-tokenizer is not implemented");
   j = base(good_merges());
   j["truncation"] = {{"max_length", 10}};
   expect(error_of(j), "\"truncation\" is set");
@@ -238,6 +348,28 @@ TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   j = base(good_merges());
   j["model"]["vocab"]["x"] = "seven";
   expect(error_of(j), "is not an integer id");
+  // Character-level pipelines.
+  j = char_base();
+  j["normalizer"]["normalizers"][1]["pattern"] = {{"Regex", " +"}};
+  expect(error_of(j), "normalizer Replace with a Regex pattern is not implemented");
+  j = char_base();
+  j["normalizer"]["normalizers"][0]["prepend"] = "";
+  expect(error_of(j), "Prepend.prepend is not a non-empty string");
+  j = char_base();
+  j["decoder"] = {{"type", "ByteLevel"}};
+  expect(error_of(j), "the ByteLevel decoder without a ByteLevel pre-tokenizer is not implemented");
+  j = char_base();
+  j["decoder"]["decoders"][3]["content"] = "ab";
+  expect(error_of(j), "decoder Strip.content is not one character");
+  j = char_base();
+  j["decoder"]["decoders"][3]["start"] = -1;
+  expect(error_of(j), "decoder Strip.start is not a count");
+  j = char_base();
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", SP}, {"prepend_scheme", "sometimes"}};
+  expect(error_of(j), "Metaspace.prepend_scheme \"sometimes\" is not always, first or never");
+  j = char_base();
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "__"}};
+  expect(error_of(j), "Metaspace.replacement \"__\" is not one character");
 }
 
 TEST(Bpe, TokenizerFacadeFileBytesAndThreads) {
@@ -293,6 +425,28 @@ TEST(Bpe, SftMaskIsExactWithATokenizerJson) {
     EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;  // the response and its EOS, never the padding
   }
   EXPECT_EQ(t.decode(std::vector<int32_t>(s.tokens.begin() + p, s.tokens.begin() + p + n)), ex.output);
+}
+
+TEST(Bpe, SftMaskIsExactWithACharacterLevelFile) {
+  // Llama-2 style: each encode call starts with the Prepend's U+2581, as sentencepiece's dummy
+  // prefix does; the mask still covers exactly the response and its EOS.
+  const Tokenizer t = Tokenizer::from_bytes(char_base().dump(), "llama2.json");
+  EXPECT_EQ(t.bos(), 1);
+  EXPECT_EQ(t.eos(), 2);
+  EXPECT_EQ(t.pad(), 2);  // no PAD: EOS pads
+  AlpacaExample ex{"Name a cab.", "", "a cab, \xe4\xb8\xad"};
+  const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
+  const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
+  SftSample s;
+  ASSERT_TRUE(make_sft_sample(t, ex, p + n + 2, s));
+  ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 3);
+  for (int64_t i = 0; i < p + n + 3; ++i) {
+    const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : 2;
+    EXPECT_EQ(s.tokens[i], expected) << i;
+    EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;
+  }
+  EXPECT_EQ(t.decode(response), ex.output);
+  EXPECT_EQ(t.decode(prompt), alpaca_prompt(ex));
 }
 
 TEST(Bpe, PrepareWithATokenizerJson) {

@@ -264,6 +264,14 @@ def make_tokenizer_json():
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", llama.token_to_id("<|begin_of_text|>"))])
     put("tokenizer_json", "llama3.json", llama.to_str())
     small = json.loads(gpt2.to_str())
+    # Character-level BPE with byte fallback (Llama-2's pipeline, Mistral's Metaspace one), made as
+    # the parity test makes them.
+    sys.path.insert(0, os.path.join(ROOT, "tests", "python"))
+    import tokenizer_json_cases
+    with tempfile.TemporaryDirectory() as d:
+        paths = tokenizer_json_cases.make_char_tokenizers(text, d, vocab_size=300)
+        for name in ("llama2", "mistral"):
+            put("tokenizer_json", name + ".json", json.dumps(json.load(open(paths[name])), ensure_ascii=False))
     put("tokenizer_json", "unknown-model.json", json.dumps(dict(small, model={"type": "WordPiece"})))
     put("tokenizer_json", "truncated.json", gpt2.to_str()[:500])
     put("tokenizer_json", "empty-object.json", "{}")

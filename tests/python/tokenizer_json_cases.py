@@ -1,7 +1,8 @@
 """tokenizer.json files made with PyPI's `tokenizers`, text to encode, and Coil's probe.
 
-Shared by tests/python/test_tokenizer_json_parity.py and bench/tokenizer_vs_hf.py. The three
-files follow the pipelines of the Hub's GPT-2, GPT-NeoX and Llama-3 tokenizers, built from
+Shared by tests/python/test_tokenizer_json_parity.py and bench/tokenizer_vs_hf.py. The files
+follow the pipelines of the Hub's GPT-2, GPT-NeoX and Llama-3 tokenizers (byte-level BPE) and of
+Llama-2, Mistral and Gemma (character-level BPE with byte fallback, U+2581 for spaces), built from
 `tokenizers`' own classes (no Hub downloads here) and trained on the demo corpus's text.
 """
 import glob
@@ -56,6 +57,7 @@ HARD = [
     "    four spaces\t\ttabs\n\n\nnewlines\r\n\r\n  \n\t \u00a0\u3000 \u2003x", "\x00\x01\x07\x1b[31m\x7f\u0085\u2028\u2029",
     "ſ K ß ẞ İ ı ǅ Σσς", "<|endoftext|>", "<|padding|>", "<|begin_of_text|>", "<|end_of_text|>",
     "a<|sep|>b  <|sep|>  c", "[word] x[word] [word]y ([word])", "### Instruction:\n", "### Response:\n",
+    "<s>", "</s>", "<unk>", "[INST]", "<tool>", "<bos>", "<eos>", "a</s>b <s> c", "\u2581", "x\u2581\u2581y",
     "   ", "  ", "\n", " ", "\t", "zero\u200bwidth\u200djoin\ufeffbom", "\U0001d54f\U0001d546 𝔘𝔫𝔦", "Ω≈ç√∫˜µ≤≥÷",
 ]
 WORDS = ["the", "The", " cat", "function", "def", "return", "x", "'", "\"", "(", ")", "{", "}", "==", "→", "—", "…"]
@@ -156,6 +158,84 @@ def make_tokenizers(texts, out_dir, vocab_size=4000):
     j["model"]["ignore_merges"] = True
     paths["llama3"] = os.path.join(out_dir, "llama3.json")
     Tokenizer.from_str(json.dumps(j)).save(paths["llama3"])
+    return paths
+
+
+SP = "\u2581"  # sentencepiece's meta space
+
+
+def make_char_tokenizers(texts, out_dir, vocab_size=3000):
+    """Writes llama2.json, llama2_whole.json, mistral.json, gemma.json, metaspace_split.json under out_dir (returns
+    {name: path}): character-level BPE with byte_fallback (the 256 <0xXX> tokens after the
+    specials, as the Hub's files have them), trained with a small alphabet so that rare characters
+    fall back to bytes, in the pipelines of the Hub's Llama-2 (Prepend + Replace normalizer, no
+    pre-tokenizer, the Replace/ByteFallback/Fuse/Strip decoder), Mistral (Metaspace with
+    prepend_scheme "first", no split), Gemma (Replace only, no Strip) and a Metaspace that splits
+    ("always")."""
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  limit_alphabet=120)
+    trainer_tok.train_from_iterator(texts, trainer)
+    trained = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+
+    def vocab_with(first):
+        vocab = {t: i for i, t in enumerate(first)}
+        for b in range(256):
+            vocab[f"<0x{b:02X}>"] = len(vocab)
+        for t, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+            if t not in vocab and t not in specials:
+                vocab[t] = len(vocab)
+        return vocab
+
+    def bpe(first, fuse_unk=True):
+        return Tokenizer(models.BPE(vocab_with(first), merges, unk_token="<unk>", byte_fallback=True,
+                                    fuse_unk=fuse_unk))
+
+    def save(t, name):
+        paths[name] = os.path.join(out_dir, name + ".json")
+        t.save(paths[name])
+
+    paths = {}
+    # Llama-2 (and TinyLlama, Mistral v0.1): <unk> <s> </s> as 0 1 2, a template with <s>.
+    t = bpe(specials)
+    t.normalizer = normalizers.Sequence([normalizers.Prepend(SP), normalizers.Replace(" ", SP)])
+    t.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    t.add_special_tokens([AddedToken(x, normalized=False, special=True) for x in specials])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    save(t, "llama2")
+    # The same with ignore_merges: Coil then merges each piece whole (no cut before U+2581).
+    j = json.loads(t.to_str())
+    j["model"]["ignore_merges"] = True
+    save(Tokenizer.from_str(json.dumps(j)), "llama2_whole")
+    # Mistral (later files): Metaspace pre-tokenizer and decoder with prepend_scheme "first"; an
+    # added special token and an added non-special one.
+    t = bpe(specials)
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="first", split=False)
+    t.decoder = decoders.Sequence([decoders.Metaspace(replacement=SP, prepend_scheme="first", split=False),
+                                   decoders.ByteFallback(), decoders.Fuse()])
+    t.add_special_tokens([AddedToken(x, normalized=False, special=True) for x in specials + ["[INST]"]])
+    t.add_tokens([AddedToken("<tool>", normalized=False, special=False)])
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    save(t, "mistral")
+    # Gemma: <pad> <eos> <bos> <unk>, spaces replaced, no prefix, no Strip; unknowns not fused.
+    gemma_specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    t = bpe(gemma_specials, fuse_unk=False)
+    t.normalizer = normalizers.Replace(" ", SP)
+    t.decoder = decoders.Sequence([decoders.Replace(SP, " "), decoders.ByteFallback(), decoders.Fuse()])
+    t.add_special_tokens([AddedToken(x, normalized=False, special=True) for x in gemma_specials])
+    t.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    save(t, "gemma")
+    # Metaspace that splits at every U+2581, prefix always, its decoder alone (so <0xXX> tokens
+    # decode as their text).
+    t = bpe(specials)
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    t.decoder = decoders.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    t.add_special_tokens([AddedToken(x, normalized=False, special=True) for x in specials])
+    save(t, "metaspace_split")
     return paths
 
 
