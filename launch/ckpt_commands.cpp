@@ -82,7 +82,7 @@ void export_hf(const std::string& path, const std::string& out) {
   if (!tok.empty()) std::ofstream(fs::path(out) / tok_name, std::ios::binary) << tok;
   fmt::print("{} -> {}: config.json, model.safetensors (transformers' MambaForCausalLM){}\n", path, out,
              tok.empty() ? "; the checkpoint holds no tokenizer"
-                         : ", " + tok_name + (json ? " (byte-level BPE)" : " (sentencepiece)"));
+                         : ", " + tok_name + (json ? " (BPE)" : " (sentencepiece)"));
 }
 
 // A Hugging Face Mamba folder (config.json + model.safetensors) -> a Coil checkpoint folder (one
@@ -186,8 +186,8 @@ void add_ckpt_command(CLI::App& app) {
   c->add_option("out", *out, "the checkpoint folder to write")->required();
   c->add_option("--tokenizer", *tokenizer, "a sentencepiece .model or a tokenizer.json to store inside (default: the folder's tokenizer.json, "
                 "else its tokenizer.model)");
-  c->footer("A byte-level BPE tokenizer.json (GPT-2, GPT-NeoX, Llama-3 style) goes in as it is: generate, chat and sft\n"
-            "take and give text with it. Without a tokenizer, `coil generate --prompt-ids` takes and prints ids.");
+  c->footer("A BPE tokenizer.json (GPT-2, GPT-NeoX, Llama-3 style; Llama-2, Mistral, Gemma style) goes in as it is:\n"
+            "generate, chat and sft take and give text with it. Without a tokenizer, `coil generate --prompt-ids` takes and prints ids.");
   on_run(c, [path, out, tokenizer] { import_hf(*path, *out, *tokenizer); });
 }
 

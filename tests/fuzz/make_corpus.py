@@ -229,8 +229,9 @@ def make_hdf5_crashes():
 
 
 def make_tokenizer_json():
-    """Small byte-level BPE files in the three pipelines Coil reads (GPT-2, GPT-NeoX, Llama-3 style),
-    trained here with `tokenizers` on a few lines, and near misses of them."""
+    """Small BPE files in the pipelines Coil reads (byte-level GPT-2, GPT-NeoX, Llama-3 style; Llama-2
+    and Mistral style with byte fallback), trained here with `tokenizers` on a few lines, and near
+    misses of them."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     text = ["Hello world, it's 2026!", "\u4f60\u597d\uff0c\u4e16\u754c", "numbers 12345 and  spaces\t\ttabs",

@@ -158,7 +158,7 @@ def test_export_gives_back_the_weights(hf):
 def test_export_writes_the_tokenizer_json_back(hf):
     tmp, _, _ = hf
     r = coil("ckpt", "export-hf", tmp / "ck-text", tmp / "back-text")
-    assert "tokenizer.json (byte-level BPE)" in r.stdout
+    assert "tokenizer.json (BPE)" in r.stdout
     assert (tmp / "back-text" / "tokenizer.json").read_bytes() == (tmp / "hf-text" / "tokenizer.json").read_bytes()
     assert not (tmp / "back-text" / "tokenizer.model").exists()
 
