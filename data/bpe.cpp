@@ -274,6 +274,13 @@ void replace_all(std::string_view s, std::string_view from, std::string_view to,
 
 // The length of the UTF-8 sequence that starts with lead byte c (valid input).
 inline size_t utf8_len(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
+inline bool one_char(const std::string& s) { return !s.empty() && utf8_len(static_cast<unsigned char>(s[0])) == s.size(); }
+
+constexpr std::string_view kMetaSpace = "\xe2\x96\x81";  // U+2581, sentencepiece's space
+inline bool starts_meta(std::string_view t) { return t.substr(0, kMetaSpace.size()) == kMetaSpace; }
+inline bool ends_meta(std::string_view t) {
+  return t.size() >= kMetaSpace.size() && t.substr(t.size() - kMetaSpace.size()) == kMetaSpace;
+}
 
 // A byte trie of the added tokens, for leftmost-longest matching.
 struct Trie {
@@ -457,6 +464,7 @@ struct BpeTokenizer::Impl {
   MergeTable merges;
   int32_t unk = -1;
   bool fuse_unk = false, ignore_merges = false, byte_fallback = false;
+  bool merge_joins_meta = false;  // a merge (a, b) with b starting with U+2581 and a not ending with it
   // Pipeline.
   std::vector<AddedToken> added;
   Trie raw_trie, norm_trie;
@@ -645,10 +653,9 @@ struct BpeTokenizer::Impl {
   // text) gets a word cache as byte-level files have.
   void bpe_word(std::string_view w, std::vector<int32_t>& out) const {
     if (!split_at_meta) return bpe_part(w, out);
-    static constexpr std::string_view kMeta = "\xe2\x96\x81";
     size_t begin = 0;
-    for (size_t at = w.find(kMeta, 1); at != std::string_view::npos; at = w.find(kMeta, at + kMeta.size())) {
-      if (at >= kMeta.size() && w.compare(at - kMeta.size(), kMeta.size(), kMeta) == 0) continue;  // a run
+    for (size_t at = w.find(kMetaSpace, 1); at != std::string_view::npos; at = w.find(kMetaSpace, at + kMetaSpace.size())) {
+      if (ends_meta(w.substr(0, at))) continue;  // inside a run of U+2581
       bpe_part(w.substr(begin, at - begin), out);
       begin = at;
     }
@@ -937,6 +944,7 @@ struct BpeTokenizer::Impl {
       if (ia == vocab.end() || ib == vocab.end() || iab == vocab.end())
         fail("{}: merge {} at rank {}: a token is not in the vocabulary", origin, e.dump(), rank);
       merges.insert(ia->second, ib->second, {rank, iab->second});
+      merge_joins_meta |= starts_meta(b) && !ends_meta(a);
       ++rank;
     }
   }
@@ -962,6 +970,21 @@ struct BpeTokenizer::Impl {
     if (pat.is_object() && pat.contains("String")) return text_of(pat, "String", where + ".pattern");
     if (pat.is_object() && pat.contains("Regex")) fail("{}: {} with a Regex pattern is not implemented", origin, where);
     fail("{}: {}.pattern is neither Regex nor String", origin, where);
+  }
+
+  // Metaspace's prepend_scheme (pre-tokenizer and decoder alike): always when absent.
+  Prepend prepend_scheme(const json& m, const std::string& where) const {
+    if (!m.contains("prepend_scheme") || m["prepend_scheme"].is_null()) {
+      if (!flag(m, "add_prefix_space", true, where))  // tokenizers refuses it too
+        fail("{}: {}.add_prefix_space false without a prepend_scheme is not implemented", origin, where);
+      return Prepend::Always;
+    }
+    const json& v = m["prepend_scheme"];
+    const std::string scheme = v.is_string() ? v.get<std::string>() : "";
+    if (scheme == "always") return Prepend::Always;
+    if (scheme == "first") return Prepend::First;
+    if (scheme == "never") return Prepend::Never;
+    fail("{}: {}.prepend_scheme {} is not always, first or never", origin, where, v.dump());
   }
 
   void parse_normalizer(const json& n) {
@@ -1028,17 +1051,9 @@ struct BpeTokenizer::Impl {
       PreStep s;
       s.metaspace = true;
       s.replacement = text_of(p, "replacement", "Metaspace");
-      if (utf8_len(static_cast<unsigned char>(s.replacement[0])) != s.replacement.size())
+      if (!one_char(s.replacement))
         fail("{}: Metaspace.replacement {} is not one character", origin, need(p, "replacement", "Metaspace").dump());
-      if (p.contains("prepend_scheme") && !p["prepend_scheme"].is_null()) {
-        const std::string scheme = p["prepend_scheme"].is_string() ? p["prepend_scheme"].get<std::string>() : "";
-        if (scheme == "always") s.prepend = Prepend::Always;
-        else if (scheme == "first") s.prepend = Prepend::First;
-        else if (scheme == "never") s.prepend = Prepend::Never;
-        else fail("{}: Metaspace.prepend_scheme {} is not always, first or never", origin, p["prepend_scheme"].dump());
-      } else if (!flag(p, "add_prefix_space", true, "Metaspace")) {  // tokenizers refuses it too
-        fail("{}: Metaspace.add_prefix_space false without a prepend_scheme is not implemented", origin);
-      }
+      s.prepend = prepend_scheme(p, "Metaspace");
       if (flag(p, "split", true, "Metaspace")) {
         s.regex = std::make_unique<Regex>(escape_literal(s.replacement), origin + ": Metaspace");
         s.behavior = Behavior::MergedWithNext;
@@ -1102,7 +1117,7 @@ struct BpeTokenizer::Impl {
       decoders.emplace_back(DecodeStep::Fuse);
     } else if (t == "Strip") {
       DecodeStep s(DecodeStep::Strip, text_of(d, "content", "Strip"));
-      if (utf8_len(static_cast<unsigned char>(s.a[0])) != s.a.size()) fail("{}: decoder Strip.content is not one character", origin);
+      if (!one_char(s.a)) fail("{}: decoder Strip.content is not one character", origin);
       for (auto [k, v] : {std::pair{"start", &s.start}, std::pair{"stop", &s.stop}}) {
         const json& n = need(d, k, "Strip");
         if (!n.is_number_unsigned()) fail("{}: decoder Strip.{} is not a count", origin, k);
@@ -1111,13 +1126,7 @@ struct BpeTokenizer::Impl {
       decoders.push_back(std::move(s));
     } else if (t == "Metaspace") {
       DecodeStep s(DecodeStep::Metaspace, text_of(d, "replacement", "Metaspace"));
-      std::string scheme = "always";
-      if (d.contains("prepend_scheme") && d["prepend_scheme"].is_string()) scheme = d["prepend_scheme"].get<std::string>();
-      else if (!flag(d, "add_prefix_space", true, "Metaspace"))  // tokenizers refuses it too
-        fail("{}: decoder Metaspace.add_prefix_space false without a prepend_scheme is not implemented", origin);
-      if (scheme != "always" && scheme != "first" && scheme != "never")
-        fail("{}: decoder Metaspace.prepend_scheme {} is not always, first or never", origin, scheme);
-      s.drop_first = scheme != "never";
+      s.drop_first = prepend_scheme(d, "decoder Metaspace") != Prepend::Never;
       decoders.push_back(std::move(s));
     } else {
       fail("{}: decoder {} is not implemented (Coil has ByteLevel, Replace, ByteFallback, Fuse, Strip and Metaspace)",
@@ -1144,22 +1153,8 @@ struct BpeTokenizer::Impl {
   // token merged from it, so its string starts with U+2581; the left symbol's string ends with the
   // character before (or is <unk> or a <0xXX>): no merge (a, b) may have b start with U+2581 and
   // a end otherwise. Unknowns do not fuse across the cut: U+2581 is known and ends a run.
-  bool can_cut_before_meta(const json& model) const {
-    static const std::string meta = "\xe2\x96\x81";
-    auto ends_meta = [&](const std::string& t) { return t.size() >= 3 && t.compare(t.size() - 3, 3, meta) == 0; };
-    if (!char_id.count(0x2581)) return false;
-    if (unk >= 0 && ends_meta(id_to_token[static_cast<size_t>(unk)])) return false;
-    for (const json& e : model.at("merges")) {
-      std::string a, b;
-      if (e.is_string()) {
-        const std::string m = e.get<std::string>();
-        a = m.substr(0, m.find(' ')), b = m.substr(m.find(' ') + 1);
-      } else {
-        a = e[0].get<std::string>(), b = e[1].get<std::string>();
-      }
-      if (b.compare(0, 3, meta) == 0 && !ends_meta(a)) return false;
-    }
-    return true;
+  bool can_cut_before_meta() const {
+    return char_id.count(0x2581) && !merge_joins_meta && !(unk >= 0 && ends_meta(id_to_token[static_cast<size_t>(unk)]));
   }
 
   void parse_json(const json& j) {
@@ -1241,7 +1236,7 @@ struct BpeTokenizer::Impl {
     std::fill(std::begin(fallback_id), std::end(fallback_id), -1);
     if (!byte_level) {
       for (const auto& [tok, id] : vocab) {
-        if (tok.empty() || utf8_len(static_cast<unsigned char>(tok[0])) != tok.size()) continue;
+        if (!one_char(tok)) continue;
         const auto c0 = static_cast<unsigned char>(tok[0]);
         if (c0 < 0x80) {
           ascii_id[c0] = id;
@@ -1258,7 +1253,7 @@ struct BpeTokenizer::Impl {
     }
     if (ignore_merges)
       for (const auto& [tok, id] : vocab) raw_vocab[byte_level ? id_to_bytes[static_cast<size_t>(id)] : tok] = id;
-    split_at_meta = !byte_level && !ignore_merges && can_cut_before_meta(j.at("model"));
+    split_at_meta = !byte_level && !ignore_merges && can_cut_before_meta();
     for (const auto* ids : {&prefix, &suffix})
       for (int32_t id : *ids)
         if (id >= vocab_size_now() || !assigned[static_cast<size_t>(id)])
