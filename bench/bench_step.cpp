@@ -2,7 +2,7 @@
 // step, measured in one run.
 //   bench_step [--preset 130m | --hf DIR] [--batch 1] [--seq-len 1024] [--reps 3] [--gemm 4096]
 //              [--device cpu|cuda] [--dtype float32|bfloat16] [--optimizer] [--fsdp]
-//              [--activation-checkpointing none|full]
+//              [--activation-checkpointing none|full] [--loss fused|plain|both] [--masked 0]
 // Model FLOPs count the matrix products only (6 x tokens x matmul parameters, the LM head
 // included): the usual MFU convention; the scan, conv and norms come on top, uncounted.
 // The peak the MFU is taken against: on CUDA the datasheet's dense bf16 tensor-core peak
@@ -13,6 +13,10 @@
 // --fsdp: the model runs under FsdpMamba on the ranks of this process's MPI world (one rank:
 // all-gathers are local copies), timed with the collectives' overlap off and on; prints the bytes
 // moved and the step time the overlap saved.
+// --loss: the LM head fused with its cross-entropy (MambaLM::loss_sum, the trainer's way: no
+// [tokens, vocab] logits), the plain logits then cross_entropy, or both, timed one after the other
+// (the ratios of their step times and peak memories printed). --masked F: the first F of each
+// row's targets do not count (-100), as an SFT prompt's.
 // --profile N: one more step under LibTorch's Kineto profiler, then its top N GPU kernels (CUDA) or
 // CPU operators by self time (bench/profile_table.h).
 #include <ATen/Parallel.h>
@@ -42,10 +46,10 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int main(int argc, char** argv) {
   CLI::App app{"Mamba training-step benchmark"};
-  std::string preset = "130m", hf, device_name = "cpu", dtype_name = "float32", checkpointing = "none";
+  std::string preset = "130m", hf, device_name = "cpu", dtype_name = "float32", checkpointing = "none", loss = "fused";
   int64_t batch = 1, seq_len = 1024, gemm = 4096;
   int reps = 3;
-  double peak_tflops = 989;
+  double peak_tflops = 989, masked = 0;
   bool with_optimizer = false, fsdp_mode = false;
   int profile_top = 0;
   app.add_option("--preset", preset);
@@ -63,6 +67,10 @@ int main(int argc, char** argv) {
   app.add_option("--profile", profile_top, "print the top N kernels (CUDA) or operators (CPU) of one step");
   app.add_option("--activation-checkpointing", checkpointing, "recompute each block in backward")
       ->check(CLI::IsMember({"none", "full"}));
+  app.add_option("--loss", loss, "the head fused with the loss (the trainer's), the plain logits, or both")
+      ->check(CLI::IsMember({"fused", "plain", "both"}));
+  app.add_option("--masked", masked, "the share of each row's targets that do not count (an SFT prompt)")
+      ->check(CLI::Range(0.0, 1.0));
   CLI11_PARSE(app, argc, argv);
 
   const bool cuda = device_name == "cuda";
@@ -81,7 +89,8 @@ int main(int argc, char** argv) {
   const coil::MambaConfig& c = model.config();
   torch::manual_seed(0);
   torch::Tensor tokens = torch::randint(c.vocab_size, {batch, seq_len + 1}).to(device);
-  torch::Tensor inputs = tokens.narrow(1, 0, seq_len), targets = tokens.narrow(1, 1, seq_len);
+  torch::Tensor inputs = tokens.narrow(1, 0, seq_len), targets = tokens.narrow(1, 1, seq_len).clone();
+  targets.narrow(1, 0, static_cast<int64_t>(masked * static_cast<double>(seq_len))).fill_(-100);
 
   // The model: whole on this device, or sharded over the MPI world (--fsdp).
   std::shared_ptr<coil::dist::Comm> comm;
@@ -115,10 +124,16 @@ int main(int argc, char** argv) {
   }
 
   double t_opt = 0;
+  bool fused = loss != "plain";
   auto step = [&] {
     for (auto& p : params) p.tensor.mutable_grad().reset();
-    const torch::Tensor logits = fsdp ? fsdp->forward(inputs) : model.forward(inputs, compute);
-    coil::lm_loss(logits, targets).backward();
+    if (fused) {
+      const torch::Tensor sum = fsdp ? fsdp->loss_sum(inputs, {}, targets) : model.loss_sum(inputs, compute, {}, targets);
+      (sum / std::max<double>(1, static_cast<double>(targets.ne(-100).sum().item<int64_t>()))).backward();
+    } else {
+      const torch::Tensor logits = fsdp ? fsdp->forward(inputs) : model.forward(inputs, compute);
+      coil::lm_loss(logits, targets).backward();
+    }
     if (fsdp) fsdp->finish_step();
     if (opt) {
       sync();
@@ -145,16 +160,26 @@ int main(int argc, char** argv) {
     return best;
   };
 
-  double t_opt_best = 0;
-  // The peak memory above what is held before the timed steps (the model state, the inputs): the
-  // activations, whole weights and gradients of a step.
-  sync();
-  cpu_memory.reset_peak();
-  const int64_t held_before = cuda ? c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current : cpu_memory.bytes();
-  if (cuda) c10::cuda::CUDACachingAllocator::resetPeakStats(0);
-  double t_total = timed(&t_opt_best);
-  const int64_t step_peak =
-      (cuda ? c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak : cpu_memory.peak()) - held_before;
+  // The best step time, and the peak memory above what is held before the timed steps (the model
+  // state, the inputs): the activations, whole weights and gradients of a step.
+  auto measured = [&](double* t_opt_best, int64_t* peak) {
+    sync();
+    cpu_memory.reset_peak();
+    const int64_t held_before = cuda ? c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].current : cpu_memory.bytes();
+    if (cuda) c10::cuda::CUDACachingAllocator::resetPeakStats(0);
+    const double t = timed(t_opt_best);
+    *peak = (cuda ? c10::cuda::CUDACachingAllocator::getDeviceStats(0).allocated_bytes[0].peak : cpu_memory.peak()) - held_before;
+    return t;
+  };
+  double t_opt_best = 0, t_plain = 0;
+  int64_t step_peak = 0, plain_peak = 0;
+  if (loss == "both") {  // the plain way first, then the fused one (the figures below)
+    fused = false;
+    double plain_opt = 0;
+    t_plain = measured(&plain_opt, &plain_peak) - plain_opt;
+    fused = true;
+  }
+  double t_total = measured(&t_opt_best, &step_peak);
   const double t_step = t_total - t_opt_best;  // forward + backward
   if (profile_top > 0) coil::bench::print_profile([&] { step(), sync(); }, cuda, profile_top);
 
@@ -162,12 +187,16 @@ int main(int argc, char** argv) {
   const double matmul_params = double(c.n_layer) * (2 * I * H + (R + 2 * N) * I + I * R + H * I) + double(c.vocab_size) * H;
   const double tokens_per_step = double(batch) * seq_len;
   const double model_flops = 6.0 * matmul_params * tokens_per_step / t_step;
-  fmt::print("training step (forward+backward), {} x {} tokens, device {}, compute {}, activation checkpointing {}, {}\n",
-             batch, seq_len, device_name, dtype_name, checkpointing,
+  fmt::print("training step (forward+backward), {} x {} tokens, device {}, compute {}, activation checkpointing {}, "
+             "{} head and loss, {}\n",
+             batch, seq_len, device_name, dtype_name, checkpointing, fused ? "fused" : "plain",
              cuda ? std::string("CUDA") : fmt::format("{} threads, scan kernel {}", at::get_num_threads(), coil::selective_scan_cpu_isa()));
   fmt::print("  model: {}\n", c.describe());
   fmt::print("  step time        : {:.4f} s  ({:.0f} tokens/s)\n", t_step, tokens_per_step / t_step);
   fmt::print("  step peak memory : {:.1f} MB above the model state\n", static_cast<double>(step_peak) / 1e6);
+  if (loss == "both")
+    fmt::print("  plain head + loss: {:.4f} s, {:.1f} MB; fused: {:.3f}x the speed, {:.3f}x less peak memory\n", t_plain,
+               static_cast<double>(plain_peak) / 1e6, t_plain / t_step, static_cast<double>(plain_peak) / static_cast<double>(step_peak));
   fmt::print("  achieved         : {:.1f} GFLOP/s (matmul FLOPs)\n", model_flops / 1e9);
   double peak = peak_tflops * 1e12;
   if (!cuda) {
@@ -207,8 +236,8 @@ int main(int argc, char** argv) {
                comm->asynchronous() ? "" : " (MPI is synchronous: the two runs differ by noise only)");
   }
   fmt::print("coil_step_seconds={:.6f} tokens_per_s={:.1f} model_gflops={:.3f} peak_gflops={:.3f} mfu={:.4f} "
-             "optimizer_share={:.4f} overlap_saved_s={:.6f} step_peak_mb={:.1f}\n",
+             "optimizer_share={:.4f} overlap_saved_s={:.6f} step_peak_mb={:.1f} plain_loss_s={:.6f} plain_peak_mb={:.1f}\n",
              t_step, tokens_per_step / t_step, model_flops / 1e9, peak / 1e9, model_flops / peak,
-             opt_share, saved, static_cast<double>(step_peak) / 1e6);
+             opt_share, saved, static_cast<double>(step_peak) / 1e6, t_plain, static_cast<double>(plain_peak) / 1e6);
   return 0;
 }

@@ -13,7 +13,9 @@ What Coil's collectives move (dist/fsdp.cpp, dist/sharded_muon.cpp), per shard g
     scattered back (every non-owner sends its shard once and receives it once);
   - ZeRO-3 (reshard_after_forward): per micro batch, the forward all-gathers every unit (the
     embedding unit, the blocks, the head unit = embedding + norm_f), the backward all-gathers
-    every unit but the embedding unit again and reduce-scatters every unit; ZeRO-2: each unit
+    the blocks again (not the embedding unit, whose backward needs only the token ids, nor the
+    head unit, fused with the loss: its forward made its gradients) and reduce-scatters every
+    unit; ZeRO-2: each unit
     all-gathered once per step, reduce-scattered once per step;
   - evaluation: every unit all-gathered per evaluation batch (forward only);
   - the step's scalar sums (target count and batch hash; loss, gradient norm, stop, saver): two
@@ -110,7 +112,7 @@ def step_bytes(cfg, world, shard, ranks_per_node, micro_batches=1, zero2=False, 
     rep_nodes = max(1, R // rep_per_node)
     ring = lambda b: (p - 1) / p * b
     ag_all = sum(ring(ag_buffer(u, p, compute)) for u in us)
-    ag_bwd = sum(ring(ag_buffer(u, p, compute)) for u in us[1:])
+    ag_bwd = sum(ring(ag_buffer(u, p, compute)) for u in us[1:-1])
     rs_all = sum(ring(rs_buffer(u, p, reduce)) for u in us)
     n_ag = len(us)
     out, steps = {}, {"intra": 0, "inter": 0}

@@ -306,9 +306,10 @@ void FsdpMamba::finish_reduces() {
 }
 
 // Before a unit's backward (a hook on its output's gradient): its weights gathered again into the
-// storage its saved tensors point at; the unit before it is prefetched.
-void FsdpMamba::before_unit_backward(size_t unit, WholeWeights& w) {
-  units_[unit]->gather_into(w);
+// storage its saved tensors point at (w: null when its backward does not read them); the unit
+// before it is prefetched.
+void FsdpMamba::before_unit_backward(size_t unit, WholeWeights* w) {
+  if (w) units_[unit]->gather_into(*w);
   if (unit > 0 && units_[unit - 1]->weights_in_backward) prefetch(unit - 1);
 }
 
@@ -402,9 +403,10 @@ at::Tensor FsdpMamba::run_unit(Unit& u, const at::Tensor& x, const at::Tensor& s
   if (keep) return y;
   // ZeRO-3: the weights' bytes go now; the activations (and the handles on the weights) stay.
   w->release();
-  if (y.requires_grad() && u.weights_in_backward) {
+  if (y.requires_grad()) {
     const size_t unit = u.position;
-    y.register_hook([this, unit, w](const at::Tensor&) { before_unit_backward(unit, *w); });
+    const c10::intrusive_ptr<WholeWeights> again = u.weights_in_backward ? w : c10::intrusive_ptr<WholeWeights>();
+    y.register_hook([this, unit, again](const at::Tensor&) { before_unit_backward(unit, again.get()); });
   }
   return y;
 }
@@ -458,8 +460,12 @@ FsdpMamba::FsdpMamba(const MambaLM& model, std::shared_ptr<Comm> comm, const Fsd
       return MambaLM::block(MambaLM::block_weights(w), cfg, h, nullptr, nullptr, seq_idx);
     });
   }
-  unit({0, last}, false, [cfg](const at::Tensor& h, const std::vector<at::Tensor>& w, const at::Tensor&) {
-    return MambaLM::head(w[0], w[1], cfg, h);
+  // The head: logits (forward), or the fused head and loss against targets_ (loss_sum). The fused
+  // head's backward does not read the embedding, so its whole weights are not gathered again;
+  // norm_f's backward reads norm_f: it gets a copy (H floats) that outlives the release.
+  unit({0, last}, false, [this, cfg](const at::Tensor& h, const std::vector<at::Tensor>& w, const at::Tensor&) {
+    if (!targets_.defined()) return MambaLM::head(w[0], w[1], cfg, h);
+    return MambaLM::head_loss(w[0], w[1].clone(), cfg, h, targets_);
   });
 }
 
@@ -494,6 +500,20 @@ at::Tensor FsdpMamba::forward(const at::Tensor& tokens, const at::Tensor& seq_id
   if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "FsdpMamba::forward", true);
   drop_prefetches();  // none are left as a rule; one left by an error would hold stale weights
   finish_reduces();
+  targets_ = at::Tensor();
+  units_.back()->weights_in_backward = true;
+  at::Tensor h = tokens;
+  for (auto& u : units_) h = run_unit(*u, h, seq_idx);
+  return h;
+}
+
+at::Tensor FsdpMamba::loss_sum(const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets) {
+  if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "FsdpMamba::loss_sum", true);
+  drop_prefetches();
+  finish_reduces();
+  // The fused head's backward only scales the gradients its forward computed: no gather for it.
+  targets_ = targets;
+  units_.back()->weights_in_backward = false;
   at::Tensor h = tokens;
   for (auto& u : units_) h = run_unit(*u, h, seq_idx);
   return h;

@@ -13,7 +13,8 @@
 // as it would unsharded (no recompute); the gradient node frees them again and reduce-scatters.
 // So whole weights are resident for one unit at a time (plus a prefetch), and activations for the
 // whole model, as without sharding. The embedding unit is not gathered again: its backward needs
-// only the token ids. false (ZeRO-2): every unit's weights are gathered once per step and kept;
+// only the token ids; nor is the head fused with the loss (loss_sum): its forward computed its
+// gradients. false (ZeRO-2): every unit's weights are gathered once per step and kept;
 // each micro batch's whole gradients are added in float32 into the step's whole gradients (the
 // tied embedding's two uses included), reduce-scattered once per step whatever the gradient
 // accumulation (finish_step()).
@@ -120,6 +121,10 @@ class FsdpMamba {
   // document per row). It stays with the sharded model until the next forward, for the blocks that
   // are recomputed in backward (activation checkpointing).
   at::Tensor forward(const at::Tensor& tokens, const at::Tensor& seq_idx = {});
+  // The summed cross-entropy against targets [B, L] (-100: not counted) instead of the logits, the
+  // head unit fused with the loss (MambaLM::head_loss): no [B, L, V] tensor, and in ZeRO-3 the
+  // head's weights (the tied embedding, the largest unit) are not gathered again for backward.
+  at::Tensor loss_sum(const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets);
   // With reshard_after_forward = false: reduce-scatters the step's gradients (call after the last
   // backward of the step). A no-op otherwise.
   void finish_step();
@@ -140,7 +145,7 @@ class FsdpMamba {
 
   // Used by the units' autograd node and hooks.
   void prefetch(size_t unit);  // queues unit's all-gather (overlap only)
-  void before_unit_backward(size_t unit, WholeWeights& whole);
+  void before_unit_backward(size_t unit, WholeWeights* whole);
   void after_unit_backward(size_t unit, WholeWeights& whole, const std::vector<at::Tensor>& whole_grads);
   void reduce_scatter(size_t unit, const std::vector<at::Tensor>& whole_grads);
   void finish_reduces();  // waits for the queued reduce-scatters and accumulates them into .grad
@@ -160,6 +165,7 @@ class FsdpMamba {
   std::vector<std::unique_ptr<Unit>> units_;
   std::deque<std::unique_ptr<PendingReduce>> reduces_;
   std::vector<at::Tensor> accum_;  // ZeRO-2: the step's whole gradients, float32, by parameter
+  at::Tensor targets_;  // loss_sum's, for the head unit (undefined in forward: logits)
   bool flush_queued_ = false;  // a final callback of the running backward will finish_reduces()
   FsdpStats stats_;
 };

@@ -72,10 +72,6 @@ uint64_t batch_hash(double low_sum, double high_sum) {
          static_cast<uint64_t>(std::fmod(low_sum, 4294967296.0));
 }
 
-at::Tensor loss_sum(const Forward& forward, const DeviceBatch& b) {
-  at::Tensor logits = forward(b.inputs, b.seq_idx);
-  return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), b.targets.to(logits.device()).reshape({-1}), {},
-                                at::Reduction::Sum, -100);
-}
+at::Tensor loss_sum(const LossSum& model, const DeviceBatch& b) { return model(b.inputs, b.seq_idx, b.targets); }
 
 }  // namespace coil

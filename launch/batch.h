@@ -40,10 +40,12 @@ int64_t target_count(const data::Batch& b);
 void add_row_hashes(const data::Batch& b, int64_t first_global_row, double& low, double& high);
 uint64_t batch_hash(double low_sum, double high_sum);
 
-// The model's logits of token ids, with the rows' document numbers (DeviceBatch::seq_idx).
-using Forward = std::function<at::Tensor(const at::Tensor& tokens, const at::Tensor& seq_idx)>;
+// The model's summed cross-entropy of token ids against targets (-100: not counted), with the rows'
+// document numbers (DeviceBatch::seq_idx): MambaLM::loss_sum, whole or sharded (the head fused
+// with the loss: no logits).
+using LossSum = std::function<at::Tensor(const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets)>;
 
 // Sum of the cross-entropy over the targets that count (a device scalar: no host sync).
-at::Tensor loss_sum(const Forward& forward, const DeviceBatch& b);
+at::Tensor loss_sum(const LossSum& model, const DeviceBatch& b);
 
 }  // namespace coil

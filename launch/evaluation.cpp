@@ -25,14 +25,14 @@ class Scorer {
         progress_(progress),
         comm_(comm),
         sum_(at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_))) {
-    forward_ = [&model, compute](const at::Tensor& tokens, const at::Tensor& seq_idx) {
-      return model.forward(tokens, compute, seq_idx);
+    model_ = [&model, compute](const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets) {
+      return model.loss_sum(tokens, compute, seq_idx, targets);
     };
   }
   void add(const data::Batch& b, EvalResult& r) {
     const int64_t count = target_count(b);
     const bool mine = !comm_ || batches_++ % comm_->size() == comm_->rank();
-    if (mine) sum_ += loss_sum(forward_, to_device(b, device_)).to(at::kDouble);
+    if (mine) sum_ += loss_sum(model_, to_device(b, device_)).to(at::kDouble);
     r.targets += count;
     r.rows += b.rows;
     progress_.add_tokens(count);
@@ -48,7 +48,7 @@ class Scorer {
   at::Device device_;
   data::Progress& progress_;
   dist::Comm* comm_;
-  Forward forward_;
+  LossSum model_;
   at::Tensor sum_;
   int64_t batches_ = 0;
 };

@@ -148,10 +148,10 @@ std::unique_ptr<optim::HybridOptimizer> Parallel::make_optimizer(const RunConfig
   return opt;
 }
 
-at::Tensor Parallel::forward(const at::Tensor& tokens, const at::Tensor& seq_idx) {
-  const at::Tensor t = tokens.to(device);
+at::Tensor Parallel::loss_sum(const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets) {
+  const at::Tensor t = tokens.to(device), y = targets.to(device);
   const at::Tensor s = seq_idx.defined() ? seq_idx.to(device) : seq_idx;
-  return fsdp ? fsdp->forward(t, s) : model->forward(t, compute, s);
+  return fsdp ? fsdp->loss_sum(t, s, y) : model->loss_sum(t, compute, s, y);
 }
 
 void Parallel::finish_step() {

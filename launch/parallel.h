@@ -81,8 +81,9 @@ struct Parallel {
   // What this rank adds to a sum over all ranks of a quantity each replica holds alike (the
   // squared gradient norm of its shards): 1 / replicate.
   double replica_weight() const { return 1.0 / replicate; }
-  // seq_idx: document numbers for the state resets of packed rows (undefined: none).
-  at::Tensor forward(const at::Tensor& tokens, const at::Tensor& seq_idx = {});
+  // The summed cross-entropy against targets (MambaLM::loss_sum); seq_idx: document numbers for the
+  // state resets of packed rows (undefined: none).
+  at::Tensor loss_sum(const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets);
   void finish_step();
   std::vector<double> sum(std::vector<double> v) const;  // over the ranks (itself on one process)
   std::vector<std::vector<int64_t>> shapes() const;      // the whole shapes of params

@@ -90,7 +90,7 @@ int64_t derive_steps(const RunConfig& c, const data::Loader& loader) {
   return (c.num_epochs * loader.samples_per_epoch() + c.global_batch_size - 1) / c.global_batch_size;
 }
 
-double evaluate(const Forward& model, at::Device device, RunData& d, int64_t batches) {
+double evaluate(const LossSum& model, at::Device device, RunData& d, int64_t batches) {
   c10::NoGradGuard no_grad;
   auto loader = d.val();
   at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
@@ -98,7 +98,7 @@ double evaluate(const Forward& model, at::Device device, RunData& d, int64_t bat
   for (int64_t i = 0; i < batches; ++i) {
     const DeviceBatch b = to_device(loader->next(), device);
     count += b.count;
-    sum += loss_sum(model, b).to(at::kDouble);  // model: the (possibly sharded) forward
+    sum += loss_sum(model, b).to(at::kDouble);  // model: the (possibly sharded) model
   }
   return sum.item<double>() / static_cast<double>(std::max<int64_t>(count, 1));
 }

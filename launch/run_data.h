@@ -34,6 +34,6 @@ int64_t derive_steps(const RunConfig& c, const data::Loader& loader);
 
 // Mean loss over the first `batches` micro batches of the held-out data. Every rank computes the
 // same (the sharded forward needs every rank); the loss stays on the device until the end.
-double evaluate(const Forward& model, at::Device device, RunData& d, int64_t batches);
+double evaluate(const LossSum& model, at::Device device, RunData& d, int64_t batches);
 
 }  // namespace coil

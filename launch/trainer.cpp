@@ -186,7 +186,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   // Only rank 0 writes files.
   if (par.root()) std::ofstream(run_dir / "config.toml") << config_text;
   MetricsLog metrics(run_dir.string(), par.root(), step, wandb_options(c));
-  const Forward forward = [&](const at::Tensor& tokens, const at::Tensor& seq_idx) { return par.forward(tokens, seq_idx); };
+  const LossSum model_loss = [&](const at::Tensor& tokens, const at::Tensor& seq_idx, const at::Tensor& targets) {
+    return par.loss_sum(tokens, seq_idx, targets);
+  };
 
   if (par.root()) {
     fmt::print("{}: model {}\n{}", what, mc.describe(), optim::grouping_table(params));
@@ -246,7 +248,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   TrainResult result;
   auto eval_now = [&](int64_t done) {  // logs and returns the held-out loss
     watchdog.mark("evaluation");
-    const double val = evaluate(forward, par.device, data, c.eval_batches);
+    const double val = evaluate(model_loss, par.device, data, c.eval_batches);
     metrics.eval(done, val);
     if (par.root())
       fmt::print("{} step {}/{} | val loss {:.4f} | val ppl {:.2f}{}\n", what, done, steps, val, std::exp(val),
@@ -281,7 +283,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
     at::Tensor local_loss = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(par.device));
     for (const DeviceBatch& b : micro) {
-      at::Tensor l = loss_sum(forward, b) / count;
+      at::Tensor l = loss_sum(model_loss, b) / count;
       scaler.scale_loss(l).backward();
       local_loss += l.detach().to(at::kDouble);
     }

@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "model/conv1d.h"
+#include "model/head_loss.h"
 #include "model/linear_cpu.h"
 #include "model/selective_scan.h"
 #include "model/seq_idx.h"
@@ -158,6 +159,15 @@ Tensor MambaLM::head(const Tensor& embedding, const Tensor& norm_f, const MambaC
   return logits.to(wide(logits.scalar_type()));
 }
 
+Tensor MambaLM::head_loss(const Tensor& embedding, const Tensor& norm_f, const MambaConfig& config,
+                          const Tensor& hidden, const Tensor& targets) {
+  COIL_CHECK(targets.sizes() == hidden.sizes().slice(0, hidden.dim() - 1),
+             "the loss's targets have shape {}, expected the hidden states' {} without the last", c10::str(targets.sizes()),
+             c10::str(hidden.sizes()));
+  const Tensor normed = rms_norm(hidden, norm_f, config.rms_eps).to(embedding.scalar_type());
+  return fused_linear_cross_entropy(normed.reshape({-1, hidden.size(-1)}), embedding, targets.reshape({-1}));
+}
+
 MambaBlockWeights MambaLM::block_weights(const std::vector<Tensor>& t) {
   COIL_CHECK(t.size() == 10, "a Mamba block has 10 tensors, got {}", t.size());
   return {t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9]};
@@ -206,9 +216,20 @@ Tensor MambaLM::forward(const Tensor& tokens, at::ScalarType compute, const Tens
   // Once here, not per layer (on CUDA the order check is a sync: model/seq_idx.h).
   if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "MambaLM::forward", true);
   const Tensor emb = embedding.to(compute);  // a no-op in the weights' own dtype
+  return head(emb, norm_f, config_, trunk(tokens, emb, compute, seq_idx));
+}
+
+Tensor MambaLM::loss_sum(const Tensor& tokens, at::ScalarType compute, const Tensor& seq_idx,
+                         const Tensor& targets) const {
+  if (seq_idx.defined()) check_seq_idx(seq_idx, tokens.size(0), tokens.size(-1), "MambaLM::loss_sum", true);
+  const Tensor emb = embedding.to(compute);
+  return head_loss(emb, norm_f, config_, trunk(tokens, emb, compute, seq_idx), targets);
+}
+
+Tensor MambaLM::trunk(const Tensor& tokens, const Tensor& emb, at::ScalarType compute, const Tensor& seq_idx) const {
   Tensor h = embed(emb, tokens);
   for (size_t l = 0; l < layers.size(); ++l) h = run_block(l, h, compute, seq_idx);
-  return head(emb, norm_f, config_, h);
+  return h;
 }
 
 Tensor MambaLM::run_block(size_t l, const Tensor& h, at::ScalarType compute, const Tensor& seq_idx) const {

@@ -78,6 +78,11 @@ class MambaLM {
   // each document gets the logits (and gradients) it would get alone. Undefined: the forwards above.
   at::Tensor forward(const at::Tensor& tokens, const at::Tensor& seq_idx) const;
   at::Tensor forward(const at::Tensor& tokens, at::ScalarType compute, const at::Tensor& seq_idx) const;
+  // The summed cross-entropy of the logits forward() would give against targets [B, L] (int64,
+  // -100 where a position does not count), without the logits: the head and the loss in one pass
+  // a chunk of tokens at a time (model/head_loss.h). What training and evaluation call.
+  at::Tensor loss_sum(const at::Tensor& tokens, at::ScalarType compute, const at::Tensor& seq_idx,
+                      const at::Tensor& targets) const;
   // Parameters the model uses in float32 whatever the compute dtype (mamba_ssm keeps them so):
   // the RMSNorm gains, A_log, D and dt_proj.bias. The matrices (embedding, in_proj, conv1d,
   // x_proj, dt_proj.weight, out_proj) compute in the dtype they are given.
@@ -102,6 +107,9 @@ class MambaLM {
   static at::Tensor embed(const at::Tensor& embedding, const at::Tensor& tokens);
   static at::Tensor head(const at::Tensor& embedding, const at::Tensor& norm_f, const MambaConfig& config,
                          const at::Tensor& hidden);
+  // head() and the summed cross-entropy against targets [B, L] in one, fused (model/head_loss.h).
+  static at::Tensor head_loss(const at::Tensor& embedding, const at::Tensor& norm_f, const MambaConfig& config,
+                              const at::Tensor& hidden, const at::Tensor& targets);
   // A block's weights from its 10 tensors in named_parameters() order. Mixed dtypes work: the
   // matrices set the compute dtype (in_proj's; the embedding's in the head).
   static MambaBlockWeights block_weights(const std::vector<at::Tensor>& tensors);
@@ -123,6 +131,8 @@ class MambaLM {
 
  private:
   at::Tensor decode_head(const at::Tensor& normed) const;  // normed [B, H] -> float32 logits [B, V]
+  // Embedding and blocks: the residual stream before the head (emb: the embedding in `compute`).
+  at::Tensor trunk(const at::Tensor& tokens, const at::Tensor& emb, at::ScalarType compute, const at::Tensor& seq_idx) const;
   // Block l on the residual stream h, its matrices cast to `compute`, checkpointed or not.
   at::Tensor run_block(size_t l, const at::Tensor& h, at::ScalarType compute, const at::Tensor& seq_idx) const;
 

@@ -81,13 +81,16 @@ Outcome reference(const std::string& kind, at::ScalarType compute = at::kFloat, 
 
 // This rank's part of a step: gradients cleared, forward and backward of `rows` in micro batches
 // (the loss a mean over the global batch), gradients reduce-scattered. Returns this rank's loss.
+// fused: the trainer's way, the head fused with the loss (FsdpMamba::loss_sum); else the logits
+// (FsdpMamba::forward), then cross_entropy. The reference above always takes the second way.
 double forward_backward(FsdpMamba& fsdp, const std::vector<NamedTensor>& params, const at::Tensor& rows, int64_t micro,
-                        int64_t global = kGlobal) {
+                        int64_t global = kGlobal, bool fused = true) {
   for (auto& p : params) p.tensor.mutable_grad() = at::Tensor();
   double loss = 0;
   for (int64_t m = 0; m < rows.size(0) / micro; ++m) {
     at::Tensor mb = rows.narrow(0, m * micro, micro);
-    at::Tensor l = loss_sum(fsdp.forward(mb.narrow(1, 0, kSeq)), mb.narrow(1, 1, kSeq)) / (global * kSeq);
+    const at::Tensor inputs = mb.narrow(1, 0, kSeq), targets = mb.narrow(1, 1, kSeq);
+    at::Tensor l = (fused ? fsdp.loss_sum(inputs, {}, targets) : loss_sum(fsdp.forward(inputs), targets)) / (global * kSeq);
     l.backward();
     loss += l.item<double>();
   }
@@ -287,29 +290,32 @@ TEST(Fsdp, EachUnitRunsOncePerMicroBatchTwiceWhenCheckpointed) {
   const int r = comm->rank(), n = comm->size();
   const int64_t per_rank = kGlobal / n, micro = per_rank % 2 == 0 ? per_rank / 2 : per_rank, m = per_rank / micro;
   const at::Tensor rows = batch(0).narrow(0, r * per_rank, per_rank);
-  for (bool reshard : {true, false})
-    for (ActivationCheckpointing ckpt : {kNone, kFull}) {
-      MambaLM model(tiny(), 7);
-      FsdpMamba fsdp(model, comm, mode(reshard, ckpt));
-      forward_backward(fsdp, fsdp.local_parameters(), rows, micro);
-      const std::vector<int64_t>& runs = fsdp.stats().unit_forwards;
-      ASSERT_EQ(runs.size(), static_cast<size_t>(tiny().n_layer + 2));
-      const int64_t block = ckpt == kFull ? 2 * m : m;
-      EXPECT_EQ(runs.front(), m) << describe(fsdp.options());
-      EXPECT_EQ(runs.back(), m) << describe(fsdp.options());
-      for (size_t b = 1; b + 1 < runs.size(); ++b) EXPECT_EQ(runs[b], block) << describe(fsdp.options()) << " block " << b - 1;
-      // All-gathers: ZeRO-3 every unit before its forward and, but the embedding (its backward needs
-      // only the token ids), again before its backward, per micro batch; ZeRO-2 every unit once.
-      const int64_t units = tiny().n_layer + 2;
-      EXPECT_EQ(fsdp.stats().all_gathers, reshard ? m * (2 * units - 1) : units) << describe(fsdp.options());
-      fsdp.reset_stats();
-      {
-        at::NoGradGuard no_grad;
-        fsdp.forward(rows.narrow(1, 0, kSeq));
+  for (bool fused : {true, false}) {
+    for (bool reshard : {true, false})
+      for (ActivationCheckpointing ckpt : {kNone, kFull}) {
+        MambaLM model(tiny(), 7);
+        FsdpMamba fsdp(model, comm, mode(reshard, ckpt));
+        forward_backward(fsdp, fsdp.local_parameters(), rows, micro, kGlobal, fused);
+        const std::vector<int64_t>& runs = fsdp.stats().unit_forwards;
+        ASSERT_EQ(runs.size(), static_cast<size_t>(tiny().n_layer + 2));
+        const int64_t block = ckpt == kFull ? 2 * m : m;
+        EXPECT_EQ(runs.front(), m) << describe(fsdp.options());
+        EXPECT_EQ(runs.back(), m) << describe(fsdp.options());
+        for (size_t b = 1; b + 1 < runs.size(); ++b) EXPECT_EQ(runs[b], block) << describe(fsdp.options()) << " block " << b - 1;
+        // All-gathers: ZeRO-3 every unit before its forward and, but the embedding (its backward needs
+        // only the token ids) and the head fused with the loss (its forward made its gradients),
+        // again before its backward, per micro batch; ZeRO-2 every unit once.
+        const int64_t units = tiny().n_layer + 2, again = fused ? units - 2 : units - 1;
+        EXPECT_EQ(fsdp.stats().all_gathers, reshard ? m * (units + again) : units) << describe(fsdp.options()) << " fused " << fused;
+        fsdp.reset_stats();
+        {
+          at::NoGradGuard no_grad;
+          fsdp.forward(rows.narrow(1, 0, kSeq));
+        }
+        for (int64_t k : fsdp.stats().unit_forwards) EXPECT_EQ(k, 1) << describe(fsdp.options()) << " without gradients";
+        EXPECT_EQ(FsdpMamba::gathered_numel(), 0);
       }
-      for (int64_t k : fsdp.stats().unit_forwards) EXPECT_EQ(k, 1) << describe(fsdp.options()) << " without gradients";
-      EXPECT_EQ(FsdpMamba::gathered_numel(), 0);
-    }
+  }
 }
 
 // Reshard after forward frees every whole weight once the forward is done (the activations stay:
