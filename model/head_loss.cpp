@@ -82,11 +82,16 @@ struct FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCro
     return s.loss;
   }
 
+  // The stored gradients are scaled in place (no second [V, H] copy), so backward runs once.
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    COIL_CHECK(!ctx->saved_data.count("used"),
+               "fused_linear_cross_entropy: its backward ran twice (retain_graph), which it does not support");
+    ctx->saved_data["used"] = true;
     const at::Tensor g = grad_out[0];
     auto scaled = [&](const char* name, const char* dtype) {
-      const at::Tensor t = ctx->saved_data[name].toTensor();
-      return t.defined() ? (t * g).to(ctx->saved_data[dtype].toScalarType()) : at::Tensor();
+      at::Tensor t = ctx->saved_data[name].toTensor();
+      ctx->saved_data[name] = at::Tensor();
+      return t.defined() ? t.mul_(g).to(ctx->saved_data[dtype].toScalarType()) : at::Tensor();
     };
     return {scaled("gx", "x_dtype"), scaled("gW", "W_dtype"), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -10,7 +10,8 @@
 // weight gradient (the two products backward would do). So nothing [T, V] exists, no matmul runs
 // twice, and backward only scales the two stored gradients by the loss's incoming gradient (the
 // loss scale and the 1 / count of a mean). Stored: the input gradient [T, H] and the weight
-// gradient [V, H] in float32, the sizes of the gradients backward returns anyway. Rows whose
+// gradient [V, H] in float32, the sizes of the gradients backward returns anyway, scaled there in
+// place (so one backward only: a second, with retain_graph, is an error). Rows whose
 // target does not count (-100: an SFT prompt, padding) are, by default, left out of the products
 // on CPU (their loss and input gradient are zero) and computed and masked on CUDA, where finding
 // them would be a device sync.

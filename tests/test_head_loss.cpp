@@ -171,6 +171,10 @@ TEST(FusedLinearCrossEntropy, BadInputIsAOneLineError) {
   expect_error([&] { fused_linear_cross_entropy(c.x, c.W.to(torch::kDouble), c.targets); }, "x is Float but W is Double");
   expect_error([&] { fused_linear_cross_entropy(c.x, c.W, c.targets.narrow(0, 0, 3)); }, "targets must be [T] = [4] int64");
   expect_error([&] { fused_linear_cross_entropy(c.x, c.W, c.targets.to(torch::kInt)); }, "targets must be [T] = [4] int64");
+  Tensor W = c.W.clone().requires_grad_(true);
+  Tensor loss = fused_linear_cross_entropy(c.x, W, c.targets);
+  loss.backward({}, /*retain_graph=*/true);
+  expect_error([&] { loss.backward(); }, "its backward ran twice (retain_graph)");
 }
 
 // On a GPU: the masked rows (CUDA's default) and the skipped ones, float32 and bfloat16, against
