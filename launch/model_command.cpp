@@ -56,7 +56,7 @@ void run_model(const ModelOptions& o) {
   double first = 0, last = 0;
   for (int step = 1; step <= o.steps; ++step) {
     auto t0 = std::chrono::steady_clock::now();
-    torch::Tensor loss = lm_loss(model.forward(inputs), targets);
+    torch::Tensor loss = model.loss_sum(inputs, model.embedding.scalar_type(), {}, targets) / static_cast<double>(targets.numel());
     loss.backward();
     {
       torch::NoGradGuard ng;
