@@ -1,6 +1,7 @@
 // Data loader throughput, against the targets of docs/PERFORMANCE.md:
 //   shards:    the pretraining loader over prepared shards, on ONE thread (no prefetch thread):
 //              >= 5M tokens/s. Random sequences of seq_len + 1 tokens from memory-mapped shards.
+//              The same shards as a 3-part mixture (data/mixture.h), against the single set.
 //   streaming: JSONL(.zst) read, parsed and tokenized on the fly by 2 tokenizer threads:
 //              >= 1M tokens/s.
 //   bench_loader [--shards DIR] [--stream GLOB --tokenizer MODEL|tokenizer.json] [--seq-len 2048] [--batch 8]
@@ -15,6 +16,7 @@
 #include <random>
 
 #include "data/loader.h"
+#include "data/mixture.h"
 #include "data/reader.h"
 #include "data/shards.h"
 #include "data/streaming.h"
@@ -74,14 +76,24 @@ int main(int argc, char** argv) {
   {
     auto shards = std::make_shared<TokenShards>(shards_dir);
     auto samples = std::make_shared<PackedSamples>(shards, seq_len);
-    auto loader = make_indexed_loader(samples, BatchGeometry{seq_len, batch, batch, 0, 1}, 1234, /*prefetch=*/0);
-    for (int i = 0; i < 20; ++i) loader->next();  // warm the page cache a little
-    int64_t tokens = 0;
-    const double t0 = now();
-    while (now() - t0 < seconds) tokens += loader->next().rows * seq_len;
-    const double rate = tokens / (now() - t0);
+    // The same shards as a mixture of three parts weighted 5:3:2 (data/mixture.h): the cost of
+    // choosing each sample's part and its place in that part's order.
+    auto mixture = std::make_shared<MixedSamples>(std::vector<std::shared_ptr<const SampleSource>>{samples, samples, samples},
+                                                  std::vector<std::string>{"a", "b", "c"}, std::vector<double>{5, 3, 2});
+    auto rate = [&](std::shared_ptr<const SampleSource> source) {
+      auto loader = make_indexed_loader(source, BatchGeometry{seq_len, batch, batch, 0, 1}, 1234, /*prefetch=*/0);
+      for (int i = 0; i < 20; ++i) loader->next();  // warm the page cache a little
+      int64_t tokens = 0;
+      const double t0 = now();
+      while (now() - t0 < seconds / 2) tokens += loader->next().rows * seq_len;
+      return tokens / (now() - t0);
+    };
+    double single = 0, mixed = 0;
+    for (int round = 0; round < 2; ++round) single += rate(samples) / 2, mixed += rate(mixture) / 2;  // interleaved
     fmt::print("shards    {} ({} tokens, {} sequences of {}): {:.1f}M tokens/s on 1 thread = {:.1f}x the 5M target\n",
-               synthetic ? "synthetic" : shards_dir, shards->tokens(), samples->size(), seq_len, rate / 1e6, rate / 5e6);
+               synthetic ? "synthetic" : shards_dir, shards->tokens(), samples->size(), seq_len, single / 1e6, single / 5e6);
+    fmt::print("mixture   the same shards as 3 parts weighted 5:3:2: {:.1f}M tokens/s = {:.3f}x the single set's\n",
+               mixed / 1e6, mixed / single);
   }
   if (synthetic) fs::remove_all(shards_dir);
 

@@ -69,6 +69,7 @@ std::vector<Field> fields(RunConfig& c) {
       {"model", "dt_rank", &c.model_dt_rank, any, at_least(0, "(0: ceil(d_model / 16))")},
       {"model", "rms_eps", &c.model_rms_eps, any, above(0), false, true},
       {"data", "train", &c.data_train},
+      {"data", "train_weights", &c.data_train_weights},
       {"data", "val", &c.data_val},
       {"data", "tokenizer", &c.data_tokenizer},
       {"data", "streaming", &c.data_streaming},
@@ -365,6 +366,33 @@ void apply(std::vector<Field>& all, const toml::table& doc, const std::string& p
   }
 }
 
+// data.train's comma-separated entries, trimmed (as data::expand_inputs splits them).
+std::vector<std::string> train_entries(const std::string& train) {
+  std::vector<std::string> out;
+  std::stringstream in(train);
+  for (std::string e; std::getline(in, e, ',');)
+    if (const size_t b = e.find_first_not_of(' '); b != std::string::npos)
+      out.push_back(e.substr(b, e.find_last_not_of(' ') - b + 1));
+  return out;
+}
+
+// data.train_weights: comma-separated numbers, each finite and > 0; `problem` says what is wrong.
+std::vector<double> parse_weights(const std::string& text, std::string& problem) {
+  std::vector<double> out;
+  for (const std::string& entry : train_entries(text)) {
+    char* end = nullptr;
+    errno = 0;
+    const double v = std::strtod(entry.c_str(), &end);
+    if (end == entry.c_str() || *end != '\0' || errno == ERANGE || !std::isfinite(v) || v <= 0) {
+      problem = fmt::format("must be numbers > 0 separated by commas (e.g. \"0.7,0.3\"), not \"{}\"", entry);
+      return {};
+    }
+    out.push_back(v);
+  }
+  if (out.empty()) problem = "holds no number";
+  return out;
+}
+
 // Once every value is in: the [model] shape keys left unset take the preset's values (so that
 // config.toml names the whole shape), then every key is range-checked, then the checks between
 // keys. `checkpoint`: a checkpoint's config (it was checked when its run started): a shape key of 0
@@ -419,6 +447,18 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
     if (const std::string p = data::SftTemplate::problem(c.data_sft_template_no_input, true); !p.empty())
       fail("{}: data.sft_template_no_input {}", where, p);
   }
+  if (!c.data_train_weights.empty()) {
+    std::string problem;
+    const std::vector<double> w = parse_weights(c.data_train_weights, problem);
+    if (!problem.empty()) fail("{}: data.train_weights {}", origins.where("data.train_weights"), problem);
+    if (c.data_streaming)
+      fail("{}: data.train_weights with data.streaming is not implemented (prepare each part with `coil data prepare`)",
+           origins.where("data.train_weights", "data.streaming"));
+    const size_t parts = train_entries(c.data_train).size();
+    if (parts < 2 || parts != w.size())
+      fail("{}: data.train_weights gives {} weight(s) for data.train's {} comma-separated part(s): a mixture needs two "
+           "or more, a weight each", origins.where("data.train_weights", "data.train"), w.size(), parts);
+  }
   const double s = c.loss_scale_init;
   if (std::ldexp(1.0, std::ilogb(s)) != s)
     fail("{}: train.loss_scale_init must be a power of two (unscaling is then exact), not {}",
@@ -433,6 +473,16 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
 }
 
 }  // namespace
+
+std::vector<std::string> RunConfig::train_parts() const { return train_entries(data_train); }
+
+std::vector<double> RunConfig::train_weights() const {
+  std::string problem;
+  if (data_train_weights.empty()) return {};
+  std::vector<double> w = parse_weights(data_train_weights, problem);
+  if (!problem.empty()) fail("data.train_weights {}", problem);
+  return w;
+}
 
 RunConfig RunConfig::parse(const std::string& text, const std::string& origin) {
   RunConfig c;

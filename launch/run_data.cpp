@@ -3,6 +3,7 @@
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 
+#include "data/mixture.h"
 #include "data/sft.h"
 #include "data/shards.h"
 #include "data/streaming.h"
@@ -20,6 +21,14 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   read.text_field = c.data_text_field;
   read.max_bad_records = c.data_max_bad_records;
   const data::BatchGeometry eval_geo{c.seq_len, c.micro_batch_size, c.micro_batch_size, 0, 1};
+  const std::vector<std::string> parts = c.train_parts();
+  const std::vector<double> weights = c.train_weights();
+  // Several data sets as one (data/mixture.h), its parts named in the start-up lines.
+  auto mix = [&](std::vector<std::shared_ptr<const data::SampleSource>> sets) -> std::shared_ptr<const data::SampleSource> {
+    auto m = std::make_shared<data::MixedSamples>(std::move(sets), parts, weights);
+    d.mixture = m->describe(phase == Phase::kSft && c.data_sft_packing ? "rows" : phase == Phase::kSft ? "examples" : "sequences");
+    return m;
+  };
   if (phase == Phase::kSft) {
     const data::SftTemplate templ = sft_template(c);
     if (c.data_sft_packing) data::check_sft_packing(tok, templ, c.seq_len);
@@ -28,10 +37,27 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
       if (!c.data_sft_packing) return ds;
       return std::make_shared<data::PackedSftSamples>(std::move(ds), seed);
     };
-    auto ds = std::make_shared<data::SftDataset>(data::expand_inputs(c.data_train), tok, c.seq_len, read, 0, templ);
-    auto train = rows(ds, static_cast<uint64_t>(c.seed));
+    auto open_set = [&](const std::string& inputs) {
+      return std::make_shared<data::SftDataset>(data::expand_inputs(inputs), tok, c.seq_len, read, 0, templ);
+    };
+    const uint64_t seed = static_cast<uint64_t>(c.seed);
+    std::shared_ptr<const data::SampleSource> train;
+    int64_t examples = 0, dropped = 0, response_tokens = 0;
+    if (weights.empty()) {  // one data set, however many inputs
+      auto ds = open_set(c.data_train);
+      examples = ds->size(), dropped = ds->dropped(), response_tokens = ds->response_tokens();
+      train = rows(ds, seed);
+    } else {  // a part per entry of data.train
+      std::vector<std::shared_ptr<const data::SampleSource>> sets;
+      for (size_t k = 0; k < parts.size(); ++k) {
+        auto ds = open_set(parts[k]);
+        examples += ds->size(), dropped += ds->dropped(), response_tokens += ds->response_tokens();
+        sets.push_back(rows(ds, data::MixedSamples::part_seed(seed, k)));
+      }
+      train = mix(sets);
+    }
     d.summary = fmt::format("SFT data {}: {} examples ({} dropped: no response token fits in {}), {} response tokens{}",
-                            c.data_train, ds->size(), ds->dropped(), c.seq_len, ds->response_tokens(),
+                            c.data_train, examples, dropped, c.seq_len, response_tokens,
                             c.data_sft_packing ? fmt::format(", packed into {} rows", train->size()) : "");
     d.train = data::make_indexed_loader(train, geo, static_cast<uint64_t>(c.seed));
     if (!c.data_val.empty()) {
@@ -56,7 +82,15 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     d.train = data::make_streaming_loader(o);
     d.summary = fmt::format("streaming {} file(s) from {}", o.files.size(), c.data_train);
   } else {
-    auto samples = open_shards(c.data_train);
+    COIL_CHECK(!parts.empty(), "data.train names no prepared directory: \"{}\"", c.data_train);
+    std::shared_ptr<const data::SampleSource> samples;
+    if (parts.size() == 1) {
+      samples = open_shards(parts[0]);
+    } else {  // several prepared directories: a mixture, in data.train_weights' shares or the sizes'
+      std::vector<std::shared_ptr<const data::SampleSource>> sets;
+      for (const std::string& dir : parts) sets.push_back(open_shards(dir));
+      samples = mix(sets);
+    }
     d.train = data::make_indexed_loader(samples, geo, static_cast<uint64_t>(c.seed));
     d.summary = fmt::format("prepared data {}: {} sequences of {} tokens per epoch", c.data_train, samples->size(), c.seq_len);
   }

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "data/loader.h"
 #include "data/sft.h"
@@ -21,6 +22,7 @@ struct RunData {
   std::unique_ptr<data::Loader> train;
   std::function<std::unique_ptr<data::Loader>()> val;  // a fresh loader from the start of the val data
   std::string summary;                                 // one line for the start-up message
+  std::vector<std::string> mixture;                    // a line per part of a mixture (data/mixture.h)
 };
 
 // The SFT prompt template of data.sft_template (Alpaca's, or the config's own): SFT data, and

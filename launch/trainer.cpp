@@ -202,6 +202,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     fmt::print("{}: {}; {} steps of {} sequences x {} tokens ({} micro batch(es) of {} on each of {} rank(s)), {} threads{}\n",
                what, data.summary, steps, c.global_batch_size, c.seq_len, geo.accumulation(), c.micro_batch_size,
                par.world, at::get_num_threads(), par.world > 1 ? " per rank" : "");
+    for (const std::string& line : data.mixture) fmt::print("{}: {}\n", what, line);
     fmt::print("{}: {}\n", what, ranks.describe(at::get_num_threads()));
     if (par.replicate > 1)
       fmt::print("{}: HSDP: parameters sharded over {} rank(s), {} replica group(s), gradients all-reduced across them\n",

@@ -13,6 +13,7 @@
 #include <set>
 
 #include "data/loader.h"
+#include "data/mixture.h"
 #include "data/parquet.h"
 #include "data/reader.h"
 #include "data/sft.h"
@@ -1361,4 +1362,197 @@ TEST_F(Corpus, SftPackingRefusesASeqLenShorterThanTheTemplate) {
   EXPECT_LT(sft_template_tokens(*tokenizer_, own), t);
   EXPECT_NO_THROW(check_sft_packing(*tokenizer_, own, sft_template_tokens(*tokenizer_, own)));
   EXPECT_THROW(check_sft_packing(*tokenizer_, own, sft_template_tokens(*tokenizer_, own) - 1), coil::Error);
+}
+
+// ---- Mixtures (data/mixture.h) --------------------------------------------------------------------
+
+namespace {
+
+// n samples of `cols` tokens, sample i all base + i: each names its part and index.
+class Numbered : public SampleSource {
+ public:
+  Numbered(int64_t n, int32_t base, int64_t cols = 5, std::string kind = "shards")
+      : n_(n), base_(base), cols_(cols), kind_(std::move(kind)) {}
+  int64_t size() const override { return n_; }
+  int64_t cols() const override { return cols_; }
+  int64_t target_tokens() const override { return n_ * (cols_ - 1); }
+  bool has_mask() const override { return false; }
+  void fill(int64_t i, int32_t* tokens, uint8_t*) const override {
+    std::fill(tokens, tokens + cols_, base_ + static_cast<int32_t>(i));
+  }
+  std::string kind() const override { return kind_; }
+  std::string fingerprint() const override { return fmt::format("numbered-{}-{}", base_, n_); }
+
+ private:
+  int64_t n_;
+  int32_t base_;
+  int64_t cols_;
+  std::string kind_;
+};
+
+// The sample at mixture position g, as (part, index), from its tokens: part k's numbers start at 1000 k.
+std::pair<int, int64_t> which(const SampleSource& mix, int64_t g, uint64_t seed) {
+  Batch b = global_batch(mix, 1, seed, g);
+  return {b.tokens[0] / 1000, b.tokens[0] % 1000};
+}
+
+}  // namespace
+
+TEST(Mixture, ApportionIsByLargestRemainders) {
+  const std::vector<std::string> names = {"a", "b", "c", "d"};
+  auto of = [&](int64_t n, std::vector<double> w) {
+    return apportion(n, w, std::vector<std::string>(names.begin(), names.begin() + static_cast<long>(w.size())));
+  };
+  EXPECT_EQ(of(100, {1, 1, 1}), (std::vector<int64_t>{34, 33, 33}));
+  EXPECT_EQ(of(10, {0.7, 0.3}), (std::vector<int64_t>{7, 3}));
+  EXPECT_EQ(of(7, {1, 2, 4}), (std::vector<int64_t>{1, 2, 4}));
+  EXPECT_EQ(of(3, {1, 1}), (std::vector<int64_t>{2, 1}));                  // a tie: the lower index
+  EXPECT_EQ(of(10, {3, 5, 12}), (std::vector<int64_t>{2, 2, 6}));         // 1.5 2.5 6: remainders .5 .5 0
+  EXPECT_EQ(of(1000003, {3, 1}), (std::vector<int64_t>{750002, 250001}));  // sums to n
+  EXPECT_NE(error_of([&] { of(100, {1, 0.001}); })
+                .find("the weight 0.001 of b is less than one sample in an epoch of the mixture (100 samples): raise it"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { of(100, {1, 0}); }).find("the weight of b must be a finite number > 0, not 0"), std::string::npos);
+  EXPECT_THROW(of(100, {-1, 1}), coil::Error);
+  EXPECT_THROW(of(100, {1, std::nan("")}), coil::Error);
+}
+
+// Parts of 10 and 20 samples weighted 2:1: an epoch of the mixture is 30 samples, 20 of part 0 (two
+// passes over it) and 10 of part 1 (half of it). Each epoch holds exactly those counts; over two
+// epochs every sample of part 0 appears 4 times and every one of part 1 once; each part's positions
+// are 0, 1, 2, ... of its own order; the parts interleave, and differently each epoch.
+TEST(Mixture, EachEpochHoldsEachPartsQuotaAndEachPartWalksItsOwnEpochs) {
+  auto a = std::make_shared<Numbered>(10, 0), b = std::make_shared<Numbered>(20, 1000);
+  MixedSamples mix({a, b}, {"a", "b"}, {2, 1});
+  ASSERT_EQ(mix.size(), 30);
+  EXPECT_EQ(mix.quotas(), (std::vector<int64_t>{20, 10}));
+  EXPECT_EQ(mix.target_tokens(), 30 * 4);
+  const uint64_t seed = 9;
+  std::map<std::pair<int, int64_t>, int> seen;
+  std::vector<std::vector<int>> part_of_epoch(2);
+  std::vector<std::vector<int64_t>> positions(2);
+  for (int64_t g = 0; g < 60; ++g) {
+    const auto [part, index] = which(mix, g, seed);
+    ++seen[{part, index}];
+    part_of_epoch[g / 30].push_back(part);
+    const MixedSamples::Place at = mix.locate(g, seed);
+    EXPECT_EQ(static_cast<int>(at.part), part);
+    positions[at.part].push_back(at.position);
+    // The part's own order, with its own seed.
+    EXPECT_EQ(index, sample_at(at.position, part ? 20 : 10, MixedSamples::part_seed(seed, at.part))) << g;
+  }
+  for (int e = 0; e < 2; ++e) EXPECT_EQ(std::count(part_of_epoch[e].begin(), part_of_epoch[e].end(), 0), 20) << e;
+  for (int64_t i = 0; i < 10; ++i) EXPECT_EQ((seen[{0, i}]), 4) << i;
+  for (int64_t i = 0; i < 20; ++i) EXPECT_EQ((seen[{1, i}]), 1) << i;
+  EXPECT_EQ(seen.size(), 30u);
+  for (int k = 0; k < 2; ++k) {
+    std::sort(positions[k].begin(), positions[k].end());
+    std::vector<int64_t> expected(positions[k].size());
+    std::iota(expected.begin(), expected.end(), 0);
+    EXPECT_EQ(positions[k], expected) << k;
+  }
+  EXPECT_NE(part_of_epoch[0], part_of_epoch[1]);
+  EXPECT_NE(std::vector<int>(part_of_epoch[0].begin(), part_of_epoch[0].begin() + 20), std::vector<int>(20, 0));
+  std::vector<std::pair<int, int64_t>> first, other;  // the seed orders it
+  for (int64_t g = 0; g < 10; ++g) first.push_back(which(mix, g, seed)), other.push_back(which(mix, g, seed + 1));
+  EXPECT_NE(first, other);
+  // fill() numbers the parts one after the other.
+  std::vector<int32_t> t(5);
+  mix.fill(12, t.data(), nullptr);
+  EXPECT_EQ(t[0], 1002);
+}
+
+// Without weights each part's share is its size: an epoch of the mixture is one epoch of each.
+TEST(Mixture, WithoutWeightsAnEpochVisitsEverySampleOnce) {
+  auto a = std::make_shared<Numbered>(7, 0), b = std::make_shared<Numbered>(13, 1000), c = std::make_shared<Numbered>(3, 2000);
+  MixedSamples mix({a, b, c}, {"a", "b", "c"}, {});
+  EXPECT_EQ(mix.quotas(), (std::vector<int64_t>{7, 13, 3}));
+  for (int e = 0; e < 2; ++e) {
+    std::set<std::pair<int, int64_t>> epoch;
+    for (int64_t g = e * 23; g < (e + 1) * 23; ++g) epoch.insert(which(mix, g, 4));
+    EXPECT_EQ(epoch.size(), 23u) << e;
+  }
+  const std::vector<std::string> lines = mix.describe("sequences");
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_EQ(lines[1], "part 1 b: 56.52% (13 of the 23 sequences of an epoch: its 13 1x)");
+}
+
+// A mixture of prepared data sets with document numbers (and one of packed SFT sets) gives the same
+// global batches on any number of ranks, and resumes exactly from a saved state on another.
+TEST_F(Corpus, MixtureIsIndependentOfRanksAndResumesExactly) {
+  TempDir dir;
+  std::vector<std::vector<int32_t>> docs_a, docs_b;
+  for (int d = 0; d < 30; ++d) docs_a.push_back(std::vector<int32_t>(1 + d % 5, 100 + d));
+  for (int d = 0; d < 12; ++d) docs_b.push_back(std::vector<int32_t>(2 + d % 9, 500 + d));
+  write_shards(dir / "a", docs_a, 2, 7);
+  write_shards(dir / "b", docs_b, 2, 5);
+  auto part = [&](const char* name) {
+    return std::make_shared<PackedSamples>(std::make_shared<TokenShards>(dir / name), 4, /*document_masking=*/true);
+  };
+  auto shards = std::make_shared<MixedSamples>(std::vector<std::shared_ptr<const SampleSource>>{part("a"), part("b")},
+                                               std::vector<std::string>{"a", "b"}, std::vector<double>{1, 3});
+  const int64_t seq_len = 160;
+  auto packed = [&](const std::string& sub, uint64_t seed) -> std::shared_ptr<const SampleSource> {
+    return std::make_shared<PackedSftSamples>(packing_examples(dir / sub, *tokenizer_, seq_len), seed);
+  };
+  auto sft = std::make_shared<MixedSamples>(
+      std::vector<std::shared_ptr<const SampleSource>>{packed("s0", MixedSamples::part_seed(5, 0)),
+                                                       packed("s1", MixedSamples::part_seed(5, 1))},
+      std::vector<std::string>{"s0", "s1"}, std::vector<double>{2, 1});
+  for (const auto& mix : {std::shared_ptr<const MixedSamples>(shards), std::shared_ptr<const MixedSamples>(sft)}) {
+    ASSERT_TRUE(mix->has_seq_idx());
+    const int64_t global = 6, steps = 2 * mix->size() / global + 2;  // into a third epoch
+    std::vector<Batch> reference;
+    for (int64_t s = 0; s < steps; ++s) reference.push_back(global_batch(*mix, global, 5, s));
+    for (auto [world, micro] : {std::pair<int, int64_t>{1, 3}, {2, 1}, {3, 2}}) {
+      std::vector<Batch> got = run_world(mix, world, global, micro, steps, 5);
+      for (int64_t s = 0; s < steps; ++s) {
+        EXPECT_EQ(got[s].tokens, reference[s].tokens) << mix->kind() << " world " << world << " step " << s;
+        EXPECT_EQ(got[s].mask, reference[s].mask) << mix->kind() << " world " << world << " step " << s;
+        EXPECT_EQ(got[s].seq_idx, reference[s].seq_idx) << mix->kind() << " world " << world << " step " << s;
+      }
+    }
+    auto loader = make_indexed_loader(mix, BatchGeometry{mix->cols() - 1, global, 1, 0, 2}, 5);
+    for (int i = 0; i < 3 * 3; ++i) loader->next();
+    const LoaderState saved = LoaderState::from_json(loader->state().to_json());
+    for (auto [world, micro] : {std::pair<int, int64_t>{1, 2}, {3, 1}}) {
+      std::vector<Batch> resumed = run_world(mix, world, global, micro, steps - 3, 0, &saved);
+      for (int64_t s = 0; s < steps - 3; ++s) {
+        EXPECT_EQ(resumed[s].tokens, reference[3 + s].tokens) << mix->kind() << " world " << world << " step " << s;
+        EXPECT_EQ(resumed[s].seq_idx, reference[3 + s].seq_idx) << mix->kind() << " world " << world << " step " << s;
+      }
+    }
+  }
+  // Each row of the shards mixture is a row of one of its parts, with its document numbers.
+  Batch first = global_batch(*shards, shards->size(), 5, 0);
+  for (int64_t r = 0; r < first.rows; ++r) {
+    const MixedSamples::Place at = shards->locate(r, 5);
+    Batch own = global_batch(*part(at.part ? "b" : "a"), 1, MixedSamples::part_seed(5, at.part), at.position);
+    EXPECT_EQ(row(first, r), own.tokens) << r;
+    EXPECT_EQ(std::vector<int32_t>(first.seq_idx.begin() + r * first.cols, first.seq_idx.begin() + (r + 1) * first.cols),
+              own.seq_idx) << r;
+  }
+  // A state belongs to its mixture: other weights, or one of its parts alone, refuse it.
+  auto loader = make_indexed_loader(shards, BatchGeometry{4, 6, 1, 0, 1}, 5);
+  const LoaderState saved = loader->state();
+  auto reweighted = std::make_shared<MixedSamples>(std::vector<std::shared_ptr<const SampleSource>>{part("a"), part("b")},
+                                                   std::vector<std::string>{"a", "b"}, std::vector<double>{1, 2});
+  EXPECT_NE(error_of([&] { make_indexed_loader(reweighted, BatchGeometry{4, 6, 1, 0, 1}, 5)->restore(saved); })
+                .find("the saved loader state belongs to other data"),
+            std::string::npos);
+  EXPECT_THROW(make_indexed_loader(part("a"), BatchGeometry{4, 6, 1, 0, 1}, 5)->restore(saved), coil::Error);
+}
+
+TEST(Mixture, PartsOfAnotherShapeOrKindAreErrors) {
+  auto a = std::make_shared<Numbered>(10, 0);
+  using Parts = std::vector<std::shared_ptr<const SampleSource>>;
+  using Names = std::vector<std::string>;
+  EXPECT_NE(error_of([&] { MixedSamples({a, std::make_shared<Numbered>(4, 1000, 9)}, Names{"a", "b"}, {}); })
+                .find("b and a give samples of another shape: a mixture's parts share seq_len and settings"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { MixedSamples({a, std::make_shared<Numbered>(4, 1000, 5, "sft")}, Names{"a", "b"}, {}); })
+                .find("b is sft data and a is shards data: a mixture's parts are of one kind"),
+            std::string::npos);
+  EXPECT_THROW(MixedSamples(Parts{a}, Names{"a"}, {}), coil::Error);
+  EXPECT_THROW(MixedSamples(Parts{a, a}, Names{"a", "b"}, {1, 2, 3}), coil::Error);
 }

@@ -267,6 +267,10 @@ TEST(Config, EveryKeyIsRangeChecked) {
       {"model.rms_eps", "0.0", "must be > 0, not 0"},
       {"model.rms_eps", "nan", "must be a finite number, not nan"},
       {"data.streaming", "\"yes\"", "must be true or false"},
+      {"data.train_weights", "\"0.7, x\"", "must be numbers > 0 separated by commas (e.g. \"0.7,0.3\"), not \"x\""},
+      {"data.train_weights", "\"1,-1\"", "must be numbers > 0 separated by commas (e.g. \"0.7,0.3\"), not \"-1\""},
+      {"data.train_weights", "\"1,1e-400\"", "must be numbers > 0 separated by commas (e.g. \"0.7,0.3\"), not \"1e-400\""},
+      {"data.train_weights", "\"2,1\"", "gives 2 weight(s) for data.train's 0 comma-separated part(s): a mixture needs two or more, a weight each"},
       {"data.document_masking", "1", "must be true or false"},
       {"data.sft_packing", "\"on\"", "must be true or false"},
       {"data.text_field", "\"\"", "must not be empty"},
@@ -446,6 +450,20 @@ TEST(Config, ChecksBetweenKeys) {
                       "train.micro_batch_size (5)"),
             std::string::npos);
   EXPECT_EQ(RunConfig::load("", {"train.global_batch_size=12", "train.micro_batch_size=3"}).micro_batch_size, 3);
+  // A mixture: a weight per part of data.train, not with streaming.
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"data.train_weights=1,2,3", "data.train=a, b"}); })
+                .find("--set data.train=a, b: data.train_weights gives 3 weight(s) for data.train's 2 comma-separated part(s)"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"data.train=a", "data.train_weights=1"}); })
+                .find("--set data.train_weights=1: data.train_weights gives 1 weight(s) for data.train's 1 comma-separated part(s): a mixture needs two or more"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { RunConfig::load("", {"data.train=a,b", "data.train_weights=1,2", "data.streaming=true"}); })
+                .find("--set data.streaming=true: data.train_weights with data.streaming is not implemented"),
+            std::string::npos);
+  const RunConfig mixed = RunConfig::load("", {"data.train= a/x , b,c ", "data.train_weights=0.5, 1e-3,2"});
+  EXPECT_EQ(mixed.train_parts(), (std::vector<std::string>{"a/x", "b", "c"}));
+  EXPECT_EQ(mixed.train_weights(), (std::vector<double>{0.5, 1e-3, 2}));
+  EXPECT_TRUE(RunConfig::load("", {}).train_weights().empty());
   fs::remove(path);
 }
 
@@ -531,6 +549,47 @@ TEST_F(Train, ResumeIsBitExact) {
   for (const char* name : {"latest", "best", "final", "step-00000003", "step-00000006"})
     EXPECT_TRUE(fs::exists(straight + "/checkpoints/" + name + "/index.h5")) << name;
   EXPECT_EQ(RunConfig::load(straight + "/config.toml", {}).to_toml(), config(straight).to_toml());
+}
+
+// A mixture of prepared sets (here the suite's shards twice, 3:1) trains through the same loop and
+// resumes bit-exactly; its batches are not the single set's; a changed mixture is not resumed into.
+TEST_F(Train, AMixtureTrainsAndResumesBitExactly) {
+  const std::string shards = *dir_ + "/shards", straight = *dir_ + "/mix", resumed = *dir_ + "/mix-resumed";
+  const std::vector<std::string> mix = {"data.train=" + shards + ", " + shards, "data.train_weights=3,1",
+                                        "train.async_checkpoint=false", "train.eval_interval=0"};
+  testing::internal::CaptureStdout();
+  train(config(straight, mix), Phase::kPretrain);
+  const std::string out = testing::internal::GetCapturedStdout();
+  EXPECT_NE(out.find("part 1 " + shards + ": 25.00% ("), std::string::npos) << out;
+  train(config(resumed, mix), Phase::kPretrain);
+  fs::remove_all(resumed + "/checkpoints/step-00000006");
+  fs::remove(resumed + "/checkpoints/latest");
+  dist::point_link(resumed + "/checkpoints", "latest", "step-00000003");
+  train(config(resumed, mix), Phase::kPretrain);
+  const std::vector<nlohmann::json> a = metrics(straight), b = metrics(resumed);
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), 6u);
+  for (size_t i = 0; i < a.size(); ++i)
+    for (const char* k : {"step", "loss", "grad_norm", "batch_hash"}) EXPECT_EQ(a[i][k].dump(), b[i][k].dump()) << i << " " << k;
+  const std::string single = *dir_ + "/mix-single";
+  train(config(single, {"train.max_steps=2", "train.eval_interval=0"}), Phase::kPretrain);
+  EXPECT_NE(metrics(single)[0]["batch_hash"].dump(), a[0]["batch_hash"].dump());
+  // Other weights: the checkpoint's loader state belongs to another mixture.
+  EXPECT_NE(error_of([&] {
+              train(config(resumed, {mix[0], "data.train_weights=1,1", "train.max_steps=8"}), Phase::kPretrain);
+            }).find("the saved loader state belongs to other data"),
+            std::string::npos);
+  // SFT: two Alpaca sets, each a part.
+  const std::string sft = *dir_ + "/mix-sft", alpaca = *dir_ + "/alpaca.jsonl";
+  testing::internal::CaptureStdout();
+  train(config(sft, {"data.train=" + alpaca + "," + alpaca, "data.train_weights=1,2", "data.val=" + alpaca,
+                     "train.pretrained_checkpoint_path=" + straight + "/checkpoints/final", "train.max_steps=2",
+                     "train.seq_len=200", "train.eval_interval=0"}),
+        Phase::kSft);
+  const std::string sft_out = testing::internal::GetCapturedStdout();
+  EXPECT_NE(sft_out.find("part 0 " + alpaca + ": 33.33% ("), std::string::npos) << sft_out;
+  EXPECT_NE(sft_out.find("rows of an epoch"), std::string::npos) << sft_out;
+  EXPECT_EQ(metrics(sft).size(), 2u);
 }
 
 // Two identical runs, each started with the process's CPU generator somewhere else (as LibTorch
