@@ -366,8 +366,8 @@ void apply(std::vector<Field>& all, const toml::table& doc, const std::string& p
   }
 }
 
-// data.train's comma-separated entries, trimmed (as data::expand_inputs splits them).
-std::vector<std::string> train_entries(const std::string& train) {
+// A comma-separated list's entries, trimmed, the empty ones left out (as data::expand_inputs splits).
+std::vector<std::string> split_list(const std::string& train) {
   std::vector<std::string> out;
   std::stringstream in(train);
   for (std::string e; std::getline(in, e, ',');)
@@ -379,7 +379,7 @@ std::vector<std::string> train_entries(const std::string& train) {
 // data.train_weights: comma-separated numbers, each finite and > 0; `problem` says what is wrong.
 std::vector<double> parse_weights(const std::string& text, std::string& problem) {
   std::vector<double> out;
-  for (const std::string& entry : train_entries(text)) {
+  for (const std::string& entry : split_list(text)) {
     char* end = nullptr;
     errno = 0;
     const double v = std::strtod(entry.c_str(), &end);
@@ -454,7 +454,7 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
     if (c.data_streaming)
       fail("{}: data.train_weights with data.streaming is not implemented (prepare each part with `coil data prepare`)",
            origins.where("data.train_weights", "data.streaming"));
-    const size_t parts = train_entries(c.data_train).size();
+    const size_t parts = split_list(c.data_train).size();
     if (parts < 2 || parts != w.size())
       fail("{}: data.train_weights gives {} weight(s) for data.train's {} comma-separated part(s): a mixture needs two "
            "or more, a weight each", origins.where("data.train_weights", "data.train"), w.size(), parts);
@@ -474,7 +474,9 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
 
 }  // namespace
 
-std::vector<std::string> RunConfig::train_parts() const { return train_entries(data_train); }
+std::vector<std::string> RunConfig::train_parts() const { return split_list(data_train); }
+
+std::vector<std::string> RunConfig::split_entries(const std::string& list) { return split_list(list); }
 
 std::vector<double> RunConfig::train_weights() const {
   std::string problem;

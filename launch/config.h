@@ -30,13 +30,17 @@ struct RunConfig {
   double model_rms_eps = 0;
 
   // [data]
-  std::string data_train, data_val, data_tokenizer;  // prepared dirs (or JSONL globs when streaming / SFT)
+  // Prepared dirs (or JSONL globs when streaming / SFT); each comma-separated entry of data.val is a
+  // held-out set of its own, scored apart.
+  std::string data_train, data_val, data_tokenizer;
   // A mixture (data/mixture.h): with weights, each comma-separated entry of data.train is a part,
   // in these shares (e.g. "0.7,0.3"); without, several prepared directories mix in proportion to
   // their sizes, and several text inputs are one data set.
   std::string data_train_weights;
   std::vector<double> train_weights() const;      // parsed (checked by load()); empty when not set
   std::vector<std::string> train_parts() const;  // data.train's comma-separated entries
+  // A comma-separated list's entries, trimmed, the empty ones left out (data.train, data.val).
+  static std::vector<std::string> split_entries(const std::string& list);
   bool data_streaming = false;
   std::string data_text_field = "text";
   int64_t data_max_bad_records = 1000;

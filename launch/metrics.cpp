@@ -29,10 +29,13 @@ void MetricsLog::step(int64_t step, const nlohmann::json& line) {
       tb_->scalar("train/" + it.key(), it->get<double>(), step);
 }
 
-void MetricsLog::eval(int64_t step, double val_loss) {
+void MetricsLog::eval(int64_t step, double val_loss, const std::vector<std::pair<std::string, double>>& parts) {
   if (!tb_) return;
-  write(nlohmann::json{{"step", step}, {"val_loss", val_loss}, {"val_ppl", std::exp(val_loss)}});
+  nlohmann::json line{{"step", step}, {"val_loss", val_loss}, {"val_ppl", std::exp(val_loss)}};
+  for (const auto& [name, loss] : parts) line["val_loss_parts"][name] = loss;
+  write(line);
   tb_->scalar("val/loss", val_loss, step);
+  for (const auto& [name, loss] : parts) tb_->scalar("val/loss/" + name, loss, step);
   tb_->flush();
 }
 

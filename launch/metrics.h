@@ -10,6 +10,8 @@
 #include <fstream>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -27,8 +29,9 @@ class MetricsLog {
   // A training step's line; its numbers also go to TensorBoard as train/<key> (the non-finite
   // ones, a skipped step's gradient norm, are left out there).
   void step(int64_t step, const nlohmann::json& line);
-  // An evaluation: val_loss and val_ppl.
-  void eval(int64_t step, double val_loss);
+  // An evaluation: val_loss and val_ppl, and with several held-out sets val_loss_parts
+  // ({name: loss}; TensorBoard and W&B: val/loss/<name>).
+  void eval(int64_t step, double val_loss, const std::vector<std::pair<std::string, double>>& parts = {});
   // Flushes TensorBoard's file; a W&B sidecar that has died is reported (once) here.
   void flush();
 

@@ -3,6 +3,9 @@
 #include <c10/core/GradMode.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cctype>
+
 #include "data/mixture.h"
 #include "data/sft.h"
 #include "data/shards.h"
@@ -23,6 +26,12 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   const data::BatchGeometry eval_geo{c.seq_len, c.micro_batch_size, c.micro_batch_size, 0, 1};
   const std::vector<std::string> parts = c.train_parts();
   const std::vector<double> weights = c.train_weights();
+  // data.val: a held-out set per comma-separated entry, with its short name.
+  std::vector<std::pair<std::string, std::string>> val_entries;
+  {
+    const std::vector<std::string> entries = RunConfig::split_entries(c.data_val), names = val_set_names(entries);
+    for (size_t k = 0; k < entries.size(); ++k) val_entries.emplace_back(names[k], entries[k]);
+  }
   // Several data sets as one (data/mixture.h), its parts named in the start-up lines.
   auto mix = [&](std::vector<std::shared_ptr<const data::SampleSource>> sets) -> std::shared_ptr<const data::SampleSource> {
     auto m = std::make_shared<data::MixedSamples>(std::move(sets), parts, weights);
@@ -60,9 +69,9 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
                             c.data_train, examples, dropped, c.seq_len, response_tokens,
                             c.data_sft_packing ? fmt::format(", packed into {} rows", train->size()) : "");
     d.train = data::make_indexed_loader(train, geo, static_cast<uint64_t>(c.seed));
-    if (!c.data_val.empty()) {
-      auto val = rows(std::make_shared<data::SftDataset>(data::expand_inputs(c.data_val), tok, c.seq_len, read, 0, templ), 0);
-      d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
+    for (const auto& [name, entry] : val_entries) {
+      auto val = rows(open_set(entry), 0);
+      d.val.push_back({name, [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); }});
     }
     return d;
   }
@@ -94,18 +103,18 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     d.train = data::make_indexed_loader(samples, geo, static_cast<uint64_t>(c.seed));
     d.summary = fmt::format("prepared data {}: {} sequences of {} tokens per epoch", c.data_train, samples->size(), c.seq_len);
   }
-  if (!c.data_val.empty()) {
-    if (data::is_prepared(c.data_val)) {
-      auto val = open_shards(c.data_val);
-      d.val = [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); };
+  for (const auto& [name, entry] : val_entries) {
+    if (data::is_prepared(entry)) {
+      auto val = open_shards(entry);
+      d.val.push_back({name, [val, eval_geo] { return data::make_indexed_loader(val, eval_geo, 0, 0); }});
     } else {
       data::StreamingOptions o;
-      o.files = data::expand_inputs(c.data_val);
+      o.files = data::expand_inputs(entry);
       o.read = read;
       o.tokenizer = tok.path();
       o.geometry = eval_geo;
       o.document_masking = c.data_document_masking;
-      d.val = [o] { return data::make_streaming_loader(o); };
+      d.val.push_back({name, [o] { return data::make_streaming_loader(o); }});
     }
   }
   return d;
@@ -124,17 +133,62 @@ int64_t derive_steps(const RunConfig& c, const data::Loader& loader) {
   return (c.num_epochs * loader.samples_per_epoch() + c.global_batch_size - 1) / c.global_batch_size;
 }
 
-double evaluate(const LossSum& model, at::Device device, RunData& d, int64_t batches) {
-  c10::NoGradGuard no_grad;
-  auto loader = d.val();
-  at::Tensor sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
-  int64_t count = 0;
-  for (int64_t i = 0; i < batches; ++i) {
-    const DeviceBatch b = to_device(loader->next(), device);
-    count += b.count;
-    sum += loss_sum(model, b).to(at::kDouble);  // model: the (possibly sharded) model
+std::vector<std::string> val_set_names(const std::vector<std::string>& entries) {
+  std::vector<std::string> names = entries;
+  if (entries.size() > 1) {
+    const std::string& first = entries[0];
+    size_t prefix = first.size(), suffix = first.size();  // what all entries share at either end
+    for (const std::string& e : entries) {
+      size_t i = 0, j = 0;
+      while (i < prefix && i < e.size() && e[i] == first[i]) ++i;
+      while (j < suffix && j < e.size() && e[e.size() - 1 - j] == first[first.size() - 1 - j]) ++j;
+      prefix = i, suffix = j;
+    }
+    const size_t slash = first.substr(0, prefix).rfind('/');
+    prefix = slash == std::string::npos ? 0 : slash + 1;  // whole directories only
+    while (suffix > 0 && first[first.size() - suffix] != '/' && first[first.size() - suffix] != '.') --suffix;
+    for (std::string& n : names) {
+      const size_t end = std::max(prefix, n.size() >= suffix ? n.size() - suffix : 0);
+      n = n.substr(prefix, end - prefix);
+    }
   }
-  return sum.item<double>() / static_cast<double>(std::max<int64_t>(count, 1));
+  for (std::string& n : names)
+    for (char& ch : n)  // a TensorBoard tag and a W&B key
+      if (!(std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.' || ch == '/')) ch = '_';
+  std::vector<std::string> out = names;
+  for (size_t k = 0; k < names.size(); ++k)
+    if (names[k].empty() || std::count(names.begin(), names.end(), names[k]) > 1) out[k] = fmt::format("part{}", k);
+  return out;
+}
+
+Evaluation evaluate(const LossSum& model, at::Device device, RunData& d, int64_t batches) {
+  c10::NoGradGuard no_grad;
+  const auto opts = at::TensorOptions().dtype(at::kDouble).device(device);
+  std::vector<at::Tensor> sums;
+  std::vector<int64_t> counts;
+  for (const ValSet& set : d.val) {
+    auto loader = set.open();
+    at::Tensor sum = at::zeros({}, opts);
+    int64_t count = 0;
+    for (int64_t i = 0; i < batches; ++i) {
+      const DeviceBatch b = to_device(loader->next(), device);
+      count += b.count;
+      sum += loss_sum(model, b).to(at::kDouble);  // model: the (possibly sharded) model
+    }
+    sums.push_back(sum);
+    counts.push_back(count);
+  }
+  const at::Tensor all = at::stack(sums).cpu();  // one transfer for every set
+  Evaluation e;
+  double total = 0;
+  int64_t count = 0;
+  for (size_t k = 0; k < sums.size(); ++k) {
+    const double s = all[static_cast<int64_t>(k)].item<double>();
+    total += s, count += counts[k];
+    if (sums.size() > 1) e.parts.emplace_back(d.val[k].name, s / static_cast<double>(std::max<int64_t>(counts[k], 1)));
+  }
+  e.loss = total / static_cast<double>(std::max<int64_t>(count, 1));
+  return e;
 }
 
 }  // namespace coil

@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "data/loader.h"
@@ -18,9 +19,15 @@
 
 namespace coil {
 
+// A held-out set: each comma-separated entry of data.val is one, scored on its own.
+struct ValSet {
+  std::string name;                                     // short: what tells the entries apart
+  std::function<std::unique_ptr<data::Loader>()> open;  // a fresh loader from its start
+};
+
 struct RunData {
   std::unique_ptr<data::Loader> train;
-  std::function<std::unique_ptr<data::Loader>()> val;  // a fresh loader from the start of the val data
+  std::vector<ValSet> val;                             // empty: no evaluation
   std::string summary;                                 // one line for the start-up message
   std::vector<std::string> mixture;                    // a line per part of a mixture (data/mixture.h)
 };
@@ -34,8 +41,18 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
 // Steps of the run: train.max_steps, or train.total_train_tokens / train.num_epochs in steps.
 int64_t derive_steps(const RunConfig& c, const data::Loader& loader);
 
-// Mean loss over the first `batches` micro batches of the held-out data. Every rank computes the
-// same (the sharded forward needs every rank); the loss stays on the device until the end.
-double evaluate(const LossSum& model, at::Device device, RunData& d, int64_t batches);
+// Short names for data.val's entries (metrics: val_loss_parts, TensorBoard and W&B: val/loss/<name>):
+// the entries without the directories and the ending they all share ("data/web/val, data/code/val"
+// -> "web", "code"; "a.jsonl, b.jsonl" -> "a", "b"); "part<k>" where that leaves nothing or twins.
+std::vector<std::string> val_set_names(const std::vector<std::string>& entries);
+
+// The held-out loss: over the first `batches` micro batches of each held-out set, the mean over all
+// their tokens, and each set's own mean (parts: only when there are several). Every rank computes
+// the same (the sharded forward needs every rank); the sums stay on the device until the end.
+struct Evaluation {
+  double loss = 0;
+  std::vector<std::pair<std::string, double>> parts;
+};
+Evaluation evaluate(const LossSum& model, at::Device device, RunData& d, int64_t batches);
 
 }  // namespace coil

@@ -249,14 +249,16 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
   TrainResult result;
   auto eval_now = [&](int64_t done) {  // logs and returns the held-out loss
     watchdog.mark("evaluation");
-    const double val = evaluate(model_loss, par.device, data, c.eval_batches);
-    metrics.eval(done, val);
+    const Evaluation e = evaluate(model_loss, par.device, data, c.eval_batches);
+    metrics.eval(done, e.loss, e.parts);
+    std::string parts;
+    for (const auto& [name, loss] : e.parts) parts += fmt::format("{}{} {:.4f}", parts.empty() ? " | " : ", ", name, loss);
     if (par.root())
-      fmt::print("{} step {}/{} | val loss {:.4f} | val ppl {:.2f}{}\n", what, done, steps, val, std::exp(val),
-                 done > 0 && val < best_val ? " (best)" : "");
-    return val;
+      fmt::print("{} step {}/{} | val loss {:.4f} | val ppl {:.2f}{}{}\n", what, done, steps, e.loss, std::exp(e.loss),
+                 parts, done > 0 && e.loss < best_val ? " (best)" : "");
+    return e.loss;
   };
-  if (step == 0 && data.val && c.eval_interval > 0) eval_now(0);  // where the run starts from, for comparison
+  if (step == 0 && !data.val.empty() && c.eval_interval > 0) eval_now(0);  // where the run starts from, for comparison
   const auto t_loop = std::chrono::steady_clock::now();
   const int64_t first = step;
   int64_t skipped = 0, overflows = 0;
@@ -347,7 +349,7 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
     result.last_loss = loss;
 
     bool best = false;
-    if (data.val && c.eval_interval > 0 && (done % c.eval_interval == 0 || done == steps)) {
+    if (!data.val.empty() && c.eval_interval > 0 && (done % c.eval_interval == 0 || done == steps)) {
       const double val = eval_now(done);
       result.last_val_loss = val;
       if (val < best_val) best_val = val, best = true;

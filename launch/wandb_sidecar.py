@@ -8,7 +8,8 @@ nor fails because of it (launch/wandb.h starts it; it is compiled into coil and 
   hyperparameters, and a resumed Coil run continues the same W&B run.
 - The scalars, the same as TensorBoard's (launch/metrics.h): a training line's numbers as
   train/<key> (not step, tokens, elapsed_s; non-finite numbers, written as null, left out), an
-  evaluation's as val/loss and val/ppl, each logged at the line's step.
+  evaluation's as val/loss and val/ppl (and val/loss/<name> for each of several held-out sets),
+  each logged at the line's step.
 - Following the file: new complete lines are read every half second; a file that shrinks or is
   replaced (a resumed run trims it) is read again from its start. Steps up to the last one sent
   (run_dir/wandb_last_step, kept by this script) are not sent again, so a resumed run sends only
@@ -39,6 +40,9 @@ def scalars(line):
             v = line.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 out[name] = v
+        for part, v in (line.get("val_loss_parts") or {}).items():  # several held-out sets
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out["val/loss/" + part] = v
         return out
     for key, v in line.items():
         if key in SKIPPED or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

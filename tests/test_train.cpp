@@ -592,6 +592,66 @@ TEST_F(Train, AMixtureTrainsAndResumesBitExactly) {
   EXPECT_EQ(metrics(sft).size(), 2u);
 }
 
+TEST(ValSets, NamesAreWhatTellsTheEntriesApart) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(val_set_names({"data/web/val"}), V{"data/web/val"});  // one set keeps its entry
+  EXPECT_EQ(val_set_names({"data/fineweb-edu/shards-val", "data/code/shards-val"}), (V{"fineweb-edu", "code"}));
+  EXPECT_EQ(val_set_names({"web.jsonl", "code.jsonl", "math.jsonl"}), (V{"web", "code", "math"}));
+  EXPECT_EQ(val_set_names({"d/a", "d/a2"}), (V{"a", "a2"}));          // whole directories only
+  EXPECT_EQ(val_set_names({"/x/val-*.jsonl.zst", "/y/val-*.jsonl.zst"}), (V{"x", "y"}));
+  EXPECT_EQ(val_set_names({"s", "s"}), (V{"part0", "part1"}));        // twins
+  EXPECT_EQ(val_set_names({"a b/v", "c:d/v"}), (V{"a_b", "c_d"}));    // a TensorBoard tag, a W&B key
+  EXPECT_EQ(val_set_names({}), V{});
+}
+
+// data.val naming two held-out sets: each scored on its own (val_loss_parts, the same as a run with
+// that set alone), val_loss over all their tokens; the line, TensorBoard and the best checkpoint
+// follow val_loss.
+TEST_F(Train, SeveralHeldOutSetsAreScoredApart) {
+  const std::string shards = *dir_ + "/shards", other = *dir_ + "/shards-alpaca";
+  if (!fs::exists(other + "/manifest.json")) {
+    data::PrepareOptions p;
+    p.inputs = {*dir_ + "/alpaca.jsonl"};
+    p.read.text_field = "output";
+    p.tokenizer = *dir_ + "/tok.model";
+    p.output = other;
+    p.threads = 2;
+    data::prepare_shards(p);
+  }
+  const std::vector<std::string> quick = {"train.max_steps=2", "train.eval_interval=2", "train.checkpoint_interval=0"};
+  auto with = [&](const std::string& run, const std::string& val) {
+    std::vector<std::string> sets = quick;
+    sets.push_back("data.val=" + val);
+    testing::internal::CaptureStdout();
+    train(config(run, sets), Phase::kPretrain);
+    const std::string out = testing::internal::GetCapturedStdout();
+    std::vector<nlohmann::json> evals;
+    for (auto& m : metrics(run))
+      if (m.contains("val_loss")) evals.push_back(m);
+    return std::make_pair(evals, out);
+  };
+  const auto [both, out] = with(*dir_ + "/val-both", shards + ", " + other);
+  const auto [alone_a, out_a] = with(*dir_ + "/val-a", shards);
+  const auto [alone_b, out_b] = with(*dir_ + "/val-b", other);
+  ASSERT_EQ(both.size(), 2u);  // step 0 and step 2
+  for (size_t i = 0; i < both.size(); ++i) {
+    const nlohmann::json& parts = both[i].at("val_loss_parts");
+    ASSERT_EQ(parts.size(), 2u);
+    EXPECT_EQ(parts.at("shards").get<double>(), alone_a[i].at("val_loss").get<double>()) << i;
+    EXPECT_EQ(parts.at("shards-alpaca").get<double>(), alone_b[i].at("val_loss").get<double>()) << i;
+    EXPECT_FALSE(alone_a[i].contains("val_loss_parts"));
+    // Both sets score 2 micro batches of 2 x 32 targets: the mean over all tokens is the plain mean.
+    EXPECT_NEAR(both[i].at("val_loss").get<double>(),
+                (parts.at("shards").get<double>() + parts.at("shards-alpaca").get<double>()) / 2, 1e-12);
+  }
+  EXPECT_NE(both[0].at("val_loss_parts").at("shards").get<double>(), both[0].at("val_loss_parts").at("shards-alpaca").get<double>());
+  EXPECT_NE(out.find(fmt::format("| val loss {:.4f} | val ppl", both[1].at("val_loss").get<double>())), std::string::npos) << out;
+  EXPECT_NE(out.find(fmt::format(" | shards {:.4f}, shards-alpaca {:.4f}", both[1]["val_loss_parts"]["shards"].get<double>(),
+                                 both[1]["val_loss_parts"]["shards-alpaca"].get<double>())),
+            std::string::npos)
+      << out;
+}
+
 // Two identical runs, each started with the process's CPU generator somewhere else (as LibTorch
 // seeds it at random in every process), write byte-identical rank files (weights, optimizer
 // state, /rng/cpu, the loader state) and index.h5 files that differ in the run's elapsed_s only

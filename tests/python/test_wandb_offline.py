@@ -179,6 +179,8 @@ def test_follower_reads_appended_lines_and_starts_over_on_a_trimmed_file(tmp_pat
     assert sidecar.scalars({"step": 1, "loss": 2.5, "tokens": 64, "elapsed_s": 1.0, "grad_norm": None,
                             "batch_hash": "ab", "skipped": False}) == {"train/loss": 2.5}
     assert sidecar.scalars({"step": 2, "val_loss": 1.0, "val_ppl": 2.718}) == {"val/loss": 1.0, "val/ppl": 2.718}
+    assert sidecar.scalars({"step": 2, "val_loss": 1.0, "val_ppl": 2.718, "val_loss_parts": {"web": 0.9, "code": None}}) == \
+        {"val/loss": 1.0, "val/ppl": 2.718, "val/loss/web": 0.9}
     # Trimmed and written past the old end before the next read: the bytes read last are gone.
     path.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": 3}\n')
     assert len(f.lines()) == 2
