@@ -77,9 +77,9 @@ int main(int argc, char** argv) {
     auto shards = std::make_shared<TokenShards>(shards_dir);
     auto samples = std::make_shared<PackedSamples>(shards, seq_len);
     // The same shards as a mixture of three parts weighted 5:3:2 (data/mixture.h): the cost of
-    // choosing each sample's part and its place in that part's order.
+    // finding each sample's part and its place in that part's order (data/mixture.h's Interleave).
     auto mixture = std::make_shared<MixedSamples>(std::vector<std::shared_ptr<const SampleSource>>{samples, samples, samples},
-                                                  std::vector<std::string>{"a", "b", "c"}, std::vector<double>{5, 3, 2});
+                                                  std::vector<std::string>{"a", "b", "c"}, std::vector<double>{5, 3, 2}, 1234);
     auto rate = [&](std::shared_ptr<const SampleSource> source) {
       auto loader = make_indexed_loader(source, BatchGeometry{seq_len, batch, batch, 0, 1}, 1234, /*prefetch=*/0);
       for (int i = 0; i < 20; ++i) loader->next();  // warm the page cache a little

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "data/mixture.h"
 #include "util/error.h"
 
 namespace coil::data {
@@ -160,11 +161,10 @@ class IndexedLoader : public Loader {
   void restore(const LoaderState& s) override {
     COIL_CHECK(s.kind == source_->kind(), "the saved loader state is for {} data, this run reads {} data", s.kind,
                source_->kind());
-    COIL_CHECK(s.fingerprint == source_->fingerprint(),
-               "the saved loader state belongs to other data ({}), not to this run's ({})", s.fingerprint,
-               source_->fingerprint());
     COIL_CHECK(s.next_sample >= 0, "bad loader state: next_sample {}", s.next_sample);
+    std::shared_ptr<const SampleSource> source = continue_from(source_, s);  // or a coil::Error
     stop();
+    source_ = std::move(source);
     seed_ = s.seed;  // the run goes on in its own order
     start_ = s.next_sample;
     consumed_ = 0;

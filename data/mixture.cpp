@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "util/error.h"
@@ -38,10 +39,62 @@ std::vector<int64_t> apportion(int64_t n, const std::vector<double>& weights, co
   return out;
 }
 
+// ---- Interleave -----------------------------------------------------------------------------------
+
+namespace {
+using i128 = __int128;
+int64_t floor_div(i128 a, i128 b) { return static_cast<int64_t>(a >= 0 ? a / b : -((-a + b - 1) / b)); }
+}  // namespace
+
+Interleave::Interleave(std::vector<int64_t> quotas) : n_(std::move(quotas)) {
+  COIL_CHECK(!n_.empty(), "an interleaving of no part");
+  for (int64_t n : n_) {
+    COIL_CHECK(n > 0, "a part's quota must be > 0, not {}", n);
+    total_ += n;
+  }
+}
+
+// Samples due strictly before (2i + 1) / (2 n_k), plus those due at the same time of lower parts.
+// With t = (2i + 1) n_j, part j has floor(ceil(t / n_k) / 2) samples due before (i itself for
+// j = k), and one at that very time when t / n_k is an odd integer.
+int64_t Interleave::rank(size_t k, int64_t i) const {
+  const i128 due = 2 * static_cast<i128>(i) + 1, nk = n_[k];
+  i128 r = 0;
+  for (size_t j = 0; j < n_.size(); ++j) {
+    const i128 t = due * n_[j];
+    r += (t + nk - 1) / nk / 2;
+    if (j < k && t % nk == 0 && (t / nk) % 2 == 1) ++r;
+  }
+  return static_cast<int64_t>(r);
+}
+
+// The first i with rank(k, i) >= g. (i + 1/2) S / n_k - K / 2 <= rank(k, i) < (i + 1/2) S / n_k + 3K / 2
+// (K parts), so it lies in a window of about 3K n_k / S + 3 samples.
+int64_t Interleave::before(size_t k, int64_t g) const {
+  const auto K = static_cast<i128>(n_.size());
+  int64_t lo = std::max<int64_t>(0, floor_div((static_cast<i128>(g) - 2 * K) * n_[k], total_) - 1);
+  int64_t hi = floor_div((static_cast<i128>(g) + K) * n_[k], total_) + 1;  // rank(k, hi) >= g
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (rank(k, mid) >= g) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+Interleave::Place Interleave::at(int64_t g) const {
+  COIL_CHECK(g >= 0, "sample position {} is negative", g);
+  for (size_t k = 0; k < n_.size(); ++k)
+    if (const int64_t i = before(k, g); rank(k, i) == g) return {k, i};
+  fail("interleave: no part has position {} (quotas {})", g, n_.size());
+}
+
+// ---- MixedSamples ---------------------------------------------------------------------------------
+
 MixedSamples::MixedSamples(std::vector<std::shared_ptr<const SampleSource>> parts, std::vector<std::string> names,
-                           std::vector<double> weights)
-    : parts_(std::move(parts)), names_(std::move(names)) {
-  COIL_CHECK(parts_.size() >= 2 && names_.size() == parts_.size(), "a mixture needs two or more parts, with a name each");
+                           std::vector<double> weights, uint64_t seed)
+    : parts_(std::move(parts)), names_(std::move(names)), mix_({1}) {
+  COIL_CHECK(!parts_.empty() && names_.size() == parts_.size(), "a mixture needs parts, with a name each");
   COIL_CHECK(weights.empty() || weights.size() == parts_.size(), "a mixture of {} parts was given {} weights",
              parts_.size(), weights.size());
   for (size_t k = 0; k < parts_.size(); ++k) {
@@ -55,16 +108,18 @@ MixedSamples::MixedSamples(std::vector<std::shared_ptr<const SampleSource>> part
                names_[0]);
     start_.push_back(size_);
     size_ += p.size();
+    seed_.push_back(part_seed(seed, k));
+    offset_.push_back(0);
   }
+  std::vector<int64_t> quotas;
   if (weights.empty())
-    for (const auto& p : parts_) quota_.push_back(p->size());
+    for (const auto& p : parts_) quotas.push_back(p->size());
   else
-    quota_ = apportion(size_, weights, names_);
+    quotas = apportion(size_, weights, names_);
+  mix_ = Interleave(quotas);
   long double tokens = 0;
-  for (size_t k = 0; k < parts_.size(); ++k) {
-    first_.push_back(k ? first_[k - 1] + quota_[k - 1] : 0);
-    tokens += static_cast<long double>(quota_[k]) * parts_[k]->target_tokens() / parts_[k]->size();
-  }
+  for (size_t k = 0; k < parts_.size(); ++k)
+    tokens += static_cast<long double>(quotas[k]) * parts_[k]->target_tokens() / parts_[k]->size();
   target_tokens_ = static_cast<int64_t>(std::llround(tokens));
 }
 
@@ -72,19 +127,15 @@ uint64_t MixedSamples::part_seed(uint64_t seed, size_t k) {
   return mix64(seed ^ mix64(0x6d69787475726570ULL + k));  // "mixturep" + k
 }
 
-MixedSamples::Place MixedSamples::locate(int64_t g, uint64_t seed) const {
-  COIL_CHECK(g >= 0, "sample position {} is negative", g);
-  const int64_t epoch = g / size_;
-  const Permutation slots(static_cast<uint64_t>(size_),
-                          mix64(seed ^ 0x6d69787475726573ULL) ^ mix64(static_cast<uint64_t>(epoch) * 0x632be59bd9b4e019ULL));
-  const auto p = static_cast<int64_t>(slots(static_cast<uint64_t>(g % size_)));
-  const size_t k = static_cast<size_t>(std::upper_bound(first_.begin(), first_.end(), p) - first_.begin()) - 1;
-  return {k, epoch * quota_[k] + (p - first_[k])};
+MixedSamples::Place MixedSamples::locate(int64_t g) const {
+  COIL_CHECK(g >= from_, "sample position {} is before this mixture's first ({})", g, from_);
+  const Interleave::Place p = mix_.at(g - from_);
+  return {p.part, offset_[p.part] + p.index};
 }
 
-void MixedSamples::fill_at(int64_t g, uint64_t seed, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const {
-  const Place at = locate(g, seed);
-  parts_[at.part]->fill_at(at.position, part_seed(seed, at.part), tokens, mask, seq_idx);
+void MixedSamples::fill_at(int64_t g, uint64_t /*seed*/, int32_t* tokens, uint8_t* mask, int32_t* seq_idx) const {
+  const Place at = locate(g);
+  parts_[at.part]->fill_at(at.position, seed_[at.part], tokens, mask, seq_idx);
 }
 
 void MixedSamples::fill(int64_t i, int32_t* tokens, uint8_t* mask) const {
@@ -100,18 +151,87 @@ void MixedSamples::fill_seq_idx(int64_t i, int32_t* seq_idx) const {
 }
 
 std::string MixedSamples::fingerprint() const {
-  std::string f = "mix";
-  for (size_t k = 0; k < parts_.size(); ++k) f += fmt::format("[{}x{}]", quota_[k], parts_[k]->fingerprint());
-  return f;
+  nlohmann::json parts = nlohmann::json::array();
+  for (size_t k = 0; k < parts_.size(); ++k)
+    parts.push_back({{"data", parts_[k]->fingerprint()}, {"quota", quotas()[k]}, {"seed", seed_[k]}, {"offset", offset_[k]}});
+  return nlohmann::json{{"mixture", parts}, {"from", from_}}.dump();
+}
+
+std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& state) const {
+  // The saved parts: a mixture's, or a single data set as a mixture of one.
+  struct Saved {
+    std::string data;
+    int64_t quota = 1;
+    uint64_t seed = 0;
+    int64_t offset = 0;
+  };
+  std::vector<Saved> saved;
+  int64_t from = 0;
+  const nlohmann::json j = nlohmann::json::parse(state.fingerprint, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object() && j.contains("mixture")) {
+    try {
+      for (const auto& p : j.at("mixture"))
+        saved.push_back({p.at("data").get<std::string>(), p.at("quota").get<int64_t>(), p.at("seed").get<uint64_t>(),
+                         p.at("offset").get<int64_t>()});
+      from = j.at("from").get<int64_t>();
+    } catch (const nlohmann::json::exception& e) {
+      fail("the saved loader state's mixture is damaged ({}): {}", e.what(), state.fingerprint.substr(0, 200));
+    }
+  } else {
+    saved.push_back({state.fingerprint, 1, state.seed, 0});
+  }
+  COIL_CHECK(!saved.empty() && state.next_sample >= from, "bad loader state: next sample {} before its mixture's start {}",
+             state.next_sample, from);
+  bool same = saved.size() == parts_.size();
+  for (size_t k = 0; same && k < parts_.size(); ++k) same = saved[k].data == parts_[k]->fingerprint() && saved[k].quota == quotas()[k];
+  auto next = std::make_shared<MixedSamples>(*this);
+  if (same) {  // this mixture: its segment as saved
+    next->from_ = from;
+    for (size_t k = 0; k < parts_.size(); ++k) next->seed_[k] = saved[k].seed, next->offset_[k] = saved[k].offset;
+    return next;
+  }
+  // Another mixture (or a single set) before: each part that was there goes on from where it was.
+  std::vector<int64_t> quotas;
+  for (const Saved& s : saved) {
+    COIL_CHECK(s.quota > 0 && s.offset >= 0, "bad loader state: a mixture part with quota {} and offset {}", s.quota, s.offset);
+    quotas.push_back(s.quota);
+  }
+  const Interleave old(quotas);
+  std::vector<bool> taken(saved.size(), false);
+  bool any = false;
+  next->from_ = state.next_sample;
+  for (size_t k = 0; k < parts_.size(); ++k) {
+    next->offset_[k] = 0;  // a new part starts at its beginning, in its own order
+    for (size_t s = 0; s < saved.size(); ++s)
+      if (!taken[s] && saved[s].data == parts_[k]->fingerprint()) {
+        taken[s] = any = true;
+        next->seed_[k] = saved[s].seed;
+        next->offset_[k] = saved[s].offset + old.before(s, state.next_sample - from);
+        break;
+      }
+  }
+  COIL_CHECK(any, "the saved loader state belongs to other data (none of its parts is in this run's data): {}",
+             state.fingerprint.substr(0, 200));
+  return next;
+}
+
+std::shared_ptr<const SampleSource> continue_from(std::shared_ptr<const SampleSource> source, const LoaderState& state) {
+  if (auto mixture = std::dynamic_pointer_cast<const MixedSamples>(source)) return mixture->for_state(state);
+  if (state.fingerprint == source->fingerprint()) return source;
+  const nlohmann::json j = nlohmann::json::parse(state.fingerprint, nullptr, /*allow_exceptions=*/false);
+  COIL_CHECK(j.is_object() && j.contains("mixture"), "the saved loader state belongs to other data ({}), not to this run's ({})",
+             state.fingerprint, source->fingerprint());
+  const MixedSamples alone({source}, {"the data"}, {}, state.seed);
+  return alone.for_state(state);
 }
 
 std::vector<std::string> MixedSamples::describe(const std::string& unit) const {
   std::vector<std::string> out;
   for (size_t k = 0; k < parts_.size(); ++k)
     out.push_back(fmt::format("part {} {}: {:.2f}% ({} of the {} {} of an epoch: its {} {:.3g}x)", k, names_[k],
-                              100.0 * static_cast<double>(quota_[k]) / static_cast<double>(size_), quota_[k], size_,
+                              100.0 * static_cast<double>(quotas()[k]) / static_cast<double>(size_), quotas()[k], size_,
                               unit, parts_[k]->size(),
-                              static_cast<double>(quota_[k]) / static_cast<double>(parts_[k]->size())));
+                              static_cast<double>(quotas()[k]) / static_cast<double>(parts_[k]->size())));
   return out;
 }
 

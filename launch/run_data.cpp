@@ -34,7 +34,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
   }
   // Several data sets as one (data/mixture.h), its parts named in the start-up lines.
   auto mix = [&](std::vector<std::shared_ptr<const data::SampleSource>> sets) -> std::shared_ptr<const data::SampleSource> {
-    auto m = std::make_shared<data::MixedSamples>(std::move(sets), parts, weights);
+    auto m = std::make_shared<data::MixedSamples>(std::move(sets), parts, weights, static_cast<uint64_t>(c.seed));
     d.mixture = m->describe(phase == Phase::kSft && c.data_sft_packing ? "rows" : phase == Phase::kSft ? "examples" : "sequences");
     return m;
   };

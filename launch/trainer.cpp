@@ -172,6 +172,9 @@ TrainResult train(const RunConfig& c, Phase phase, bool must_resume) {
                                             : data::merge_streaming_states(saved, par.rank, par.world);
     }
     data.train->restore(state0);
+    if (par.root() && data.train->state().fingerprint != state0.fingerprint)
+      fmt::print("{}: the data mixture changed since step {}: each part goes on from where it was, a new one from its "
+                 "start (docs/DATA.md, Mixtures)\n", what, step);
     if (at::Tensor rng = ck.rank_rng(par.rank % ck.world_size()); rng.defined()) {
       at::Generator gen = at::detail::getDefaultCPUGenerator();
       gen.set_state(rng);

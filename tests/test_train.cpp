@@ -77,6 +77,11 @@ class Train : public ::testing::Test {
     p.output = *dir_ + "/shards";
     p.threads = 2;
     data::prepare_shards(p);
+    // Another prepared set, of the Alpaca responses: a second data set (mixtures, held-out sets).
+    p.inputs = {*dir_ + "/alpaca.jsonl"};
+    p.read.text_field = "output";
+    p.output = *dir_ + "/shards-alpaca";
+    data::prepare_shards(p);
   }
   static void TearDownTestSuite() {
     fs::remove_all(*dir_);
@@ -552,7 +557,7 @@ TEST_F(Train, ResumeIsBitExact) {
 }
 
 // A mixture of prepared sets (here the suite's shards twice, 3:1) trains through the same loop and
-// resumes bit-exactly; its batches are not the single set's; a changed mixture is not resumed into.
+// resumes bit-exactly; its batches are not the single set's; resumed with other weights it goes on.
 TEST_F(Train, AMixtureTrainsAndResumesBitExactly) {
   const std::string shards = *dir_ + "/shards", straight = *dir_ + "/mix", resumed = *dir_ + "/mix-resumed";
   const std::vector<std::string> mix = {"data.train=" + shards + ", " + shards, "data.train_weights=3,1",
@@ -574,10 +579,24 @@ TEST_F(Train, AMixtureTrainsAndResumesBitExactly) {
   const std::string single = *dir_ + "/mix-single";
   train(config(single, {"train.max_steps=2", "train.eval_interval=0"}), Phase::kPretrain);
   EXPECT_NE(metrics(single)[0]["batch_hash"].dump(), a[0]["batch_hash"].dump());
-  // Other weights: the checkpoint's loader state belongs to another mixture.
+  // Resumed with other weights: the run goes on from its last step in the new shares, and says so.
+  testing::internal::CaptureStdout();
+  train(config(resumed, {mix[0], "data.train_weights=1,1", "train.max_steps=8", "train.eval_interval=0"}), Phase::kPretrain);
+  const std::string changed = testing::internal::GetCapturedStdout();
+  EXPECT_NE(changed.find("pretrain: the data mixture changed since step 6: each part goes on from where it was"),
+            std::string::npos) << changed;
+  EXPECT_EQ(metrics(resumed).size(), 8u);
+  // Resumed on one of its sets alone: that set goes on from where it was.
+  testing::internal::CaptureStdout();
+  train(config(resumed, {"data.train=" + shards, "train.max_steps=9", "train.eval_interval=0"}), Phase::kPretrain);
+  const std::string alone = testing::internal::GetCapturedStdout();
+  EXPECT_NE(alone.find("pretrain: the data mixture changed since step 8"), std::string::npos) << alone;
+  EXPECT_EQ(metrics(resumed).size(), 9u);
+  // A set that was in no part of it refuses the state.
   EXPECT_NE(error_of([&] {
-              train(config(resumed, {mix[0], "data.train_weights=1,1", "train.max_steps=8"}), Phase::kPretrain);
-            }).find("the saved loader state belongs to other data"),
+              train(config(resumed, {"data.train=" + *dir_ + "/shards-alpaca, " + *dir_ + "/shards-alpaca", "train.max_steps=10"}),
+                    Phase::kPretrain);
+            }).find("the saved loader state belongs to other data (none of its parts is in this run's data)"),
             std::string::npos);
   // SFT: two Alpaca sets, each a part.
   const std::string sft = *dir_ + "/mix-sft", alpaca = *dir_ + "/alpaca.jsonl";
@@ -609,15 +628,6 @@ TEST(ValSets, NamesAreWhatTellsTheEntriesApart) {
 // follow val_loss.
 TEST_F(Train, SeveralHeldOutSetsAreScoredApart) {
   const std::string shards = *dir_ + "/shards", other = *dir_ + "/shards-alpaca";
-  if (!fs::exists(other + "/manifest.json")) {
-    data::PrepareOptions p;
-    p.inputs = {*dir_ + "/alpaca.jsonl"};
-    p.read.text_field = "output";
-    p.tokenizer = *dir_ + "/tok.model";
-    p.output = other;
-    p.threads = 2;
-    data::prepare_shards(p);
-  }
   const std::vector<std::string> quick = {"train.max_steps=2", "train.eval_interval=2", "train.checkpoint_interval=0"};
   auto with = [&](const std::string& run, const std::string& val) {
     std::vector<std::string> sets = quick;

@@ -110,6 +110,8 @@ def make_config():
         '%%\ntrain.max_steps=-5\nnonsense\n=\ntrain.seq_len=\nmodel.expand=99999999999999999999\n')
     put("config", "tables.toml", '[model.nested]\nx = 1\n[[train]]\ny = 2\n[data]\ntrain = ["a", "b"]\n'
         'tokenizer = { path = "x" }\n')
+    put("config", "mixture.toml", '[data]\ntrain = "a/shards, b/shards,, c"\ntrain_weights = "0.7, 0.3,1e400"\n'
+        'val = "a/val, b/val"\n%%\ndata.train_weights=-1,nan\ndata.streaming=true\ndata.train=x,y\n')
 
 
 def make_safetensors():
