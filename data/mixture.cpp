@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <numeric>
 
@@ -52,20 +53,28 @@ Interleave::Interleave(std::vector<int64_t> quotas) : n_(std::move(quotas)) {
     COIL_CHECK(n > 0, "a part's quota must be > 0, not {}", n);
     total_ += n;
   }
+  small_ = (std::numeric_limits<int64_t>::max() / 2 - total_) / *std::max_element(n_.begin(), n_.end()) / 2;
 }
 
 // Samples due strictly before (2i + 1) / (2 n_k), plus those due at the same time of lower parts.
 // With t = (2i + 1) n_j, part j has floor(ceil(t / n_k) / 2) samples due before (i itself for
 // j = k), and one at that very time when t / n_k is an odd integer.
-int64_t Interleave::rank(size_t k, int64_t i) const {
-  const i128 due = 2 * static_cast<i128>(i) + 1, nk = n_[k];
-  i128 r = 0;
-  for (size_t j = 0; j < n_.size(); ++j) {
-    const i128 t = due * n_[j];
-    r += (t + nk - 1) / nk / 2;
-    if (j < k && t % nk == 0 && (t / nk) % 2 == 1) ++r;
+// In 64-bit arithmetic while (2i + 1) n_j fits (any run of fewer than 2^61 / max n_k samples), else
+// in 128-bit.
+template <typename Int>
+int64_t rank_in(const std::vector<int64_t>& n, size_t k, int64_t i) {
+  const Int due = 2 * static_cast<Int>(i) + 1, nk = n[k];
+  Int r = 0;
+  for (size_t j = 0; j < n.size(); ++j) {
+    const Int t = due * n[j], q = (t + nk - 1) / nk;
+    r += q / 2;
+    if (j < k && q * nk == t && q % 2 == 1) ++r;
   }
   return static_cast<int64_t>(r);
+}
+
+int64_t Interleave::rank(size_t k, int64_t i) const {
+  return i < small_ ? rank_in<int64_t>(n_, k, i) : rank_in<i128>(n_, k, i);
 }
 
 // The first i with rank(k, i) >= g. (i + 1/2) S / n_k - K / 2 <= rank(k, i) < (i + 1/2) S / n_k + 3K / 2

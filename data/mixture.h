@@ -55,6 +55,7 @@ class Interleave {
  private:
   std::vector<int64_t> n_;
   int64_t total_ = 0;
+  int64_t small_ = 0;  // rank(k, i) with i below it needs no 128-bit arithmetic
 };
 
 class MixedSamples : public SampleSource {

@@ -1467,6 +1467,16 @@ TEST(Mixture, InterleaveIsAMergeByDueTime) {
     EXPECT_EQ(big.before(p.part, g), p.index);
     EXPECT_EQ(big.before(p.part, g + 1), p.index + 1);
   }
+  // An epoch of S positions shifts every rank by S, across the switch from 64- to 128-bit arithmetic
+  // (near i = 2^61 / the largest quota).
+  const std::vector<int64_t> n = big.quotas();
+  const int64_t S = std::accumulate(n.begin(), n.end(), int64_t{0});
+  for (size_t k = 0; k < n.size(); ++k)
+    for (int64_t i : {0, 5, 77})
+      for (int64_t m : {1, 3, 1000, 1000000}) {
+        const int64_t epochs = k == 1 ? m * 1000 : m;  // reach past the switch for the small part too
+        EXPECT_EQ(big.rank(k, i + epochs * n[k]), big.rank(k, i) + epochs * S) << k << " " << i << " " << epochs;
+      }
   EXPECT_THROW(Interleave({3, 0}), coil::Error);
 }
 
