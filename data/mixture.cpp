@@ -166,31 +166,46 @@ std::string MixedSamples::fingerprint() const {
   return nlohmann::json{{"mixture", parts}, {"from", from_}}.dump();
 }
 
-std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& state) const {
-  // The saved parts: a mixture's, or a single data set as a mixture of one.
-  struct Saved {
-    std::string data;
-    int64_t quota = 1;
-    uint64_t seed = 0;
-    int64_t offset = 0;
-  };
+namespace {
+
+// The parts of a saved state: a mixture's segment, or a single data set as a mixture of one.
+struct Saved {
+  std::string data;
+  int64_t quota = 1;
+  uint64_t seed = 0;
+  int64_t offset = 0;
+};
+
+bool is_mixture(const std::string& fingerprint) {
+  const nlohmann::json j = nlohmann::json::parse(fingerprint, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() && j.contains("mixture");
+}
+
+std::vector<Saved> saved_parts(const LoaderState& state, int64_t& from) {
   std::vector<Saved> saved;
-  int64_t from = 0;
-  const nlohmann::json j = nlohmann::json::parse(state.fingerprint, nullptr, /*allow_exceptions=*/false);
-  if (j.is_object() && j.contains("mixture")) {
-    try {
-      for (const auto& p : j.at("mixture"))
-        saved.push_back({p.at("data").get<std::string>(), p.at("quota").get<int64_t>(), p.at("seed").get<uint64_t>(),
-                         p.at("offset").get<int64_t>()});
-      from = j.at("from").get<int64_t>();
-    } catch (const nlohmann::json::exception& e) {
-      fail("the saved loader state's mixture is damaged ({}): {}", e.what(), state.fingerprint.substr(0, 200));
-    }
-  } else {
-    saved.push_back({state.fingerprint, 1, state.seed, 0});
+  from = 0;
+  if (!is_mixture(state.fingerprint)) return {{state.fingerprint, 1, state.seed, 0}};
+  try {
+    const nlohmann::json j = nlohmann::json::parse(state.fingerprint);
+    for (const auto& p : j.at("mixture"))
+      saved.push_back({p.at("data").get<std::string>(), p.at("quota").get<int64_t>(), p.at("seed").get<uint64_t>(),
+                       p.at("offset").get<int64_t>()});
+    from = j.at("from").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    fail("the saved loader state's mixture is damaged ({}): {}", e.what(), state.fingerprint.substr(0, 200));
   }
   COIL_CHECK(!saved.empty() && state.next_sample >= from, "bad loader state: next sample {} before its mixture's start {}",
              state.next_sample, from);
+  for (const Saved& s : saved)
+    COIL_CHECK(s.quota > 0 && s.offset >= 0, "bad loader state: a mixture part with quota {} and offset {}", s.quota, s.offset);
+  return saved;
+}
+
+}  // namespace
+
+std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& state) const {
+  int64_t from = 0;
+  const std::vector<Saved> saved = saved_parts(state, from);
   bool same = saved.size() == parts_.size();
   for (size_t k = 0; same && k < parts_.size(); ++k) same = saved[k].data == parts_[k]->fingerprint() && saved[k].quota == quotas()[k];
   auto next = std::make_shared<MixedSamples>(*this);
@@ -201,10 +216,7 @@ std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& s
   }
   // Another mixture (or a single set) before: each part that was there goes on from where it was.
   std::vector<int64_t> quotas;
-  for (const Saved& s : saved) {
-    COIL_CHECK(s.quota > 0 && s.offset >= 0, "bad loader state: a mixture part with quota {} and offset {}", s.quota, s.offset);
-    quotas.push_back(s.quota);
-  }
+  for (const Saved& s : saved) quotas.push_back(s.quota);
   const Interleave old(quotas);
   std::vector<bool> taken(saved.size(), false);
   bool any = false;
@@ -227,11 +239,31 @@ std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& s
 std::shared_ptr<const SampleSource> continue_from(std::shared_ptr<const SampleSource> source, const LoaderState& state) {
   if (auto mixture = std::dynamic_pointer_cast<const MixedSamples>(source)) return mixture->for_state(state);
   if (state.fingerprint == source->fingerprint()) return source;
-  const nlohmann::json j = nlohmann::json::parse(state.fingerprint, nullptr, /*allow_exceptions=*/false);
-  COIL_CHECK(j.is_object() && j.contains("mixture"), "the saved loader state belongs to other data ({}), not to this run's ({})",
+  COIL_CHECK(is_mixture(state.fingerprint), "the saved loader state belongs to other data ({}), not to this run's ({})",
              state.fingerprint, source->fingerprint());
   const MixedSamples alone({source}, {"the data"}, {}, state.seed);
   return alone.for_state(state);
+}
+
+std::vector<std::string> describe_state(const LoaderState& state) {
+  if (state.kind == "streaming")
+    return {fmt::format("streaming, rank {} of {}: epoch {}, record {}, {} tokens of it used", state.rank, state.world,
+                        state.epoch, state.record, state.offset)};
+  if (!is_mixture(state.fingerprint))
+    return {fmt::format("{}, next sample {} (seed {}; data {})", state.kind, state.next_sample, state.seed, state.fingerprint)};
+  int64_t from = 0;
+  const std::vector<Saved> saved = saved_parts(state, from);
+  std::vector<int64_t> quotas;
+  for (const Saved& s : saved) quotas.push_back(s.quota);
+  const Interleave mix(quotas);
+  const int64_t total = std::accumulate(quotas.begin(), quotas.end(), int64_t{0});
+  std::vector<std::string> out = {fmt::format("{}, next sample {}: a mixture of {} parts, as it is since sample {}", state.kind,
+                                              state.next_sample, saved.size(), from)};
+  for (size_t k = 0; k < saved.size(); ++k)
+    out.push_back(fmt::format("part {}: next sample {} of its own order, {:.2f}% (data {})", k,
+                              saved[k].offset + mix.before(k, state.next_sample - from),
+                              100.0 * static_cast<double>(saved[k].quota) / static_cast<double>(total), saved[k].data));
+  return out;
 }
 
 std::vector<std::string> MixedSamples::describe(const std::string& unit) const {

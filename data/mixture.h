@@ -114,4 +114,8 @@ class MixedSamples : public SampleSource {
 // state belongs to other data.
 std::shared_ptr<const SampleSource> continue_from(std::shared_ptr<const SampleSource> source, const LoaderState& state);
 
+// Where a saved loader state is, in lines (`coil ckpt inspect`): the next sample and its data, for a
+// mixture each part's next position in its own order; for streaming, the rank's place in its files.
+std::vector<std::string> describe_state(const LoaderState& state);
+
 }  // namespace coil::data

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <memory>
 
+#include "data/loader.h"
+#include "data/mixture.h"
 #include "dist/checkpoint.h"
 #include "launch/commands.h"
 #include "data/tokenizer.h"
@@ -33,6 +35,22 @@ void fail_if_damaged(const dist::Checkpoint& ck) {
   COIL_CHECK(problems.empty(), "{} is damaged or incomplete ({} problem(s), listed above)", ck.path(), problems.size());
 }
 
+// Where the run's data reader was (data/mixture.h's describe_state): one state for all ranks, or one
+// a rank when streaming. An imported model has none; a state that does not read is said, not fatal.
+void print_data_position(const dist::Checkpoint& ck) {
+  try {
+    for (int r = 0; r < ck.world_size(); ++r) {
+      const std::string json = ck.rank_string(r, "loader_state");
+      if (json.empty()) return;
+      const data::LoaderState state = data::LoaderState::from_json(json);
+      for (const std::string& line : data::describe_state(state)) fmt::print("  data: {}\n", line);
+      if (state.kind != "streaming") return;
+    }
+  } catch (const Error& e) {
+    fmt::print("  data: the loader state does not read: {}\n", e.what());
+  }
+}
+
 void inspect(const std::string& path) {
   dist::Checkpoint ck(path);
   fmt::print("checkpoint {}\n", path);
@@ -41,6 +59,7 @@ void inspect(const std::string& path) {
              ck.consolidated() ? " (consolidated into one file)" : "", human_bytes(static_cast<double>(ck.total_bytes())));
   for (const char* key : {"phase", "tokens_seen", "best_val_loss", "elapsed_s", "schedule"})
     if (ck.strings().count(key)) fmt::print("  {}: {}\n", key, ck.strings().at(key));
+  print_data_position(ck);
   for (const auto& f : ck.files()) fmt::print("  file {}  {}  crc32 {:08x}\n", f.name, human_bytes(static_cast<double>(f.bytes)), f.crc32);
   int64_t params = 0, state = 0;
   fmt::print("  {:<56} {:>16} {:>8} {:>10}\n", "tensor", "shape", "dtype", "size");

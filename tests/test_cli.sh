@@ -170,6 +170,7 @@ steps_kept=$(ls -d "$tmp"/c2/checkpoints/step-* | wc -l)
 # coil ckpt: inspect, verify (exit 1 on damage), consolidate, export-hf; generate from one file.
 final="$tmp/r1/checkpoints/final"
 expect ckpt_inspect 0 "model/backbone.layers.0.mixer.in_proj.weight" -- ckpt inspect "$final"
+expect ckpt_inspect_data 0 "data: shards, next sample 60 (seed " -- ckpt inspect "$final"  # 30 steps of 2
 expect ckpt_verify 0 "intact" -- ckpt verify "$final"
 cp -rL "$final" "$tmp/damaged"
 truncate -s 100 "$tmp/damaged/rank-00000-of-00001.h5"

@@ -1594,6 +1594,17 @@ TEST(Mixture, ChangingTheMixtureGoesOnFromWhereEachPartWas) {
   for (int i = 0; i < 8 * global; ++i) mid->next();
   const LoaderState later = LoaderState::from_json(mid->state().to_json());
   EXPECT_NE(later.fingerprint, second->fingerprint());  // from and offsets are in it
+  // describe_state (coil ckpt inspect) says where each part is: how many of its samples were read.
+  std::vector<int64_t> upto(3, 0);
+  for (const auto& r : numbered(before)) ++upto[static_cast<size_t>(r.first)];  // the 30 before the change
+  for (size_t i = 0; i < 8 * global; ++i) ++upto[static_cast<size_t>(then[i].first)];
+  const std::vector<std::string> lines = describe_state(later);
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_EQ(lines[0], "shards, next sample 78: a mixture of 3 parts, as it is since sample 30");
+  for (size_t k = 0; k < 3; ++k)
+    EXPECT_EQ(lines[k + 1].rfind(fmt::format("part {}: next sample {} of its own order, {:.2f}% (data numbered-{}-", k,
+                                             upto[k], 100.0 * second->quotas()[k] / 37, 1000 * k), 0), 0u) << lines[k + 1];
+  EXPECT_EQ(describe_state(saved)[1].rfind("part 0: next sample 15 of its own order, 50.00% (data numbered-0-10)", 0), 0u);
   for (auto [world, micro] : {std::pair<int, int64_t>{1, 3}, {2, 1}}) {
     std::vector<Batch> resumed = run_world(second, world, global, micro, 12, 0, &later);
     for (int s = 0; s < 12; ++s) EXPECT_EQ(resumed[s].tokens, after[8 + s].tokens) << "world " << world << " step " << s;
