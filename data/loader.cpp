@@ -27,6 +27,10 @@ std::string LoaderState::to_json() const {
   nlohmann::json j = {{"kind", kind},   {"fingerprint", fingerprint}, {"seed", seed},   {"next_sample", next_sample},
                       {"epoch", epoch}, {"record", record},           {"offset", offset}, {"rank", rank},
                       {"world", world}};
+  if (!parts.empty()) {
+    j["parts"] = nlohmann::json::array();
+    for (const LoaderState& p : parts) j["parts"].push_back(nlohmann::json::parse(p.to_json()));
+  }
   return j.dump();
 }
 
@@ -43,6 +47,11 @@ LoaderState LoaderState::from_json(const std::string& text) {
     s.offset = j.at("offset").get<int64_t>();
     s.rank = j.at("rank").get<int>();
     s.world = j.at("world").get<int>();
+    if (j.contains("parts"))
+      for (const auto& p : j.at("parts")) {
+        if (!p.is_object() || p.contains("parts")) fail("not a data loader state (a part of parts): {}", text.substr(0, 200));
+        s.parts.push_back(from_json(p.dump()));
+      }
   } catch (const nlohmann::json::exception& e) {
     fail("not a data loader state ({}): {}", e.what(), text.substr(0, 200));
   }
@@ -51,7 +60,8 @@ LoaderState LoaderState::from_json(const std::string& text) {
 
 bool LoaderState::operator==(const LoaderState& o) const {
   return kind == o.kind && fingerprint == o.fingerprint && seed == o.seed && next_sample == o.next_sample &&
-         epoch == o.epoch && record == o.record && offset == o.offset && rank == o.rank && world == o.world;
+         epoch == o.epoch && record == o.record && offset == o.offset && rank == o.rank && world == o.world &&
+         parts == o.parts;
 }
 
 // ---- Permutation ----------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ struct LoaderState {
   // streaming: where the next row of this rank starts (see data/streaming.h)
   int64_t epoch = 0, record = 0, offset = 0;
   int rank = 0, world = 1;
+  // A streaming mixture: each part's own streaming state (next_sample: the mixture's global row).
+  std::vector<LoaderState> parts;
 
   std::string to_json() const;
   static LoaderState from_json(const std::string& json);  // throws coil::Error on a bad state

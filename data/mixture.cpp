@@ -246,9 +246,25 @@ std::shared_ptr<const SampleSource> continue_from(std::shared_ptr<const SampleSo
 }
 
 std::vector<std::string> describe_state(const LoaderState& state) {
-  if (state.kind == "streaming")
-    return {fmt::format("streaming, rank {} of {}: epoch {}, record {}, {} tokens of it used", state.rank, state.world,
-                        state.epoch, state.record, state.offset)};
+  auto place = [](const LoaderState& s) {
+    return fmt::format("epoch {}, record {}, {} tokens of it used", s.epoch, s.record, s.offset);
+  };
+  if (state.kind == "streaming" && state.parts.empty())
+    return {fmt::format("streaming, rank {} of {}: {}", state.rank, state.world, place(state))};
+  if (state.kind == "streaming") {  // a streaming mixture (data/streaming.h): its parts' names, if they read
+    const nlohmann::json j = nlohmann::json::parse(state.fingerprint, nullptr, /*allow_exceptions=*/false);
+    std::vector<std::string> out = {fmt::format("streaming mixture of {} parts, rank {} of {}: next global row {}",
+                                                state.parts.size(), state.rank, state.world, state.next_sample)};
+    for (size_t k = 0; k < state.parts.size(); ++k) {
+      std::string name;
+      if (j.is_object() && j.contains("streaming_mixture") && j["streaming_mixture"].is_array() &&
+          k < j["streaming_mixture"].size() && j["streaming_mixture"][k].is_object() &&
+          j["streaming_mixture"][k].contains("name") && j["streaming_mixture"][k]["name"].is_string())
+        name = " " + j["streaming_mixture"][k]["name"].get<std::string>();
+      out.push_back(fmt::format("part {}{}: {}", k, name, place(state.parts[k])));
+    }
+    return out;
+  }
   if (!is_mixture(state.fingerprint))
     return {fmt::format("{}, next sample {} (seed {}; data {})", state.kind, state.next_sample, state.seed, state.fingerprint)};
   int64_t from = 0;

@@ -1,12 +1,16 @@
 #include "data/streaming.h"
 
+#include <fmt/ranges.h>
+
 #include <condition_variable>
 #include <deque>
 #include <exception>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <thread>
 
+#include "data/mixture.h"
 #include "data/tokenizer.h"
 #include "util/error.h"
 
@@ -333,18 +337,154 @@ class StreamingLoader : public Loader {
   std::exception_ptr error_;
 };
 
+// Streamed parts taking turns over the global order of rows (see the header).
+class StreamingMixture : public Loader {
+ public:
+  StreamingMixture(std::vector<StreamingOptions> parts, std::vector<std::string> names, const std::vector<double>& weights)
+      : options_(std::move(parts)), names_(std::move(names)), mix_({1}) {
+    COIL_CHECK(options_.size() >= 2 && names_.size() == options_.size() && weights.size() == options_.size(),
+               "a streaming mixture needs two or more parts, with a name and a weight each");
+    geo_ = options_[0].geometry;
+    geo_.validate();
+    // The shares as quotas of 2^20 rows: the interleave of any multiple of them is the same.
+    mix_ = Interleave(apportion(int64_t{1} << 20, weights, names_));
+    for (StreamingOptions& o : options_) {
+      COIL_CHECK(o.geometry.seq_len == geo_.seq_len && o.document_masking == options_[0].document_masking,
+                 "the parts of a streaming mixture share seq_len and document_masking");
+      o.geometry = BatchGeometry{geo_.seq_len, geo_.world, 1, geo_.rank, geo_.world};  // a row at a time
+      loaders_.push_back(make_streaming_loader(o));
+    }
+  }
+
+  Batch next() override {
+    const int64_t cols = geo_.seq_len + 1, per = geo_.per_rank();
+    Batch b;
+    b.rows = geo_.micro_batch;
+    b.cols = cols;
+    b.tokens.reserve(static_cast<size_t>(b.rows * cols));
+    for (int64_t r = 0; r < b.rows; ++r, ++rows_) {
+      const int64_t g = start_ + rows_ / per * geo_.global_batch + geo_.rank * per + rows_ % per;
+      const Batch one = loaders_[mix_.at(g - from_).part]->next();
+      b.tokens.insert(b.tokens.end(), one.tokens.begin(), one.tokens.end());
+      b.seq_idx.insert(b.seq_idx.end(), one.seq_idx.begin(), one.seq_idx.end());
+    }
+    return b;
+  }
+
+  LoaderState state() const override {
+    LoaderState s;
+    s.kind = "streaming";
+    s.fingerprint = fingerprint();
+    s.rank = geo_.rank;
+    s.world = geo_.world;
+    s.next_sample = start_ + rows_ / geo_.per_rank() * geo_.global_batch;
+    for (const auto& l : loaders_) s.parts.push_back(l->state());
+    return s;
+  }
+
+  void restore(const LoaderState& s) override {
+    COIL_CHECK(s.kind == "streaming", "the saved loader state is for {} data, this run streams", s.kind);
+    COIL_CHECK(!s.parts.empty(), "the saved loader state belongs to other data (one stream, {}), not to this run's "
+               "mixture of {} streams", s.fingerprint, loaders_.size());
+    COIL_CHECK(s.world == geo_.world && s.rank == geo_.rank,
+               "the saved streaming state is rank {} of {}, this is rank {} of {} (merge_streaming_states() converts "
+               "states across numbers of ranks)", s.rank, s.world, geo_.rank, geo_.world);
+    COIL_CHECK(s.next_sample >= 0, "bad streaming mixture state: next row {}", s.next_sample);
+    const Saved saved = parse(s);
+    bool any = false;
+    std::vector<bool> taken(saved.names.size(), false);
+    for (size_t k = 0; k < loaders_.size(); ++k) {
+      loaders_[k] = make_streaming_loader(options_[k]);  // a new part starts at its beginning
+      for (size_t i = 0; i < saved.names.size(); ++i)
+        if (!taken[i] && saved.names[i] == names_[k]) {
+          loaders_[k]->restore(s.parts[i]);  // its data changed (another fingerprint): a coil::Error
+          taken[i] = any = true;
+          break;
+        }
+    }
+    COIL_CHECK(any, "the saved loader state belongs to other data (none of its parts, {}, is in this run's data)",
+               fmt::join(saved.names, ", "));
+    start_ = s.next_sample;
+    rows_ = 0;
+    from_ = saved.names == names_ && saved.quotas == mix_.quotas() ? saved.from : s.next_sample;
+  }
+
+  int64_t samples_per_epoch() const override { return 0; }
+  int64_t tokens_per_epoch() const override { return 0; }
+
+ private:
+  struct Saved {
+    std::vector<std::string> names;
+    std::vector<int64_t> quotas;
+    int64_t from = 0;
+  };
+
+  std::string fingerprint() const {
+    nlohmann::json parts = nlohmann::json::array();
+    for (size_t k = 0; k < names_.size(); ++k) parts.push_back({{"name", names_[k]}, {"quota", mix_.quotas()[k]}});
+    return nlohmann::json{{"streaming_mixture", parts}, {"from", from_}}.dump();
+  }
+
+  static Saved parse(const LoaderState& s) {
+    Saved out;
+    try {
+      const nlohmann::json j = nlohmann::json::parse(s.fingerprint);
+      for (const auto& p : j.at("streaming_mixture")) {
+        out.names.push_back(p.at("name").get<std::string>());
+        out.quotas.push_back(p.at("quota").get<int64_t>());
+      }
+      out.from = j.at("from").get<int64_t>();
+    } catch (const nlohmann::json::exception& e) {
+      fail("the saved streaming mixture state is damaged ({}): {}", e.what(), s.fingerprint.substr(0, 200));
+    }
+    COIL_CHECK(out.names.size() == s.parts.size() && out.from >= 0 && out.from <= s.next_sample,
+               "the saved streaming mixture state is damaged: {} parts named, {} states, rows from {} to {}",
+               out.names.size(), s.parts.size(), out.from, s.next_sample);
+    return out;
+  }
+
+  std::vector<StreamingOptions> options_;  // each part's, a row at a time
+  std::vector<std::string> names_;
+  Interleave mix_;
+  BatchGeometry geo_;
+  std::vector<std::unique_ptr<Loader>> loaders_;
+  int64_t start_ = 0;  // the global row where this rank's reading started (a step boundary)
+  int64_t rows_ = 0;   // rows this rank has read since
+  int64_t from_ = 0;   // the global row where the interleave started
+};
+
 }  // namespace
 
 std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options) {
   return std::make_unique<StreamingLoader>(options);
 }
 
+std::unique_ptr<Loader> make_streaming_mixture(std::vector<StreamingOptions> parts, std::vector<std::string> names,
+                                               const std::vector<double>& weights) {
+  return std::make_unique<StreamingMixture>(std::move(parts), std::move(names), weights);
+}
+
 LoaderState merge_streaming_states(const std::vector<LoaderState>& old, int rank, int world) {
   COIL_CHECK(!old.empty(), "no streaming state to merge");
   COIL_CHECK(world >= 1 && rank >= 0 && rank < world, "rank {} is outside a world of {}", rank, world);
   LoaderState s = old[0];
+  if (!s.parts.empty()) {  // a mixture: each part's states merged on their own, the same next row
+    for (const LoaderState& o : old)
+      COIL_CHECK(o.kind == "streaming" && o.fingerprint == s.fingerprint && o.parts.size() == s.parts.size() &&
+                     o.next_sample == s.next_sample,
+                 "the streaming mixture states do not belong together");
+    for (size_t p = 0; p < s.parts.size(); ++p) {
+      std::vector<LoaderState> of_part;
+      for (const LoaderState& o : old) of_part.push_back(o.parts[p]);
+      s.parts[p] = merge_streaming_states(of_part, rank, world);
+    }
+    s.rank = rank;
+    s.world = world;
+    return s;
+  }
   for (const LoaderState& o : old) {
-    COIL_CHECK(o.kind == "streaming" && o.fingerprint == s.fingerprint, "the streaming states do not belong together");
+    COIL_CHECK(o.kind == "streaming" && o.fingerprint == s.fingerprint && o.parts.empty(),
+               "the streaming states do not belong together");
     if (o.epoch < s.epoch || (o.epoch == s.epoch && o.record < s.record)) s = o;
   }
   // Every record before the smallest position was used by its owner; start there, at a

@@ -18,6 +18,16 @@
 // states (see merge_streaming_states): no document is skipped; documents that a rank ahead of the
 // others had already used may be seen a second time (at most about N rows' worth).
 //
+// Mixtures (make_streaming_mixture: data.train_weights with data.streaming). Each part is a stream
+// as above, on every rank, and the parts take turns as data/mixture.h's Interleave has them, over
+// the global order of rows: the row at global position g (step s, rank r of N, its row j of the
+// step: g = s G + r G / N + j) comes from part mix.at(g - from).part, the next row of that part's
+// stream on this rank. So the global batch holds each part's share whatever N is. The state keeps
+// each part's (LoaderState::parts) and, as next_sample, the global row of the next step (the same
+// on every rank): a resume on another number of ranks merges each part's states on its own. Resumed
+// with other weights or parts (matched by their data.train entry), the interleave starts again at
+// that step (`from`), each part that was there from its saved state, a new one from its start.
+//
 // For large runs on many nodes, prepared shards (data/shards.h) read less: each rank reads only the
 // sequences it trains on, and their order does not depend on the number of ranks.
 #pragma once
@@ -42,6 +52,12 @@ struct StreamingOptions {
 };
 
 std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options);
+
+// Streamed parts (two or more; the same geometry, tokenizer and document_masking, a seed each)
+// in the shares of `weights`; `names` (their data.train entries) name them in messages and match
+// them on resume.
+std::unique_ptr<Loader> make_streaming_mixture(std::vector<StreamingOptions> parts, std::vector<std::string> names,
+                                               const std::vector<double>& weights);
 
 // The state every rank of a new run of `world` ranks restores, from the states of all the ranks of
 // the old run (see the resume notes above).

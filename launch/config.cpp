@@ -451,9 +451,6 @@ void finish(RunConfig& c, std::vector<Field>& all, const Origins& origins, bool 
     std::string problem;
     const std::vector<double> w = parse_weights(c.data_train_weights, problem);
     if (!problem.empty()) fail("{}: data.train_weights {}", origins.where("data.train_weights"), problem);
-    if (c.data_streaming)
-      fail("{}: data.train_weights with data.streaming is not implemented (prepare each part with `coil data prepare`)",
-           origins.where("data.train_weights", "data.streaming"));
     const size_t parts = split_list(c.data_train).size();
     if (parts < 2 || parts != w.size())
       fail("{}: data.train_weights gives {} weight(s) for data.train's {} comma-separated part(s): a mixture needs two "

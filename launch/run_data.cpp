@@ -81,15 +81,35 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     return std::make_shared<data::PackedSamples>(shards, c.seq_len, c.data_document_masking);
   };
   if (c.data_streaming) {
-    data::StreamingOptions o;
-    o.files = data::expand_inputs(c.data_train);
-    o.read = read;
-    o.tokenizer = tok.path();
-    o.geometry = geo;
-    o.seed = static_cast<uint64_t>(c.seed);
-    o.document_masking = c.data_document_masking;
-    d.train = data::make_streaming_loader(o);
-    d.summary = fmt::format("streaming {} file(s) from {}", o.files.size(), c.data_train);
+    auto stream = [&](const std::string& inputs, uint64_t seed) {
+      data::StreamingOptions o;
+      o.files = data::expand_inputs(inputs);
+      o.read = read;
+      o.tokenizer = tok.path();
+      o.geometry = geo;
+      o.seed = seed;
+      o.document_masking = c.data_document_masking;
+      return o;
+    };
+    const uint64_t seed = static_cast<uint64_t>(c.seed);
+    size_t files = 0;
+    if (weights.empty()) {  // one stream, however many inputs
+      data::StreamingOptions o = stream(c.data_train, seed);
+      files = o.files.size();
+      d.train = data::make_streaming_loader(o);
+    } else {  // a stream per entry of data.train, taking turns in the weights' shares
+      std::vector<data::StreamingOptions> streams;
+      double total = 0;
+      for (double w : weights) total += w;
+      for (size_t k = 0; k < parts.size(); ++k) {
+        streams.push_back(stream(parts[k], data::MixedSamples::part_seed(seed, k)));
+        files += streams.back().files.size();
+        d.mixture.push_back(fmt::format("part {} {}: {:.2f}% of the rows ({} file(s), streamed)", k, parts[k],
+                                        100.0 * weights[k] / total, streams.back().files.size()));
+      }
+      d.train = data::make_streaming_mixture(std::move(streams), parts, weights);
+    }
+    d.summary = fmt::format("streaming {} file(s) from {}", files, c.data_train);
   } else {
     COIL_CHECK(!parts.empty(), "data.train names no prepared directory: \"{}\"", c.data_train);
     std::shared_ptr<const data::SampleSource> samples;

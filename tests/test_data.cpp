@@ -764,6 +764,16 @@ TEST(Order, ResumeGivesTheSameBatchesOnAnyNumberOfRanks) {
   auto wrong = make_indexed_loader(other, BatchGeometry{4, global, 1, 0, 1}, 7);
   EXPECT_THROW(wrong->restore(saved), coil::Error);
   EXPECT_THROW(LoaderState::from_json("{\"kind\": 1}"), coil::Error);
+  // A streaming mixture's state holds its parts' states, one level deep.
+  LoaderState mixed = saved, part = saved;
+  part.epoch = 3, part.record = 17, part.offset = 5;
+  mixed.parts = {part, saved};
+  EXPECT_EQ(LoaderState::from_json(mixed.to_json()), mixed);
+  EXPECT_FALSE(LoaderState::from_json(mixed.to_json()) == saved);
+  LoaderState nested = saved;
+  nested.parts = {mixed};
+  EXPECT_NE(error_of([&] { LoaderState::from_json(nested.to_json()); }).find("not a data loader state (a part of parts)"),
+            std::string::npos);
   EXPECT_THROW(make_indexed_loader(source, BatchGeometry{5, 7, 2, 0, 2}, 7), coil::Error);  // 7 % 4
 }
 
@@ -976,6 +986,110 @@ TEST_F(Corpus, StreamingAcrossWorldSizesSkipsNoDocument) {
   EXPECT_THROW(l->restore(states[0]), coil::Error);
   l->restore(merged);
   EXPECT_EQ(l->next().rows, 1);
+}
+
+// A streaming mixture: the row at global position g (whatever the number of ranks) is the next row
+// of part Interleave.at(g)'s own stream on that rank; the state resumes exactly, merges across
+// numbers of ranks part by part, and resumed with other weights and a new part, each part that
+// was there goes on from its state.
+TEST_F(Corpus, StreamingMixtureTakesTurnsOverTheGlobalRowsAndResumes) {
+  TempDir dir;
+  std::string a, b, c;
+  for (int i = 0; i < 40; ++i) {
+    a += fmt::format("{{\"text\": \"the model {} learns\"}}\n", i);
+    b += fmt::format("{{\"text\": \"a tokenizer of {} words and more of them\"}}\n", i);
+    c += fmt::format("{{\"text\": \"data {}\"}}\n", i);
+  }
+  write_file(dir / "a.jsonl", a);
+  write_file(dir / "b.jsonl", b);
+  write_file(dir / "c.jsonl", c);
+  const int64_t L = 8, G = 4;
+  auto options = [&](const std::string& file, uint64_t seed, int rank, int world, int64_t micro) {
+    StreamingOptions o;
+    o.files = {dir / file};
+    o.tokenizer = *dir_ + "/tok.model";
+    o.geometry = BatchGeometry{L, G, micro, rank, world};
+    o.seed = seed;
+    o.threads = 1;
+    return o;
+  };
+  auto mixture = [&](int rank, int world, int64_t micro, std::vector<std::string> files, std::vector<double> weights) {
+    std::vector<StreamingOptions> parts;
+    for (size_t k = 0; k < files.size(); ++k) parts.push_back(options(files[k], 10 + k, rank, world, micro));
+    return make_streaming_mixture(std::move(parts), files, weights);
+  };
+  const Interleave mix(apportion(int64_t{1} << 20, {3, 1}, {"a", "b"}));
+  const int64_t steps = 6;
+  for (int world : {1, 2}) {
+    // The global rows of `steps` steps, and what each rank's part streams give.
+    std::vector<std::vector<int32_t>> global(static_cast<size_t>(steps * G));
+    std::vector<LoaderState> states;
+    for (int rank = 0; rank < world; ++rank) {
+      auto loader = mixture(rank, world, 1, {"a.jsonl", "b.jsonl"}, {3, 1});
+      std::vector<std::unique_ptr<Loader>> own;
+      for (const char* f : {"a.jsonl", "b.jsonl"}) own.push_back(make_streaming_loader(options(f, own.size() + 10, rank, world, 1)));
+      const int64_t per = G / world;
+      for (int64_t s = 0; s < steps; ++s) {
+        if (s == 3) states.push_back(LoaderState::from_json(loader->state().to_json()));
+        for (int64_t j = 0; j < per; ++j) {
+          const int64_t g = s * G + rank * per + j;
+          const std::vector<int32_t> got = row(loader->next(), 0);
+          EXPECT_EQ(got, row(own[mix.at(g).part]->next(), 0)) << "world " << world << " row " << g;
+          global[static_cast<size_t>(g)] = got;
+        }
+      }
+    }
+    EXPECT_EQ(states[0].next_sample, 3 * G);
+    // Resumed at step 3 on the same world: the same rows.
+    for (int rank = 0; rank < world; ++rank) {
+      auto resumed = mixture(rank, world, 1, {"a.jsonl", "b.jsonl"}, {3, 1});
+      resumed->restore(states[static_cast<size_t>(rank)]);
+      EXPECT_EQ(resumed->state().fingerprint, states[static_cast<size_t>(rank)].fingerprint);
+      for (int64_t s = 3; s < steps; ++s)
+        for (int64_t j = 0; j < G / world; ++j)
+          EXPECT_EQ(row(resumed->next(), 0), global[static_cast<size_t>(s * G + rank * (G / world) + j)]) << s << " " << j;
+    }
+    if (world == 2) {
+      // Merged onto one rank: each part's states merged on its own, the interleave where it was.
+      const LoaderState one = merge_streaming_states(states, 0, 1);
+      EXPECT_EQ(one.next_sample, 3 * G);
+      for (size_t p = 0; p < 2; ++p) EXPECT_EQ(one.parts[p], merge_streaming_states({states[0].parts[p], states[1].parts[p]}, 0, 1));
+      auto merged = mixture(0, 1, 2, {"a.jsonl", "b.jsonl"}, {3, 1});
+      EXPECT_THROW(merged->restore(states[1]), coil::Error);  // rank 1 of 2
+      merged->restore(one);
+      EXPECT_EQ(merged->next().rows, 2);
+    }
+  }
+  // Resumed as a:b:c = 1:1:3 (c new): a and b go on from their states, c from its start, and the
+  // interleave of the new shares starts at the saved step.
+  auto saved = mixture(0, 1, 2, {"a.jsonl", "b.jsonl"}, {3, 1});
+  for (int i = 0; i < 4; ++i) saved->next();
+  const LoaderState at2 = saved->state();
+  const std::vector<std::string> where = describe_state(at2);  // as coil ckpt inspect prints it
+  ASSERT_EQ(where.size(), 3u);
+  EXPECT_EQ(where[0], "streaming mixture of 2 parts, rank 0 of 1: next global row 8");
+  EXPECT_EQ(where[2], fmt::format("part 1 b.jsonl: epoch {}, record {}, {} tokens of it used", at2.parts[1].epoch,
+                                  at2.parts[1].record, at2.parts[1].offset));
+  EXPECT_GT(at2.parts[1].record + at2.parts[1].offset, 0);
+  auto changed = mixture(0, 1, 1, {"a.jsonl", "b.jsonl", "c.jsonl"}, {1, 1, 3});
+  changed->restore(at2);
+  EXPECT_NE(changed->state().fingerprint, at2.fingerprint);
+  std::vector<std::unique_ptr<Loader>> own;
+  for (size_t k = 0; k < 3; ++k) {
+    own.push_back(make_streaming_loader(options(std::string(1, static_cast<char>('a' + k)) + ".jsonl", 10 + k, 0, 1, 1)));
+    if (k < 2) own.back()->restore(at2.parts[k]);
+  }
+  const Interleave next(apportion(int64_t{1} << 20, {1, 1, 3}, {"a", "b", "c"}));  // a period of 5, not of 8
+  for (int64_t g = 0; g < 12; ++g) EXPECT_EQ(row(changed->next(), 0), row(own[next.at(g).part]->next(), 0)) << g;
+  // Refused: a state with no part in common, a single stream's state, and a mixture's in a single stream.
+  EXPECT_NE(error_of([&] { mixture(0, 1, 1, {"c.jsonl", "a.jsonl "}, {1, 1})->restore(at2); })
+                .find("the saved loader state belongs to other data (none of its parts, a.jsonl, b.jsonl, is in this run's data)"),
+            std::string::npos);
+  auto plain = make_streaming_loader(options("a.jsonl", 1, 0, 1, 1));
+  EXPECT_NE(error_of([&] { mixture(0, 1, 1, {"a.jsonl", "b.jsonl"}, {1, 1})->restore(plain->state()); })
+                .find("the saved loader state belongs to other data (one stream"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { plain->restore(at2); }).find("the saved loader state belongs to other data"), std::string::npos);
 }
 
 TEST_F(Corpus, StreamingReportsBadFilesInsteadOfHanging) {

@@ -58,6 +58,22 @@ rm -rf s2b/checkpoints/step-00000008 s2b/checkpoints/final
 ln -sfn step-00000004 s2b/checkpoints/latest
 "${mpirun[@]}" -np 3 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2b --resume >s3.log 2>&1 ||
   fail "streaming resume on 3 ranks: $(tail -3 s3.log)"
+# A streaming mixture (the file twice, 3:1) on 2 ranks: resumed at step 4, the same losses; resumed
+# on 3 ranks (each part's positions merged), it runs on.
+margs=("${args[@]}" --set data.streaming=true --set "data.train=c.jsonl, ./c.jsonl" --set data.train_weights=3,1)
+"${mpirun[@]}" -np 2 "$coil" pretrain "${margs[@]}" --set train.run_dir=m2 >m2.log 2>&1 || fail "streaming mixture: $(tail -3 m2.log)"
+grep -q "pretrain: part 1 ./c.jsonl: 25.00% of the rows (1 file(s), streamed)" m2.log || fail "the streaming mixture does not name its parts"
+cp -r m2 m2b
+rm -rf m2b/checkpoints/step-00000008 m2b/checkpoints/final
+ln -sfn step-00000004 m2b/checkpoints/latest
+"${mpirun[@]}" -np 2 "$coil" pretrain "${margs[@]}" --set train.run_dir=m2b --resume >m2b.log 2>&1 ||
+  fail "streaming mixture resume: $(tail -3 m2b.log)"
+compare m2 m2b || fail "a streaming mixture on 2 ranks, resumed, logs other losses"
+rm -rf m2b/checkpoints/step-00000008 m2b/checkpoints/final
+ln -sfn step-00000004 m2b/checkpoints/latest
+"${mpirun[@]}" -np 3 "$coil" pretrain "${margs[@]}" --set train.run_dir=m2b --resume >m3.log 2>&1 ||
+  fail "streaming mixture resumed on 3 ranks: $(tail -3 m3.log)"
+grep -q "pretrain: done, 8 steps" m3.log || fail "the streaming mixture resumed on 3 ranks did not finish: $(tail -3 m3.log)"
 # Resharding: 20 steps on N ranks, resumed on M ranks for 20 more, for every N, M in 1..4: the
 # losses of the uninterrupted N-rank run, bit for bit when M = N, within 1e-5 otherwise.
 rargs=("${args[@]}" --set train.global_batch_size=12 --set train.max_steps=40 --set train.checkpoint_interval=20

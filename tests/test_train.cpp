@@ -455,16 +455,14 @@ TEST(Config, ChecksBetweenKeys) {
                       "train.micro_batch_size (5)"),
             std::string::npos);
   EXPECT_EQ(RunConfig::load("", {"train.global_batch_size=12", "train.micro_batch_size=3"}).micro_batch_size, 3);
-  // A mixture: a weight per part of data.train, not with streaming.
+  // A mixture: a weight per part of data.train (streaming too).
   EXPECT_NE(error_of([&] { RunConfig::load("", {"data.train_weights=1,2,3", "data.train=a, b"}); })
                 .find("--set data.train=a, b: data.train_weights gives 3 weight(s) for data.train's 2 comma-separated part(s)"),
             std::string::npos);
   EXPECT_NE(error_of([&] { RunConfig::load("", {"data.train=a", "data.train_weights=1"}); })
                 .find("--set data.train_weights=1: data.train_weights gives 1 weight(s) for data.train's 1 comma-separated part(s): a mixture needs two or more"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { RunConfig::load("", {"data.train=a,b", "data.train_weights=1,2", "data.streaming=true"}); })
-                .find("--set data.streaming=true: data.train_weights with data.streaming is not implemented"),
-            std::string::npos);
+  EXPECT_EQ(RunConfig::load("", {"data.train=a,b", "data.train_weights=1,2", "data.streaming=true"}).train_weights().size(), 2u);
   const RunConfig mixed = RunConfig::load("", {"data.train= a/x , b,c ", "data.train_weights=0.5, 1e-3,2"});
   EXPECT_EQ(mixed.train_parts(), (std::vector<std::string>{"a/x", "b", "c"}));
   EXPECT_EQ(mixed.train_weights(), (std::vector<double>{0.5, 1e-3, 2}));
