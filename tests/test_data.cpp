@@ -703,6 +703,15 @@ std::vector<Batch> run_world(std::shared_ptr<const SampleSource> source, int wor
   return out;
 }
 
+// got[s] equals want[from + s] (tokens, mask and seq_idx) for every step s of got.
+void expect_same_steps(const std::vector<Batch>& got, const std::vector<Batch>& want, size_t from, const std::string& what) {
+  for (size_t s = 0; s < got.size(); ++s) {
+    EXPECT_EQ(got[s].tokens, want[from + s].tokens) << what << " step " << s;
+    EXPECT_EQ(got[s].mask, want[from + s].mask) << what << " step " << s;
+    EXPECT_EQ(got[s].seq_idx, want[from + s].seq_idx) << what << " step " << s;
+  }
+}
+
 }  // namespace
 
 TEST(Order, GlobalBatchIsTheSameForAnyNumberOfRanks) {
@@ -1259,12 +1268,7 @@ TEST_F(Corpus, SftPackingIsIndependentOfRanksAndResumesExactly) {
   std::vector<Batch> reference;
   for (int64_t s = 0; s < steps; ++s) reference.push_back(global_batch(*packed, global, 5, s));
   for (auto [world, micro] : {std::pair<int, int64_t>{1, 3}, {2, 1}, {3, 2}}) {
-    std::vector<Batch> got = run_world(packed, world, global, micro, steps, 5);
-    for (int64_t s = 0; s < steps; ++s) {
-      EXPECT_EQ(got[s].tokens, reference[s].tokens) << "world " << world << " step " << s;
-      EXPECT_EQ(got[s].mask, reference[s].mask) << "world " << world << " step " << s;
-      EXPECT_EQ(got[s].seq_idx, reference[s].seq_idx) << "world " << world << " step " << s;
-    }
+    expect_same_steps(run_world(packed, world, global, micro, steps, 5), reference, 0, fmt::format("world {}", world));
   }
   // Stop after 3 steps on 2 ranks (mid-epoch), save, restore on 1, 2 and 3 ranks; the next 8 steps
   // run into the next epoch.
@@ -1278,12 +1282,7 @@ TEST_F(Corpus, SftPackingIsIndependentOfRanksAndResumesExactly) {
   // A fresh process: a new source (its caches empty) and the state's seed, not the run's.
   auto fresh = std::make_shared<PackedSftSamples>(packing_examples((dir / "again"), *tokenizer_, seq_len), 0);
   for (auto [world, micro] : {std::pair<int, int64_t>{1, 2}, {2, 1}, {3, 2}}) {
-    std::vector<Batch> resumed = run_world(fresh, world, global, micro, 8, 0, &saved);
-    for (int s = 0; s < 8; ++s) {
-      EXPECT_EQ(resumed[s].tokens, straight[3 + s].tokens) << "world " << world << " step " << s;
-      EXPECT_EQ(resumed[s].mask, straight[3 + s].mask) << "world " << world << " step " << s;
-      EXPECT_EQ(resumed[s].seq_idx, straight[3 + s].seq_idx) << "world " << world << " step " << s;
-    }
+    expect_same_steps(run_world(fresh, world, global, micro, 8, 0, &saved), straight, 3, fmt::format("world {}", world));
   }
 }
 
@@ -1788,22 +1787,15 @@ TEST_F(Corpus, MixtureIsIndependentOfRanksAndResumesExactly) {
     std::vector<Batch> reference;
     for (int64_t s = 0; s < steps; ++s) reference.push_back(global_batch(*mix, global, 5, s));
     for (auto [world, micro] : {std::pair<int, int64_t>{1, 3}, {2, 1}, {3, 2}}) {
-      std::vector<Batch> got = run_world(mix, world, global, micro, steps, 5);
-      for (int64_t s = 0; s < steps; ++s) {
-        EXPECT_EQ(got[s].tokens, reference[s].tokens) << mix->kind() << " world " << world << " step " << s;
-        EXPECT_EQ(got[s].mask, reference[s].mask) << mix->kind() << " world " << world << " step " << s;
-        EXPECT_EQ(got[s].seq_idx, reference[s].seq_idx) << mix->kind() << " world " << world << " step " << s;
-      }
+      expect_same_steps(run_world(mix, world, global, micro, steps, 5), reference, 0,
+                        fmt::format("{} world {}", mix->kind(), world));
     }
     auto loader = make_indexed_loader(mix, BatchGeometry{mix->cols() - 1, global, 1, 0, 2}, 5);
     for (int i = 0; i < 3 * 3; ++i) loader->next();
     const LoaderState saved = LoaderState::from_json(loader->state().to_json());
     for (auto [world, micro] : {std::pair<int, int64_t>{1, 2}, {3, 1}}) {
-      std::vector<Batch> resumed = run_world(mix, world, global, micro, steps - 3, 0, &saved);
-      for (int64_t s = 0; s < steps - 3; ++s) {
-        EXPECT_EQ(resumed[s].tokens, reference[3 + s].tokens) << mix->kind() << " world " << world << " step " << s;
-        EXPECT_EQ(resumed[s].seq_idx, reference[3 + s].seq_idx) << mix->kind() << " world " << world << " step " << s;
-      }
+      expect_same_steps(run_world(mix, world, global, micro, steps - 3, 0, &saved), reference, 3,
+                        fmt::format("{} world {}", mix->kind(), world));
     }
   }
   // Each row of the shards mixture is a row of one of its parts, with its document numbers.

@@ -29,9 +29,10 @@ grep -q "compute bfloat16, master weights and optimizer state float32, gradient 
 grep -q "compute float16 with dynamic loss scaling (scale 65536, doubled after 2000 finite steps)" fp16.log ||
   fail "float16 on 2 ranks: the start-up line does not say float16 with loss scaling"
 compare one fp16 0.01 || fail "float16 on 2 ranks does not track float32 within 1%"
+# back_to_step4 RUN: the run's checkpoints after step 4 removed, latest pointing at step 4.
+back_to_step4() { rm -rf "$1/checkpoints/step-00000008" "$1/checkpoints/final" && ln -sfn step-00000004 "$1/checkpoints/latest"; }
 # Back to step 4 of the 3-rank run, resumed on 2 ranks.
-rm -rf three/checkpoints/step-00000008 three/checkpoints/final
-ln -sfn step-00000004 three/checkpoints/latest
+back_to_step4 three
 "${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=three --resume >resume.log 2>&1 ||
   fail "resume on 2 ranks: $(tail -3 resume.log)"
 grep -q "resuming" resume.log || fail "the 2-rank run did not resume"
@@ -44,36 +45,27 @@ compare one zero2 || fail "ZeRO-2 on 2 ranks logs other losses than 1 process"
 "${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set train.run_dir=ckpt --set train.activation_checkpointing=full \
   >ckpt.log 2>&1 || fail "activation checkpointing on 2 ranks: $(tail -3 ckpt.log)"
 compare one ckpt || fail "activation checkpointing on 2 ranks logs other losses than 1 process"
-# Streaming on 2 ranks: stopped at step 4 and resumed, the same losses as straight; resumed on 3
-# ranks from the 2 ranks' positions, it runs on.
-sargs=("${args[@]}" --set data.streaming=true --set data.train=c.jsonl)
-"${mpirun[@]}" -np 2 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2 >s2.log 2>&1 || fail "streaming: $(tail -3 s2.log)"
-cp -r s2 s2b
-rm -rf s2b/checkpoints/step-00000008 s2b/checkpoints/final
-ln -sfn step-00000004 s2b/checkpoints/latest
-"${mpirun[@]}" -np 2 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2b --resume >s2b.log 2>&1 ||
-  fail "streaming resume: $(tail -3 s2b.log)"
-compare s2 s2b || fail "streaming on 2 ranks, resumed, logs other losses"
-rm -rf s2b/checkpoints/step-00000008 s2b/checkpoints/final
-ln -sfn step-00000004 s2b/checkpoints/latest
-"${mpirun[@]}" -np 3 "$coil" pretrain "${sargs[@]}" --set train.run_dir=s2b --resume >s3.log 2>&1 ||
-  fail "streaming resume on 3 ranks: $(tail -3 s3.log)"
-# A streaming mixture (the file twice, 3:1) on 2 ranks: resumed at step 4, the same losses; resumed
-# on 3 ranks (each part's positions merged), it runs on.
-margs=("${args[@]}" --set data.streaming=true --set "data.train=c.jsonl, ./c.jsonl" --set data.train_weights=3,1)
-"${mpirun[@]}" -np 2 "$coil" pretrain "${margs[@]}" --set train.run_dir=m2 >m2.log 2>&1 || fail "streaming mixture: $(tail -3 m2.log)"
-grep -q "pretrain: part 1 ./c.jsonl: 25.00% of the rows (1 file(s), streamed)" m2.log || fail "the streaming mixture does not name its parts"
-cp -r m2 m2b
-rm -rf m2b/checkpoints/step-00000008 m2b/checkpoints/final
-ln -sfn step-00000004 m2b/checkpoints/latest
-"${mpirun[@]}" -np 2 "$coil" pretrain "${margs[@]}" --set train.run_dir=m2b --resume >m2b.log 2>&1 ||
-  fail "streaming mixture resume: $(tail -3 m2b.log)"
-compare m2 m2b || fail "a streaming mixture on 2 ranks, resumed, logs other losses"
-rm -rf m2b/checkpoints/step-00000008 m2b/checkpoints/final
-ln -sfn step-00000004 m2b/checkpoints/latest
-"${mpirun[@]}" -np 3 "$coil" pretrain "${margs[@]}" --set train.run_dir=m2b --resume >m3.log 2>&1 ||
-  fail "streaming mixture resumed on 3 ranks: $(tail -3 m3.log)"
-grep -q "pretrain: done, 8 steps" m3.log || fail "the streaming mixture resumed on 3 ranks did not finish: $(tail -3 m3.log)"
+# stop_and_resume RUN ARGS...: RUN on 2 ranks; a copy of it back at step 4 resumed on 2 ranks logs
+# the same losses; back at step 4 again and resumed on 3 ranks (from the 2 ranks' positions), it
+# runs to its end.
+stop_and_resume() {
+  local run=$1
+  shift
+  "${mpirun[@]}" -np 2 "$coil" pretrain "$@" --set train.run_dir=$run >$run.log 2>&1 || fail "$run: $(tail -3 $run.log)"
+  cp -r $run ${run}b
+  back_to_step4 ${run}b
+  "${mpirun[@]}" -np 2 "$coil" pretrain "$@" --set train.run_dir=${run}b --resume >${run}b.log 2>&1 ||
+    fail "$run resumed: $(tail -3 ${run}b.log)"
+  compare $run ${run}b || fail "$run on 2 ranks, resumed, logs other losses"
+  back_to_step4 ${run}b
+  "${mpirun[@]}" -np 3 "$coil" pretrain "$@" --set train.run_dir=${run}b --resume >${run}3.log 2>&1 ||
+    fail "$run resumed on 3 ranks: $(tail -3 ${run}3.log)"
+  grep -q "pretrain: done, 8 steps" ${run}3.log || fail "$run resumed on 3 ranks did not finish: $(tail -3 ${run}3.log)"
+}
+# Streaming, and a streamed mixture (the file twice, 3:1: each part's positions merged on 3 ranks).
+stop_and_resume s2 "${args[@]}" --set data.streaming=true --set data.train=c.jsonl
+stop_and_resume m2 "${args[@]}" --set data.streaming=true --set "data.train=c.jsonl, ./c.jsonl" --set data.train_weights=3,1
+grep -q "pretrain: part 1 ./c.jsonl: 25.00% of the rows (1 file(s), streamed)" m2.log || fail "the streamed mixture does not name its parts"
 # Resharding: 20 steps on N ranks, resumed on M ranks for 20 more, for every N, M in 1..4: the
 # losses of the uninterrupted N-rank run, bit for bit when M = N, within 1e-5 otherwise.
 rargs=("${args[@]}" --set train.global_batch_size=12 --set train.max_steps=40 --set train.checkpoint_interval=20
