@@ -51,6 +51,7 @@ Interleave::Interleave(std::vector<int64_t> quotas) : n_(std::move(quotas)) {
   COIL_CHECK(!n_.empty(), "an interleaving of no part");
   for (int64_t n : n_) {
     COIL_CHECK(n > 0, "a part's quota must be > 0, not {}", n);
+    COIL_CHECK(n <= kMaxTotal - total_, "a mixture of more than 2^40 samples an epoch");
     total_ += n;
   }
   small_ = (std::numeric_limits<int64_t>::max() / 2 - total_) / *std::max_element(n_.begin(), n_.end()) / 2;
@@ -80,6 +81,7 @@ int64_t Interleave::rank(size_t k, int64_t i) const {
 // The first i with rank(k, i) >= g. (i + 1/2) S / n_k - K / 2 <= rank(k, i) < (i + 1/2) S / n_k + 3K / 2
 // (K parts), so it lies in a window of about 3K n_k / S + 3 samples.
 int64_t Interleave::before(size_t k, int64_t g) const {
+  COIL_CHECK(g >= 0 && g <= kMaxPosition, "sample position {} is outside [0, 2^61]", g);
   const auto K = static_cast<i128>(n_.size());
   int64_t lo = std::max<int64_t>(0, floor_div((static_cast<i128>(g) - 2 * K) * n_[k], total_) - 1);
   int64_t hi = floor_div((static_cast<i128>(g) + K) * n_[k], total_) + 1;  // rank(k, hi) >= g
@@ -92,7 +94,7 @@ int64_t Interleave::before(size_t k, int64_t g) const {
 }
 
 Interleave::Place Interleave::at(int64_t g) const {
-  COIL_CHECK(g >= 0, "sample position {} is negative", g);
+  COIL_CHECK(g >= 0 && g <= kMaxPosition, "sample position {} is outside [0, 2^61]", g);
   for (size_t k = 0; k < n_.size(); ++k)
     if (const int64_t i = before(k, g); rank(k, i) == g) return {k, i};
   fail("interleave: no part has position {} (quotas {})", g, n_.size());
@@ -196,8 +198,10 @@ std::vector<Saved> saved_parts(const LoaderState& state, int64_t& from) {
   }
   COIL_CHECK(!saved.empty() && state.next_sample >= from, "bad loader state: next sample {} before its mixture's start {}",
              state.next_sample, from);
+  COIL_CHECK(state.next_sample <= Interleave::kMaxPosition, "bad loader state: next sample {}", state.next_sample);
   for (const Saved& s : saved)
-    COIL_CHECK(s.quota > 0 && s.offset >= 0, "bad loader state: a mixture part with quota {} and offset {}", s.quota, s.offset);
+    COIL_CHECK(s.quota > 0 && s.offset >= 0 && s.offset <= Interleave::kMaxPosition,
+               "bad loader state: a mixture part with quota {} and offset {}", s.quota, s.offset);
   return saved;
 }
 

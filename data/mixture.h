@@ -42,6 +42,9 @@ std::vector<int64_t> apportion(int64_t n, const std::vector<double>& weights, co
 // The even interleaving of parts with quotas n_k (> 0) described above.
 class Interleave {
  public:
+  // Bounds that keep every product inside 128 bits and a part's offset plus its count inside 64:
+  // the quotas' sum (2^40 samples an epoch), and the positions.
+  static constexpr int64_t kMaxTotal = int64_t{1} << 40, kMaxPosition = int64_t{1} << 61;
   explicit Interleave(std::vector<int64_t> quotas);
   struct Place {
     size_t part;

@@ -1818,6 +1818,34 @@ TEST_F(Corpus, MixtureIsIndependentOfRanksAndResumesExactly) {
     EXPECT_EQ(alone->next().tokens, global_batch(*part("a"), 1, MixedSamples::part_seed(5, 0), of_a + i).tokens) << i;
 }
 
+// Sizes and positions past what the interleave's arithmetic holds, and damaged saved states (as
+// fuzz_loader_state found: quotas of 2^62 overflowed their sum), are one-line errors.
+TEST(Mixture, HugeSizesAndDamagedStatesAreErrors) {
+  EXPECT_NE(error_of([] { Interleave({int64_t{1} << 40, 1}); }).find("a mixture of more than 2^40 samples an epoch"),
+            std::string::npos);
+  const Interleave mix({3, 5});
+  EXPECT_NE(error_of([&] { mix.at((int64_t{1} << 61) + 1); }).find("is outside [0, 2^61]"), std::string::npos);
+  EXPECT_EQ(mix.at(int64_t{1} << 61).index, mix.before(mix.at(int64_t{1} << 61).part, int64_t{1} << 61));
+  auto a = std::make_shared<Numbered>(10, 0), b = std::make_shared<Numbered>(20, 1000);
+  auto m = std::make_shared<MixedSamples>(std::vector<std::shared_ptr<const SampleSource>>{a, b},
+                                          std::vector<std::string>{"a", "b"}, std::vector<double>{}, 1);
+  LoaderState s = make_indexed_loader(m, BatchGeometry{4, 2, 1, 0, 1}, 1)->state();
+  auto damaged = [&](const std::string& from, const std::string& to) {
+    LoaderState d = s;
+    const size_t at = d.fingerprint.find(from);
+    EXPECT_NE(at, std::string::npos) << d.fingerprint;
+    d.fingerprint.replace(at, from.size(), to);
+    return error_of([&] { make_indexed_loader(m, BatchGeometry{4, 2, 1, 0, 1}, 1)->restore(d); });
+  };
+  EXPECT_NE(damaged("\"offset\":0", "\"offset\":4611686018427387904").find("bad loader state: a mixture part with quota 10 and offset"),
+            std::string::npos);
+  EXPECT_NE(damaged("\"quota\":10", "\"quota\":-1").find("bad loader state: a mixture part with quota -1"), std::string::npos);
+  EXPECT_NE(damaged("\"from\":0", "\"from\":\"x\"").find("the saved loader state's mixture is damaged"), std::string::npos);
+  s.next_sample = int64_t{1} << 62;
+  EXPECT_NE(error_of([&] { make_indexed_loader(m, BatchGeometry{4, 2, 1, 0, 1}, 1)->restore(s); }).find("bad loader state: next sample"),
+            std::string::npos);
+}
+
 TEST(Mixture, PartsOfAnotherShapeOrKindAreErrors) {
   auto a = std::make_shared<Numbered>(10, 0);
   using Parts = std::vector<std::shared_ptr<const SampleSource>>;

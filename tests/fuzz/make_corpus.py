@@ -114,6 +114,27 @@ def make_config():
         'val = "a/val, b/val"\n%%\ndata.train_weights=-1,nan\ndata.streaming=true\ndata.train=x,y\n')
 
 
+def make_loader_state():
+    def state(kind="shards", fingerprint="counted-7", next_sample=12, seed=5, **extra):
+        s = {"kind": kind, "fingerprint": fingerprint, "seed": seed, "next_sample": next_sample, "epoch": 0,
+             "record": 0, "offset": 0, "rank": 0, "world": 1}
+        s.update(extra)
+        return s
+
+    def mixture(parts, start=0):
+        return json.dumps({"mixture": [{"data": d, "quota": q, "seed": 9, "offset": o} for d, q, o in parts], "from": start})
+    put("loader_state", "single.json", json.dumps(state()))
+    put("loader_state", "mixture.json", json.dumps(state(fingerprint=mixture([("counted-7", 13, 4), ("counted-13", 7, 2)]))))
+    put("loader_state", "mixture-changed.json", json.dumps(state(fingerprint=mixture([("counted-7", 5, 40), ("x", 1, 0)], 6))))
+    put("loader_state", "mixture-huge.json", json.dumps(state(next_sample=2**62, fingerprint=mixture(
+        [("counted-7", 2**62, 2**62), ("counted-13", 2**62, 1)], 3))))
+    put("loader_state", "streaming.json", json.dumps(state("streaming", "streaming:1:32:abc", epoch=2, record=17, offset=3)))
+    put("loader_state", "streaming-mixture.json", json.dumps(state(
+        "streaming", json.dumps({"streaming_mixture": [{"name": "a.jsonl", "quota": 3}, {"name": "b", "quota": 1}], "from": 4}),
+        parts=[state("streaming", "streaming:1:32:abc", record=5), state("streaming", "streaming:2:32:abc", epoch=1)])))
+    put("loader_state", "nested.json", json.dumps(state(parts=[state(parts=[state()])])))
+
+
 def make_safetensors():
     import torch
     from safetensors.torch import save
@@ -312,7 +333,7 @@ def main():
     makers = {"jsonl": make_jsonl, "alpaca": make_alpaca, "config": make_config, "safetensors": make_safetensors,
               "sentencepiece": lambda: make_sentencepiece(args.coil), "tokenizer_text": make_tokenizer_text,
               "checkpoint": lambda: make_checkpoint(args.coil), "hdf5_crashes": make_hdf5_crashes, "tokenizer_json": make_tokenizer_json,
-              "parquet": make_parquet}
+              "parquet": make_parquet, "loader_state": make_loader_state}
     for t in args.targets or makers:
         makers[t]()
 
