@@ -10,9 +10,9 @@
 // sample (i = 0, 1, 2, ...) is due at time (i + 1/2) / n_k; the mixture is every part's samples in
 // the order they fall due (ties: the lower part first). After any g samples part k has had
 // g n_k / S of them within half a sample for two parts (within 1.5 in every test with up to eight),
-// and exactly n_k in each mixture epoch. Position g of the mixture
-// is found by a binary search over a window of a few samples per part: O(parts^2) integer
-// operations, no table.
+// and exactly n_k in each mixture epoch. Position g of the mixture is found by a binary search over
+// a window of a few samples per part: O(parts^2) integer operations, no table. Streamed mixtures
+// (data/streaming.h) interleave their rows the same way.
 //
 // Each part's i-th sample is position i of that part's own order (its sample_at, with a seed of its
 // own): every part walks its own epochs, each of its samples once per epoch of that part, whether
@@ -64,9 +64,9 @@ class Interleave {
 class MixedSamples : public SampleSource {
  public:
   // The parts (at least two, of the same kind, columns, mask and seq_idx; one only as continue_from
-  // makes it: a data set going on from a mixture's state), their names for
-  // messages (e.g. the directories), weights (empty: each part's size) and the run's seed (each
-  // part's own order is seeded from it, part_seed).
+  // makes it: a data set going on from a mixture's state), their names for messages (e.g. the
+  // directories), weights (empty: each part's size) and the run's seed (each part's own order is
+  // seeded from it, part_seed).
   MixedSamples(std::vector<std::shared_ptr<const SampleSource>> parts, std::vector<std::string> names,
                std::vector<double> weights, uint64_t seed);
 
