@@ -205,6 +205,16 @@ std::vector<Saved> saved_parts(const LoaderState& state, int64_t& from) {
   return saved;
 }
 
+// Where each saved part is in its own order at the state's next sample.
+std::vector<int64_t> positions(const std::vector<Saved>& saved, int64_t from, int64_t next_sample) {
+  std::vector<int64_t> quotas;
+  for (const Saved& s : saved) quotas.push_back(s.quota);
+  const Interleave mix(quotas);
+  std::vector<int64_t> out;
+  for (size_t k = 0; k < saved.size(); ++k) out.push_back(saved[k].offset + mix.before(k, next_sample - from));
+  return out;
+}
+
 }  // namespace
 
 std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& state) const {
@@ -219,9 +229,7 @@ std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& s
     return next;
   }
   // Another mixture (or a single set) before: each part that was there goes on from where it was.
-  std::vector<int64_t> quotas;
-  for (const Saved& s : saved) quotas.push_back(s.quota);
-  const Interleave old(quotas);
+  const std::vector<int64_t> at = positions(saved, from, state.next_sample);
   std::vector<bool> taken(saved.size(), false);
   bool any = false;
   next->from_ = state.next_sample;
@@ -231,7 +239,7 @@ std::shared_ptr<const MixedSamples> MixedSamples::for_state(const LoaderState& s
       if (!taken[s] && saved[s].data == parts_[k]->fingerprint()) {
         taken[s] = any = true;
         next->seed_[k] = saved[s].seed;
-        next->offset_[k] = saved[s].offset + old.before(s, state.next_sample - from);
+        next->offset_[k] = at[s];
         break;
       }
   }
@@ -250,38 +258,18 @@ std::shared_ptr<const SampleSource> continue_from(std::shared_ptr<const SampleSo
 }
 
 std::vector<std::string> describe_state(const LoaderState& state) {
-  auto place = [](const LoaderState& s) {
-    return fmt::format("epoch {}, record {}, {} tokens of it used", s.epoch, s.record, s.offset);
-  };
-  if (state.kind == "streaming" && state.parts.empty())
-    return {fmt::format("streaming, rank {} of {}: {}", state.rank, state.world, place(state))};
-  if (state.kind == "streaming") {  // a streaming mixture (data/streaming.h): its parts' names, if they read
-    const nlohmann::json j = nlohmann::json::parse(state.fingerprint, nullptr, /*allow_exceptions=*/false);
-    std::vector<std::string> out = {fmt::format("streaming mixture of {} parts, rank {} of {}: next global row {}",
-                                                state.parts.size(), state.rank, state.world, state.next_sample)};
-    for (size_t k = 0; k < state.parts.size(); ++k) {
-      std::string name;
-      if (j.is_object() && j.contains("streaming_mixture") && j["streaming_mixture"].is_array() &&
-          k < j["streaming_mixture"].size() && j["streaming_mixture"][k].is_object() &&
-          j["streaming_mixture"][k].contains("name") && j["streaming_mixture"][k]["name"].is_string())
-        name = " " + j["streaming_mixture"][k]["name"].get<std::string>();
-      out.push_back(fmt::format("part {}{}: {}", k, name, place(state.parts[k])));
-    }
-    return out;
-  }
+  COIL_CHECK(state.kind != "streaming", "describe_state: a streaming state (data/streaming.h describes those)");
   if (!is_mixture(state.fingerprint))
     return {fmt::format("{}, next sample {} (seed {}; data {})", state.kind, state.next_sample, state.seed, state.fingerprint)};
   int64_t from = 0;
   const std::vector<Saved> saved = saved_parts(state, from);
-  std::vector<int64_t> quotas;
-  for (const Saved& s : saved) quotas.push_back(s.quota);
-  const Interleave mix(quotas);
-  const int64_t total = std::accumulate(quotas.begin(), quotas.end(), int64_t{0});
+  const std::vector<int64_t> at = positions(saved, from, state.next_sample);
+  int64_t total = 0;
+  for (const Saved& s : saved) total += s.quota;
   std::vector<std::string> out = {fmt::format("{}, next sample {}: a mixture of {} parts, as it is since sample {}", state.kind,
                                               state.next_sample, saved.size(), from)};
   for (size_t k = 0; k < saved.size(); ++k)
-    out.push_back(fmt::format("part {}: next sample {} of its own order, {:.2f}% (data {})", k,
-                              saved[k].offset + mix.before(k, state.next_sample - from),
+    out.push_back(fmt::format("part {}: next sample {} of its own order, {:.2f}% (data {})", k, at[k],
                               100.0 * static_cast<double>(saved[k].quota) / static_cast<double>(total), saved[k].data));
   return out;
 }

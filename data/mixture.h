@@ -96,7 +96,6 @@ class MixedSamples : public SampleSource {
   };
   Place locate(int64_t g) const;
   const std::vector<int64_t>& quotas() const { return mix_.quotas(); }
-  int64_t from() const { return from_; }
   // A line per part: its name, share, size and how many times an epoch of the mixture reads it.
   std::vector<std::string> describe(const std::string& unit) const;
 
@@ -117,8 +116,9 @@ class MixedSamples : public SampleSource {
 // state belongs to other data.
 std::shared_ptr<const SampleSource> continue_from(std::shared_ptr<const SampleSource> source, const LoaderState& state);
 
-// Where a saved loader state is, in lines (`coil ckpt inspect`): the next sample and its data, for a
-// mixture each part's next position in its own order; for streaming, the rank's place in its files.
+// Where a saved (shards or SFT) loader state is, in lines (`coil ckpt inspect`): the next sample and
+// its data, for a mixture each part's next position in its own order and share. (Streaming states:
+// data/streaming.h's describe_streaming_state.)
 std::vector<std::string> describe_state(const LoaderState& state);
 
 }  // namespace coil::data

@@ -337,6 +337,37 @@ class StreamingLoader : public Loader {
   std::exception_ptr error_;
 };
 
+// A streaming mixture's fingerprint: its parts' names and quotas, and where its interleave began.
+struct MixtureSegment {
+  std::vector<std::string> names;
+  std::vector<int64_t> quotas;
+  int64_t from = 0;
+};
+
+std::string segment_json(const MixtureSegment& m) {
+  nlohmann::json parts = nlohmann::json::array();
+  for (size_t k = 0; k < m.names.size(); ++k) parts.push_back({{"name", m.names[k]}, {"quota", m.quotas[k]}});
+  return nlohmann::json{{"streaming_mixture", parts}, {"from", m.from}}.dump();
+}
+
+MixtureSegment segment_of(const LoaderState& s) {
+  MixtureSegment out;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(s.fingerprint);
+    for (const auto& p : j.at("streaming_mixture")) {
+      out.names.push_back(p.at("name").get<std::string>());
+      out.quotas.push_back(p.at("quota").get<int64_t>());
+    }
+    out.from = j.at("from").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    fail("the saved streaming mixture state is damaged ({}): {}", e.what(), s.fingerprint.substr(0, 200));
+  }
+  COIL_CHECK(out.names.size() == s.parts.size() && out.from >= 0 && out.from <= s.next_sample,
+             "the saved streaming mixture state is damaged: {} parts named, {} states, rows from {} to {}",
+             out.names.size(), s.parts.size(), out.from, s.next_sample);
+  return out;
+}
+
 // Streamed parts taking turns over the global order of rows (see the header).
 class StreamingMixture : public Loader {
  public:
@@ -390,7 +421,7 @@ class StreamingMixture : public Loader {
                "the saved streaming state is rank {} of {}, this is rank {} of {} (merge_streaming_states() converts "
                "states across numbers of ranks)", s.rank, s.world, geo_.rank, geo_.world);
     COIL_CHECK(s.next_sample >= 0, "bad streaming mixture state: next row {}", s.next_sample);
-    const Saved saved = parse(s);
+    const MixtureSegment saved = segment_of(s);
     bool any = false;
     std::vector<bool> taken(saved.names.size(), false);
     for (size_t k = 0; k < loaders_.size(); ++k) {
@@ -413,35 +444,7 @@ class StreamingMixture : public Loader {
   int64_t tokens_per_epoch() const override { return 0; }
 
  private:
-  struct Saved {
-    std::vector<std::string> names;
-    std::vector<int64_t> quotas;
-    int64_t from = 0;
-  };
-
-  std::string fingerprint() const {
-    nlohmann::json parts = nlohmann::json::array();
-    for (size_t k = 0; k < names_.size(); ++k) parts.push_back({{"name", names_[k]}, {"quota", mix_.quotas()[k]}});
-    return nlohmann::json{{"streaming_mixture", parts}, {"from", from_}}.dump();
-  }
-
-  static Saved parse(const LoaderState& s) {
-    Saved out;
-    try {
-      const nlohmann::json j = nlohmann::json::parse(s.fingerprint);
-      for (const auto& p : j.at("streaming_mixture")) {
-        out.names.push_back(p.at("name").get<std::string>());
-        out.quotas.push_back(p.at("quota").get<int64_t>());
-      }
-      out.from = j.at("from").get<int64_t>();
-    } catch (const nlohmann::json::exception& e) {
-      fail("the saved streaming mixture state is damaged ({}): {}", e.what(), s.fingerprint.substr(0, 200));
-    }
-    COIL_CHECK(out.names.size() == s.parts.size() && out.from >= 0 && out.from <= s.next_sample,
-               "the saved streaming mixture state is damaged: {} parts named, {} states, rows from {} to {}",
-               out.names.size(), s.parts.size(), out.from, s.next_sample);
-    return out;
-  }
+  std::string fingerprint() const { return segment_json({names_, mix_.quotas(), from_}); }
 
   std::vector<StreamingOptions> options_;  // each part's, a row at a time
   std::vector<std::string> names_;
@@ -462,6 +465,19 @@ std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options) {
 std::unique_ptr<Loader> make_streaming_mixture(std::vector<StreamingOptions> parts, std::vector<std::string> names,
                                                const std::vector<double>& weights) {
   return std::make_unique<StreamingMixture>(std::move(parts), std::move(names), weights);
+}
+
+std::vector<std::string> describe_streaming_state(const LoaderState& state) {
+  COIL_CHECK(state.kind == "streaming", "describe_streaming_state: a {} state", state.kind);
+  auto place = [](const LoaderState& s) {
+    return fmt::format("epoch {}, record {}, {} tokens of it used", s.epoch, s.record, s.offset);
+  };
+  if (state.parts.empty()) return {fmt::format("streaming, rank {} of {}: {}", state.rank, state.world, place(state))};
+  const MixtureSegment m = segment_of(state);
+  std::vector<std::string> out = {fmt::format("streaming mixture of {} parts, rank {} of {}: next global row {}",
+                                              state.parts.size(), state.rank, state.world, state.next_sample)};
+  for (size_t k = 0; k < state.parts.size(); ++k) out.push_back(fmt::format("part {} {}: {}", k, m.names[k], place(state.parts[k])));
+  return out;
 }
 
 LoaderState merge_streaming_states(const std::vector<LoaderState>& old, int rank, int world) {

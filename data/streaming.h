@@ -59,6 +59,10 @@ std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options);
 std::unique_ptr<Loader> make_streaming_mixture(std::vector<StreamingOptions> parts, std::vector<std::string> names,
                                                const std::vector<double>& weights);
 
+// Where a saved streaming state is, in lines (`coil ckpt inspect`): the rank's place in its files,
+// for a mixture each part's.
+std::vector<std::string> describe_streaming_state(const LoaderState& state);
+
 // The state every rank of a new run of `world` ranks restores, from the states of all the ranks of
 // the old run (see the resume notes above).
 LoaderState merge_streaming_states(const std::vector<LoaderState>& old_states, int rank, int world);

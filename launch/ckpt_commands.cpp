@@ -9,6 +9,7 @@
 
 #include "data/loader.h"
 #include "data/mixture.h"
+#include "data/streaming.h"
 #include "dist/checkpoint.h"
 #include "launch/commands.h"
 #include "data/tokenizer.h"
@@ -35,16 +36,19 @@ void fail_if_damaged(const dist::Checkpoint& ck) {
   COIL_CHECK(problems.empty(), "{} is damaged or incomplete ({} problem(s), listed above)", ck.path(), problems.size());
 }
 
-// Where the run's data reader was (data/mixture.h's describe_state): one state for all ranks, or one
-// a rank when streaming. An imported model has none; a state that does not read is said, not fatal.
+// Where the run's data reader was (describe_state, describe_streaming_state): one state for all
+// ranks, or one a rank when streaming. An imported model has none; a state that does not read is said, not fatal.
 void print_data_position(const dist::Checkpoint& ck) {
   try {
     for (int r = 0; r < ck.world_size(); ++r) {
       const std::string json = ck.rank_string(r, "loader_state");
       if (json.empty()) return;
       const data::LoaderState state = data::LoaderState::from_json(json);
-      for (const std::string& line : data::describe_state(state)) fmt::print("  data: {}\n", line);
-      if (state.kind != "streaming") return;
+      if (state.kind != "streaming") {  // one state for all ranks
+        for (const std::string& line : data::describe_state(state)) fmt::print("  data: {}\n", line);
+        return;
+      }
+      for (const std::string& line : data::describe_streaming_state(state)) fmt::print("  data: {}\n", line);
     }
   } catch (const Error& e) {
     fmt::print("  data: the loader state does not read: {}\n", e.what());

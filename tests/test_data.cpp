@@ -1074,7 +1074,7 @@ TEST_F(Corpus, StreamingMixtureTakesTurnsOverTheGlobalRowsAndResumes) {
   auto saved = mixture(0, 1, 2, {"a.jsonl", "b.jsonl"}, {3, 1});
   for (int i = 0; i < 4; ++i) saved->next();
   const LoaderState at2 = saved->state();
-  const std::vector<std::string> where = describe_state(at2);  // as coil ckpt inspect prints it
+  const std::vector<std::string> where = describe_streaming_state(at2);  // as coil ckpt inspect prints it
   ASSERT_EQ(where.size(), 3u);
   EXPECT_EQ(where[0], "streaming mixture of 2 parts, rank 0 of 1: next global row 8");
   EXPECT_EQ(where[2], fmt::format("part 1 b.jsonl: epoch {}, record {}, {} tokens of it used", at2.parts[1].epoch,
