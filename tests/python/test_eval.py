@@ -4,10 +4,12 @@ bits per byte equal those computed here with transformers and `tokenizers` on th
 each document + EOS, cut into rows of seq_len + 1 that overlap by one); with document masking,
 each document scored from a fresh state; with --sft, the mean loss over the response tokens (and
 EOS) of each example alone in the Alpaca template; under mpirun the ranks share the batches and the
-first prints what one process prints; bad input is one line and exit 2 or 1."""
+first prints what one process prints; several data sets are each scored as alone, then tabled; bad
+input is one line and exit 2 or 1."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +118,39 @@ def test_several_checkpoints_in_one_call(hf, text, tmp_path):
     lines = [json.loads(line) for line in r.stdout.splitlines()]
     assert [g["checkpoint"] for g in lines] == [str(tmp / "ck-text"), str(tmp_path / "one.h5")]
     assert lines[0]["loss"] == lines[1]["loss"] and lines[0]["targets"] == lines[1]["targets"]
+
+
+def test_several_data_sets_in_one_call(hf, text, tmp_path):
+    """Each set scored on its own, as a call of its own scores it (a JSON line each, with its data); the
+    text output ends with a table, a row per checkpoint and a column per set's short name."""
+    tmp, _, _ = hf
+    path = tmp_path / "val.jsonl"  # beside the others: their short names are then "val" and "short"
+    shutil.copy(text[0], path)
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:2]))
+    coil("data", "prepare", "--input", path, "--tokenizer", tmp / "hf-text" / "tokenizer.json", "--output",
+         tmp_path / "shards")
+    sets = [path, tmp_path / "shards", short]
+    alone = [run_eval(tmp, d, "--seq-len", 16) for d in sets]
+    r = coil("eval", "--checkpoint", tmp / "ck-text", "--data", *sets, "--json", "--seq-len", 16)
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [g["data"] for g in lines] == [str(d) for d in sets]
+    for got, want in zip(lines, alone):
+        assert got["loss"] == want["loss"] and got["targets"] == want["targets"] and got["rows"] == want["rows"]
+    assert lines[2]["documents"] == 2 and lines[2]["loss"] != lines[0]["loss"]
+    # Two checkpoints (the second a consolidated copy) by two sets: the table.
+    coil("ckpt", "consolidate", tmp / "ck-text", tmp_path / "one.h5")
+    r = coil("eval", "--checkpoint", tmp / "ck-text", tmp_path / "one.h5", "--data", path, short, "--seq-len", 16)
+    out = r.stdout.splitlines()
+    at = out.index("eval: loss (perplexity), a row per checkpoint, a column per data set")
+    assert out[at + 1].split() == ["checkpoint", "val", "short"]
+    cell = lambda g: f"{g['loss']:.4f} ({math.exp(g['loss']):.2f})"
+    for row, checkpoint in zip(out[at + 2:], [tmp / "ck-text", tmp_path / "one.h5"]):
+        assert row.split() == [str(checkpoint), *cell(alone[0]).split(), *cell(alone[2]).split()], out
+    assert len(out) == at + 4
+    # A set that does not read stops the call, naming it.
+    r = coil("eval", "--checkpoint", tmp / "ck-text", "--data", path, tmp_path / "nothing*.jsonl", check=False)
+    assert r.returncode == 1 and "no file matches" in r.stderr and "nothing*.jsonl" in r.stderr, r.stderr
 
 
 def test_max_tokens_stops_after_the_document_that_reaches_it(hf, text):
