@@ -27,6 +27,7 @@ std::string LoaderState::to_json() const {
   nlohmann::json j = {{"kind", kind},   {"fingerprint", fingerprint}, {"seed", seed},   {"next_sample", next_sample},
                       {"epoch", epoch}, {"record", record},           {"offset", offset}, {"rank", rank},
                       {"world", world}};
+  if (!name.empty()) j["name"] = name;
   if (!parts.empty()) {
     j["parts"] = nlohmann::json::array();
     for (const LoaderState& p : parts) j["parts"].push_back(nlohmann::json::parse(p.to_json()));
@@ -47,6 +48,7 @@ LoaderState LoaderState::from_json(const std::string& text) {
     s.offset = j.at("offset").get<int64_t>();
     s.rank = j.at("rank").get<int>();
     s.world = j.at("world").get<int>();
+    if (j.contains("name")) s.name = j.at("name").get<std::string>();
     if (j.contains("parts"))
       for (const auto& p : j.at("parts")) {
         if (!p.is_object() || p.contains("parts")) fail("not a data loader state (a part of parts): {}", text.substr(0, 200));
@@ -61,7 +63,7 @@ LoaderState LoaderState::from_json(const std::string& text) {
 bool LoaderState::operator==(const LoaderState& o) const {
   return kind == o.kind && fingerprint == o.fingerprint && seed == o.seed && next_sample == o.next_sample &&
          epoch == o.epoch && record == o.record && offset == o.offset && rank == o.rank && world == o.world &&
-         parts == o.parts;
+         name == o.name && parts == o.parts;
 }
 
 // ---- Permutation ----------------------------------------------------------------------------------

@@ -49,10 +49,14 @@ struct LoaderState {
   std::string fingerprint;  // the data (and seq_len) the state belongs to
   uint64_t seed = 0;
   int64_t next_sample = 0;  // shards, sft: global index of the first sample of the next global batch
+                            // streaming: global index of the next step's first row
   // streaming: where the next row of this rank starts (see data/streaming.h)
   int64_t epoch = 0, record = 0, offset = 0;
   int rank = 0, world = 1;
-  // A streaming mixture: each part's own streaming state (next_sample: the mixture's global row).
+  // streaming: the stream's data.train entry (empty in states saved before 2026-12-06): a single
+  // stream and a streamed mixture's part resume as each other when their names match.
+  std::string name;
+  // A streaming mixture: each part's own streaming state (its next_sample: the mixture's).
   std::vector<LoaderState> parts;
 
   std::string to_json() const;

@@ -44,6 +44,51 @@ struct Doc {
 
 uint64_t epoch_key(uint64_t seed, int64_t epoch) { return mix64(seed ^ 0x5bd1e995u) ^ mix64(static_cast<uint64_t>(epoch) + 1); }
 
+// A streaming mixture's fingerprint: its parts' names and quotas, and where its interleave began.
+struct MixtureSegment {
+  std::vector<std::string> names;
+  std::vector<int64_t> quotas;
+  int64_t from = 0;
+};
+
+std::string segment_json(const MixtureSegment& m) {
+  nlohmann::json parts = nlohmann::json::array();
+  for (size_t k = 0; k < m.names.size(); ++k) parts.push_back({{"name", m.names[k]}, {"quota", m.quotas[k]}});
+  return nlohmann::json{{"streaming_mixture", parts}, {"from", m.from}}.dump();
+}
+
+MixtureSegment segment_of(const LoaderState& s) {
+  MixtureSegment out;
+  try {
+    const nlohmann::json j = nlohmann::json::parse(s.fingerprint);
+    for (const auto& p : j.at("streaming_mixture")) {
+      out.names.push_back(p.at("name").get<std::string>());
+      out.quotas.push_back(p.at("quota").get<int64_t>());
+    }
+    out.from = j.at("from").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    fail("the saved streaming mixture state is damaged ({}): {}", e.what(), s.fingerprint.substr(0, 200));
+  }
+  COIL_CHECK(out.names.size() == s.parts.size() && out.from >= 0 && out.from <= s.next_sample,
+             "the saved streaming mixture state is damaged: {} parts named, {} states, rows from {} to {}",
+             out.names.size(), s.parts.size(), out.from, s.next_sample);
+  return out;
+}
+
+// A single stream's state out of a saved streamed mixture's: the part of the stream's name, at the
+// mixture's row.
+LoaderState part_named(const LoaderState& s, const std::string& name) {
+  const MixtureSegment m = segment_of(s);
+  for (size_t k = 0; k < m.names.size(); ++k)
+    if (m.names[k] == name) {
+      LoaderState p = s.parts[k];
+      p.next_sample = s.next_sample;
+      return p;
+    }
+  fail("the saved loader state belongs to other data (a streamed mixture of {}; this run streams {} alone, none of "
+       "its parts)", fmt::join(m.names, ", "), name);
+}
+
 class StreamingLoader : public Loader {
  public:
   explicit StreamingLoader(const StreamingOptions& o) : o_(o), tokenizer_(o.tokenizer) {
@@ -82,6 +127,7 @@ class StreamingLoader : public Loader {
       }
       advance(o_.geometry.seq_len);
     }
+    rows_ += b.rows;
     return b;
   }
 
@@ -92,6 +138,8 @@ class StreamingLoader : public Loader {
     s.seed = o_.seed;
     s.rank = o_.geometry.rank;
     s.world = o_.geometry.world;
+    s.name = o_.name;
+    s.next_sample = start_row_ + rows_ / o_.geometry.per_rank() * o_.geometry.global_batch;
     if (!pending_.empty()) {
       s.epoch = pending_.front().epoch;
       s.record = pending_.front().record;
@@ -104,8 +152,9 @@ class StreamingLoader : public Loader {
     return s;
   }
 
-  void restore(const LoaderState& s) override {
-    COIL_CHECK(s.kind == "streaming", "the saved loader state is for {} data, this run streams", s.kind);
+  void restore(const LoaderState& saved) override {
+    COIL_CHECK(saved.kind == "streaming", "the saved loader state is for {} data, this run streams", saved.kind);
+    const LoaderState s = saved.parts.empty() ? saved : part_named(saved, o_.name);
     COIL_CHECK(s.fingerprint == fingerprint_, "the saved loader state belongs to other data ({}), not to this run's ({})",
                s.fingerprint, fingerprint_);
     COIL_CHECK(s.world == o_.geometry.world && s.rank == o_.geometry.rank,
@@ -116,6 +165,8 @@ class StreamingLoader : public Loader {
     stop();
     o_.seed = s.seed;
     resume_ = s;
+    start_row_ = s.next_sample;
+    rows_ = 0;
     start();
   }
 
@@ -321,6 +372,7 @@ class StreamingLoader : public Loader {
   Tokenizer tokenizer_;
   std::string fingerprint_;
   LoaderState resume_;  // where reading started, then: where the next row starts when pending_ is empty
+  int64_t start_row_ = 0, rows_ = 0;  // the global row where reading started; rows read since
   std::deque<Doc> pending_;
   bool first_doc_ = true;
   int64_t epoch_ = -1, epoch_tokens_ = 0;
@@ -337,37 +389,6 @@ class StreamingLoader : public Loader {
   std::exception_ptr error_;
 };
 
-// A streaming mixture's fingerprint: its parts' names and quotas, and where its interleave began.
-struct MixtureSegment {
-  std::vector<std::string> names;
-  std::vector<int64_t> quotas;
-  int64_t from = 0;
-};
-
-std::string segment_json(const MixtureSegment& m) {
-  nlohmann::json parts = nlohmann::json::array();
-  for (size_t k = 0; k < m.names.size(); ++k) parts.push_back({{"name", m.names[k]}, {"quota", m.quotas[k]}});
-  return nlohmann::json{{"streaming_mixture", parts}, {"from", m.from}}.dump();
-}
-
-MixtureSegment segment_of(const LoaderState& s) {
-  MixtureSegment out;
-  try {
-    const nlohmann::json j = nlohmann::json::parse(s.fingerprint);
-    for (const auto& p : j.at("streaming_mixture")) {
-      out.names.push_back(p.at("name").get<std::string>());
-      out.quotas.push_back(p.at("quota").get<int64_t>());
-    }
-    out.from = j.at("from").get<int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    fail("the saved streaming mixture state is damaged ({}): {}", e.what(), s.fingerprint.substr(0, 200));
-  }
-  COIL_CHECK(out.names.size() == s.parts.size() && out.from >= 0 && out.from <= s.next_sample,
-             "the saved streaming mixture state is damaged: {} parts named, {} states, rows from {} to {}",
-             out.names.size(), s.parts.size(), out.from, s.next_sample);
-  return out;
-}
-
 // Streamed parts taking turns over the global order of rows (see the header).
 class StreamingMixture : public Loader {
  public:
@@ -379,7 +400,9 @@ class StreamingMixture : public Loader {
     geo_.validate();
     // The shares as quotas of 2^20 rows: the interleave of any multiple of them is the same.
     mix_ = Interleave(apportion(int64_t{1} << 20, weights, names_));
-    for (StreamingOptions& o : options_) {
+    for (size_t k = 0; k < options_.size(); ++k) {
+      StreamingOptions& o = options_[k];
+      o.name = names_[k];
       COIL_CHECK(o.geometry.seq_len == geo_.seq_len && o.document_masking == options_[0].document_masking,
                  "the parts of a streaming mixture share seq_len and document_masking");
       o.geometry = BatchGeometry{geo_.seq_len, geo_.world, 1, geo_.rank, geo_.world};  // a row at a time
@@ -409,30 +432,38 @@ class StreamingMixture : public Loader {
     s.rank = geo_.rank;
     s.world = geo_.world;
     s.next_sample = start_ + rows_ / geo_.per_rank() * geo_.global_batch;
-    for (const auto& l : loaders_) s.parts.push_back(l->state());
+    for (const auto& l : loaders_) {
+      s.parts.push_back(l->state());
+      s.parts.back().next_sample = s.next_sample;
+    }
     return s;
   }
 
   void restore(const LoaderState& s) override {
     COIL_CHECK(s.kind == "streaming", "the saved loader state is for {} data, this run streams", s.kind);
-    COIL_CHECK(!s.parts.empty(), "the saved loader state belongs to other data (one stream, {}), not to this run's "
-               "mixture of {} streams", s.fingerprint, loaders_.size());
+    COIL_CHECK(!s.parts.empty() || !s.name.empty(), "the saved loader state is a single stream's that names no "
+               "data.train entry (saved before 2026-12-06): it resumes as that stream alone, not as a part of this "
+               "run's mixture of {} streams", loaders_.size());
     COIL_CHECK(s.world == geo_.world && s.rank == geo_.rank,
                "the saved streaming state is rank {} of {}, this is rank {} of {} (merge_streaming_states() converts "
                "states across numbers of ranks)", s.rank, s.world, geo_.rank, geo_.world);
     COIL_CHECK(s.next_sample >= 0, "bad streaming mixture state: next row {}", s.next_sample);
-    const MixtureSegment saved = segment_of(s);
+    // A single stream's state is that of a mixture of one part here.
+    const MixtureSegment saved = s.parts.empty() ? MixtureSegment{{s.name}, {1}, s.next_sample} : segment_of(s);
+    const std::vector<LoaderState> states = s.parts.empty() ? std::vector<LoaderState>{s} : s.parts;
     bool any = false;
     std::vector<bool> taken(saved.names.size(), false);
     for (size_t k = 0; k < loaders_.size(); ++k) {
       loaders_[k] = make_streaming_loader(options_[k]);  // a new part starts at its beginning
       for (size_t i = 0; i < saved.names.size(); ++i)
         if (!taken[i] && saved.names[i] == names_[k]) {
-          loaders_[k]->restore(s.parts[i]);  // its data changed (another fingerprint): a coil::Error
+          loaders_[k]->restore(states[i]);  // its data changed (another fingerprint): a coil::Error
           taken[i] = any = true;
           break;
         }
     }
+    COIL_CHECK(any || !s.parts.empty(), "the saved loader state belongs to other data (its stream, {}, is not a part "
+               "of this run's mixture: {})", s.name, fmt::join(names_, ", "));
     COIL_CHECK(any, "the saved loader state belongs to other data (none of its parts, {}, is in this run's data)",
                fmt::join(saved.names, ", "));
     start_ = s.next_sample;
@@ -472,7 +503,9 @@ std::vector<std::string> describe_streaming_state(const LoaderState& state) {
   auto place = [](const LoaderState& s) {
     return fmt::format("epoch {}, record {}, {} tokens of it used", s.epoch, s.record, s.offset);
   };
-  if (state.parts.empty()) return {fmt::format("streaming, rank {} of {}: {}", state.rank, state.world, place(state))};
+  if (state.parts.empty())
+    return {fmt::format("streaming{}, rank {} of {}: {}", state.name.empty() ? "" : " " + state.name, state.rank,
+                        state.world, place(state))};
   const MixtureSegment m = segment_of(state);
   std::vector<std::string> out = {fmt::format("streaming mixture of {} parts, rank {} of {}: next global row {}",
                                               state.parts.size(), state.rank, state.world, state.next_sample)};

@@ -49,13 +49,15 @@ struct StreamingOptions {
   uint64_t seed = 0;
   int threads = 2;  // tokenizer threads (a reading thread comes on top)
   bool document_masking = false;  // fill Batch::seq_idx
+  std::string name;  // its data.train entry: matched with a streamed mixture's part on resume
 };
 
 std::unique_ptr<Loader> make_streaming_loader(const StreamingOptions& options);
 
 // Streamed parts (two or more; the same geometry, tokenizer and document_masking, a seed each)
 // in the shares of `weights`; `names` (their data.train entries) name them in messages and match
-// them on resume.
+// them on resume, also with a single stream's state (a single stream continues from the mixture's
+// part of its name, and a mixture's part of its name from a single stream's state).
 std::unique_ptr<Loader> make_streaming_mixture(std::vector<StreamingOptions> parts, std::vector<std::string> names,
                                                const std::vector<double>& weights);
 

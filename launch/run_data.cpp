@@ -95,6 +95,7 @@ RunData open_data(const RunConfig& c, Phase phase, const data::Tokenizer& tok, c
     size_t files = 0;
     if (weights.empty()) {  // one stream, however many inputs
       data::StreamingOptions o = stream(c.data_train, seed);
+      o.name = parts.size() == 1 ? parts[0] : c.data_train;  // as a mixture names its part
       files = o.files.size();
       d.train = data::make_streaming_loader(o);
     } else {  // a stream per entry of data.train, taking turns in the weights' shares

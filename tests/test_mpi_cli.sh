@@ -66,6 +66,19 @@ stop_and_resume() {
 stop_and_resume s2 "${args[@]}" --set data.streaming=true --set data.train=c.jsonl
 stop_and_resume m2 "${args[@]}" --set data.streaming=true --set "data.train=c.jsonl, ./c.jsonl" --set data.train_weights=3,1
 grep -q "pretrain: part 1 ./c.jsonl: 25.00% of the rows (1 file(s), streamed)" m2.log || fail "the streamed mixture does not name its parts"
+# The single stream back at step 4, resumed as a streamed mixture that it is part 0 of; the mixture
+# back at step 4, resumed as its part 1 alone (the rows themselves: Corpus.StreamingMixture*).
+cp -r s2 s2m && back_to_step4 s2m
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set data.streaming=true --set "data.train=c.jsonl, ./c.jsonl" \
+  --set data.train_weights=3,1 --set train.run_dir=s2m --resume >s2m.log 2>&1 || fail "stream -> mixture: $(tail -3 s2m.log)"
+grep -q "pretrain: the data mixture changed since step 4" s2m.log && grep -q "pretrain: done, 8 steps" s2m.log ||
+  fail "the single stream did not go on as a streamed mixture: $(tail -3 s2m.log)"
+"$coil" ckpt inspect s2m/checkpoints/final | grep -q "part 1 ./c.jsonl: epoch 0, record " || fail "s2m: no part 1 in its state"
+cp -r m2 m2s && back_to_step4 m2s
+"${mpirun[@]}" -np 2 "$coil" pretrain "${args[@]}" --set data.streaming=true --set data.train=./c.jsonl \
+  --set train.run_dir=m2s --resume >m2s.log 2>&1 || fail "mixture -> stream: $(tail -3 m2s.log)"
+grep -q "pretrain: done, 8 steps" m2s.log || fail "the mixture did not go on as its part alone: $(tail -3 m2s.log)"
+"$coil" ckpt inspect m2s/checkpoints/final | grep -q "streaming ./c.jsonl, rank 0 of 2: epoch " || fail "m2s: not a single stream"
 # Resharding: 20 steps on N ranks, resumed on M ranks for 20 more, for every N, M in 1..4: the
 # losses of the uninterrupted N-rank run, bit for bit when M = N, within 1e-5 otherwise.
 rargs=("${args[@]}" --set train.global_batch_size=12 --set train.max_steps=40 --set train.checkpoint_interval=20
