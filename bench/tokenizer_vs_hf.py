@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Encode speed on one thread: Coil's BPE (data/bpe.h) against PyPI's `tokenizers`, on the same
-text and the same tokenizer.json files (byte-level GPT-2, GPT-NeoX and Llama-3 style, and
-character-level with byte fallback in Llama-2, Mistral and Gemma style, made by
+"""Encode speed on one thread: Coil's BPE and Unigram (data/bpe.h) against PyPI's `tokenizers`, on the
+same text and the same tokenizer.json files (byte-level GPT-2, GPT-NeoX and Llama-3 style,
+character-level with byte fallback in Llama-2, Mistral and Gemma style, and Unigram, made by
 tests/python/tokenizer_json_cases.py), side by side in one run. Each side encodes every document
 once, from a fresh process state (an empty word cache), and the tokens counted are checked equal.
 
@@ -40,6 +40,7 @@ def main():
         char = cases.make_char_tokenizers(docs[:1000], d, vocab_size=a.vocab)
         # llama2_whole (ignore_merges) is merged without the cut before U+2581: the cut's worth.
         paths.update({k: char[k] for k in ("llama2", "llama2_whole", "mistral", "gemma")})
+        paths.update(cases.make_unigram_tokenizers(docs[:1000], d, vocab_size=min(a.vocab, 16000)))
         for unit, texts in (("documents", docs), ("lines", lines)):
             bench(a, paths, unit, texts, d)
 

@@ -7,10 +7,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <tuple>
 #include <unordered_map>
 
@@ -189,16 +192,19 @@ class Regex {
   bool jit_ = false;
 };
 
-// Oniguruma's \s (which `tokenizers` runs) also matches U+0085; PCRE2's \s with UCP does not.
+// Oniguruma's \s (which `tokenizers` runs) is Unicode's White_Space: PCRE2's \s with UCP leaves
+// out U+0085 and takes U+180E (a space before Unicode 6.3), so Coil spells the class out.
 std::string onig_compatible(const std::string& p, const std::string& where) {
+  static const std::string kSpace =
+      R"(\t\n\x{0B}\f\r\x{20}\x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
   std::string out;
   bool in_class = false;
   for (size_t i = 0; i < p.size(); ++i) {
     const char c = p[i];
     if (c == '\\' && i + 1 < p.size()) {
       const char n = p[++i];
-      if (n == 's') out += in_class ? "\\s\\x{85}" : "[\\s\\x{85}]";
-      else if (n == 'S' && !in_class) out += "[^\\s\\x{85}]";
+      if (n == 's') out += in_class ? kSpace : "[" + kSpace + "]";
+      else if (n == 'S' && !in_class) out += "[^" + kSpace + "]";
       else if (n == 'S') fail("{}: \\S inside a character class is not implemented", where);
       else out += c, out += n;
       continue;
@@ -244,12 +250,42 @@ struct PreStep {
   bool invert = false;
 };
 
-// A normalizer step, in order: a Unicode normalization form, Prepend or Replace (with a string).
+// A normalizer step, in order: a Unicode normalization form, Prepend, Replace (a string or a
+// regex) or Nmt.
 struct NormStep {
-  int unicode = 0;      // utf8proc options; 0 for Prepend and Replace
-  std::string a, b;     // Prepend: a; Replace: a -> b
+  int unicode = 0;      // utf8proc options; 0 for the others
+  std::string a, b;     // Prepend: a; Replace: a (or regex's matches) -> b
   bool prepend = false;
+  bool nmt = false;
+  std::unique_ptr<Regex> regex;  // Replace with a Regex pattern
 };
+
+// tokenizers' Nmt normalizer: drops the ASCII control characters (but tab, newlines and form
+// feed) and U+008F, U+009F, and makes ' ' of the other spaces it knows (tab, newlines, U+1680,
+// U+200B-U+200F, U+2028, U+2029, U+2581, U+FEFF, U+FFFD).
+void nmt(std::string_view s, std::string& out) {
+  out.clear();
+  for_each_cp(s, [&](uint32_t c) {
+    if ((c >= 0x01 && c <= 0x08) || c == 0x0B || (c >= 0x0E && c <= 0x1F) || c == 0x7F || c == 0x8F || c == 0x9F) return;
+    if (c == 0x09 || c == 0x0A || c == 0x0C || c == 0x0D || c == 0x1680 || (c >= 0x200B && c <= 0x200F) || c == 0x2028 ||
+        c == 0x2029 || c == 0x2581 || c == 0xFEFF || c == 0xFFFD)
+      c = ' ';
+    utf8proc_uint8_t buf[4];
+    out.append(reinterpret_cast<char*>(buf), static_cast<size_t>(utf8proc_encode_char(static_cast<utf8proc_int32_t>(c), buf)));
+  });
+}
+
+// Every match of re in s (tokenizers' find_matches: empty ones too) replaced by `to`.
+void replace_matches(std::string_view s, const Regex& re, std::string_view to, std::string& out) {
+  out.clear();
+  size_t prev = 0;
+  re.find_iter(s, [&](size_t b, size_t e) {
+    out.append(s.data() + prev, b - prev);
+    out.append(to);
+    prev = e;
+  });
+  out.append(s.data() + prev, s.size() - prev);
+}
 
 // Decoders of character-level BPE (no ByteLevel): tokenizers' Replace (a string), ByteFallback,
 // Fuse, Strip and Metaspace, applied in order to the list of tokens, then joined.
@@ -443,6 +479,148 @@ class MergeTable {
   int shift_ = 64;
 };
 
+// A JSON number as serde_json reads it without its float_roundtrip feature (as `tokenizers` is
+// built): the digits into a u64 (those that do not fit dropped), then one multiplication or
+// division by a power of ten, so that a 17-digit score can land an ulp from the nearest double.
+// A Unigram model's best path is often a tie between sums of the same scores in other orders, and
+// an ulp decides it: Coil reads the scores as `tokenizers` does to take the same path. nullopt
+// where serde_json refuses the number.
+std::optional<double> serde_json_f64(std::string_view s) {
+  static const std::vector<double> pow10 = [] {
+    std::vector<double> p;
+    for (int k = 0; k <= 308; ++k) p.push_back(std::strtod(fmt::format("1e{}", k).c_str(), nullptr));
+    return p;
+  }();
+  constexpr uint64_t kMax = ~uint64_t{0};
+  auto overflows = [](uint64_t a, uint64_t d) { return a >= kMax / 10 && (a > kMax / 10 || d > kMax % 10); };
+  auto digit = [&](size_t i) { return i < s.size() && s[i] >= '0' && s[i] <= '9'; };
+  size_t i = 0;
+  const bool negative = i < s.size() && s[i] == '-';
+  i += negative;
+  uint64_t significand = 0;
+  int64_t exponent = 0;
+  for (bool full = false; digit(i); ++i) {  // past the u64, each digit only scales
+    const uint64_t d = static_cast<uint64_t>(s[i] - '0');
+    if (full || overflows(significand, d)) full = true, ++exponent;
+    else significand = significand * 10 + d;
+  }
+  if (i < s.size() && s[i] == '.') {
+    for (++i; digit(i); ++i) {
+      const uint64_t d = static_cast<uint64_t>(s[i] - '0');
+      if (overflows(significand, d)) {
+        while (digit(i)) ++i;  // the rest of the fraction is ignored
+        break;
+      }
+      significand = significand * 10 + d, --exponent;
+    }
+  }
+  if (i < s.size() && (s[i] == 'e' || s[i] == 'E')) {
+    ++i;
+    const bool minus = i < s.size() && s[i] == '-';
+    i += i < s.size() && (s[i] == '-' || s[i] == '+');
+    int64_t e = 0;
+    for (; digit(i); ++i) {
+      e = e * 10 + (s[i] - '0');
+      if (e > (int64_t{1} << 31)) {  // serde_json: 0 for a tiny number, an error for a huge one
+        if (minus || significand == 0) return negative ? -0.0 : 0.0;
+        return std::nullopt;
+      }
+    }
+    exponent += minus ? -e : e;
+  }
+  double f = static_cast<double>(significand);
+  while (true) {
+    const uint64_t a = static_cast<uint64_t>(exponent < 0 ? -exponent : exponent);
+    if (a < pow10.size()) {
+      f = exponent >= 0 ? f * pow10[a] : f / pow10[a];
+      break;
+    }
+    if (f == 0.0) break;
+    if (exponent >= 0) return std::nullopt;
+    f /= 1e308;
+    exponent += 308;
+  }
+  if (!std::isfinite(f)) return std::nullopt;
+  return negative ? -f : f;
+}
+
+// The text of each model.vocab[i][1] of a tokenizer.json that is a JSON float, by i (nlohmann's
+// DOM keeps only the nearest double).
+std::vector<std::string> unigram_score_texts(std::string_view text) {
+  struct Sax : nlohmann::json_sax<json> {
+    struct Frame {
+      bool array = false;
+      std::string key;
+      int64_t index = -1;  // an array's current element
+    };
+    std::vector<Frame> stack;
+    std::vector<std::string> out;
+    void value() {
+      if (!stack.empty() && stack.back().array) ++stack.back().index;
+    }
+    bool null() override { return value(), true; }
+    bool boolean(bool) override { return value(), true; }
+    bool number_integer(number_integer_t) override { return value(), true; }
+    bool number_unsigned(number_unsigned_t) override { return value(), true; }
+    bool number_float(number_float_t, const string_t& raw) override {
+      value();
+      if (stack.size() == 4 && stack[0].key == "model" && stack[1].key == "vocab" && stack[2].array &&
+          stack[3].array && stack[3].index == 1) {
+        const auto at = static_cast<size_t>(stack[2].index);
+        if (out.size() <= at) out.resize(at + 1);
+        out[at] = raw;
+      }
+      return true;
+    }
+    bool string(string_t&) override { return value(), true; }
+    bool binary(binary_t&) override { return value(), true; }
+    bool start_object(std::size_t) override { return value(), stack.push_back({false, "", -1}), true; }
+    bool key(string_t& k) override { return stack.back().key = k, true; }
+    bool end_object() override { return stack.pop_back(), true; }
+    bool start_array(std::size_t) override { return value(), stack.push_back({true, "", -1}), true; }
+    bool end_array() override { return stack.pop_back(), true; }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+  } sax;
+  json::sax_parse(text.begin(), text.end(), &sax);
+  return sax.out;
+}
+
+// A Unigram model's pieces as a byte trie: node 0 is the root, each edge (node, byte) -> child is
+// in one open-addressing table, and a node knows the id of the piece that ends there (-1: none).
+class PieceTrie {
+ public:
+  void add(std::string_view piece, int32_t id) {
+    int32_t n = 0;
+    for (char ch : piece) {
+      const int32_t b = static_cast<unsigned char>(ch);
+      if (const MergeTable::Merge* e = edges_.find(n, b)) {
+        n = e->new_id;
+      } else {
+        const auto child = static_cast<int32_t>(id_.size());
+        id_.push_back(-1);
+        edges_.insert(n, b, {0, child});
+        n = child;
+      }
+    }
+    id_[static_cast<size_t>(n)] = id;  // a piece listed twice: the later id, as tokenizers' map has it
+  }
+  // f(end, id) for each piece that s[from..] starts with, shortest first.
+  template <typename F>
+  void prefixes(std::string_view s, size_t from, F f) const {
+    int32_t n = 0;
+    for (size_t i = from; i < s.size(); ++i) {
+      const MergeTable::Merge* e = edges_.find(n, static_cast<unsigned char>(s[i]));
+      if (!e) return;
+      n = e->new_id;
+      if (id_[static_cast<size_t>(n)] >= 0) f(i + 1, id_[static_cast<size_t>(n)]);
+    }
+  }
+
+ private:
+  MergeTable edges_;  // (node, byte) -> (unused, child)
+  std::vector<int32_t> id_{-1};
+};
+
 }  // namespace
 
 struct BpeTokenizer::Impl {
@@ -465,6 +643,12 @@ struct BpeTokenizer::Impl {
   int32_t unk = -1;
   bool fuse_unk = false, ignore_merges = false, byte_fallback = false;
   bool merge_joins_meta = false;  // a merge (a, b) with b starting with U+2581 and a not ending with it
+  // A Unigram model instead (model.type "Unigram"): each piece's score, the trie of the pieces,
+  // and the score of an unknown character (the lowest score - 10, as tokenizers has it).
+  bool unigram = false;
+  std::vector<double> scores;
+  PieceTrie pieces;
+  double unk_score = 0;
   // Pipeline.
   std::vector<AddedToken> added;
   Trie raw_trie, norm_trie;
@@ -485,8 +669,10 @@ struct BpeTokenizer::Impl {
         if (!out.empty()) out.insert(0, n.a);  // tokenizers' Prepend leaves an empty string empty
         continue;
       }
-      if (!n.unicode) {
-        replace_all(out, n.a, n.b, tmp);
+      if (n.nmt || n.regex || !n.unicode) {
+        if (n.nmt) nmt(out, tmp);
+        else if (n.regex) replace_matches(out, *n.regex, n.b, tmp);
+        else replace_all(out, n.a, n.b, tmp);
         std::swap(out, tmp);
         continue;
       }
@@ -681,7 +867,8 @@ struct BpeTokenizer::Impl {
       auto it = raw_vocab.find(std::string(w));
       if (it != raw_vocab.end()) ids.push_back(it->second);
     }
-    if (ids.empty()) merge_word(w, ids);
+    if (unigram) unigram_word(w, ids);
+    else if (ids.empty()) merge_word(w, ids);
     out.insert(out.end(), ids.begin(), ids.end());
     // Not the long words: without a pre-tokenizer (Llama-2 style) a word is a whole piece of text.
     if (w.size() < kMaxCachedWord) cache.words.insert(w, h, ids.data(), ids.size());
@@ -759,6 +946,71 @@ struct BpeTokenizer::Impl {
     }
     for (const Sym& s : sym)
       if (s.len) ids.push_back(s.c);
+  }
+
+  // The Unigram model on one word, as tokenizers' Unigram::encode_optimized + tokenize: the best
+  // path over the pieces (Viterbi, by byte position; a character in no one-character piece may also
+  // be an unknown, at unk_score), ties to the first path found; then from the end, runs of unknowns
+  // fused into one string, which is a piece if the vocabulary has it, else its bytes' <0xXX> tokens
+  // (byte_fallback, when all are there), else unk.
+  void unigram_word(std::string_view w, std::vector<int32_t>& ids) const {
+    struct Best {
+      int32_t id = 0;
+      double score = 0;  // tokenizers' default: a position no path reaches scores 0 too
+      int64_t start = -1;
+    };
+    thread_local std::vector<Best> best;
+    best.assign(w.size() + 1, Best{});
+    for (size_t at = 0; at < w.size();) {
+      const double here = best[at].score;
+      const size_t len = std::min(utf8_len(static_cast<unsigned char>(w[at])), w.size() - at);
+      bool single = false;
+      pieces.prefixes(w, at, [&](size_t end, int32_t id) {
+        Best& b = best[end];
+        const double score = scores[static_cast<size_t>(id)] + here;
+        if (b.start < 0 || score > b.score) b = {id, score, static_cast<int64_t>(at)};
+        single |= end - at == len;
+      });
+      if (!single) {
+        Best& b = best[at + len];
+        const double score = unk_score + here;
+        if (b.start < 0 || score > b.score) {
+          if (unk < 0)
+            fail("{}: \"{}\" is in no piece of the Unigram model, and the model has no unk_id", origin,
+                 std::string(w.substr(at, len)));
+          b = {unk, score, static_cast<int64_t>(at)};
+        }
+      }
+      at += len;
+    }
+    thread_local std::vector<std::pair<size_t, int32_t>> path;  // (start, id), from the end
+    path.clear();
+    for (size_t end = w.size(); end > 0;) {
+      const Best& b = best[end];
+      const auto start = static_cast<size_t>(b.start);
+      if (b.id == unk && !path.empty() && path.back().second == unk && unk >= 0) path.back().first = start;
+      else path.emplace_back(start, b.id);
+      end = start;
+    }
+    size_t end = w.size();
+    const size_t first = ids.size();
+    for (const auto& [start, id] : path) {  // still from the end: reversed below
+      if (id != unk || unk < 0) {
+        ids.push_back(id);
+      } else {
+        const std::string_view run = w.substr(start, end - start);
+        const auto it = vocab.find(std::string(run));
+        if (it != vocab.end()) {
+          ids.push_back(it->second);
+        } else if (byte_fallback && fallback_covers(run)) {
+          for (size_t k = run.size(); k-- > 0;) ids.push_back(fallback_id[static_cast<unsigned char>(run[k])]);
+        } else {
+          ids.push_back(unk);
+        }
+      }
+      end = start;
+    }
+    std::reverse(ids.begin() + static_cast<std::ptrdiff_t>(first), ids.end());
   }
 
   // The id of one character's symbol, or -1.
@@ -898,10 +1150,12 @@ struct BpeTokenizer::Impl {
   }
 
   int64_t max_id = 1 << 24;  // ids are dense in real files; this bounds memory for any input
+  std::string_view raw_text;  // the file, while parse() runs
 
   void parse_model(const json& m) {
     const std::string type = type_of(m, "model");
-    if (type != "BPE") fail("{}: model type {} is not implemented (Coil reads BPE)", origin, type);
+    if (type == "Unigram") return parse_unigram(m);
+    if (type != "BPE") fail("{}: model type {} is not implemented (Coil reads BPE and Unigram)", origin, type);
     if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() != 0.0)
       fail("{}: model.dropout is not implemented", origin);
     for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
@@ -949,6 +1203,40 @@ struct BpeTokenizer::Impl {
     }
   }
 
+  // tokenizers' Unigram: {"vocab": [[piece, score], ...], "unk_id": id or null, "byte_fallback"}.
+  void parse_unigram(const json& m) {
+    unigram = true;
+    byte_fallback = flag(m, "byte_fallback", false, "model");
+    const json& v = need(m, "vocab", "model");
+    if (!v.is_array() || v.empty()) fail("{}: model.vocab of a Unigram model is not a non-empty list of [piece, score]", origin);
+    if (static_cast<int64_t>(v.size()) >= max_id) fail("{}: model.vocab has too many pieces ({})", origin, v.size());
+    double min_score = std::numeric_limits<double>::infinity();
+    const std::vector<std::string> texts = unigram_score_texts(raw_text);
+    for (size_t i = 0; i < v.size(); ++i) {
+      const json& e = v[i];
+      if (!e.is_array() || e.size() != 2 || !e[0].is_string() || !e[1].is_number())
+        fail("{}: model.vocab[{}] is not [piece, score]: {}", origin, i, e.dump().substr(0, 80));
+      const auto id = static_cast<int32_t>(i);
+      const std::string piece = e[0].get<std::string>();
+      std::optional<double> read = e[1].get<double>();  // an integer: exact
+      if (i < texts.size() && !texts[i].empty()) read = serde_json_f64(texts[i]);
+      if (!read || !std::isfinite(*read)) fail("{}: model.vocab[{}] has the score {}", origin, i, e[1].dump());
+      const double score = *read;
+      vocab[piece] = id;  // a piece listed twice: the later id, as tokenizers has it
+      set_token(id, piece);
+      scores.push_back(score);
+      if (!piece.empty()) pieces.add(piece, id);
+      min_score = std::min(min_score, score);
+    }
+    unk_score = min_score - 10.0;
+    if (m.contains("unk_id") && !m["unk_id"].is_null()) {
+      const json& u = m["unk_id"];
+      if (!u.is_number_unsigned() || u.get<uint64_t>() >= v.size())
+        fail("{}: model.unk_id {} is not an id of the vocabulary ({} pieces)", origin, u.dump().substr(0, 40), v.size());
+      unk = static_cast<int32_t>(u.get<uint64_t>());
+    }
+  }
+
   int32_t vocab_size_now() const { return static_cast<int32_t>(id_to_token.size()); }
 
   void set_token(int32_t id, const std::string& s) {
@@ -990,7 +1278,11 @@ struct BpeTokenizer::Impl {
   void parse_normalizer(const json& n) {
     if (n.is_null()) return;
     const std::string t = type_of(n, "normalizer");
-    auto unicode = [&](int opt) { normalizers.push_back({UTF8PROC_STABLE | opt, "", "", false}); };
+    auto unicode = [&](int opt) {
+      NormStep u;
+      u.unicode = UTF8PROC_STABLE | opt;
+      normalizers.push_back(std::move(u));
+    };
     if (t == "Sequence") {
       for (const json& x : need(n, "normalizers", "normalizer")) parse_normalizer(x);
     } else if (t == "NFC") {
@@ -1002,13 +1294,31 @@ struct BpeTokenizer::Impl {
     } else if (t == "NFKD") {
       unicode(UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT);
     } else if (t == "Prepend") {
-      normalizers.push_back({0, text_of(n, "prepend", "Prepend"), "", true});
+      NormStep p;
+      p.a = text_of(n, "prepend", "Prepend");
+      p.prepend = true;
+      normalizers.push_back(std::move(p));
     } else if (t == "Replace") {
       const json& c = need(n, "content", "Replace");
       if (!c.is_string()) fail("{}: Replace.content is not a string", origin);
-      normalizers.push_back({0, replace_pattern(n, "normalizer Replace"), c.get<std::string>(), false});
+      const json& pat = need(n, "pattern", "normalizer Replace");
+      NormStep r;
+      r.b = c.get<std::string>();
+      if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string())
+        r.regex = std::make_unique<Regex>(onig_compatible(pat["Regex"].get<std::string>(), origin + ": Replace"),
+                                          origin + ": Replace");
+      else
+        r.a = replace_pattern(n, "normalizer Replace");
+      normalizers.push_back(std::move(r));
+    } else if (t == "Nmt") {
+      NormStep s;
+      s.nmt = true;
+      normalizers.push_back(std::move(s));
+    } else if (t == "Precompiled") {
+      fail("{}: normalizer Precompiled (a sentencepiece model's own normalization) is not implemented: give Coil that "
+           "tokenizer's sentencepiece .model instead", origin);
     } else {
-      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD, Prepend, Replace and Sequence)",
+      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD, Nmt, Prepend, Replace and Sequence)",
            origin, t);
     }
   }
@@ -1135,6 +1445,7 @@ struct BpeTokenizer::Impl {
   }
 
   void parse(std::string_view text) {
+    raw_text = text;
     json j;
     try {
       j = json::parse(text.begin(), text.end());
@@ -1178,6 +1489,7 @@ struct BpeTokenizer::Impl {
     parse_decoder(j.value("decoder", json()));
     if (byte_level && byte_fallback)
       fail("{}: model.byte_fallback with a ByteLevel pre-tokenizer is not implemented", origin);
+    if (byte_level && unigram) fail("{}: a Unigram model with a ByteLevel pre-tokenizer is not implemented", origin);
     if (byte_level && (!decoder_byte_level || !decoders.empty()))
       fail("{}: a ByteLevel pre-tokenizer needs the ByteLevel decoder alone (Coil implements no other decoder there)",
            origin);
@@ -1253,7 +1565,7 @@ struct BpeTokenizer::Impl {
     }
     if (ignore_merges)
       for (const auto& [tok, id] : vocab) raw_vocab[byte_level ? id_to_bytes[static_cast<size_t>(id)] : tok] = id;
-    split_at_meta = !byte_level && !ignore_merges && can_cut_before_meta();
+    split_at_meta = !byte_level && !ignore_merges && !unigram && can_cut_before_meta();
     for (const auto* ids : {&prefix, &suffix})
       for (int32_t id : *ids)
         if (id >= vocab_size_now() || !assigned[static_cast<size_t>(id)])

@@ -1,25 +1,28 @@
-// BPE read from Hugging Face's tokenizer.json, giving the ids that PyPI's `tokenizers` gives, token
-// for token, in both kinds the Hub's files come in:
+// Hugging Face's tokenizer.json, giving the ids that PyPI's `tokenizers` gives, token for token: BPE
+// in both kinds the Hub's files come in, and Unigram:
 //   byte-level (GPT-2, GPT-NeoX, Llama-3, Qwen): a ByteLevel pre-tokenizer, last; the symbols are
 //     the bytes of each word;
 //   character-level (Llama-2, TinyLlama, Mistral, Gemma): no ByteLevel; spaces become U+2581 (a
 //     normalizer's Prepend/Replace, or a Metaspace pre-tokenizer), the symbols are characters,
 //     and with byte_fallback a character missing from the vocabulary becomes its bytes' <0xXX>
-//     tokens (else unk).
+//     tokens (else unk);
+//   Unigram (files `tokenizers` trains, e.g. SentencePieceUnigramTokenizer's): pieces with scores,
+//     the best path through them (Viterbi), unknowns fused, byte_fallback as above.
 //
 // The pipeline, in `tokenizers`' order:
 //   1. added tokens (the file's "added_tokens") whose "normalized" is false are cut out of the raw
 //      text first (leftmost-longest, with their single_word / lstrip / rstrip rules);
-//   2. the rest is normalized (NFC, NFD, NFKC, NFKD through utf8proc; Prepend; Replace with a
-//      string; a Sequence of them), and the added tokens whose "normalized" is true are cut out of
-//      the normalized text;
+//   2. the rest is normalized (NFC, NFD, NFKC, NFKD through utf8proc; Nmt; Prepend; Replace with a
+//      string or a regex; a Sequence of them), and the added tokens whose "normalized" is true are
+//      cut out of the normalized text;
 //   3. the pre-tokenizer splits each remaining piece into words: ByteLevel (GPT-2's regex unless
 //      use_regex is false; add_prefix_space), Split (the file's own regex or string, with its
 //      behavior and invert), Metaspace (' ' -> its replacement, its prepend_scheme, split), a
 //      Sequence of them, or none (the piece is one word). Regexes run in PCRE2 (UTF, UCP, JIT);
-//      `tokenizers` runs Oniguruma, whose \s also matches U+0085, so \s and \S are widened to it;
+//      `tokenizers` runs Oniguruma, whose \s is Unicode's White_Space, so \s and \S are spelled so;
 //   4. each word goes through the BPE merges (lowest rank first, leftmost on ties, the same
-//      priority queue as `tokenizers`), with a per-thread word cache (word -> ids);
+//      priority queue as `tokenizers`), or the Unigram's Viterbi (its scores read as serde_json
+//      reads them, since an ulp decides ties), with a per-thread word cache (word -> ids);
 //   5. with specials, the post-processor's template (TemplateProcessing's "single", or
 //      ByteLevel's, which adds nothing) puts its BOS/EOS around the ids.
 // decode() skips special added tokens (as `tokenizers`' decode does by default). Byte-level: the

@@ -1,6 +1,6 @@
-// Tokenizers: sentencepiece models, trained by `coil tokenizer train`, and Hugging Face's BPE
-// tokenizer.json files (byte-level: GPT-2, GPT-NeoX, Llama-3 style; character-level with byte
-// fallback: Llama-2, Mistral, Gemma style; data/bpe.h), behind one interface:
+// Tokenizers: sentencepiece models, trained by `coil tokenizer train`, and Hugging Face's
+// tokenizer.json files (BPE, byte-level: GPT-2, GPT-NeoX, Llama-3 style; character-level with byte
+// fallback: Llama-2, Mistral, Gemma style; and Unigram; data/bpe.h), behind one interface:
 // the loaders, SFT, prepare, generate and chat do not know which. The kind is chosen by content
 // (a file or bytes that begin with '{' are a tokenizer.json), so a checkpoint's copy works too.
 //

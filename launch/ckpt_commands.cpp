@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "data/loader.h"
 #include "data/mixture.h"
@@ -102,10 +103,15 @@ void export_hf(const std::string& path, const std::string& out) {
   const std::string tok = dist::Checkpoint(path).tokenizer();
   const bool json = !tok.empty() && tok[tok.find_first_not_of(" \t\r\n")] == '{';
   const std::string tok_name = json ? "tokenizer.json" : "tokenizer.model";
+  std::string kind = "sentencepiece";  // a tokenizer.json's model.type: BPE or Unigram
+  if (json) {
+    const nlohmann::json j = nlohmann::json::parse(tok, nullptr, /*allow_exceptions=*/false);
+    kind = j.is_object() && j.contains("model") && j["model"].is_object() ? j["model"].value("type", "?") : "?";
+  }
   if (!tok.empty()) std::ofstream(fs::path(out) / tok_name, std::ios::binary) << tok;
   fmt::print("{} -> {}: config.json, model.safetensors (transformers' MambaForCausalLM){}\n", path, out,
              tok.empty() ? "; the checkpoint holds no tokenizer"
-                         : ", " + tok_name + (json ? " (BPE)" : " (sentencepiece)"));
+                         : ", " + tok_name + " (" + kind + ")");
 }
 
 // A Hugging Face Mamba folder (config.json + model.safetensors) -> a Coil checkpoint folder (one
@@ -209,7 +215,7 @@ void add_ckpt_command(CLI::App& app) {
   c->add_option("out", *out, "the checkpoint folder to write")->required();
   c->add_option("--tokenizer", *tokenizer, "a sentencepiece .model or a tokenizer.json to store inside (default: the folder's tokenizer.json, "
                 "else its tokenizer.model)");
-  c->footer("A BPE tokenizer.json (GPT-2, GPT-NeoX, Llama-3 style; Llama-2, Mistral, Gemma style) goes in as it is:\n"
+  c->footer("A tokenizer.json (BPE: GPT-2, GPT-NeoX, Llama-3 style; Llama-2, Mistral, Gemma style; or Unigram) goes in as it is:\n"
             "generate, chat and sft take and give text with it. Without a tokenizer, `coil generate --prompt-ids` takes and prints ids.");
   on_run(c, [path, out, tokenizer] { import_hf(*path, *out, *tokenizer); });
 }

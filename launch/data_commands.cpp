@@ -118,7 +118,7 @@ void add_data_command(CLI::App& app) {
       "Tokenize documents (JSONL, JSONL.gz/.zst, Parquet, text) into shards with a manifest; the same inputs give "
       "byte-identical output");
   prep->add_option("--input", p->input, "files: comma-separated globs, files or directories")->required();
-  prep->add_option("--tokenizer", p->o.tokenizer, "a sentencepiece .model (coil tokenizer train) or a BPE tokenizer.json")->required();
+  prep->add_option("--tokenizer", p->o.tokenizer, "a sentencepiece .model (coil tokenizer train) or a tokenizer.json (BPE or Unigram)")->required();
   prep->add_option("--output", p->o.output, "output directory")->required();
   prep->add_option("--threads", p->o.threads, "tokenizer threads (0: all cores)")->capture_default_str();
   prep->add_option("--shard-tokens", p->o.shard_tokens, "tokens per shard")->capture_default_str();

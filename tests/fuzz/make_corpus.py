@@ -132,6 +132,8 @@ def make_loader_state():
     put("loader_state", "streaming-mixture.json", json.dumps(state(
         "streaming", json.dumps({"streaming_mixture": [{"name": "a.jsonl", "quota": 3}, {"name": "b", "quota": 1}], "from": 4}),
         parts=[state("streaming", "streaming:1:32:abc", record=5), state("streaming", "streaming:2:32:abc", epoch=1)])))
+    put("loader_state", "streaming-named.json", json.dumps(state("streaming", "streaming:1:32:abc", next_sample=8,
+                                                                 record=3, name="a.jsonl")))
     put("loader_state", "nested.json", json.dumps(state(parts=[state(parts=[state()])])))
 
 
@@ -253,8 +255,8 @@ def make_hdf5_crashes():
 
 def make_tokenizer_json():
     """Small BPE files in the pipelines Coil reads (byte-level GPT-2, GPT-NeoX, Llama-3 style; Llama-2
-    and Mistral style with byte fallback), trained here with `tokenizers` on a few lines, and near
-    misses of them."""
+    and Mistral style with byte fallback), trained here with `tokenizers` on a few lines, a Unigram
+    one, and near misses of them."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     text = ["Hello world, it's 2026!", "\u4f60\u597d\uff0c\u4e16\u754c", "numbers 12345 and  spaces\t\ttabs",
@@ -296,6 +298,19 @@ def make_tokenizer_json():
         paths = tokenizer_json_cases.make_char_tokenizers(text, d, vocab_size=300)
         for name in ("llama2", "mistral"):
             put("tokenizer_json", name + ".json", json.dumps(json.load(open(paths[name])), ensure_ascii=False))
+    # Unigram in the pipeline of tokenizers' SentencePieceUnigramTokenizer, with byte fallback.
+    sp = "\u2581"
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), (sp, -2.5), (sp + "the", -3.25), ("e", -3.5), ("t", -3.75),
+              ("h", -4.0), ("he", -4.5), (sp + "wor", -5.0), ("ld", -5.5), ("l", -6.0), ("o", -6.25), ("r", -6.5),
+              ("d", -6.75), ("w", -7.0)] + [(f"<0x{b:02X}>", -9.0) for b in range(256)]
+    uni = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    uni.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(),
+                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    uni.pre_tokenizer = pre_tokenizers.Metaspace(replacement=sp, prepend_scheme="always", split=True)
+    uni.decoder = decoders.Sequence([decoders.Metaspace(replacement=sp, prepend_scheme="always", split=True),
+                                     decoders.ByteFallback(), decoders.Fuse()])
+    uni.add_special_tokens(["<s>", "</s>"])
+    put("tokenizer_json", "unigram.json", json.dumps(json.loads(uni.to_str()), ensure_ascii=False))
     put("tokenizer_json", "unknown-model.json", json.dumps(dict(small, model={"type": "WordPiece"})))
     put("tokenizer_json", "truncated.json", gpt2.to_str()[:500])
     put("tokenizer_json", "empty-object.json", "{}")

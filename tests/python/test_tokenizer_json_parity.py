@@ -1,7 +1,9 @@
-"""Coil's BPE (data/bpe.h) against PyPI's `tokenizers`, on tokenizer.json files made here
-(tests/python/tokenizer_json_cases.py): byte-level in the GPT-2, GPT-NeoX and Llama-3
+"""Coil's BPE and Unigram (data/bpe.h) against PyPI's `tokenizers`, on tokenizer.json files made
+here (tests/python/tokenizer_json_cases.py): byte-level in the GPT-2, GPT-NeoX and Llama-3
 configurations, character-level with byte fallback in the Llama-2 (also with ignore_merges, which
-Coil merges without cutting words before U+2581), Mistral and Gemma ones and a splitting Metaspace.
+Coil merges without cutting words before U+2581), Mistral and Gemma ones and a splitting Metaspace,
+and Unigram in `tokenizers`' SentencePieceUnigramTokenizer pipeline (Nmt, NFKC, a Regex Replace)
+and with byte fallback (whose normalizers change the text, so only decode == tokenizers' decode).
 
 For every record: Coil's ids equal `tokenizers`' ids (without and with the post-processor's
 special tokens), Coil's decode of them equals `tokenizers`' decode, and it is x itself (NFC(x) for
@@ -37,6 +39,7 @@ def setup(tmp_path_factory):
     corpus = cases.corpus_texts(int(MB * 0.75e6))
     paths = cases.make_tokenizers(corpus[:200], str(d))
     paths.update(cases.make_char_tokenizers(corpus[:200], str(d)))
+    paths.update(cases.make_unigram_tokenizers(corpus[:200], str(d)))
     texts = corpus + cases.hard_texts(int(MB * 0.25e6), seed=1)
     return d, paths, texts
 
@@ -58,11 +61,12 @@ def first_difference(a, b):
 
 BYTE_LEVEL = ["gpt2", "neox", "llama3"]
 CHAR_LEVEL = ["llama2", "llama2_whole", "mistral", "gemma", "metaspace_split"]
+UNIGRAM = ["unigram", "unigram_fallback"]
 
 
 def round_trips(name, text):
     """Whether decode(encode(text)) is text itself for this file (see the module's docstring)."""
-    if name == "metaspace_split":  # its decoder has no ByteFallback: bytes decode as "<0xXX>"
+    if name == "metaspace_split" or name in UNIGRAM:  # bytes decode as "<0xXX>"; normalizers change text
         return False
     if name in CHAR_LEVEL and cases.SP in text:
         return False
@@ -71,7 +75,7 @@ def round_trips(name, text):
     return True
 
 
-@pytest.mark.parametrize("name", BYTE_LEVEL + CHAR_LEVEL)
+@pytest.mark.parametrize("name", BYTE_LEVEL + CHAR_LEVEL + UNIGRAM)
 def test_ids_equal_tokenizers(setup, name):
     d, paths, texts = setup
     hf = Tokenizer.from_file(paths[name])
@@ -93,14 +97,16 @@ def test_ids_equal_tokenizers(setup, name):
                 assert c == (unicodedata.normalize("NFC", t) if name == "neox" else t), f"{name} record {i}: round trip"
     if name == "llama3":
         assert want[0][0] == hf.token_to_id("<|begin_of_text|>")
-    if name in CHAR_LEVEL:  # the byte fallback and the template were exercised
+    if name in CHAR_LEVEL or name == "unigram_fallback":  # the byte fallback and the template were exercised
         assert any(hf.id_to_token(i).startswith("<0x") for w in want for i in w)
-        if name != "metaspace_split":
+        if name in CHAR_LEVEL and name != "metaspace_split":
             assert want[0][0] == hf.token_to_id("<bos>" if name == "gemma" else "<s>")
+    if name == "unigram":  # unknown characters fused into one <unk>, and T5's trailing </s>
+        assert any(w.count(0) for w in want) and want[0][-1] == hf.token_to_id("</s>")
     print(f"{name}: {len(texts)} records, {total} bytes, {sum(map(len, want))} tokens equal")
 
 
-@pytest.mark.parametrize("name", BYTE_LEVEL + CHAR_LEVEL)
+@pytest.mark.parametrize("name", BYTE_LEVEL + CHAR_LEVEL + UNIGRAM)
 def test_invalid_utf8_as_replaced(setup, name):
     d, paths, _ = setup
     hf = Tokenizer.from_file(paths[name])
@@ -119,7 +125,7 @@ def test_every_code_point_alone(setup):
     for start in range(0, 0x3000, 64):
         cps = [c for c in range(start, start + 64) if not 0xD800 <= c <= 0xDFFF]
         texts.append("".join(f"a{chr(c)} {chr(c)}1{chr(c)}\n" for c in cps))
-    for name in ("neox", "llama3", "llama2", "mistral"):
+    for name in ("neox", "llama3", "llama2", "mistral", "unigram", "unigram_fallback"):
         hf = Tokenizer.from_file(paths[name])
         got, _ = probe(paths[name], texts, d)
         want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
@@ -140,6 +146,11 @@ def test_unimplemented_component_is_one_line_error(setup, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0
     assert "normalizer Lowercase is not implemented" in r.stderr
+    j["normalizer"] = {"type": "Precompiled", "precompiled_charsmap": "AAAA"}
+    bad.write_text(json.dumps(j))
+    r = subprocess.run([PROBE, str(bad), str(rec), str(tmp_path / "ids.bin")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
+    assert "normalizer Precompiled (a sentencepiece model's own normalization) is not implemented" in r.stderr
 
 
 @pytest.mark.parametrize("pattern", [{"Regex": "\\s+"}, {"String": "e"}, {"Regex": "x*"}])
@@ -158,3 +169,20 @@ def test_split_behaviors(setup, tmp_path, pattern):
             want = [e.ids for e in Tokenizer.from_file(str(path)).encode_batch(texts, add_special_tokens=False)]
             got, _ = probe(str(path), texts, d)
             assert got == want, f"{pattern} {behavior} invert={invert}"
+
+
+@pytest.mark.parametrize("pattern", [" {2,}", "\\s+", "x*", "[aeiou]+|\\p{N}"])
+def test_replace_with_a_regex(setup, tmp_path, pattern):
+    """The normalizer Replace with a Regex (empty matches too), into a string and into nothing, as in
+    tokenizers."""
+    import json
+    d, paths, _ = setup
+    texts = cases.hard_texts(20000, seed=11)
+    base = json.load(open(paths["unigram"]))
+    for content in ("Q", ""):
+        base["normalizer"] = {"type": "Replace", "pattern": {"Regex": pattern}, "content": content}
+        path = tmp_path / "replace.json"
+        path.write_text(json.dumps(base))
+        want = [e.ids for e in Tokenizer.from_file(str(path)).encode_batch(texts, add_special_tokens=False)]
+        got, _ = probe(str(path), texts, d)
+        assert got == want, f"{pattern!r} -> {content!r}"

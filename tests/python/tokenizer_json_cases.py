@@ -2,7 +2,8 @@
 
 Shared by tests/python/test_tokenizer_json_parity.py and bench/tokenizer_vs_hf.py. The files
 follow the pipelines of the Hub's GPT-2, GPT-NeoX and Llama-3 tokenizers (byte-level BPE) and of
-Llama-2, Mistral and Gemma (character-level BPE with byte fallback, U+2581 for spaces), built from
+Llama-2, Mistral and Gemma (character-level BPE with byte fallback, U+2581 for spaces), and Unigram
+models as `tokenizers` trains them (with and without byte fallback), built from
 `tokenizers`' own classes (no Hub downloads here) and trained on the demo corpus's text.
 """
 import glob
@@ -236,6 +237,36 @@ def make_char_tokenizers(texts, out_dir, vocab_size=3000):
     t.decoder = decoders.Metaspace(replacement=SP, prepend_scheme="always", split=True)
     t.add_special_tokens([AddedToken(x, normalized=False, special=True) for x in specials])
     save(t, "metaspace_split")
+    return paths
+
+
+def make_unigram_tokenizers(texts, out_dir, vocab_size=2000):
+    """Writes unigram.json and unigram_fallback.json under out_dir (returns {name: path}): Unigram
+    models trained with `tokenizers`' UnigramTrainer (<unk> <s> </s> as 0 1 2). unigram: the pipeline
+    of `tokenizers`' SentencePieceUnigramTokenizer (Nmt, NFKC, runs of spaces replaced by a Regex;
+    a splitting Metaspace, its decoder) with T5's template ("$A </s>"); unigram_fallback: the same
+    pieces and the 256 <0xXX> ones with byte_fallback, NFC and \s+ replaced by a space, a Metaspace
+    that does not split ("first"), and a Metaspace, ByteFallback, Fuse decoder."""
+    specials = ["<unk>", "<s>", "</s>"]
+    t = Tokenizer(models.Unigram())
+    t.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    t.decoder = decoders.Metaspace(replacement=SP, prepend_scheme="always", split=True)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>",
+                                      show_progress=False)
+    t.train_from_iterator(texts, trainer)
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    paths = {"unigram": os.path.join(out_dir, "unigram.json")}
+    t.save(paths["unigram"])
+    pieces = [tuple(v) for v in json.loads(t.to_str())["model"]["vocab"]]
+    f = Tokenizer(models.Unigram(pieces + [(f"<0x{b:02X}>", 0.0) for b in range(256)], unk_id=0, byte_fallback=True))
+    f.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " ")])
+    f.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="first", split=False)
+    f.decoder = decoders.Sequence([decoders.Metaspace(replacement=SP, prepend_scheme="first", split=False),
+                                   decoders.ByteFallback(), decoders.Fuse()])
+    f.add_special_tokens([AddedToken(x, normalized=False, special=True) for x in specials])
+    paths["unigram_fallback"] = os.path.join(out_dir, "unigram_fallback.json")
+    f.save(paths["unigram_fallback"])
     return paths
 
 
