@@ -545,6 +545,28 @@ TEST(Bpe, SftMaskIsExactWithACharacterLevelFile) {
   EXPECT_EQ(t.decode(prompt), alpaca_prompt(ex));
 }
 
+TEST(Bpe, SftMaskIsExactWithAUnigramFile) {
+  // A Unigram file behind a Metaspace that prepends U+2581 to every piece of text: the prompt and
+  // the response are encoded apart, so the mask covers exactly the response and its EOS.
+  const Tokenizer t = Tokenizer::from_bytes(unigram_base().dump(), "unigram.json");
+  EXPECT_EQ(t.bos(), 1);
+  EXPECT_EQ(t.eos(), 2);
+  EXPECT_EQ(t.pad(), 2);
+  AlpacaExample ex{"Name a cab.", "", "ab cd abcd x"};
+  const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
+  const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
+  EXPECT_EQ(response, (std::vector<int32_t>{12, 3, 8, 3, 11, 3, 13}));
+  SftSample s;
+  ASSERT_TRUE(make_sft_sample(t, ex, p + n + 2, s));
+  ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 3);
+  for (int64_t i = 0; i < p + n + 3; ++i) {
+    const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : 2;
+    EXPECT_EQ(s.tokens[i], expected) << i;
+    EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;
+  }
+  EXPECT_EQ(t.decode(response), ex.output);
+}
+
 TEST(Bpe, PrepareWithATokenizerJson) {
   const fs::path dir = fs::temp_directory_path() / fmt::format("coil-test-bpe-prep-{}", getpid());
   fs::create_directories(dir);

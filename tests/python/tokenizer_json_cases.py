@@ -245,8 +245,9 @@ def make_unigram_tokenizers(texts, out_dir, vocab_size=2000):
     models trained with `tokenizers`' UnigramTrainer (<unk> <s> </s> as 0 1 2). unigram: the pipeline
     of `tokenizers`' SentencePieceUnigramTokenizer (Nmt, NFKC, runs of spaces replaced by a Regex;
     a splitting Metaspace, its decoder) with T5's template ("$A </s>"); unigram_fallback: the same
-    pieces and the 256 <0xXX> ones with byte_fallback, NFC and \s+ replaced by a space, a Metaspace
-    that does not split ("first"), and a Metaspace, ByteFallback, Fuse decoder."""
+    pieces and the 256 <0xXX> ones with byte_fallback, NFC and runs of white space (a \\s+ Regex)
+    replaced by a space, a Metaspace that does not split ("first"), and a Metaspace, ByteFallback,
+    Fuse decoder."""
     specials = ["<unk>", "<s>", "</s>"]
     t = Tokenizer(models.Unigram())
     t.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
