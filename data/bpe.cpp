@@ -754,6 +754,7 @@ struct BpeTokenizer::Impl {
     cur.clear();
     owned.clear();
     cur.emplace_back(piece, at_start);
+    bool mapped = false;  // the words hold ByteLevel's characters (steps after ByteLevel), not bytes
     for (const PreStep& st : steps) {
       next.clear();
       for (const auto& item : cur) {
@@ -828,8 +829,25 @@ struct BpeTokenizer::Impl {
           if (e > b) emit(b, e);
       }
       std::swap(cur, next);
+      if (st.byte_level && &st != &steps.back()) {  // the steps after ByteLevel see its characters
+        const ByteMap& bm = byte_map();
+        for (auto& item : cur) {
+          std::string& o = owned.emplace_back();
+          for (char c : item.first) o += bm.utf8[static_cast<unsigned char>(c)];
+          item.first = o;
+        }
+        mapped = true;
+      }
     }
-    for (const auto& w : cur) f(w.first);
+    for (const auto& w : cur) {
+      if (!mapped) {
+        f(w.first);
+        continue;
+      }
+      std::string& bytes = owned.emplace_back();
+      for_each_cp(w.first, [&](uint32_t cp) { bytes += static_cast<char>(byte_map().byte.at(cp)); });
+      f(std::string_view(bytes));
+    }
   }
 
   // The BPE model on one word, as tokenizers' BPE::merge_word + Word::merge_all. With split_at_meta
@@ -1323,11 +1341,21 @@ struct BpeTokenizer::Impl {
     }
   }
 
+  // A pre-tokenizer's "behavior" (dflt when absent).
+  Behavior behavior_of(const json& p, const std::string& where, Behavior dflt) const {
+    if (!p.contains("behavior") || p["behavior"].is_null()) return dflt;
+    const std::string b = p["behavior"].is_string() ? p["behavior"].get<std::string>() : p["behavior"].dump();
+    if (b == "Removed") return Behavior::Removed;
+    if (b == "Isolated") return Behavior::Isolated;
+    if (b == "MergedWithPrevious") return Behavior::MergedWithPrevious;
+    if (b == "MergedWithNext") return Behavior::MergedWithNext;
+    if (b == "Contiguous") return Behavior::Contiguous;
+    fail("{}: {}.behavior {} is not one of tokenizers' behaviors", origin, where, b);
+  }
+
   void parse_pre_tokenizer(const json& p) {
     if (p.is_null()) return;  // the whole (normalized) piece is one word
     const std::string t = type_of(p, "pre_tokenizer");
-    if (!steps.empty() && steps.back().byte_level)
-      fail("{}: pre-tokenizer {} after ByteLevel is not implemented", origin, t);
     if (t == "Sequence") {
       for (const json& x : need(p, "pretokenizers", "pre_tokenizer")) parse_pre_tokenizer(x);
     } else if (t == "ByteLevel") {
@@ -1348,13 +1376,8 @@ struct BpeTokenizer::Impl {
       } else {
         fail("{}: Split.pattern is neither Regex nor String", origin);
       }
-      const std::string b = need(p, "behavior", "Split").get<std::string>();
-      if (b == "Removed") s.behavior = Behavior::Removed;
-      else if (b == "Isolated") s.behavior = Behavior::Isolated;
-      else if (b == "MergedWithPrevious") s.behavior = Behavior::MergedWithPrevious;
-      else if (b == "MergedWithNext") s.behavior = Behavior::MergedWithNext;
-      else if (b == "Contiguous") s.behavior = Behavior::Contiguous;
-      else fail("{}: Split.behavior {} is not one of tokenizers' behaviors", origin, b);
+      need(p, "behavior", "Split");
+      s.behavior = behavior_of(p, "Split", Behavior::Isolated);
       s.invert = flag(p, "invert", false, "Split");
       steps.push_back(std::move(s));
     } else if (t == "Metaspace") {
@@ -1369,8 +1392,19 @@ struct BpeTokenizer::Impl {
         s.behavior = Behavior::MergedWithNext;
       }
       steps.push_back(std::move(s));
+    } else if (t == "Digits") {  // Rust's char::is_numeric: Nd, Nl and No
+      PreStep s;
+      s.regex = std::make_unique<Regex>(flag(p, "individual_digits", false, "Digits") ? "\\p{N}" : "\\p{N}+",
+                                        origin + ": Digits");
+      steps.push_back(std::move(s));
+    } else if (t == "Punctuation") {  // each character that is ASCII or Unicode punctuation a match
+      PreStep s;
+      s.regex = std::make_unique<Regex>(R"([\p{P}!-/:-@\[-`{-~])", origin + ": Punctuation");
+      s.behavior = behavior_of(p, "Punctuation", Behavior::Isolated);
+      steps.push_back(std::move(s));
     } else {
-      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split, Metaspace and Sequence)", origin, t);
+      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split, Metaspace, Digits, Punctuation and "
+           "Sequence)", origin, t);
     }
   }
 
@@ -1480,11 +1514,15 @@ struct BpeTokenizer::Impl {
     parse_model(model);
     parse_normalizer(j.value("normalizer", json()));
     parse_pre_tokenizer(j.value("pre_tokenizer", json()));
-    for (size_t i = 0; i + 1 < steps.size(); ++i)
-      if (steps[i].byte_level) fail("{}: more than one ByteLevel pre-tokenizer is not implemented", origin);
-    // Byte-level BPE (a ByteLevel pre-tokenizer, last) or character-level BPE (none: the symbols
-    // are characters, unknown ones byte_fallback's <0xXX> tokens or unk).
-    byte_level = !steps.empty() && steps.back().byte_level;
+    size_t byte_levels = 0;
+    for (const PreStep& st : steps) byte_levels += st.byte_level;
+    if (byte_levels > 1) fail("{}: more than one ByteLevel pre-tokenizer is not implemented", origin);
+    for (size_t i = 1; i < steps.size(); ++i)
+      if (steps[i].metaspace && steps[i - 1].byte_level)
+        fail("{}: pre-tokenizer Metaspace after ByteLevel is not implemented", origin);
+    // Byte-level BPE (a ByteLevel pre-tokenizer) or character-level BPE (none: the symbols are
+    // characters, unknown ones byte_fallback's <0xXX> tokens or unk).
+    byte_level = byte_levels == 1;
     parse_post_processor(j.value("post_processor", json()));
     parse_decoder(j.value("decoder", json()));
     if (byte_level && byte_fallback)

@@ -17,8 +17,9 @@
 //      cut out of the normalized text;
 //   3. the pre-tokenizer splits each remaining piece into words: ByteLevel (GPT-2's regex unless
 //      use_regex is false; add_prefix_space), Split (the file's own regex or string, with its
-//      behavior and invert), Metaspace (' ' -> its replacement, its prepend_scheme, split), a
-//      Sequence of them, or none (the piece is one word). Regexes run in PCRE2 (UTF, UCP, JIT);
+//      behavior and invert), Digits, Punctuation, Metaspace (' ' -> its replacement, its
+//      prepend_scheme, split), a Sequence of them (steps after ByteLevel see its characters, as
+//      Falcon's Digits and Split do), or none (the piece is one word). Regexes run in PCRE2 (UTF, UCP, JIT);
 //      `tokenizers` runs Oniguruma, whose \s is Unicode's White_Space, so \s and \S are spelled so;
 //   4. each word goes through the BPE merges (lowest rank first, leftmost on ties, the same
 //      priority queue as `tokenizers`), or the Unigram's Viterbi (its scores read as serde_json

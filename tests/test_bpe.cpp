@@ -310,6 +310,16 @@ TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   j["pre_tokenizer"] = {{"type", "Whitespace"}};
   expect(error_of(j), "pre-tokenizer Whitespace is not implemented");
   j = base(good_merges());
+  j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {j["pre_tokenizer"], j["pre_tokenizer"]}}};
+  expect(error_of(j), "more than one ByteLevel pre-tokenizer is not implemented");
+  j = base(good_merges());
+  j["pre_tokenizer"] = {{"type", "Sequence"},
+                        {"pretokenizers", {j["pre_tokenizer"], {{"type", "Metaspace"}, {"replacement", "\xe2\x96\x81"}}}}};
+  expect(error_of(j), "pre-tokenizer Metaspace after ByteLevel is not implemented");
+  j = base(good_merges());
+  j["pre_tokenizer"] = {{"type", "Punctuation"}, {"behavior", "Sideways"}};
+  expect(error_of(j), "Punctuation.behavior Sideways is not one of tokenizers' behaviors");
+  j = base(good_merges());
   j["pre_tokenizer"] = nullptr;
   expect(error_of(j), "the ByteLevel decoder without a ByteLevel pre-tokenizer is not implemented");
   j = base(good_merges());
@@ -374,6 +384,35 @@ TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   j = char_base();
   j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "__"}};
   expect(error_of(j), "Metaspace.replacement \"__\" is not one character");
+}
+
+TEST(Bpe, DigitsPunctuationAndPreTokenizersAfterByteLevel) {
+  // Merges 12, .., the ByteLevel characters of "\u03b2" (bytes CE B2: "\u00ce\u00b2"), x1 and " x":
+  // what each pre-tokenizer splits apart is not merged. The ids are `tokenizers`' for the same files.
+  using V = std::vector<int32_t>;
+  const std::string beta = byte_char(0xCE) + byte_char(0xB2);
+  const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+  auto with = [&](json pre) {
+    json j = base({{"1", "2"}, {".", "."}, {byte_char(0xCE), byte_char(0xB2)}, {"x", "1"}, {G, "x"}});
+    j["pre_tokenizer"] = pre;
+    return parse(j);
+  };
+  auto seq = [](json a, json b) { return json{{"type", "Sequence"}, {"pretokenizers", {a, b}}}; };
+  const std::string text = "x12 .. \u03b2 x1";
+  EXPECT_EQ(enc(*with(byte_level), text), (V{120, 256, 32, 257, 32, 258, 260, 49}));
+  EXPECT_EQ(enc(*with(seq({{"type", "Digits"}, {"individual_digits", true}}, byte_level)), text),
+            (V{120, 49, 50, 32, 257, 32, 258, 260, 49}));
+  EXPECT_EQ(enc(*with(seq({{"type", "Digits"}, {"individual_digits", false}}, byte_level)), text),
+            (V{120, 256, 32, 257, 32, 258, 260, 49}));
+  EXPECT_EQ(enc(*with(seq({{"type", "Punctuation"}, {"behavior", "Isolated"}}, byte_level)), text),
+            (V{120, 256, 32, 46, 46, 32, 258, 260, 49}));
+  EXPECT_EQ(enc(*with(seq({{"type", "Punctuation"}, {"behavior", "Contiguous"}}, byte_level)), text),
+            (V{120, 256, 32, 257, 32, 258, 260, 49}));
+  EXPECT_EQ(enc(*with(seq({{"type", "Punctuation"}}, byte_level)), text), (V{120, 256, 32, 46, 46, 32, 258, 260, 49}));
+  // After ByteLevel, Digits sees its characters: B2's is U+00B2, a numeric, so "\u03b2" splits.
+  EXPECT_EQ(enc(*with(seq(byte_level, {{"type", "Digits"}, {"individual_digits", false}})), text),
+            (V{120, 256, 32, 257, 32, 206, 178, 260, 49}));
+  EXPECT_EQ(with(seq(byte_level, {{"type", "Digits"}}))->decode({120, 256, 32, 206, 178}), "x12 \u03b2");
 }
 
 // A Unigram model (T5-style files; those `tokenizers` trains as Unigram) behind a splitting

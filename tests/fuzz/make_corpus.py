@@ -289,6 +289,12 @@ def make_tokenizer_json():
     llama.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", llama.token_to_id("<|begin_of_text|>"))])
     put("tokenizer_json", "llama3.json", llama.to_str())
+    falcon = Tokenizer(models.BPE())
+    falcon.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Punctuation(behavior="contiguous"), pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.Digits(individual_digits=False), pre_tokenizers.Split(Regex("[0-9][0-9][0-9]"), "isolated")])
+    falcon.decoder = decoders.ByteLevel()
+    put("tokenizer_json", "falcon.json", train(falcon, ["<|endoftext|>"]))
     small = json.loads(gpt2.to_str())
     # Character-level BPE with byte fallback (Llama-2's pipeline, Mistral's Metaspace one), made as
     # the parity test makes them.

@@ -1,5 +1,6 @@
 """Coil's BPE and Unigram (data/bpe.h) against PyPI's `tokenizers`, on tokenizer.json files made
-here (tests/python/tokenizer_json_cases.py): byte-level in the GPT-2, GPT-NeoX and Llama-3
+here (tests/python/tokenizer_json_cases.py): byte-level in the GPT-2, GPT-NeoX, Llama-3, StarCoder
+(Digits) and Falcon (Punctuation, ByteLevel, then Digits and a Split on its characters)
 configurations, character-level with byte fallback in the Llama-2 (also with ignore_merges, which
 Coil merges without cutting words before U+2581), Mistral and Gemma ones and a splitting Metaspace,
 and Unigram in `tokenizers`' SentencePieceUnigramTokenizer pipeline (Nmt, NFKC, a Regex Replace)
@@ -59,7 +60,7 @@ def first_difference(a, b):
     return min(len(a), len(b))
 
 
-BYTE_LEVEL = ["gpt2", "neox", "llama3"]
+BYTE_LEVEL = ["gpt2", "neox", "llama3", "starcoder", "falcon"]
 CHAR_LEVEL = ["llama2", "llama2_whole", "mistral", "gemma", "metaspace_split"]
 UNIGRAM = ["unigram", "unigram_fallback"]
 
@@ -119,13 +120,13 @@ def test_invalid_utf8_as_replaced(setup, name):
 
 def test_every_code_point_alone(setup):
     """Each assigned code point of the BMP's old blocks, alone and between letters: the regexes'
-    classes (\\s, \\p{L}, \\p{N}) and NFC agree with `tokenizers`'."""
+    classes (\\s, \\p{L}, \\p{N}, punctuation) and NFC agree with `tokenizers`'."""
     d, paths, _ = setup
     texts = []
     for start in range(0, 0x3000, 64):
         cps = [c for c in range(start, start + 64) if not 0xD800 <= c <= 0xDFFF]
         texts.append("".join(f"a{chr(c)} {chr(c)}1{chr(c)}\n" for c in cps))
-    for name in ("neox", "llama3", "llama2", "mistral", "unigram", "unigram_fallback"):
+    for name in ("neox", "llama3", "falcon", "llama2", "mistral", "unigram", "unigram_fallback"):
         hf = Tokenizer.from_file(paths[name])
         got, _ = probe(paths[name], texts, d)
         want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]

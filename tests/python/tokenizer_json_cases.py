@@ -117,7 +117,8 @@ def train(tok, texts, vocab_size, specials):
 
 
 def make_tokenizers(texts, out_dir, vocab_size=4000):
-    """Writes gpt2.json, neox.json, llama3.json under out_dir; returns {name: path}."""
+    """Writes gpt2.json, neox.json, llama3.json, starcoder.json, falcon.json under out_dir; returns
+    {name: path}."""
     paths = {}
     # GPT-2: ByteLevel pre-tokenizer (GPT-2's regex, no prefix space), ByteLevel decoder and
     # post-processor, <|endoftext|>; plus added tokens with lstrip/rstrip and single_word.
@@ -159,6 +160,26 @@ def make_tokenizers(texts, out_dir, vocab_size=4000):
     j["model"]["ignore_merges"] = True
     paths["llama3"] = os.path.join(out_dir, "llama3.json")
     Tokenizer.from_str(json.dumps(j)).save(paths["llama3"])
+    # StarCoder: each digit alone (Digits, individual), then ByteLevel.
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    t.decoder = decoders.ByteLevel()
+    train(t, texts, vocab_size, ["<|endoftext|>"])
+    paths["starcoder"] = os.path.join(out_dir, "starcoder.json")
+    t.save(paths["starcoder"])
+    # Falcon: runs of punctuation (Punctuation, contiguous), ByteLevel, then on its characters runs
+    # of digits and their groups of three (Digits, Split).
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Punctuation(behavior="contiguous"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        pre_tokenizers.Digits(individual_digits=False),
+        pre_tokenizers.Split(Regex("[0-9][0-9][0-9]"), behavior="isolated", invert=False)])
+    t.decoder = decoders.ByteLevel()
+    train(t, texts, vocab_size, [">>TITLE<<", ">>ABSTRACT<<", "<|endoftext|>"])
+    paths["falcon"] = os.path.join(out_dir, "falcon.json")
+    t.save(paths["falcon"])
     return paths
 
 
