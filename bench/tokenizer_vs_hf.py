@@ -41,6 +41,7 @@ def main():
         # llama2_whole (ignore_merges) is merged without the cut before U+2581: the cut's worth.
         paths.update({k: char[k] for k in ("llama2", "llama2_whole", "mistral", "gemma")})
         paths.update(cases.make_unigram_tokenizers(docs[:1000], d, vocab_size=min(a.vocab, 16000)))
+        paths.update(cases.make_precompiled_tokenizer(docs[:1000], d, vocab_size=min(a.vocab, 16000)))
         for unit, texts in (("documents", docs), ("lines", lines)):
             bench(a, paths, unit, texts, d)
 

@@ -250,14 +250,117 @@ struct PreStep {
   bool invert = false;
 };
 
+// The base64 of JSON files (the standard alphabet, '=' padding); nullopt on anything else.
+std::optional<std::string> base64_decode(std::string_view s) {
+  auto value = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    return c == '+' ? 62 : c == '/' ? 63 : -1;
+  };
+  if (s.size() % 4 != 0) return std::nullopt;
+  std::string out;
+  for (size_t i = 0; i < s.size(); i += 4) {
+    const size_t pad = i + 4 == s.size() ? (s[i + 3] == '=') + (s[i + 2] == '=' && s[i + 3] == '=') : 0;
+    uint32_t v = 0;
+    for (size_t k = 0; k < 4; ++k) {
+      const int d = k >= 4 - pad ? 0 : value(s[i + k]);
+      if (d < 0) return std::nullopt;
+      v = v << 6 | static_cast<uint32_t>(d);
+    }
+    for (size_t k = 0; k < 3 - pad; ++k) out += static_cast<char>(v >> (16 - 8 * k) & 0xFF);
+  }
+  return out;
+}
+
+// sentencepiece's precompiled normalization (the normalizer Precompiled of files converted from a
+// sentencepiece model), as `tokenizers` runs it: the charsmap is a darts-clone double-array trie
+// (a u32 byte size, then its u32 units) from UTF-8 sequences to offsets of NUL-terminated
+// replacements (the rest of the blob). Each extended grapheme cluster shorter than 6 bytes is
+// looked up whole, and replaced by the value of the *shortest* prefix of it that the trie has (so
+// a cluster whose first character has a rule becomes that rule's text: `tokenizers`' and
+// sentencepiece's way); else each of its characters alone.
+class CharsMap {
+ public:
+  CharsMap(std::string_view blob, const std::string& where) {
+    uint32_t size = 0;
+    if (blob.size() >= 4) std::memcpy(&size, blob.data(), 4);  // little-endian, as the hosts Coil runs on
+    if (blob.size() < 4 || size % 4 != 0 || size == 0 || size > blob.size() - 4)
+      fail("{}: the precompiled_charsmap is not a sentencepiece charsmap ({} bytes, a trie of {})", where, blob.size(), size);
+    units_.resize(size / 4);
+    std::memcpy(units_.data(), blob.data() + 4, size);
+    normalized_.assign(blob.substr(4 + size));
+    std::string fixed;
+    if (replace_invalid_utf8(normalized_, fixed)) fail("{}: the precompiled_charsmap's replacements are not UTF-8", where);
+  }
+
+  void normalize(std::string_view s, std::string& out) const {
+    out.clear();
+    size_t begin = 0;
+    utf8proc_int32_t prev = -1, state = 0;
+    auto cluster = [&](std::string_view g) {
+      if (g.size() < 6)
+        if (const auto r = transform(g)) return void(out.append(*r));
+      for (size_t i = 0; i < g.size();) {
+        const size_t n = std::min(utf8_length(static_cast<unsigned char>(g[i])), g.size() - i);
+        const auto r = transform(g.substr(i, n));
+        out.append(r ? *r : g.substr(i, n));
+        i += n;
+      }
+    };
+    for (size_t i = 0; i < s.size();) {
+      utf8proc_int32_t cp = 0;
+      const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + i),
+                                      static_cast<utf8proc_ssize_t>(s.size() - i), &cp);
+      if (n <= 0) fail("Precompiled: invalid UTF-8");  // encode() made the text valid first
+      if (prev >= 0 && utf8proc_grapheme_break_stateful(prev, cp, &state)) cluster(s.substr(begin, i - begin)), begin = i;
+      prev = cp;
+      i += static_cast<size_t>(n);
+    }
+    if (begin < s.size()) cluster(s.substr(begin));
+  }
+
+ private:
+  static size_t utf8_length(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
+  static bool has_leaf(uint32_t u) { return (u >> 8) & 1; }
+  static uint32_t value(uint32_t u) { return u & ((1u << 31) - 1); }
+  static uint32_t label(uint32_t u) { return u & ((1u << 31) | 0xFF); }
+  static size_t offset(uint32_t u) { return static_cast<size_t>((u >> 10) << ((u & (1u << 9)) >> 6)); }
+
+  // The replacement of the shortest prefix of key the trie has (a walk that leaves the units, where
+  // `tokenizers` would panic, finds nothing).
+  std::optional<std::string_view> transform(std::string_view key) const {
+    size_t pos = offset(units_[0]);
+    for (char ch : key) {
+      const auto c = static_cast<unsigned char>(ch);
+      if (c == 0) break;
+      pos ^= c;
+      if (pos >= units_.size() || label(units_[pos]) != c) return std::nullopt;
+      const bool leaf = has_leaf(units_[pos]);
+      pos ^= offset(units_[pos]);
+      if (!leaf) continue;
+      if (pos >= units_.size()) return std::nullopt;
+      const size_t at = value(units_[pos]);
+      if (at > normalized_.size()) return std::nullopt;
+      const size_t end = normalized_.find('\0', at);
+      return std::string_view(normalized_).substr(at, (end == std::string::npos ? normalized_.size() : end) - at);
+    }
+    return std::nullopt;
+  }
+
+  std::vector<uint32_t> units_;
+  std::string normalized_;
+};
+
 // A normalizer step, in order: a Unicode normalization form, Prepend, Replace (a string or a
-// regex) or Nmt.
+// regex), Nmt or Precompiled.
 struct NormStep {
   int unicode = 0;      // utf8proc options; 0 for the others
   std::string a, b;     // Prepend: a; Replace: a (or regex's matches) -> b
   bool prepend = false;
   bool nmt = false;
-  std::unique_ptr<Regex> regex;  // Replace with a Regex pattern
+  std::unique_ptr<Regex> regex;       // Replace with a Regex pattern
+  std::unique_ptr<CharsMap> charsmap;  // Precompiled
 };
 
 // tokenizers' Nmt normalizer: drops the ASCII control characters (but tab, newlines and form
@@ -669,8 +772,9 @@ struct BpeTokenizer::Impl {
         if (!out.empty()) out.insert(0, n.a);  // tokenizers' Prepend leaves an empty string empty
         continue;
       }
-      if (n.nmt || n.regex || !n.unicode) {
+      if (n.nmt || n.regex || n.charsmap || !n.unicode) {
         if (n.nmt) nmt(out, tmp);
+        else if (n.charsmap) n.charsmap->normalize(out, tmp);
         else if (n.regex) replace_matches(out, *n.regex, n.b, tmp);
         else replace_all(out, n.a, n.b, tmp);
         std::swap(out, tmp);
@@ -1333,11 +1437,15 @@ struct BpeTokenizer::Impl {
       s.nmt = true;
       normalizers.push_back(std::move(s));
     } else if (t == "Precompiled") {
-      fail("{}: normalizer Precompiled (a sentencepiece model's own normalization) is not implemented: give Coil that "
-           "tokenizer's sentencepiece .model instead", origin);
+      const json& m = need(n, "precompiled_charsmap", "Precompiled");
+      const std::optional<std::string> blob = m.is_string() ? base64_decode(m.get<std::string>()) : std::nullopt;
+      if (!blob) fail("{}: Precompiled.precompiled_charsmap is not base64", origin);
+      NormStep p;
+      p.charsmap = std::make_unique<CharsMap>(*blob, origin + ": Precompiled");
+      normalizers.push_back(std::move(p));
     } else {
-      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD, Nmt, Prepend, Replace and Sequence)",
-           origin, t);
+      fail("{}: normalizer {} is not implemented (Coil has NFC, NFD, NFKC, NFKD, Nmt, Precompiled, Prepend, Replace and "
+           "Sequence)", origin, t);
     }
   }
 
@@ -1392,6 +1500,11 @@ struct BpeTokenizer::Impl {
         s.behavior = Behavior::MergedWithNext;
       }
       steps.push_back(std::move(s));
+    } else if (t == "WhitespaceSplit") {  // each White_Space character a cut, removed
+      PreStep s;
+      s.regex = std::make_unique<Regex>(onig_compatible("\\s", origin), origin + ": WhitespaceSplit");
+      s.behavior = Behavior::Removed;
+      steps.push_back(std::move(s));
     } else if (t == "Digits") {  // Rust's char::is_numeric: Nd, Nl and No
       PreStep s;
       s.regex = std::make_unique<Regex>(flag(p, "individual_digits", false, "Digits") ? "\\p{N}" : "\\p{N}+",
@@ -1403,8 +1516,8 @@ struct BpeTokenizer::Impl {
       s.behavior = behavior_of(p, "Punctuation", Behavior::Isolated);
       steps.push_back(std::move(s));
     } else {
-      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split, Metaspace, Digits, Punctuation and "
-           "Sequence)", origin, t);
+      fail("{}: pre-tokenizer {} is not implemented (Coil has ByteLevel, Split, Metaspace, Digits, Punctuation, "
+           "WhitespaceSplit and Sequence)", origin, t);
     }
   }
 

@@ -6,18 +6,20 @@
 //     normalizer's Prepend/Replace, or a Metaspace pre-tokenizer), the symbols are characters,
 //     and with byte_fallback a character missing from the vocabulary becomes its bytes' <0xXX>
 //     tokens (else unk);
-//   Unigram (files `tokenizers` trains, e.g. SentencePieceUnigramTokenizer's): pieces with scores,
-//     the best path through them (Viterbi), unknowns fused, byte_fallback as above.
+//   Unigram (files `tokenizers` trains, e.g. SentencePieceUnigramTokenizer's, and those converted
+//     from sentencepiece models: T5, ALBERT, XLM-R): pieces with scores, the best path through
+//     them (Viterbi), unknowns fused, byte_fallback as above.
 //
 // The pipeline, in `tokenizers`' order:
 //   1. added tokens (the file's "added_tokens") whose "normalized" is false are cut out of the raw
 //      text first (leftmost-longest, with their single_word / lstrip / rstrip rules);
-//   2. the rest is normalized (NFC, NFD, NFKC, NFKD through utf8proc; Nmt; Prepend; Replace with a
-//      string or a regex; a Sequence of them), and the added tokens whose "normalized" is true are
-//      cut out of the normalized text;
+//   2. the rest is normalized (NFC, NFD, NFKC, NFKD through utf8proc; Nmt; Precompiled, a
+//      sentencepiece charsmap over grapheme clusters; Prepend; Replace with a string or a regex; a
+//      Sequence of them), and the added tokens whose "normalized" is true are cut out of the
+//      normalized text;
 //   3. the pre-tokenizer splits each remaining piece into words: ByteLevel (GPT-2's regex unless
 //      use_regex is false; add_prefix_space), Split (the file's own regex or string, with its
-//      behavior and invert), Digits, Punctuation, Metaspace (' ' -> its replacement, its
+//      behavior and invert), Digits, Punctuation, WhitespaceSplit, Metaspace (' ' -> its replacement, its
 //      prepend_scheme, split), a Sequence of them (steps after ByteLevel see its characters, as
 //      Falcon's Digits and Split do), or none (the piece is one word). Regexes run in PCRE2 (UTF, UCP, JIT);
 //      `tokenizers` runs Oniguruma, whose \s is Unicode's White_Space, so \s and \S are spelled so;

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -363,10 +364,6 @@ TEST(Bpe, UnimplementedOrBadFilesAreOneLineErrors) {
   j["normalizer"]["normalizers"][1]["pattern"] = {{"Regex", "( +"}};
   expect(error_of(j), "Replace: regex does not compile");
   j = char_base();
-  j["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", "AAAA"}};
-  expect(error_of(j), "normalizer Precompiled (a sentencepiece model's own normalization) is not implemented: give "
-                      "Coil that tokenizer's sentencepiece .model instead");
-  j = char_base();
   j["normalizer"]["normalizers"][0]["prepend"] = "";
   expect(error_of(j), "Prepend.prepend is not a non-empty string");
   j = char_base();
@@ -473,6 +470,59 @@ TEST(Bpe, UnigramTakesTheBestPathAsTokenizersDoes) {
       "added_tokens": [{"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false,
                         "normalized": false, "special": true}]})";
   EXPECT_EQ(enc(*BpeTokenizer::parse(tie, "tie.json"), "ppp"), (V{3, 5, 4}));
+}
+
+// A charsmap for the normalizer Precompiled, made by hand: a darts-clone trie of 512 units with
+// one key, "A" (root offset 1, the unit at 1 ^ 'A' = 64 labelled 'A' with a leaf at 64 ^ 1), whose
+// replacement is "a"; as base64, as files hold it.
+std::string tiny_charsmap() {
+  std::vector<uint32_t> units(512, 0);
+  units[0] = 1u << 10;
+  units[64] = 0x41u | (1u << 8) | (1u << 10);
+  units[65] = 0x80000000u;  // a leaf: value 0, the offset of "a"
+  std::string blob(4, '\0');
+  const auto size = static_cast<uint32_t>(units.size() * 4);
+  std::memcpy(blob.data(), &size, 4);
+  blob.append(reinterpret_cast<const char*>(units.data()), size);
+  blob += std::string("a\0", 2);
+  static const char* kAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  for (size_t i = 0; i < blob.size(); i += 3) {
+    uint32_t v = 0;
+    for (size_t k = 0; k < 3; ++k) v = v << 8 | (i + k < blob.size() ? static_cast<unsigned char>(blob[i + k]) : 0);
+    for (size_t k = 0; k < 4; ++k) out += i + k <= blob.size() ? kAlphabet[v >> (18 - 6 * k) & 63] : '=';
+  }
+  return out;
+}
+
+TEST(Bpe, PrecompiledNormalizerAsTokenizersRunsIt) {
+  // "A" -> "a"; a grapheme cluster under 6 bytes is looked up whole and takes the rule of its
+  // shortest prefix that has one, so "A" + U+0301 becomes "a" (the accent goes, as in tokenizers);
+  // a longer cluster goes a character at a time. WhitespaceSplit then Metaspace, as the converted
+  // files of T5 or ALBERT have them. The ids are tokenizers' for the same file.
+  using V = std::vector<int32_t>;
+  json j = unigram_base();
+  j["model"]["vocab"] = json::array({json::array({"<unk>", 0.0}), json::array({"<s>", 0.0}), json::array({"</s>", 0.0}),
+                                     json::array({SP, -2.0}), json::array({"a", -3.0}), json::array({"B", -3.0}),
+                                     json::array({"x", -3.0}), json::array({"A", -3.0}), json::array({"\u0301", -3.0})});
+  j["normalizer"] = {{"type", "Precompiled"}, {"precompiled_charsmap", tiny_charsmap()}};
+  j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {{{"type", "WhitespaceSplit"}}, j["pre_tokenizer"]}}};
+  const auto t = parse(j);
+  EXPECT_EQ(enc(*t, "A"), (V{3, 4}));
+  EXPECT_EQ(enc(*t, "AB"), (V{3, 4, 5}));
+  EXPECT_EQ(enc(*t, "A\u0301x"), (V{3, 4, 6}));
+  EXPECT_EQ(enc(*t, "A\u0301\u0301\u0301"), (V{3, 4, 8, 8, 8}));
+  EXPECT_EQ(enc(*t, "x \tA\u0301  B\n"), (V{3, 6, 3, 4, 3, 5}));
+  // Bad charsmaps: not base64, too short, a trie longer than the blob.
+  for (const auto& [charsmap, part] : std::vector<std::pair<std::string, std::string>>{
+           {"***", "Precompiled.precompiled_charsmap is not base64"},
+           {"AAAA", "the precompiled_charsmap is not a sentencepiece charsmap (3 bytes, a trie of 0)"},
+           {"/wAAAAAA", "the precompiled_charsmap is not a sentencepiece charsmap (6 bytes, a trie of 255)"}}) {
+    j["normalizer"]["precompiled_charsmap"] = charsmap;
+    const std::string what = error_of(j);
+    EXPECT_NE(what.find(part), std::string::npos) << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
 }
 
 TEST(Bpe, BadUnigramFilesAreOneLineErrors) {

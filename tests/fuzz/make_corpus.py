@@ -10,6 +10,7 @@ trained by `coil tokenizer train`, a checkpoint of a 2-layer model by `coil pret
 safetensors corpus with the safetensors package and torch of the project venv.
 """
 import argparse
+import base64
 import gzip
 import io
 import json
@@ -317,6 +318,17 @@ def make_tokenizer_json():
                                      decoders.ByteFallback(), decoders.Fuse()])
     uni.add_special_tokens(["<s>", "</s>"])
     put("tokenizer_json", "unigram.json", json.dumps(json.loads(uni.to_str()), ensure_ascii=False))
+    # The same with a small hand-made charsmap ("A" -> "a") in Precompiled, and WhitespaceSplit, as
+    # transformers converts T5's and ALBERT's sentencepiece models.
+    units = [0] * 512
+    units[0], units[64], units[65] = 1 << 10, 0x41 | (1 << 8) | (1 << 10), 0x80000000
+    charsmap = struct.pack("<I", 4 * len(units)) + struct.pack(f"<{len(units)}I", *units) + b"a\0"
+    t5 = json.loads(uni.to_str())
+    t5["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode()},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}
+    t5["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, t5["pre_tokenizer"]]}
+    put("tokenizer_json", "t5-tiny.json", json.dumps(t5, ensure_ascii=False))
     put("tokenizer_json", "unknown-model.json", json.dumps(dict(small, model={"type": "WordPiece"})))
     put("tokenizer_json", "truncated.json", gpt2.to_str()[:500])
     put("tokenizer_json", "empty-object.json", "{}")

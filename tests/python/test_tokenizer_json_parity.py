@@ -3,8 +3,10 @@ here (tests/python/tokenizer_json_cases.py): byte-level in the GPT-2, GPT-NeoX, 
 (Digits) and Falcon (Punctuation, ByteLevel, then Digits and a Split on its characters)
 configurations, character-level with byte fallback in the Llama-2 (also with ignore_merges, which
 Coil merges without cutting words before U+2581), Mistral and Gemma ones and a splitting Metaspace,
-and Unigram in `tokenizers`' SentencePieceUnigramTokenizer pipeline (Nmt, NFKC, a Regex Replace)
-and with byte fallback (whose normalizers change the text, so only decode == tokenizers' decode).
+and Unigram in `tokenizers`' SentencePieceUnigramTokenizer pipeline (Nmt, NFKC, a Regex Replace),
+with byte fallback, and as transformers converts a sentencepiece model with nmt_nfkc (Precompiled,
+WhitespaceSplit; trained by spm_train) (their normalizers change the text, so only decode ==
+tokenizers' decode).
 
 For every record: Coil's ids equal `tokenizers`' ids (without and with the post-processor's
 special tokens), Coil's decode of them equals `tokenizers`' decode, and it is x itself (NFC(x) for
@@ -41,6 +43,7 @@ def setup(tmp_path_factory):
     paths = cases.make_tokenizers(corpus[:200], str(d))
     paths.update(cases.make_char_tokenizers(corpus[:200], str(d)))
     paths.update(cases.make_unigram_tokenizers(corpus[:200], str(d)))
+    paths.update(cases.make_precompiled_tokenizer(corpus[:200], str(d)))
     texts = corpus + cases.hard_texts(int(MB * 0.25e6), seed=1)
     return d, paths, texts
 
@@ -62,7 +65,7 @@ def first_difference(a, b):
 
 BYTE_LEVEL = ["gpt2", "neox", "llama3", "starcoder", "falcon"]
 CHAR_LEVEL = ["llama2", "llama2_whole", "mistral", "gemma", "metaspace_split"]
-UNIGRAM = ["unigram", "unigram_fallback"]
+UNIGRAM = ["unigram", "unigram_fallback", "t5"]
 
 
 def round_trips(name, text):
@@ -102,8 +105,9 @@ def test_ids_equal_tokenizers(setup, name):
         assert any(hf.id_to_token(i).startswith("<0x") for w in want for i in w)
         if name in CHAR_LEVEL and name != "metaspace_split":
             assert want[0][0] == hf.token_to_id("<bos>" if name == "gemma" else "<s>")
-    if name == "unigram":  # unknown characters fused into one <unk>, and T5's trailing </s>
-        assert any(w.count(0) for w in want) and want[0][-1] == hf.token_to_id("</s>")
+    if name in ("unigram", "t5"):  # unknown characters fused into one <unk>, and T5's trailing </s>
+        unk = hf.token_to_id("<unk>")
+        assert any(w.count(unk) for w in want) and want[0][-1] == hf.token_to_id("</s>")
     print(f"{name}: {len(texts)} records, {total} bytes, {sum(map(len, want))} tokens equal")
 
 
@@ -126,7 +130,7 @@ def test_every_code_point_alone(setup):
     for start in range(0, 0x3000, 64):
         cps = [c for c in range(start, start + 64) if not 0xD800 <= c <= 0xDFFF]
         texts.append("".join(f"a{chr(c)} {chr(c)}1{chr(c)}\n" for c in cps))
-    for name in ("neox", "llama3", "falcon", "llama2", "mistral", "unigram", "unigram_fallback"):
+    for name in ("neox", "llama3", "falcon", "llama2", "mistral", "unigram", "unigram_fallback", "t5"):
         hf = Tokenizer.from_file(paths[name])
         got, _ = probe(paths[name], texts, d)
         want = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
@@ -151,7 +155,7 @@ def test_unimplemented_component_is_one_line_error(setup, tmp_path):
     bad.write_text(json.dumps(j))
     r = subprocess.run([PROBE, str(bad), str(rec), str(tmp_path / "ids.bin")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
-    assert "normalizer Precompiled (a sentencepiece model's own normalization) is not implemented" in r.stderr
+    assert "the precompiled_charsmap is not a sentencepiece charsmap (3 bytes, a trie of 0)" in r.stderr
 
 
 @pytest.mark.parametrize("pattern", [{"Regex": "\\s+"}, {"String": "e"}, {"Regex": "x*"}])

@@ -292,6 +292,77 @@ def make_unigram_tokenizers(texts, out_dir, vocab_size=2000):
     return paths
 
 
+def _proto_fields(data):
+    """The (field number, value) pairs of a protobuf message (varints as ints, the rest as bytes)."""
+    i, out = 0, []
+    def varint():
+        nonlocal i
+        v = shift = 0
+        while True:
+            b = data[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return v
+    while i < len(data):
+        key = varint()
+        field, kind = key >> 3, key & 7
+        if kind == 0:
+            out.append((field, varint()))
+        elif kind == 1:
+            out.append((field, data[i:i + 8]))
+            i += 8
+        elif kind == 2:
+            n = varint()
+            out.append((field, data[i:i + n]))
+            i += n
+        elif kind == 5:
+            out.append((field, data[i:i + 4]))
+            i += 4
+        else:
+            raise ValueError(f"protobuf wire type {kind}")
+    return out
+
+
+def make_precompiled_tokenizer(texts, out_dir, vocab_size=2000):
+    """Writes t5.json under out_dir (returns {"t5": path}): what transformers' converter makes of a
+    sentencepiece Unigram model with the nmt_nfkc normalization (T5, ALBERT, XLM-R style): the
+    model's pieces and scores, the normalizer Precompiled (the model's charsmap) then a Regex
+    Replace of runs of spaces, WhitespaceSplit + Metaspace, T5's "$A </s>". The sentencepiece model
+    is trained here by Debian's spm_train and read with a few lines of protobuf."""
+    text = os.path.join(out_dir, "spm-text.txt")
+    with open(text, "w") as f:
+        for t in texts:
+            f.write(t.replace("\0", " ") + "\n")
+    prefix = os.path.join(out_dir, "spm-nfkc")
+    subprocess.run(["spm_train", f"--input={text}", f"--model_prefix={prefix}", f"--vocab_size={vocab_size}",
+                    "--model_type=unigram", "--normalization_rule_name=nmt_nfkc", "--character_coverage=0.995",
+                    "--num_threads=1", "--minloglevel=2"], check=True, capture_output=True)
+    fields = _proto_fields(open(prefix + ".model", "rb").read())
+    pieces, unk_id, charsmap = [], None, None
+    for field, value in fields:
+        if field == 1:  # SentencePiece: piece, score, type (2: unknown)
+            p = dict(_proto_fields(value))
+            kind = p.get(3, 1)
+            if kind == 2:
+                unk_id = len(pieces)
+            pieces.append((p[1].decode(), struct.unpack("<f", p[2])[0] if 2 in p else 0.0))
+        elif field == 3:  # NormalizerSpec: name, precompiled_charsmap
+            charsmap = dict(_proto_fields(value))[2]
+    t = Tokenizer(models.Unigram(pieces, unk_id=unk_id))
+    t.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap), normalizers.Replace(Regex(" {2,}"), " ")])
+    t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                               pre_tokenizers.Metaspace(replacement=SP, prepend_scheme="always")])
+    t.decoder = decoders.Metaspace(replacement=SP, prepend_scheme="always")
+    eos = [p for p, _ in pieces].index("</s>")
+    t.add_special_tokens(["</s>"])
+    t.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", eos)])
+    path = os.path.join(out_dir, "t5.json")
+    t.save(path)
+    return {"t5": path}
+
+
 def write_records(path, records):
     with open(path, "wb") as f:
         for r in records:
