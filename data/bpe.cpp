@@ -363,9 +363,9 @@ struct NormStep {
   std::unique_ptr<CharsMap> charsmap;  // Precompiled
 };
 
-// tokenizers' Nmt normalizer: drops the ASCII control characters (but tab, newlines and form
-// feed) and U+008F, U+009F, and makes ' ' of the other spaces it knows (tab, newlines, U+1680,
-// U+200B-U+200F, U+2028, U+2029, U+2581, U+FEFF, U+FFFD).
+// tokenizers' Nmt normalizer: drops the control characters U+0001-U+0008, U+000B, U+000E-U+001F,
+// U+007F, U+008F and U+009F, and makes ' ' of tab, line feed, form feed, carriage return, U+1680,
+// U+200B-U+200F, U+2028, U+2029, U+2581, U+FEFF and U+FFFD.
 void nmt(std::string_view s, std::string& out) {
   out.clear();
   for_each_cp(s, [&](uint32_t c) {

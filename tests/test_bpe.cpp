@@ -612,14 +612,9 @@ TEST(Bpe, SftMaskIsExactWithATokenizerJson) {
   EXPECT_EQ(t.decode(std::vector<int32_t>(s.tokens.begin() + p, s.tokens.begin() + p + n)), ex.output);
 }
 
-TEST(Bpe, SftMaskIsExactWithACharacterLevelFile) {
-  // Llama-2 style: each encode call starts with the Prepend's U+2581, as sentencepiece's dummy
-  // prefix does; the mask still covers exactly the response and its EOS.
-  const Tokenizer t = Tokenizer::from_bytes(char_base().dump(), "llama2.json");
-  EXPECT_EQ(t.bos(), 1);
-  EXPECT_EQ(t.eos(), 2);
-  EXPECT_EQ(t.pad(), 2);  // no PAD: EOS pads
-  AlpacaExample ex{"Name a cab.", "", "a cab, \xe4\xb8\xad"};
+// The SFT sample of ex (in a row one token longer than it) holds the prompt's ids, the response's
+// and EOS (2), the mask exactly on the response and its EOS.
+void expect_exact_sft_mask(const Tokenizer& t, const AlpacaExample& ex) {
   const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
   const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
   SftSample s;
@@ -630,8 +625,19 @@ TEST(Bpe, SftMaskIsExactWithACharacterLevelFile) {
     EXPECT_EQ(s.tokens[i], expected) << i;
     EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;
   }
-  EXPECT_EQ(t.decode(response), ex.output);
-  EXPECT_EQ(t.decode(prompt), alpaca_prompt(ex));
+}
+
+TEST(Bpe, SftMaskIsExactWithACharacterLevelFile) {
+  // Llama-2 style: each encode call starts with the Prepend's U+2581, as sentencepiece's dummy
+  // prefix does; the mask still covers exactly the response and its EOS.
+  const Tokenizer t = Tokenizer::from_bytes(char_base().dump(), "llama2.json");
+  EXPECT_EQ(t.bos(), 1);
+  EXPECT_EQ(t.eos(), 2);
+  EXPECT_EQ(t.pad(), 2);  // no PAD: EOS pads
+  AlpacaExample ex{"Name a cab.", "", "a cab, \xe4\xb8\xad"};
+  expect_exact_sft_mask(t, ex);
+  EXPECT_EQ(t.decode(t.encode(ex.output)), ex.output);
+  EXPECT_EQ(t.decode(t.encode(alpaca_prompt(ex))), alpaca_prompt(ex));
 }
 
 TEST(Bpe, SftMaskIsExactWithAUnigramFile) {
@@ -642,18 +648,9 @@ TEST(Bpe, SftMaskIsExactWithAUnigramFile) {
   EXPECT_EQ(t.eos(), 2);
   EXPECT_EQ(t.pad(), 2);
   AlpacaExample ex{"Name a cab.", "", "ab cd abcd x"};
-  const std::vector<int32_t> prompt = t.encode(alpaca_prompt(ex)), response = t.encode(ex.output);
-  const int64_t p = static_cast<int64_t>(prompt.size()), n = static_cast<int64_t>(response.size());
-  EXPECT_EQ(response, (std::vector<int32_t>{12, 3, 8, 3, 11, 3, 13}));
-  SftSample s;
-  ASSERT_TRUE(make_sft_sample(t, ex, p + n + 2, s));
-  ASSERT_EQ(static_cast<int64_t>(s.tokens.size()), p + n + 3);
-  for (int64_t i = 0; i < p + n + 3; ++i) {
-    const int32_t expected = i < p ? prompt[i] : i < p + n ? response[i - p] : 2;
-    EXPECT_EQ(s.tokens[i], expected) << i;
-    EXPECT_EQ(s.mask[i], i >= p && i <= p + n) << i;
-  }
-  EXPECT_EQ(t.decode(response), ex.output);
+  expect_exact_sft_mask(t, ex);
+  EXPECT_EQ(t.encode(ex.output), (std::vector<int32_t>{12, 3, 8, 3, 11, 3, 13}));
+  EXPECT_EQ(t.decode(t.encode(ex.output)), ex.output);
 }
 
 TEST(Bpe, PrepareWithATokenizerJson) {
