@@ -250,6 +250,9 @@ struct PreStep {
   bool invert = false;
 };
 
+// The length of the UTF-8 sequence that starts with lead byte c (valid input).
+inline size_t utf8_len(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
+
 // The base64 of JSON files (the standard alphabet, '=' padding); nullopt on anything else.
 std::optional<std::string> base64_decode(std::string_view s) {
   auto value = [](char c) -> int {
@@ -302,7 +305,7 @@ class CharsMap {
       if (g.size() < 6)
         if (const auto r = transform(g)) return void(out.append(*r));
       for (size_t i = 0; i < g.size();) {
-        const size_t n = std::min(utf8_length(static_cast<unsigned char>(g[i])), g.size() - i);
+        const size_t n = std::min(utf8_len(static_cast<unsigned char>(g[i])), g.size() - i);
         const auto r = transform(g.substr(i, n));
         out.append(r ? *r : g.substr(i, n));
         i += n;
@@ -321,7 +324,6 @@ class CharsMap {
   }
 
  private:
-  static size_t utf8_length(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
   static bool has_leaf(uint32_t u) { return (u >> 8) & 1; }
   static uint32_t value(uint32_t u) { return u & ((1u << 31) - 1); }
   static uint32_t label(uint32_t u) { return u & ((1u << 31) | 0xFF); }
@@ -411,8 +413,6 @@ void replace_all(std::string_view s, std::string_view from, std::string_view to,
   out.append(s.data() + i, s.size() - i);
 }
 
-// The length of the UTF-8 sequence that starts with lead byte c (valid input).
-inline size_t utf8_len(unsigned char c) { return c < 0x80 ? 1 : c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4; }
 inline bool one_char(const std::string& s) { return !s.empty() && utf8_len(static_cast<unsigned char>(s[0])) == s.size(); }
 
 constexpr std::string_view kMetaSpace = "\xe2\x96\x81";  // U+2581, sentencepiece's space
@@ -1272,7 +1272,7 @@ struct BpeTokenizer::Impl {
   }
 
   int64_t max_id = 1 << 24;  // ids are dense in real files; this bounds memory for any input
-  std::string_view raw_text;  // the file, while parse() runs
+  std::string_view raw_text;  // the file, while parse() runs (empty after)
 
   void parse_model(const json& m) {
     const std::string type = type_of(m, "model");
@@ -1604,6 +1604,7 @@ struct BpeTokenizer::Impl {
     } catch (const json::exception& e) {
       fail("{}: malformed tokenizer.json ({})", origin, e.what());
     }
+    raw_text = {};
   }
 
   // Whether cutting a word before a U+2581 that follows another character leaves the BPE's result

@@ -138,7 +138,7 @@ def test_every_code_point_alone(setup):
         assert not bad, f"{name}: blocks starting at {[hex(i * 64) for i in bad[:5]]}"
 
 
-def test_unimplemented_component_is_one_line_error(setup, tmp_path):
+def test_unimplemented_or_damaged_component_is_one_line_error(setup, tmp_path):
     import json
     _, paths, _ = setup
     j = json.load(open(paths["gpt2"]))
